@@ -1,0 +1,144 @@
+"""models/checkpoint.py: inference files and training checkpoints round-trip, load safely, fail clearly."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from errors import FaststyleError
+from models.checkpoint import (
+    capture_rng_state,
+    find_checkpoint,
+    load_checkpoint,
+    load_model,
+    restore_rng_state,
+    save_checkpoint,
+    save_model,
+    unwrap_model,
+)
+from models.transformer import TransformerNet
+
+
+def _small_net() -> TransformerNet:
+    torch.manual_seed(0)
+    return TransformerNet(norm="instance", base_width=8, residual_blocks=1)
+
+
+def test_save_model_round_trip_gives_same_output(tmp_path: Path) -> None:
+    net = _small_net().eval()
+    path = tmp_path / "model.pth"
+    save_model(path, net, {"style": "wave", "steps": 3})
+    loaded, meta = load_model(path)
+    assert meta == {"style": "wave", "steps": 3}
+    assert not loaded.training
+    assert loaded.config() == net.config()
+    x = torch.rand(1, 3, 20, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net(x))
+
+
+def test_save_model_unwraps_compiled_module(tmp_path: Path) -> None:
+    """A torch.compile wrapper's state_dict keys start with ``_orig_mod.``; the file must hold the plain keys."""
+    net = _small_net()
+    wrapped = torch.compile(net)  # compiling is lazy: nothing runs until the first call
+    assert unwrap_model(wrapped) is net
+    save_model(tmp_path / "m.pth", wrapped, {})
+    state = torch.load(tmp_path / "m.pth", weights_only=True)["state_dict"]
+    assert set(state) == set(net.state_dict())
+
+
+def test_load_model_rejects_missing_corrupt_foreign_and_unsafe_files(tmp_path: Path) -> None:
+    with pytest.raises(FaststyleError, match="not found"):
+        load_model(tmp_path / "nope.pth")
+
+    corrupt = tmp_path / "corrupt.pth"
+    save_model(corrupt, _small_net(), {})
+    corrupt.write_bytes(corrupt.read_bytes()[: corrupt.stat().st_size // 2])
+    with pytest.raises(FaststyleError, match="corrupt"):
+        load_model(corrupt)
+
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(FaststyleError, match="not a faststyle model"):
+        load_model(foreign)
+
+    ckpt = tmp_path / "ckpt.pt"
+    save_checkpoint(ckpt, {"step": 1})
+    with pytest.raises(FaststyleError, match="training checkpoint"):
+        load_model(ckpt)
+
+    # A pickle that would run code on load: weights_only must refuse it before anything executes.
+    unsafe = tmp_path / "unsafe.pth"
+    marker = tmp_path / "pwned"
+    torch.save({"format": "faststyle-model", "payload": _Exploit(str(marker))}, unsafe)
+    with pytest.raises(FaststyleError, match="refusing to load"):
+        load_model(unsafe)
+    assert not marker.exists()
+
+
+class _Exploit:
+    """Unpickling this object would create a file (it must never be unpickled by our loaders)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204 - pickle protocol
+        return (open, (self.marker, "w"))
+
+
+def test_load_model_rejects_mismatched_weights(tmp_path: Path) -> None:
+    path = tmp_path / "model.pth"
+    save_model(path, _small_net(), {})
+    obj = torch.load(path, weights_only=True)
+    obj["model_config"]["base_width"] = 16
+    torch.save(obj, path)
+    with pytest.raises(FaststyleError, match="does not match"):
+        load_model(path)
+
+
+def test_checkpoint_round_trip_and_resume_lookup(tmp_path: Path) -> None:
+    net = _small_net()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net(torch.rand(1, 3, 16, 16)).mean().backward()
+    optimizer.step()
+    state = {"step": 7, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+             "config": {"train": {"lr": 1e-3, "betas": [0.9, 0.999]}}, "rng": capture_rng_state()}
+    run_dir = tmp_path / "run"
+    save_checkpoint(run_dir / "checkpoints" / "last.pt", state)
+    assert find_checkpoint(run_dir) == run_dir / "checkpoints" / "last.pt"
+    loaded = load_checkpoint(run_dir)  # a run dir resolves to its last checkpoint
+    assert loaded["step"] == 7 and loaded["format"] == "faststyle-checkpoint"
+    fresh = torch.optim.Adam(_small_net().parameters(), lr=1e-3)
+    fresh.load_state_dict(loaded["optimizer"])
+    torch.testing.assert_close(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    with pytest.raises(FaststyleError, match="no checkpoint"):
+        find_checkpoint(tmp_path)
+
+
+def test_rng_state_round_trip_through_a_weights_only_file(tmp_path: Path) -> None:
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    save_checkpoint(tmp_path / "c.pt", {"rng": capture_rng_state()})
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    restore_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_failed_write_keeps_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 1})
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left behind
