@@ -1,0 +1,373 @@
+"""Images in, batches out: a dataset over a directory tree of images and an infinite, resumable training loader.
+
+Contract (used by ``train.py``):
+
+- ``ImageFolderDataset(root, image_size, train=True)`` scans ``root`` recursively for ``IMAGE_EXTENSIONS`` files in
+  any letter case (sorted by relative path, so the order is the same on every machine), and ``dataset[i]`` returns
+  a (3, image_size, image_size) float32 RGB tensor in [0, 1]: the file is decoded (JPEG draft mode when it is much
+  larger than needed), converted to RGB by ``data.io.to_rgb`` (grayscale, palette, CMYK, RGBA, 16-bit), EXIF-rotated,
+  resized so that its short side is ``image_size``, then randomly cropped (``train=True``) or centre-cropped
+  (``train=False``) to a square. A missing, non-directory or image-less ``root`` raises ``FaststyleError`` in the
+  constructor, so ``train.py`` fails before it builds any model.
+- A corrupt or unreadable file never stops a run: the dataset substitutes the next readable file (so batches keep
+  their size, which DDP and ``torch.compile`` like) and reports the bad path. ``TrainLoader`` collects these reports
+  from its worker processes, logs one warning per bad file in the main process and exposes the count as
+  ``loader.skipped`` (``dataset.skipped`` counts what was seen in the current process only).
+- ``make_train_loader(dataset, batch_size, num_workers, seed, pin_memory, rank, world_size, start_step)`` returns a
+  ``TrainLoader``: ``next(loader)`` gives the (batch_size, 3, S, S) batch of the next training step, forever.
+  Training is measured in steps: the data is an endless stream of passes, each pass a fresh permutation drawn from
+  ``(seed, pass number)``; global step ``s`` takes stream positions ``[s*B*W, (s+1)*B*W)`` (B = per-rank batch,
+  W = world size) and rank ``r`` takes the ``r``-th slice of ``B``. Hence ranks see disjoint samples, the ranks'
+  batches concatenated in rank order equal the batch of a single process with batch ``B*W`` (same images, same
+  crops), and ``start_step=k`` resumes exactly where an uninterrupted run would be at step ``k``. Random crops are
+  drawn from a seed derived from ``(seed, stream position)``, not from worker RNG state, for the same reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from data.io import IMAGE_EXTENSIONS, is_image_file, pil_to_tensor, resize_short_side, to_rgb
+from errors import FaststyleError
+
+log = logging.getLogger(__name__)
+
+# Errors that mean "this file is not a readable image" (Pillow raises UnidentifiedImageError (an OSError) for unknown
+# content, OSError for truncated data, SyntaxError/ValueError/EOFError from some format parsers, and
+# DecompressionBombError for absurd pixel counts). Anything else is a bug and keeps its traceback.
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    Image.DecompressionBombError,
+    FaststyleError,
+)
+
+MAX_CONSECUTIVE_BAD_FILES = 16
+"""After this many unreadable files in a row the data is not a folder of images: raise instead of substituting."""
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(*values: int) -> int:
+    """Deterministic 64-bit hash of integers (SplitMix64 finaliser, Steele et al. 2014), the same in every process.
+
+    Python's ``hash`` is salted per process for strings and ``random.Random`` seeded from a tuple is not portable,
+    so seeds for passes and crops are derived with this small integer mixer instead.
+    """
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state + (value & _MASK64) + 0x9E3779B97F4A7C15) & _MASK64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        state = z ^ (z >> 31)
+    return state
+
+
+def scan_image_files(root: str | os.PathLike) -> list[Path]:
+    """All image files under ``root`` (recursive, any letter case of ``IMAGE_EXTENSIONS``), sorted by relative path.
+
+    Hidden files and folders (names starting with ".", e.g. macOS ``._x.jpg`` resource forks) are left out.
+    Symbolic links to folders are followed once (a link loop is not walked twice). Raises FaststyleError when
+    ``root`` is missing, is not a folder, or holds no image.
+    """
+    root = Path(root).expanduser()
+    hint = "set data.root to a folder of images (for COCO run scripts/download_coco.sh)"
+    if not root.exists():
+        raise FaststyleError(f"dataset folder not found: {root} ({hint})")
+    if not root.is_dir():
+        raise FaststyleError(f"dataset path is not a folder: {root} ({hint})")
+    found: list[tuple[str, Path]] = []
+    seen_dirs: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.startswith(".") or not is_image_file(name):
+                continue
+            path = Path(dirpath) / name
+            found.append((path.relative_to(root).as_posix(), path))
+    if not found:
+        raise FaststyleError(
+            f"no images in dataset folder {root}: expected files ending in {', '.join(IMAGE_EXTENSIONS)} "
+            f"(any letter case) in it or its subfolders ({hint})"
+        )
+    found.sort(key=lambda item: item[0])
+    return [path for _, path in found]
+
+
+def decode_image(path: str | os.PathLike, min_short_side: int | None = None) -> Image.Image:
+    """Decode ``path`` to an RGB PIL image with its EXIF orientation applied.
+
+    With ``min_short_side`` a JPEG is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (``Image.draft``)
+    when that still leaves its short side at least ``min_short_side`` pixels: decoding fewer pixels is the cheapest
+    speed-up there is for large photos, and the resize that follows does the exact resampling. Other formats and
+    JPEGs less than twice the needed size decode at full size. Raises one of ``DECODE_ERRORS`` for a bad file.
+    (``data.io.load_image`` is the same path without draft mode; both use ``data.io.to_rgb`` for colour modes.)
+    """
+    with Image.open(path) as opened:
+        if min_short_side is not None and opened.format == "JPEG":
+            width, height = opened.size
+            short = min(width, height)
+            if short >= 2 * min_short_side:
+                # draft() picks the largest reduction whose result is at least the requested size on both axes, so
+                # requesting the aspect-preserving size whose short side is min_short_side keeps enough pixels.
+                scale = min_short_side / short
+                opened.draft("RGB", (max(1, int(width * scale + 0.999)), max(1, int(height * scale + 0.999))))
+        opened.load()  # decode now, so truncated files fail here
+        img = ImageOps.exif_transpose(opened) or opened
+        return to_rgb(img)
+
+
+def _crop_box(width: int, height: int, size: int, crop_seed: int | None) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a size x size crop: centred when ``crop_seed`` is None, else seeded-random."""
+    if crop_seed is None:
+        left, top = (width - size) // 2, (height - size) // 2
+    else:
+        rng = random.Random(crop_seed)
+        left, top = rng.randint(0, width - size), rng.randint(0, height - size)
+    return left, top, left + size, top + size
+
+
+class ImageFolderDataset(Dataset):
+    """Square training (random crop) or validation (centre crop) images from a directory tree; see the module doc.
+
+    ``dataset[i]`` -> (3, image_size, image_size) float32 RGB in [0, 1]. ``dataset[(i, crop_seed)]`` does the same
+    with the random crop drawn from ``crop_seed`` (what ``TrainLoader`` uses, for reproducible crops); a plain
+    ``dataset[i]`` in train mode draws its crop from Python's global ``random``.
+    """
+
+    def __init__(self, root: str | os.PathLike, image_size: int, train: bool = True, draft: bool = True) -> None:
+        """Scan ``root`` now (FaststyleError when it is missing or empty). ``draft=False`` disables JPEG draft mode."""
+        if int(image_size) < 1:
+            raise FaststyleError(f"data.image_size must be a positive number of pixels, got {image_size}")
+        self.root = Path(root).expanduser()
+        self.image_size = int(image_size)
+        self.train = bool(train)
+        self.draft = bool(draft)
+        files = scan_image_files(self.root)
+        # One numpy string array instead of a list of str objects: DataLoader workers forked from this process read
+        # it without touching per-object reference counts, so pages are not copied into every worker
+        # (pytorch/pytorch#13246: "copy-on-access" memory growth with large Python lists in datasets).
+        self._paths = np.array([str(p) for p in files])
+        self.skipped_files: set[str] = set()
+        """Unreadable files met in this process (DataLoader workers keep their own; see ``TrainLoader.skipped``)."""
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    @property
+    def files(self) -> list[Path]:
+        """The scanned image files in dataset order."""
+        return [Path(p) for p in self._paths.tolist()]
+
+    @property
+    def skipped(self) -> int:
+        """Number of distinct unreadable files met in this process."""
+        return len(self.skipped_files)
+
+    def load(
+        self, index: int, crop_seed: int | None = None, train: bool | None = None
+    ) -> tuple[torch.Tensor, list[str]]:
+        """Image ``index`` as (3, S, S) float32 in [0, 1], plus the paths of unreadable files substituted for it.
+
+        When file ``index`` cannot be decoded, file ``index + 1`` (wrapping) is tried, and so on: the substitute is
+        deterministic, so resumed and distributed runs stay identical. Random crops use ``crop_seed`` (train mode)
+        or Python's ``random`` when it is None; validation images are centre-cropped (``train`` overrides the
+        dataset's own mode for this call). Raises FaststyleError after
+        ``MAX_CONSECUTIVE_BAD_FILES`` unreadable files in a row.
+        """
+        train = self.train if train is None else train
+        count = len(self._paths)
+        bad: list[str] = []
+        for attempt in range(min(count, MAX_CONSECUTIVE_BAD_FILES)):
+            path = str(self._paths[(index + attempt) % count])
+            try:
+                img = decode_image(path, self.image_size if self.draft else None)
+            except DECODE_ERRORS as err:
+                if path not in self.skipped_files:
+                    self.skipped_files.add(path)
+                    log.warning("skipping unreadable image %s: %s", path, err)
+                bad.append(path)
+                continue
+            img = resize_short_side(img, self.image_size)
+            if train and crop_seed is None:
+                crop_seed = random.getrandbits(64)
+            box = _crop_box(img.width, img.height, self.image_size, crop_seed if train else None)
+            return pil_to_tensor(img.crop(box)), bad
+        raise FaststyleError(
+            f"{len(bad)} unreadable images in a row in {self.root} (last: {bad[-1]}): "
+            "check that data.root points at a folder of valid images"
+        )
+
+    def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
+        if isinstance(key, tuple):
+            index, crop_seed = key
+            return self.load(int(index), int(crop_seed))[0]
+        return self.load(int(key))[0]
+
+    def fixed_batch(self, count: int) -> torch.Tensor:
+        """The first ``count`` images (or all, if fewer) as a (N, 3, S, S) batch, centre-cropped: for validation."""
+        return torch.stack([self.load(i, train=False)[0] for i in range(min(count, len(self)))])
+
+
+class StepBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Endless per-rank batches of ``(dataset index, crop seed)`` pairs for steps ``start_step, start_step+1, ...``.
+
+    The stream of samples is pass 0's permutation, then pass 1's, ...; pass ``p`` is ``torch.randperm`` from a
+    generator seeded with a hash of ``(seed, p)``. Step ``s`` owns stream positions ``[s*B*W, (s+1)*B*W)`` and rank
+    ``r`` its slice ``[s*B*W + r*B, s*B*W + (r+1)*B)``. Crop seed of a sample = hash of ``(seed, position)``.
+    """
+
+    def __init__(
+        self, dataset_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, start_step: int = 0
+    ) -> None:
+        if dataset_len < 1:
+            raise ValueError("dataset_len must be positive")
+        if batch_size < 1:
+            raise FaststyleError(f"train.batch_size must be at least 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"invalid rank {rank} for world size {world_size}")
+        if start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {start_step}")
+        self.dataset_len = dataset_len
+        self.batch_size = batch_size
+        self.seed = int(seed)
+        self.rank = rank
+        self.world_size = world_size
+        self.start_step = start_step
+
+    def permutation(self, pass_index: int) -> list[int]:
+        """Dataset order of pass ``pass_index`` (the same in every process for the same seed)."""
+        generator = torch.Generator().manual_seed(_mix64(self.seed, pass_index) & ((1 << 63) - 1))
+        return torch.randperm(self.dataset_len, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        global_batch = self.batch_size * self.world_size
+        step = self.start_step
+        cached_pass, order = -1, []
+        while True:
+            first = step * global_batch + self.rank * self.batch_size
+            batch = []
+            for position in range(first, first + self.batch_size):
+                pass_index, offset = divmod(position, self.dataset_len)
+                if pass_index != cached_pass:
+                    cached_pass, order = pass_index, self.permutation(pass_index)
+                batch.append((order[offset], _mix64(self.seed, 0xC409, position)))
+            yield batch
+            step += 1
+
+
+@dataclass
+class _Item:
+    image: torch.Tensor
+    bad_files: list[str]
+
+
+class _ReportingView(Dataset):
+    """What DataLoader workers index: returns the image together with the unreadable paths substituted for it."""
+
+    def __init__(self, dataset: ImageFolderDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> _Item:
+        image, bad = self.dataset.load(int(key[0]), int(key[1]))
+        return _Item(image, bad)
+
+
+def _collate(items: Sequence[_Item]) -> tuple[torch.Tensor, list[str]]:
+    return torch.stack([item.image for item in items]), [path for item in items for path in item.bad_files]
+
+
+class TrainLoader:
+    """Infinite iterator of training batches (B, 3, S, S) float32 in [0, 1]; built by ``make_train_loader``.
+
+    ``loader.step`` is the step whose batch ``next(loader)`` returns next; ``loader.skipped`` the number of distinct
+    unreadable files met so far (all workers), each logged once as a warning. ``close()`` stops the workers.
+    """
+
+    def __init__(self, dataset: ImageFolderDataset, sampler: StepBatchSampler, dataloader: DataLoader) -> None:
+        self.dataset = dataset
+        self.sampler = sampler
+        self.dataloader = dataloader
+        self.step = sampler.start_step
+        self.skipped_files: set[str] = set()
+        self._iterator: Iterator | None = None
+
+    @property
+    def skipped(self) -> int:
+        """Distinct unreadable files skipped so far, over all worker processes."""
+        return len(self.skipped_files)
+
+    def __iter__(self) -> TrainLoader:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._iterator is None:
+            self._iterator = iter(self.dataloader)
+        images, bad = next(self._iterator)
+        for path in bad:
+            if path not in self.skipped_files:
+                self.skipped_files.add(path)
+                if self.dataloader.num_workers > 0:  # in-process loads already logged it
+                    log.warning("skipped unreadable image %s", path)
+        self.step += 1
+        return images
+
+    def close(self) -> None:
+        """Shut down the worker processes (they are also stopped when the loader is garbage-collected)."""
+        self._iterator = None
+
+
+def make_train_loader(
+    dataset: ImageFolderDataset,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    start_step: int = 0,
+    prefetch_factor: int = 2,
+) -> TrainLoader:
+    """An endless, seeded, rank-sharded, resumable loader of (batch_size, 3, S, S) batches (see the module doc).
+
+    ``batch_size`` is per rank (the global batch is ``batch_size * world_size``); ``num_workers`` decoding
+    processes (0 = in the calling process), kept alive for the whole run; ``pin_memory=True`` (use it on CUDA)
+    returns page-locked batches so ``.to(device, non_blocking=True)`` overlaps the copy; ``start_step`` is the
+    first step to produce (the step to resume at).
+    """
+    if num_workers < 0:
+        raise FaststyleError(f"data.num_workers must be >= 0, got {num_workers}")
+    sampler = StepBatchSampler(len(dataset), batch_size, seed, rank, world_size, start_step)
+    options: dict = {}
+    if num_workers > 0:
+        options.update(persistent_workers=True, prefetch_factor=prefetch_factor)
+    dataloader = DataLoader(
+        _ReportingView(dataset),
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=pin_memory,
+        **options,
+    )
+    return TrainLoader(dataset, sampler, dataloader)
