@@ -6,9 +6,9 @@ Contract (used by ``train.py``):
   any letter case (sorted by relative path, so the order is the same on every machine), and ``dataset[i]`` returns
   a (3, image_size, image_size) float32 RGB tensor in [0, 1]: the file is decoded (JPEG draft mode when it is much
   larger than needed), converted to RGB by ``data.io.to_rgb`` (grayscale, palette, CMYK, RGBA, 16-bit), EXIF-rotated,
-  resized so that its short side is ``image_size``, then randomly cropped (``train=True``) or centre-cropped
-  (``train=False``) to a square. A missing, non-directory or image-less ``root`` raises ``FaststyleError`` in the
-  constructor, so ``train.py`` fails before it builds any model.
+  resized so that its short side is ``image_size`` (only the crop's pixels are resampled), then randomly cropped
+  (``train=True``) or centre-cropped (``train=False``) to a square. A missing, non-directory or image-less ``root``
+  raises ``FaststyleError`` in the constructor, so ``train.py`` fails before it builds any model.
 - A corrupt or unreadable file never stops a run: the dataset substitutes the next readable file (so batches keep
   their size, which DDP and ``torch.compile`` like) and reports the bad path. ``TrainLoader`` collects these reports
   from its worker processes, logs one warning per bad file in the main process and exposes the count as
@@ -37,7 +37,14 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data.io import IMAGE_EXTENSIONS, is_image_file, pil_to_tensor, resize_short_side, to_rgb
+from data.io import (
+    DOWNSCALE_FILTER,
+    IMAGE_EXTENSIONS,
+    UPSCALE_FILTER,
+    is_image_file,
+    pil_to_tensor,
+    to_rgb,
+)
 from errors import FaststyleError
 
 log = logging.getLogger(__name__)
@@ -145,6 +152,26 @@ def _crop_box(width: int, height: int, size: int, crop_seed: int | None) -> tupl
     return left, top, left + size, top + size
 
 
+def resized_square_crop(img: Image.Image, size: int, crop_seed: int | None) -> Image.Image:
+    """The size x size crop of ``img`` resized so that its short side is ``size`` (``data.io.resize_short_side``).
+
+    Same result as ``resize_short_side(img, size).crop(box)``, but PIL's ``resize(box=...)`` resamples only the
+    pixels of the crop (its filter still reads the source pixels just outside the box), which saves the work of
+    resizing the parts that are thrown away: about 25% of a 4:3 photo, more for panoramas. The output size and the
+    filters are ``data.io``'s (Lanczos down, bicubic up).
+    """
+    width, height = img.size
+    scale = size / min(width, height)
+    # The same rounded output size as data.io.resize_short_side, so crop positions match that path exactly.
+    out_w, out_h = max(size, round(width * scale)), max(size, round(height * scale))
+    left, top, right, bottom = _crop_box(out_w, out_h, size, crop_seed)
+    if (out_w, out_h) == (width, height):
+        return img.crop((left, top, right, bottom))
+    sx, sy = width / out_w, height / out_h
+    resample = DOWNSCALE_FILTER if out_w * out_h < width * height else UPSCALE_FILTER
+    return img.resize((size, size), resample, box=(left * sx, top * sy, right * sx, bottom * sy))
+
+
 class ImageFolderDataset(Dataset):
     """Square training (random crop) or validation (centre crop) images from a directory tree; see the module doc.
 
@@ -206,11 +233,10 @@ class ImageFolderDataset(Dataset):
                     log.warning("skipping unreadable image %s: %s", path, err)
                 bad.append(path)
                 continue
-            img = resize_short_side(img, self.image_size)
             if train and crop_seed is None:
                 crop_seed = random.getrandbits(64)
-            box = _crop_box(img.width, img.height, self.image_size, crop_seed if train else None)
-            return pil_to_tensor(img.crop(box)), bad
+            crop = resized_square_crop(img, self.image_size, crop_seed if train else None)
+            return pil_to_tensor(crop), bad
         raise FaststyleError(
             f"{len(bad)} unreadable images in a row in {self.root} (last: {bad[-1]}): "
             "check that data.root points at a folder of valid images"

@@ -14,10 +14,13 @@ from PIL import Image
 from data.images import (
     ImageFolderDataset,
     StepBatchSampler,
+    _crop_box,
     decode_image,
     make_train_loader,
+    resized_square_crop,
     scan_image_files,
 )
+from data.io import pil_to_tensor, resize_short_side
 from errors import FaststyleError
 
 
@@ -249,3 +252,15 @@ def test_fixed_batch_is_centre_cropped_and_repeatable(folder: Path) -> None:
     assert first.shape == (3, 3, 16, 16)
     assert torch.equal(first, dataset.fixed_batch(3))
     assert dataset.fixed_batch(99).shape[0] == 5
+
+
+@pytest.mark.parametrize("size", [(97, 61), (61, 97), (40, 30), (20, 14), (64, 32)])
+def test_crop_of_the_box_resize_equals_resize_then_crop(size: tuple[int, int]) -> None:
+    img = _photo(*size, seed=3)
+    resized = resize_short_side(img, 32)
+    for seed in (None, 1, 2, 3):
+        box = _crop_box(resized.width, resized.height, 32, seed)
+        expected = pil_to_tensor(resized.crop(box))
+        got = pil_to_tensor(resized_square_crop(img, 32, seed))
+        assert got.shape == expected.shape == (3, 32, 32)
+        assert (got - expected).abs().max() <= 2 / 255  # only rounding differs

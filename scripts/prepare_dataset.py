@@ -1,0 +1,173 @@
+"""Write a short-side-resized JPEG copy of an image dataset once, so every training pass decodes small files.
+
+    python scripts/prepare_dataset.py data/coco/train2014 data/coco/train2014_256 --short-side 256
+    python train.py ... data.root=data/coco/train2014_256 data.image_size=256
+
+Each image under SRC (recursive, the same files ``ImageFolderDataset`` reads) is decoded (JPEG draft mode), turned
+into RGB with its EXIF orientation applied, resized so that its short side is ``--short-side`` pixels (never
+upscaled: smaller images are only re-encoded) and written as JPEG under DST at the same relative path (``x.jpg``
+stays ``x.jpg``; ``x.png`` becomes ``x.png.jpg`` so names cannot collide). With ``--short-side`` equal to the
+training ``data.image_size`` the loader's own resize becomes a no-op, so training sees the same crops, from images
+that went through one extra JPEG encode (quality 95 by default).
+
+Runs in parallel (``--workers``), skips and counts corrupt files, writes each file atomically, and is idempotent:
+a second run only writes outputs that are missing or older than their source. DST remembers the settings it was
+made with (``.faststyle_prepare.json``); running again with other settings is an error unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # runnable as `python scripts/prepare_dataset.py` from anywhere
+    sys.path.insert(0, str(REPO_ROOT))
+
+from data.images import DECODE_ERRORS, decode_image, scan_image_files  # noqa: E402
+from data.io import resize_short_side  # noqa: E402
+from errors import FaststyleError, exit_with_error  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+SETTINGS_FILE = ".faststyle_prepare.json"
+"""Settings a prepared folder was written with (hidden: the dataset scan skips names starting with a dot)."""
+
+
+def output_name(relative: Path) -> Path:
+    """Where ``relative`` (a path under SRC) goes under DST: JPEGs keep their name, others get ``.jpg`` appended."""
+    if relative.suffix.lower() in (".jpg", ".jpeg"):
+        return relative
+    return relative.with_name(relative.name + ".jpg")
+
+
+def _prepare_one(job: tuple[str, str, int, int]) -> tuple[str, str]:
+    """Resize one file; returns (status, detail) with status "written", "current" or "skipped" (corrupt)."""
+    source, target, short_side, quality = job
+    src, dst = Path(source), Path(target)
+    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
+        return "current", ""
+    try:
+        img = decode_image(src, min_short_side=short_side)
+    except DECODE_ERRORS as err:
+        return "skipped", f"{src}: {err}"
+    if min(img.size) > short_side:
+        img = resize_short_side(img, short_side)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            img.save(handle, format="JPEG", quality=quality)
+        os.replace(tmp_name, dst)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return "written", ""
+
+
+def _check_settings(dst: Path, settings: dict, force: bool) -> None:
+    """Refuse to mix outputs made with different settings in one folder; record the settings (atomically)."""
+    path = dst / SETTINGS_FILE
+    if path.exists() and not force:
+        try:
+            previous = json.loads(path.read_text())
+        except (OSError, ValueError):
+            previous = None
+        if previous != settings:
+            raise FaststyleError(
+                f"{dst} was prepared with other settings ({previous}); use a new output folder or pass --force"
+            )
+    dst.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(settings, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def prepare(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    short_side: int = 256,
+    quality: int = 95,
+    workers: int | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> dict[str, int]:
+    """Write the resized copy of ``src`` into ``dst``; returns counts {"written", "current", "skipped", "total"}."""
+    src_path, dst_path = Path(src).resolve(), Path(dst).resolve()
+    if short_side < 1:
+        raise FaststyleError(f"--short-side must be a positive number of pixels, got {short_side}")
+    if not 1 <= quality <= 100:
+        raise FaststyleError(f"--quality must be between 1 and 100, got {quality}")
+    if dst_path == src_path or src_path in dst_path.parents or dst_path in src_path.parents:
+        raise FaststyleError(f"the output folder {dst} and the source {src} must not contain each other: pick another")
+    files = scan_image_files(src_path)
+    _check_settings(dst_path, {"short_side": short_side, "quality": quality, "source": str(src_path)}, force)
+    if force:  # other settings: every output must be rewritten
+        for file in files:
+            (dst_path / output_name(file.relative_to(src_path))).unlink(missing_ok=True)
+    jobs = [
+        (str(file), str(dst_path / output_name(file.relative_to(src_path))), short_side, quality) for file in files
+    ]
+    counts = {"written": 0, "current": 0, "skipped": 0, "total": len(jobs)}
+    workers = workers or os.cpu_count() or 1
+    results = map(_prepare_one, jobs)
+    pool = None
+    if workers > 1 and len(jobs) > 1:
+        pool = ProcessPoolExecutor(max_workers=workers)
+        results = pool.map(_prepare_one, jobs, chunksize=max(1, min(64, len(jobs) // (4 * workers))))
+    try:
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(jobs), unit="img", desc="prepare")
+        for status, detail in results:
+            counts[status] += 1
+            if status == "skipped":
+                log.warning("skipping unreadable image %s", detail)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return counts
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line options (also used by tests)."""
+    parser.add_argument("src", help="dataset folder to read (recursively)")
+    parser.add_argument("dst", help="output folder (created; must not be inside SRC)")
+    parser.add_argument("--short-side", type=int, default=256, help="short side of the copies in px (default 256)")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality of the copies (default 95)")
+    parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: all CPU cores)")
+    parser.add_argument("--force", action="store_true", help="rewrite everything, even with other settings")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    start = time.perf_counter()
+    try:
+        counts = prepare(
+            args.src, args.dst, args.short_side, args.quality, args.workers, args.force, progress=not args.quiet
+        )
+    except FaststyleError as err:
+        exit_with_error(err)
+    seconds = time.perf_counter() - start
+    print(
+        f"{counts['total']} images: {counts['written']} written, {counts['current']} already up to date, "
+        f"{counts['skipped']} unreadable skipped, in {seconds:.1f} s -> {args.dst}"
+    )
+    print(f"train with: data.root={args.dst} data.image_size<={args.short_side}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
