@@ -35,6 +35,11 @@ die() {
     exit 2
 }
 
+# True when option $1 was given a value ($2 present, non-empty, not another --option).
+has_value() {
+    [[ $1 -ge 2 && -n "$2" && "$2" != --* ]]
+}
+
 year=2014
 dest=data/coco
 keep_zip=0
@@ -49,7 +54,7 @@ while [[ $# -gt 0 ]]; do
             exit 0
             ;;
         --year)
-            [[ $# -ge 2 ]] || die "--year needs a value: 2014 or 2017"
+            has_value $# "${2:-}" || die "--year needs a value: 2014 or 2017"
             year="$2"
             shift 2
             ;;
@@ -58,7 +63,7 @@ while [[ $# -gt 0 ]]; do
             shift
             ;;
         --dest)
-            [[ $# -ge 2 && -n "$2" ]] || die "--dest needs a folder, e.g. --dest data/coco"
+            has_value $# "${2:-}" || die "--dest needs a folder, e.g. --dest data/coco"
             dest="$2"
             shift 2
             ;;
@@ -80,7 +85,7 @@ while [[ $# -gt 0 ]]; do
             shift
             ;;
         --mirror)
-            [[ $# -ge 2 && -n "$2" ]] || die "--mirror needs a base URL"
+            has_value $# "${2:-}" || die "--mirror needs a base URL"
             mirror="${2%/}"
             shift 2
             ;;
