@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from data.io import (
     DOWNSCALE_FILTER,
@@ -211,18 +211,20 @@ class ImageFolderDataset(Dataset):
 
     def load(
         self, index: int, crop_seed: int | None = None, train: bool | None = None
-    ) -> tuple[torch.Tensor, list[str]]:
-        """Image ``index`` as (3, S, S) float32 in [0, 1], plus the paths of unreadable files substituted for it.
+    ) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+        """Image ``index`` as (3, S, S) float32 in [0, 1], plus ``(path, reason)`` of unreadable files skipped for it.
 
         When file ``index`` cannot be decoded, file ``index + 1`` (wrapping) is tried, and so on: the substitute is
         deterministic, so resumed and distributed runs stay identical. Random crops use ``crop_seed`` (train mode)
         or Python's ``random`` when it is None; validation images are centre-cropped (``train`` overrides the
         dataset's own mode for this call). Raises FaststyleError after
-        ``MAX_CONSECUTIVE_BAD_FILES`` unreadable files in a row.
+        ``MAX_CONSECUTIVE_BAD_FILES`` unreadable files in a row. Warnings are logged here only outside DataLoader
+        workers (a worker's log records may never reach the run's log, e.g. under the "spawn" start method):
+        ``TrainLoader`` logs what its workers report, in the main process.
         """
         train = self.train if train is None else train
         count = len(self._paths)
-        bad: list[str] = []
+        bad: list[tuple[str, str]] = []
         for attempt in range(min(count, MAX_CONSECUTIVE_BAD_FILES)):
             path = str(self._paths[(index + attempt) % count])
             try:
@@ -230,15 +232,16 @@ class ImageFolderDataset(Dataset):
             except DECODE_ERRORS as err:
                 if path not in self.skipped_files:
                     self.skipped_files.add(path)
-                    log.warning("skipping unreadable image %s: %s", path, err)
-                bad.append(path)
+                    if get_worker_info() is None:
+                        log.warning("skipping unreadable image %s: %s", path, err)
+                bad.append((path, str(err)))
                 continue
             if train and crop_seed is None:
                 crop_seed = random.getrandbits(64)
             crop = resized_square_crop(img, self.image_size, crop_seed if train else None)
             return pil_to_tensor(crop), bad
         raise FaststyleError(
-            f"{len(bad)} unreadable images in a row in {self.root} (last: {bad[-1]}): "
+            f"{len(bad)} unreadable images in a row in {self.root} (last: {bad[-1][0]}): "
             "check that data.root points at a folder of valid images"
         )
 
@@ -303,7 +306,7 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
 @dataclass
 class _Item:
     image: torch.Tensor
-    bad_files: list[str]
+    bad_files: list[tuple[str, str]]
 
 
 class _ReportingView(Dataset):
@@ -320,7 +323,7 @@ class _ReportingView(Dataset):
         return _Item(image, bad)
 
 
-def _collate(items: Sequence[_Item]) -> tuple[torch.Tensor, list[str]]:
+def _collate(items: Sequence[_Item]) -> tuple[torch.Tensor, list[tuple[str, str]]]:
     return torch.stack([item.image for item in items]), [path for item in items for path in item.bad_files]
 
 
@@ -351,16 +354,16 @@ class TrainLoader:
         if self._iterator is None:
             self._iterator = iter(self.dataloader)
         images, bad = next(self._iterator)
-        for path in bad:
+        for path, reason in bad:
             if path not in self.skipped_files:
                 self.skipped_files.add(path)
                 if self.dataloader.num_workers > 0:  # in-process loads already logged it
-                    log.warning("skipped unreadable image %s", path)
+                    log.warning("skipping unreadable image %s: %s", path, reason)
         self.step += 1
         return images
 
     def close(self) -> None:
-        """Shut down the worker processes (they are also stopped when the loader is garbage-collected)."""
+        """Shut down the worker processes (dropping the only iterator stops them; so does garbage collection)."""
         self._iterator = None
 
 
@@ -378,22 +381,25 @@ def make_train_loader(
     """An endless, seeded, rank-sharded, resumable loader of (batch_size, 3, S, S) batches (see the module doc).
 
     ``batch_size`` is per rank (the global batch is ``batch_size * world_size``); ``num_workers`` decoding
-    processes (0 = in the calling process), kept alive for the whole run; ``pin_memory=True`` (use it on CUDA)
-    returns page-locked batches so ``.to(device, non_blocking=True)`` overlaps the copy; ``start_step`` is the
-    first step to produce (the step to resume at).
+    processes (0 = in the calling process), alive for the whole run (one endless iterator); ``pin_memory=True``
+    (use it on CUDA) returns page-locked batches so ``.to(device, non_blocking=True)`` overlaps the copy;
+    ``start_step`` is the first step to produce (the step to resume at).
     """
     if num_workers < 0:
         raise FaststyleError(f"data.num_workers must be >= 0, got {num_workers}")
     sampler = StepBatchSampler(len(dataset), batch_size, seed, rank, world_size, start_step)
-    options: dict = {}
-    if num_workers > 0:
-        options.update(persistent_workers=True, prefetch_factor=prefetch_factor)
+    # One endless iterator is made per run, so its workers live for the whole run without persistent_workers (which
+    # only matters when a DataLoader is iterated again, once per epoch).
+    options: dict = {"prefetch_factor": prefetch_factor} if num_workers > 0 else {}
     dataloader = DataLoader(
         _ReportingView(dataset),
         batch_sampler=sampler,
         num_workers=num_workers,
         collate_fn=_collate,
         pin_memory=pin_memory,
+        # An own generator: otherwise creating the iterator draws the workers' base seed from the global torch RNG,
+        # which would make a resumed run's global RNG stream differ from an uninterrupted one's.
+        generator=torch.Generator().manual_seed(int(seed) & ((1 << 63) - 1)),
         **options,
     )
     return TrainLoader(dataset, sampler, dataloader)
