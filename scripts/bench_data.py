@@ -191,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
             need = math.ceil(args.gpu_images_per_s / one[0])
             print(
                 f"{label}: one worker gives {one[0]:.0f} images/s -> a GPU at {args.gpu_images_per_s:.0f} images/s "
-                f"needs about {need} worker(s), each on its own core of this speed"
+                f"needs at least {need} worker(s), each on its own core of this speed "
+                f"({need + 1} leave headroom for larger files and the training process's own CPU work)"
             )
     most = max(workers)
     best = [r[3] for r in rows if r[2] == most and r[1] == "on"]
