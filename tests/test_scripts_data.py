@@ -257,4 +257,4 @@ def test_bench_data_tiny_run_prints_the_table(tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     rows = [line for line in lines if line.startswith(("original", "prepared")) and "worker gives" not in line]
     assert len(rows) == 6  # 3 sources x 2 worker counts
-    assert "needs about" in result.stdout and "target with 2 workers >= 5x" in result.stdout
+    assert "needs at least" in result.stdout and "target with 2 workers >= 5x" in result.stdout
