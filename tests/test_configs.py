@@ -1,0 +1,80 @@
+"""Every config group option and every experiment composes into a config train.py accepts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+import train  # registers the style_stem resolver used by hydra.run.dir
+from errors import FaststyleError
+from models.training import TrainOptions
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+def compose_train(overrides: list[str], return_hydra_config: bool = False):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=return_hydra_config)
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def _check_train_block(cfg) -> None:
+    train_block = OmegaConf.to_container(cfg.train, resolve=True)
+    options = TrainOptions(**{k: v for k, v in train_block.items() if k not in ("batch_size", "resume")})
+    options.validate()
+    assert cfg.train.batch_size >= 1
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_composes(experiment: str) -> None:
+    cfg = compose_train([f"experiment={experiment}"])
+    _check_train_block(cfg)
+    assert set(cfg) >= {"model", "loss", "data", "train", "style", "style_size", "seed", "device"}
+
+
+@pytest.mark.parametrize("group", ["model", "loss", "data"])
+def test_every_group_option_composes(group: str) -> None:
+    options = _options(group)
+    assert options, f"configs/{group}/ is empty"
+    for option in options:
+        cfg = compose_train([f"{group}={option}"])
+        _check_train_block(cfg)
+        assert cfg[group] is not None
+
+
+def test_defaults_are_the_embedded_demo_and_paths_exist() -> None:
+    cfg = compose_train([])
+    assert (REPO / cfg.data.root).is_dir()
+    assert (REPO / cfg.style).is_file()
+    assert cfg.train.lr_schedule == "none"
+
+
+def test_coco_requires_a_root_with_a_clear_message(tmp_path: Path) -> None:
+    cfg = compose_train(["data=coco"])
+    assert OmegaConf.is_missing(cfg.data, "root")
+    with pytest.raises(FaststyleError, match="data.root is required"):
+        train.train(cfg, run_dir=tmp_path)
+    cfg = compose_train(["data=coco", "data.root=some/folder"])
+    assert cfg.data.root == "some/folder"
+
+
+def test_unknown_override_is_hydras_error() -> None:
+    with pytest.raises(ConfigCompositionException, match="stepz"):
+        compose_train(["train.stepz=3"])
+
+
+def test_run_dir_has_date_time_and_style_and_never_chdirs() -> None:
+    cfg = compose_train(["style='some/where/My Painting!.jpg'"], return_hydra_config=True)
+    assert cfg.hydra.job.chdir is False
+    run_dir = Path(cfg.hydra.run.dir)
+    assert run_dir.parts[:2] == ("outputs", "train")
+    assert run_dir.name.endswith("-MyPainting")
+    assert cfg.hydra.sweep.dir.startswith("multirun/train/")
