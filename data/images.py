@@ -104,7 +104,8 @@ def scan_image_files(root: str | os.PathLike) -> list[Path]:
             dirnames[:] = []
             continue
         seen_dirs.add(real)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        # Sorted, so that a folder reachable along two linked paths is always listed under the same one.
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             if name.startswith(".") or not is_image_file(name):
                 continue

@@ -276,3 +276,14 @@ def test_the_loader_leaves_the_global_torch_rng_alone(folder: Path) -> None:
     next(loader)
     loader.close()
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_scan_follows_linked_folders_once_and_survives_link_loops(tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere"
+    _write(outside / "linked.jpg", _photo(16, 16))
+    root = tmp_path / "root"
+    _write(root / "a.jpg", _photo(16, 16))
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)  # would recurse forever if followed blindly
+    files = [p.relative_to(root).as_posix() for p in scan_image_files(root)]
+    assert files == ["a.jpg", "link/linked.jpg"]
