@@ -287,3 +287,14 @@ def test_scan_follows_linked_folders_once_and_survives_link_loops(tmp_path: Path
     (root / "loop").symlink_to(root, target_is_directory=True)  # would recurse forever if followed blindly
     files = [p.relative_to(root).as_posix() for p in scan_image_files(root)]
     assert files == ["a.jpg", "link/linked.jpg"]
+
+
+def test_rank_loaders_together_give_the_single_process_batches(folder: Path) -> None:
+    dataset = ImageFolderDataset(folder, 16)
+    single = make_train_loader(dataset, batch_size=4, num_workers=0, seed=2, start_step=1)
+    ranks = [
+        make_train_loader(dataset, batch_size=2, num_workers=0, seed=2, rank=r, world_size=2, start_step=1)
+        for r in range(2)
+    ]
+    for _ in range(3):
+        assert torch.equal(torch.cat([next(ranks[0]), next(ranks[1])]), next(single))
