@@ -26,6 +26,7 @@ Contract (used by ``train.py``):
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 from collections.abc import Iterator, Sequence
@@ -70,8 +71,8 @@ _MASK64 = (1 << 64) - 1
 def _mix64(*values: int) -> int:
     """Deterministic 64-bit hash of integers (SplitMix64 finaliser, Steele et al. 2014), the same in every process.
 
-    Python's ``hash`` is salted per process for strings and ``random.Random`` seeded from a tuple is not portable,
-    so seeds for passes and crops are derived with this small integer mixer instead.
+    Python's ``hash`` is salted per process for strings and ``random.Random`` takes no tuple seed, so the seeds of
+    passes and crops are derived from several integers with this small mixer instead.
     """
     state = 0x9E3779B97F4A7C15
     for value in values:
@@ -137,7 +138,7 @@ def decode_image(path: str | os.PathLike, min_short_side: int | None = None) -> 
                 # draft() picks the largest reduction whose result is at least the requested size on both axes, so
                 # requesting the aspect-preserving size whose short side is min_short_side keeps enough pixels.
                 scale = min_short_side / short
-                opened.draft("RGB", (max(1, int(width * scale + 0.999)), max(1, int(height * scale + 0.999))))
+                opened.draft("RGB", (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))))
         opened.load()  # decode now, so truncated files fail here
         img = ImageOps.exif_transpose(opened) or opened
         return to_rgb(img)
