@@ -26,7 +26,6 @@ Contract (used by ``train.py``):
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 from collections.abc import Iterator, Sequence
@@ -137,8 +136,8 @@ def decode_image(path: str | os.PathLike, min_short_side: int | None = None) -> 
             if short >= 2 * min_short_side:
                 # draft() picks the largest reduction whose result is at least the requested size on both axes, so
                 # requesting the aspect-preserving size whose short side is min_short_side keeps enough pixels.
-                scale = min_short_side / short
-                opened.draft("RGB", (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))))
+                # Integer ceil-division: float rounding must not ask for one pixel more and lose a factor of two.
+                opened.draft("RGB", (-(-width * min_short_side // short), -(-height * min_short_side // short)))
         opened.load()  # decode now, so truncated files fail here
         img = ImageOps.exif_transpose(opened) or opened
         return to_rgb(img)
