@@ -134,10 +134,11 @@ def decode_image(path: str | os.PathLike, min_short_side: int | None = None) -> 
             width, height = opened.size
             short = min(width, height)
             if short >= 2 * min_short_side:
-                # draft() picks the largest reduction whose result is at least the requested size on both axes, so
-                # requesting the aspect-preserving size whose short side is min_short_side keeps enough pixels.
-                # Integer ceil-division: float rounding must not ask for one pixel more and lose a factor of two.
-                opened.draft("RGB", (-(-width * min_short_side // short), -(-height * min_short_side // short)))
+                # Pillow's JPEG draft() reduces by the largest of 8, 4, 2 that is at most min(width // w, height // h)
+                # for a request (w, h); asking for a square of min_short_side makes that short // min_short_side,
+                # so the decoded short side stays >= min_short_side. (An aspect-preserving request would lose a
+                # factor of two whenever the long side's floor division rounds down further than the short side's.)
+                opened.draft("RGB", (min_short_side, min_short_side))
         opened.load()  # decode now, so truncated files fail here
         img = ImageOps.exif_transpose(opened) or opened
         return to_rgb(img)

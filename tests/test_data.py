@@ -298,3 +298,16 @@ def test_rank_loaders_together_give_the_single_process_batches(folder: Path) -> 
     ]
     for _ in range(3):
         assert torch.equal(torch.cat([next(ranks[0]), next(ranks[1])]), next(single))
+
+
+@pytest.mark.parametrize(
+    "width, height, size, expected",
+    [(1500, 1000, 125, (188, 125)), (1000, 1500, 125, (125, 188)), (3000, 1500, 187, (375, 188)),
+     (640, 480, 240, (320, 240)), (640, 480, 241, (640, 480)), (4000, 3000, 256, (500, 375))],
+)  # fmt: skip
+def test_draft_reduces_by_the_largest_factor_that_keeps_the_short_side(
+    tmp_path: Path, width: int, height: int, size: int, expected: tuple[int, int]
+) -> None:
+    path = _write(tmp_path / "x.jpg", _photo(width, height), quality=80)
+    decoded = decode_image(path, min_short_side=size)
+    assert decoded.size == expected and min(decoded.size) >= size
