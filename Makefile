@@ -19,8 +19,14 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest
 
+# Train on the embedded samples (configs/experiment/demo.yaml: ~5 min on a 2-core CPU), then stylize the sample
+# photos with the new model into the same run dir. DEMO_ARGS adds train.py overrides (e.g. DEMO_ARGS=device=cuda).
 demo: $(STAMP)
-	$(PY) train.py experiment=demo
+	@run=outputs/demo/$$(date +%Y-%m-%d/%H-%M-%S); \
+	$(PY) train.py experiment=demo hydra.run.dir=$$run $(DEMO_ARGS) && \
+	$(PY) stylize.py model=$$run/model.pth input=data/samples/content output=$$run/stylized && \
+	echo "demo done: stylized photos in $$run/stylized, model $$run/model.pth," && \
+	echo "  TensorBoard: tensorboard --logdir $$run/tb"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -110,12 +110,42 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
+def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed-precision region for the network's forward pass (a no-op for fp32)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def image_grid(content: torch.Tensor, stylised: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) photos and their stylisations in [0, 1] -> (3, H', W') grid; rows: content | stylised."""
     from torchvision.utils import make_grid
 
     pairs = torch.stack([content, stylised], dim=1).flatten(0, 1)  # c0, s0, c1, s1, ...
     return make_grid(pairs.float().clamp(0, 1).cpu(), nrow=2, padding=2, pad_value=1.0)
+
+
+def train_step(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    content: torch.Tensor,
+    autocast: contextlib.AbstractContextManager,
+) -> dict[str, torch.Tensor]:
+    """One optimizer step on a (B, 3, S, S) batch in [0, 1]; returns the loss components (device tensors, no sync).
+
+    The network runs under ``autocast``; the loss computes in float32 inside (its Grams are fp32). ``scaler`` is a
+    disabled pass-through except for fp16.
+    """
+    with autocast:
+        stylised = model(content)
+    losses = loss_fn(stylised, content)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(losses["total"]).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return losses
 
 
 class RunOutputs:
@@ -234,11 +264,7 @@ def fit(
         start_step = int(resume["step"])
         log.info("resumed at step %d", start_step)
     step_model = torch.compile(model) if options.compile else model
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=compute_dtype)
-        if compute_dtype != torch.float32
-        else contextlib.nullcontext()
-    )
+    autocast = autocast_context(device, compute_dtype)
 
     def checkpoint_state(step: int) -> dict:
         net = unwrap_model(model)
@@ -265,13 +291,7 @@ def fit(
         lr = options.lr * lr_factor(step, options)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with autocast:
-            stylised = step_model(content)
-        losses = loss_fn(stylised, content)  # float32 inside (Grams in fp32)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses["total"]).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        losses = train_step(step_model, loss_fn, optimizer, scaler, content, autocast)
         for name, value in losses.items():
             sums[name] = sums[name] + value.detach() if name in sums else value.detach().clone()
 
