@@ -63,10 +63,10 @@ def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     flat: dict[str, Any] = {"style": style_stem(cfg.style), "style_size": cfg.style_size, "seed": cfg.seed}
     for group in ("model", "loss", "data", "train"):
         for key, value in OmegaConf.to_container(cfg[group], resolve=True).items():
-            if key in ("root", "resume", "weights_path"):
-                continue
-            flat[f"{group}.{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
-    return flat
+            if key not in ("root", "resume", "weights_path"):
+                flat[f"{group}.{key}"] = value
+    # TensorBoard's hparams accept only int/float/str/bool: lists, mappings and None become their text.
+    return {key: value if isinstance(value, int | float | str | bool) else str(value) for key, value in flat.items()}
 
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
@@ -104,8 +104,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
         style_img = resize_short_side(style_img, int(cfg.style_size))
     style_image = pil_to_tensor(style_img).unsqueeze(0)
     dataset = ImageFolderDataset(data_root, int(cfg.data.image_size), train=True)
-    val_images = ImageFolderDataset(data_root, int(cfg.data.image_size), train=False).fixed_batch(
-        int(cfg.data.val_images))
+    val_images = dataset.fixed_batch(int(cfg.data.val_images))  # centre crops of the first files: fixed
     resume = load_checkpoint(resume_path) if resume_path is not None else None
     device = resolve_device(str(cfg.device))
 

@@ -310,12 +310,14 @@ def fit(
             last = {f"loss/{name}": value for name, value in means.items()}
             outputs.scalars({**last, "lr": lr, "perf/images_per_s": images_per_s}, step)
             postfix = {"loss": f"{means['total']:.4g}", "img/s": f"{images_per_s:.1f}"}
-            sums, window_start, window_time = {}, step, time.perf_counter()
+            sums, window_start = {}, step
         if step % options.image_interval_steps == 0 or step == options.steps:
             log_images(step)
         if at_checkpoint:
             outputs.checkpoint(checkpoint_state(step), step, periodic=step % options.checkpoint_interval_steps == 0)
         outputs.progress(postfix)
+        if postfix is not None:  # images/s measures training: the next window starts after images and checkpoints
+            window_time = time.perf_counter()
 
     if start_step >= options.steps:
         log.warning("checkpoint is already at step %d >= train.steps=%d: nothing to train", start_step, options.steps)
