@@ -127,6 +127,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
     if resume is not None and resume.get("data") != data_state:
         log.warning("data order differs from the checkpoint's (%s vs now %s): batches after resume will differ "
                     "from an uninterrupted run", resume.get("data"), data_state)
+    if resume is not None and resume.get("style_path") != str(style_path):
+        log.warning("resuming a run trained on style %s with style %s: pass style=... to keep the original",
+                    resume.get("style_path"), style_path)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     log.info("training %s on %d images from %s, device %s, run dir %s", style_path.name, len(dataset), data_root,
              device, run_dir)
@@ -134,7 +137,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
     try:
         model_path = fit(
             model, loss_fn, loader, options, device, outputs, style_image, val_images,
-            checkpoint_extra={"config": resolved, "data": data_state},
+            checkpoint_extra={"config": resolved, "data": data_state, "style_path": str(style_path)},
             meta={"style": style_path.name, "style_stem": style_stem(cfg.style), "source": "faststyle train.py",
                   "image_size": int(cfg.data.image_size)},
             hparams=_flat_hparams(cfg),
