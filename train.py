@@ -82,7 +82,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
     from models.checkpoint import load_checkpoint
     from models.device import resolve_device
     from models.loss import PerceptualLoss
-    from models.training import RunOutputs, TrainOptions, fit
+    from models.training import RunOutputs, TrainOptions, fit, resolve_precision
     from models.transformer import TransformerNet
 
     if run_dir is None:
@@ -97,6 +97,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
     options = TrainOptions(**{k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
                               if k not in ("batch_size", "resume")})
     options.validate()
+    device = resolve_device(str(cfg.device))
+    resolve_precision(options.precision, device)  # fp16 without CUDA fails here, not after the model is built
 
     # Inputs first, so that a wrong path fails in a second, before the loss network is loaded.
     style_img = load_image(style_path)
@@ -106,7 +108,6 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
     dataset = ImageFolderDataset(data_root, int(cfg.data.image_size), train=True)
     val_images = dataset.fixed_batch(int(cfg.data.val_images))  # centre crops of the first files: fixed
     resume = load_checkpoint(resume_path) if resume_path is not None else None
-    device = resolve_device(str(cfg.device))
 
     torch.manual_seed(int(cfg.seed))  # model initialisation; the data order has its own seeded sampler
     model = TransformerNet(**OmegaConf.to_container(cfg.model, resolve=True))

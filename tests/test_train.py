@@ -220,3 +220,27 @@ def test_cli_reports_user_errors_in_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "error: image not found" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_lr_schedules_are_pure_functions_of_the_step() -> None:
+    from models.training import lr_factor
+
+    constant = TrainOptions(steps=100)
+    assert [lr_factor(s, constant) for s in (1, 50, 100)] == [1.0, 1.0, 1.0]
+    cosine = TrainOptions(steps=110, lr_schedule="cosine", lr_warmup_steps=10)
+    assert lr_factor(5, cosine) == pytest.approx(0.5)  # linear warm-up
+    assert lr_factor(10, cosine) == pytest.approx(1.0)
+    assert lr_factor(60, cosine) == pytest.approx(0.5)  # half-way through the decay
+    assert lr_factor(110, cosine) == pytest.approx(0.0, abs=1e-12)
+    linear = TrainOptions(steps=100, lr_schedule="linear")
+    assert lr_factor(50, linear) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("train.precision=fp16", "needs a CUDA device"), ("train.lr_schedule=step", "lr_schedule"),
+     ("train.steps=0", "at least 1"), ("device=tpu", "unknown device")],
+)
+def test_bad_train_values_fail_with_one_line(tmp_path: Path, override: str, message: str) -> None:
+    with pytest.raises(FaststyleError, match=message):
+        train.train(compose_train([*SMALL, override]), run_dir=tmp_path)
