@@ -110,12 +110,16 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
     resume = load_checkpoint(resume_path) if resume_path is not None else None
 
     torch.manual_seed(int(cfg.seed))  # model initialisation; the data order has its own seeded sampler
-    model = TransformerNet(**OmegaConf.to_container(cfg.model, resolve=True))
+    try:
+        model = TransformerNet(**OmegaConf.to_container(cfg.model, resolve=True))
+    except (TypeError, ValueError) as err:  # an unknown norm/upsample name or a bad width in model.*
+        raise FaststyleError(f"bad model config: {err}") from err
     if resume is not None and resume.get("model_config") != model.config():
         raise FaststyleError(f"train.resume checkpoint was trained with model {resume.get('model_config')}, but the "
                              f"config asks for {model.config()}: pass the same model.* options")
     loss_options = OmegaConf.to_container(cfg.loss, resolve=True)
-    loss_options["weights_path"] = str(absolute(loss_options.get("weights_path")) or "") or None
+    weights_path = absolute(loss_options.get("weights_path"))
+    loss_options["weights_path"] = str(weights_path) if weights_path else None
     loss_fn = PerceptualLoss(**loss_options).to(device)
     loss_fn.set_style(style_image.to(device))  # Gram targets once per run
 
