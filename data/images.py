@@ -346,8 +346,9 @@ class TrainLoader:
 
     @property
     def skipped(self) -> int:
-        """Distinct unreadable files skipped so far, over all worker processes."""
-        return len(self.skipped_files)
+        """Distinct unreadable files skipped so far, over all worker processes and this process's own loads
+        (``dataset.fixed_batch`` for validation images, for example)."""
+        return len(self.skipped_files | self.dataset.skipped_files)
 
     def __iter__(self) -> TrainLoader:
         return self
@@ -359,7 +360,8 @@ class TrainLoader:
         for path, reason in bad:
             if path not in self.skipped_files:
                 self.skipped_files.add(path)
-                if self.dataloader.num_workers > 0:  # in-process loads already logged it
+                # In-process loads (num_workers=0, validation images) already logged theirs.
+                if self.dataloader.num_workers > 0 and path not in self.dataset.skipped_files:
                     log.warning("skipping unreadable image %s: %s", path, reason)
         self.step += 1
         return images

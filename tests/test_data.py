@@ -311,3 +311,17 @@ def test_draft_reduces_by_the_largest_factor_that_keeps_the_short_side(
     path = _write(tmp_path / "x.jpg", _photo(width, height), quality=80)
     decoded = decode_image(path, min_short_side=size)
     assert decoded.size == expected and min(decoded.size) >= size
+
+
+def test_a_bad_file_met_by_validation_and_by_workers_is_logged_and_counted_once(
+    folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (folder / "img0.jpg").write_bytes(b"broken")
+    dataset = ImageFolderDataset(folder, 16)
+    with caplog.at_level(logging.WARNING, logger="data.images"):
+        dataset.fixed_batch(2)  # in this process: meets img0.jpg
+        loader = make_train_loader(dataset, batch_size=5, num_workers=1, seed=0)
+        next(loader)  # a whole pass in a worker: meets it again
+        loader.close()
+    assert loader.skipped == 1
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
