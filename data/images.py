@@ -91,7 +91,7 @@ def scan_image_files(root: str | os.PathLike) -> list[Path]:
     ``root`` is missing, is not a folder, or holds no image.
     """
     root = Path(root).expanduser()
-    hint = "set data.root to a folder of images (for COCO run scripts/download_coco.sh)"
+    hint = "set data.root to a folder of images; for COCO run scripts/download_coco.sh"
     if not root.exists():
         raise FaststyleError(f"dataset folder not found: {root} ({hint})")
     if not root.is_dir():
