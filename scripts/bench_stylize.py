@@ -38,8 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folder-images", type=int, default=32, help="number of 256x256 images in the folder run")
     parser.add_argument("--batch-size", type=int, default=4, help="stylize batch_size for the folder run")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats at 1920x1080 (median)")
-    parser.add_argument("--variants", default="eager,channels_last,compile",
-                        help="1080p variants: eager, channels_last, compile, compile_cl")
+    parser.add_argument("--variants", default="eager,channels_last,channels_last_malloc,compile_cl_malloc",
+                        help="1080p variants: eager, channels_last, compile, compile_cl; a _malloc suffix turns on "
+                        "stylize.reuse_freed_memory (glibc keeps freed blocks: no page faults on reuse)")
+    parser.add_argument("--malloc-reuse", action="store_true", help="reuse_freed_memory() in the tiled runs")
     parser.add_argument("--sizes", default="3840x2160,7680x4320", help="tiled sizes WxH, comma separated")
     parser.add_argument("--budget-mb", type=float, default=1536, help="tiled executor memory budget (MiB)")
     parser.add_argument("--image", default=str(CONTENT), help="photo for the PSNR check (resized to 1920x1080)")
@@ -95,11 +97,16 @@ def _child(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     kind = spec["kind"]
     base_rss = peak_rss_mb()
+    if spec.get("malloc_reuse") or spec.get("variant", "").endswith("_malloc"):
+        from stylize import reuse_freed_memory
+
+        reuse_freed_memory()
+        base_rss = peak_rss_mb()
     if kind == "forward":
         net = _net(spec["model"])
         height, width = spec["height"], spec["width"]
         x = torch.rand(1, 3, height, width)
-        variant = spec["variant"]
+        variant = spec["variant"].removesuffix("_malloc")
         if variant in ("channels_last", "compile_cl"):
             net = net.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
@@ -199,11 +206,12 @@ def bench_tiled(args: argparse.Namespace) -> None:
     for size in args.sizes.split(","):
         width, height = (int(v) for v in size.lower().split("x"))
         res = _spawn({"kind": "tiled", "model": args.model, "height": height, "width": width,
-                      "budget_mb": args.budget_mb, "threads": args.threads})
+                      "budget_mb": args.budget_mb, "threads": args.threads, "malloc_reuse": args.malloc_reuse})
         if "error" in res:
             print(f"tiled {width}x{height}: error {res['error']}")
             continue
-        print(f"tiled {width}x{height} budget {args.budget_mb:.0f} MiB: completed={res['finite']} in "
+        print(f"tiled {width}x{height} budget {args.budget_mb:.0f} MiB malloc_reuse={args.malloc_reuse}: "
+              f"completed={res['finite']} in "
               f"{res['seconds']:.1f} s ({res['gflop'] / res['seconds']:.1f} GFLOP/s), peak RSS "
               f"{res['peak_rss_mb']:.0f} MiB (incl. input+output images, before run {res['base_rss_mb']:.0f}), "
               f"{res['disk_stores']} activations on disk")

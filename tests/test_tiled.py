@@ -64,11 +64,11 @@ def test_ram_budget_keeps_stores_in_ram() -> None:
 def test_channel_stats_merge_is_stable() -> None:
     """Chan's merge over strips equals the one-shot statistics, even with a large offset (where E[x^2]-E[x]^2
     in float32 fails)."""
-    x = torch.randn(4, 30, 17, dtype=torch.float64) + 1e4
+    x = torch.randn(30, 17, 4, dtype=torch.float64) + 1e4  # (H, W, C)
     stats = ChannelStats(4)
     for r0 in range(0, 30, 7):
-        stats.add(x[:, r0 : r0 + 7].float())
-    var, mean = torch.var_mean(x, dim=(1, 2), correction=0)
+        stats.add(x[r0 : r0 + 7].float())
+    var, mean = torch.var_mean(x, dim=(0, 1), correction=0)
     assert torch.allclose(stats.mean, mean, rtol=0, atol=1e-3)
     assert torch.allclose(stats.var, var, rtol=1e-2)
 
@@ -76,10 +76,10 @@ def test_channel_stats_merge_is_stable() -> None:
 @pytest.mark.parametrize("kind", ["ram", "disk"])
 def test_store_round_trip(kind: str, tmp_path) -> None:
     store = RamStore(3, 10, 7) if kind == "ram" else DiskStore(3, 10, 7, str(tmp_path))
-    data = torch.randn(3, 10, 7)
-    store.write(0, data[:, :4])
-    store.write(4, data[:, 4:])
-    assert torch.equal(store.read(2, 9), data[:, 2:9])
+    data = torch.randn(10, 7, 3)  # (H, W, C): stores are channels-last
+    store.write(0, data[:4])
+    store.write(4, data[4:])
+    assert torch.equal(store.read(2, 9), data[2:9])
     store.close()
     assert list(tmp_path.iterdir()) == []
 
