@@ -159,6 +159,10 @@ def plan_jobs(cfg: DictConfig, model_path: Path, meta: dict) -> list[Job]:
         return ".jpg" if ext == ".jpeg" else ext if ext in (".jpg", ".png", ".webp") else ".png"
 
     output = _absolute(cfg.output) if cfg.output else model_path.parent / "stylized"
+    # Earlier results inside an input tree must not be stylized again (recursive folders, broad globs).
+    files = [f for f in files if output == base or output not in f.parents]
+    if not files:
+        raise FaststyleError(f"every input image is inside the output folder {output}: choose another output")
     single_file_output = bool(cfg.output) and output.suffix.lower() in WRITE_FORMATS and not output.is_dir()
     if single_file_output:
         if len(files) != 1:

@@ -109,6 +109,21 @@ def test_skip_existing_and_overwrite(model_file: Path, tmp_path: Path) -> None:
     assert len(third.written) == 3 and len(third.skipped) == 0
 
 
+def test_glob_and_recursive_inputs(model_file: Path, tmp_path: Path) -> None:
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    photo().save(tmp_path / "in" / "a.png")
+    photo().save(tmp_path / "in" / "b.jpg")
+    photo().save(tmp_path / "in" / "sub" / "c.png")
+    globbed = run(model_file, tmp_path / "in" / "*.png", output=tmp_path / "g")
+    assert [p.name for p in globbed.written] == ["a_wave.png"]
+    out = tmp_path / "in" / "stylized"  # inside the input tree: earlier results must not be picked up again
+    first = run(model_file, tmp_path / "in", output=out, recursive="true")
+    assert sorted(p.relative_to(out).as_posix() for p in first.written) == ["a_wave.png", "b_wave.jpg",
+                                                                          "sub/c_wave.png"]
+    again = run(model_file, tmp_path / "in", output=out, recursive="true")
+    assert len(again.skipped) == 3 and not again.written
+
+
 def test_default_output_next_to_the_model(model_file: Path, tmp_path: Path) -> None:
     photo().save(tmp_path / "one.webp")
     summary = run(model_file, tmp_path / "one.webp")
