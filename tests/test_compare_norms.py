@@ -3,6 +3,7 @@ held-out check, the TensorBoard curves, and an end-to-end run on two tiny real t
 
 from __future__ import annotations
 
+import csv
 import shutil
 from pathlib import Path
 
@@ -187,3 +188,64 @@ def _assert_png(path: Path) -> Image.Image:
         assert img.format == "PNG"
         img.load()
         return img.copy()
+
+
+CONFIGS = REPO_ROOT / "configs"
+TINY = [
+    "experiment=in_vs_bn",
+    "loss.network=random",  # no VGG weights needed: this checks the plumbing, not the result
+    "model.base_width=8",
+    "model.residual_blocks=1",
+    "data.image_size=64",
+    "data.val_images=2",
+    "train.batch_size=2",
+    "train.steps=4",
+    "train.log_interval_steps=1",
+    "train.image_interval_steps=4",
+    "train.checkpoint_interval_steps=4",
+]
+
+
+def _train_tiny(run_dir: Path, norm: str) -> None:
+    """One real run through train.train with the in_vs_bn experiment, laid out like a Hydra multirun job."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import train
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY, f"model.norm={norm}"])
+    train.train(cfg, run_dir=run_dir)
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # what Hydra writes for a real run
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (CONFIGS / "model" / "johnson.yaml").is_file() or not (CONFIGS / "loss" / "vgg19.yaml").is_file(),
+    reason="configs/model/johnson.yaml and configs/loss/vgg19.yaml are not in the tree yet (training engineer)",
+)
+def test_end_to_end_on_two_tiny_real_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO_ROOT)  # the configs' relative paths (style, data.root) are relative to the launch dir
+    multirun = tmp_path / "multirun"
+    _train_tiny(multirun / "0-instance", "instance")
+    _train_tiny(multirun / "1-batch", "batch")
+
+    paths = cn.compare([multirun], [REPO_ROOT / "data" / "samples" / "held_out"], max_side_px=48, max_images=2)
+    assert {p.parent for p in paths.values()} == {multirun}
+
+    figure = _assert_png(paths["figure"])
+    # 2 rows x 5 columns (content, style, BN eval, BN per-image, IN) of 192 px cells.
+    assert figure.width > 5 * 192 and figure.height > 2 * 192
+    curves = _assert_png(paths["curves"])
+    assert curves.width >= 2 * 460
+
+    with open(paths["table_csv"], newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["model"] for r in rows] == ["batch norm, eval (running stats)", "batch norm, per-image stats",
+                                          "instance norm"]
+    assert [r["run"] for r in rows] == ["1-batch", "1-batch", "0-instance"]
+    for row in rows:
+        assert float(row["total_loss"]) > 0 and float(row["invariance_mad"]) >= 0
+    markdown = paths["table_md"].read_text()
+    assert "| instance norm | 0-instance |" in markdown
