@@ -1,0 +1,271 @@
+"""Distributed data parallel training on PyTorch's own engine (torchrun + torch.distributed + DDP), no Hydra.
+
+How a run becomes distributed: ``torchrun --nproc_per_node=N train.py ...`` starts N copies of the script and sets
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` in each one's environment
+(https://pytorch.org/docs/stable/elastic/run.html). :func:`init_distributed` reads them, joins the process group
+(``nccl`` on CUDA, ``gloo`` on CPU) and gives each process its own device (``cuda:LOCAL_RANK``). Without those
+variables it is a plain single-process run and nothing is initialised, so the same script serves both.
+
+Conventions used by train.py:
+
+- every rank runs the same loop on its own shard of each global batch (data/images.py's sampler does the sharding),
+  :func:`wrap_ddp` all-reduces (averages) the gradients during ``backward``, so every rank applies the same update;
+- only the main process (rank 0) logs, writes TensorBoard, checkpoints and ``model.pth`` (:func:`is_main_process`);
+- logged metrics are averaged over ranks with :func:`all_reduce_mean` (one collective, one host sync) at log
+  intervals only;
+- files are always saved from :func:`unwrap` (the plain module, without DDP's ``.module`` or torch.compile's
+  ``._orig_mod`` prefixes), so a model trained on 8 GPUs loads like one trained on a laptop.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from errors import FaststyleError
+from models.device import resolve_device
+
+logger = logging.getLogger(__name__)
+
+# Environment variables torchrun sets in every worker (torch.distributed.run documentation).
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: its global rank, the number of processes, its rank on this machine and device.
+
+    ``backend`` is None for a single-process run (no process group exists then).
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None
+
+    @property
+    def is_main(self) -> bool:
+        """True on the one process that logs and writes files (global rank 0)."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when a process group with more than one member is in use."""
+        return self.backend is not None and self.world_size > 1
+
+
+def torchrun_env(environ: Mapping[str, str] | None = None) -> tuple[int, int, int] | None:
+    """``(rank, world_size, local_rank)`` read from torchrun's variables, or None when they are not all set.
+
+    Raises FaststyleError on values that are not consistent integers (a hand-written environment gone wrong).
+    """
+    env = os.environ if environ is None else environ
+    present = [name for name in _TORCHRUN_VARS if name in env]
+    if not present:
+        return None
+    if len(present) != len(_TORCHRUN_VARS):
+        missing = ", ".join(name for name in _TORCHRUN_VARS if name not in env)
+        raise FaststyleError(f"distributed environment is incomplete (missing {missing}): launch with torchrun")
+    try:
+        rank, world_size, local_rank = (int(env[name]) for name in _TORCHRUN_VARS)
+    except ValueError as err:
+        raise FaststyleError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers ({err}): launch with torchrun") from None
+    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
+        raise FaststyleError(
+            f"invalid RANK={rank} WORLD_SIZE={world_size} LOCAL_RANK={local_rank}: launch with torchrun"
+        )
+    return rank, world_size, local_rank
+
+
+def _device_for_rank(device_name: str, local_rank: int) -> torch.device:
+    """The device of one torchrun worker: ``cuda:LOCAL_RANK`` for CUDA runs, the CPU for CPU runs.
+
+    A fixed CUDA index (``device=cuda:1``) makes no sense when every worker would pick the same GPU, and MPS has no
+    collective backend, so both are refused with a message rather than silently changed.
+    """
+    kind = device_name.split(":", 1)[0]
+    if kind == "cuda" and ":" in device_name:
+        raise FaststyleError(
+            f"device={device_name} pins one GPU, but under torchrun each process uses cuda:LOCAL_RANK: "
+            "use device=cuda (select GPUs with CUDA_VISIBLE_DEVICES)"
+        )
+    base = resolve_device(device_name)  # raises for unavailable devices, picks cuda>mps>cpu for auto
+    if base.type == "cuda":
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise FaststyleError(
+                f"LOCAL_RANK={local_rank} but only {count} CUDA device(s) are visible: "
+                f"use --nproc_per_node={count} or fewer"
+            )
+        return torch.device("cuda", local_rank)
+    if base.type == "mps":
+        raise FaststyleError("distributed training is not supported on MPS: use device=cpu or a CUDA machine")
+    return torch.device("cpu")
+
+
+def init_distributed(device_name: str = "auto", timeout_s: float = 1800.0) -> DistContext:
+    """Join torchrun's process group if this process was started by torchrun; otherwise a single-process context.
+
+    ``device_name`` is the config's ``device`` ("auto", "cuda", "cpu", ...). Under torchrun, CUDA workers get
+    ``cuda:LOCAL_RANK`` (also made the current CUDA device, which NCCL needs) and use the ``nccl`` backend; CPU
+    workers use ``gloo``. ``timeout_s`` bounds how long a collective waits for a straggler before failing.
+    Call :func:`teardown_distributed` at the end (also after errors) to leave the group cleanly.
+    """
+    env = torchrun_env()
+    if env is None:
+        return DistContext(rank=0, world_size=1, local_rank=0, device=resolve_device(device_name), backend=None)
+    rank, world_size, local_rank = env
+    device = _device_for_rank(device_name, local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_available():
+        raise FaststyleError("this PyTorch build has no torch.distributed: run without torchrun")
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        # MASTER_ADDR/MASTER_PORT come from torchrun via the default env:// init method.
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            # Binding the group to the device lets NCCL set up its communicator eagerly and silences the
+            # "devices used by this process are currently unknown" warning of barrier().
+            device_id=device if device.type == "cuda" else None,
+        )
+    logger.info("distributed: rank %d/%d (local %d) on %s, backend %s", rank, world_size, local_rank, device, backend)
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
+
+
+def worker_hydra_overrides(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Hydra command-line overrides that keep a non-zero torchrun rank from creating its own run directory.
+
+    Hydra makes the run dir (``outputs/<job>/<date>/<time>...``), writes ``.hydra/`` and opens a log file there
+    before ``main(cfg)`` runs, so every rank would leave its own dir (names differ when ranks start in different
+    seconds). Appended to ``sys.argv`` on ranks > 0 only (after the user's overrides, so they win), these point
+    the run dir at the current directory (which exists: ``mkdir(exist_ok=True)`` creates nothing), skip the
+    ``.hydra/`` snapshot and drop Hydra's file/console logging config, which leaves Python's last-resort handler:
+    warnings and errors of worker ranks still reach stderr, info lines come from rank 0 only. Workers write no
+    files (train.py checks :func:`is_main_process`); rank 0's run dir is shared with :func:`broadcast_object`.
+    Returns ``[]`` on rank 0 and outside torchrun. Plain strings: this module never imports Hydra.
+    """
+    env = torchrun_env(environ)
+    if env is None or env[0] == 0:
+        return []
+    return ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+
+
+def teardown_distributed() -> None:
+    """Leave the process group if one was joined (safe to call in a ``finally`` block, or twice)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def get_rank() -> int:
+    """Global rank of this process (0 when not distributed)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes in the group (1 when not distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True on global rank 0, and always in a single-process run: the process that logs and writes files."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op when not distributed), e.g. before rank 0 reads a file another step wrote."""
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Return rank ``src``'s ``obj`` on every rank (a picklable primitive such as a run-dir path); identity alone."""
+    if get_world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    """True when ``model`` contains a BatchNorm layer (whose statistics depend on how the batch is split)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
+    """Wrap ``model`` (already on ``ctx.device``) in DistributedDataParallel when there is more than one process.
+
+    DDP broadcasts rank 0's parameters at construction (so all ranks start equal even with different seeds) and
+    averages gradients over ranks in ``backward``: with the global batch split evenly, the update equals that of
+    one process with the whole batch (the loss is a per-sample mean).
+
+    Instance norm normalises each sample on its own, so it is unaffected by the split. BatchNorm is not: on CUDA
+    it is converted to SyncBatchNorm (statistics over the global batch, as a single process would compute them);
+    on CPU (gloo) SyncBatchNorm is not available, so each rank normalises over its own shard and a warning says so.
+    Returns ``model`` unchanged for a single process.
+    """
+    if not ctx.distributed:
+        return model
+    if has_batch_norm(model):
+        if ctx.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            logger.warning(
+                "norm=batch under DDP on CPU: each rank normalises over its own %d-way shard of the batch "
+                "(SyncBatchNorm needs CUDA), so results differ from a single-process run",
+                ctx.world_size,
+            )
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP (``.module``) and/or torch.compile (``._orig_mod``) wrappers, in any order.
+
+    Save and export this one: its ``state_dict`` keys carry no ``module.`` / ``_orig_mod.`` prefixes.
+    """
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch._dynamo OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def all_reduce_mean(metrics: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
+    """Average scalar metrics over ranks and return them as Python floats (call at log intervals only).
+
+    All values travel in one fp32 tensor and one all-reduce, and are copied to the host once, so the cost is a
+    single device sync per call however many metrics are logged. A single process just converts to floats
+    (still one sync). Every rank must call this with the same keys in the same order (it is a collective).
+    """
+    if not metrics:
+        return {}
+    names = list(metrics)
+    device = next((v.device for v in metrics.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    if get_world_size() > 1 and dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())  # NCCL reduces CUDA tensors only
+    elif get_world_size() > 1:
+        device = torch.device("cpu")  # gloo reduces CPU tensors
+    values = torch.stack(
+        [
+            (v.detach().float().reshape(()) if isinstance(v, torch.Tensor) else torch.tensor(float(v))).to(device)
+            for v in metrics.values()
+        ]
+    )
+    if get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values = values / get_world_size()
+    return dict(zip(names, values.tolist(), strict=True))
