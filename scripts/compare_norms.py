@@ -9,7 +9,8 @@ Written into the output directory (the one directory given, else --out, else the
 
 - ``compare_norms_figure.png``: one row per held-out content image; columns content | style | batch norm
   (eval mode: running statistics) | batch norm with per-image statistics (train-mode BN on the single image, on a
-  copy of the network so the running statistics are not touched) | instance norm.
+  copy of the network so the running statistics are not touched) | instance norm; plus one row per
+  --figure-variant: the first held-out image as clip(a * x + b) (default a = 0.5, b = 0.25: half the contrast).
 - ``compare_norms_table.md`` and ``.csv``: content, style and total perceptual loss on the held-out images
   (``models.loss.PerceptualLoss`` built from each run's own loss config), and the contrast-invariance measure: the
   mean absolute difference (RGB in [0, 1]) between the stylization of each image x and the stylizations of its
@@ -53,6 +54,7 @@ from data.io import (  # noqa: E402
     pil_to_tensor,
     resize_max_side,
     resize_short_side,
+    resize_to,
     save_image,
     tensor_to_pil,
 )
@@ -380,14 +382,22 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def _fit(img: Image.Image, box: int) -> Image.Image:
-    """Resize so the longest side is ``box`` pixels."""
-    return resize_max_side(img, box)
+    """Resize (down or up) so the longest side is ``box`` pixels."""
+    scale = box / max(img.size)
+    return resize_to(img, max(1, round(img.width * scale)), max(1, round(img.height * scale)))
 
 
 def make_figure(
-    contents: Sequence[Tensor], style: Image.Image, columns: Sequence[tuple[str, Stylizer]], cell_px: int = 192
+    contents: Sequence[Tensor],
+    style: Image.Image,
+    columns: Sequence[tuple[str, Stylizer]],
+    cell_px: int = 192,
+    captions: Sequence[str | None] | None = None,
 ) -> Image.Image:
-    """Grid image: one row per content (1, 3, H, W); columns content | style | each stylizer's output."""
+    """Grid image: one row per content (1, 3, H, W); columns content | style | each stylizer's output.
+
+    ``captions[row]``, when given, is written under that row's content tile (e.g. "0.5x+0.25" for a variant row).
+    """
     labels = ["content", "style"] + [label for label, _ in columns]
     pad, header = 6, 40
     font = _font(13)
@@ -409,6 +419,12 @@ def make_figure(
             tile = _fit(tile, cell_px)
             x0 = pad + col * (cell_px + pad)
             canvas.paste(tile, (x0 + (cell_px - tile.width) // 2, y0 + (cell_px - tile.height) // 2))
+        caption = captions[row] if captions else None
+        if caption:
+            text_w = draw.textlength(caption, font=font)
+            box = (pad + 2, y0 + cell_px - 20, pad + 10 + text_w, y0 + cell_px - 2)
+            draw.rectangle(box, fill="white")
+            draw.text((pad + 6, y0 + cell_px - 19), caption, fill="black", font=font)
     return canvas
 
 
@@ -555,9 +571,12 @@ def plot_panel(
     return img
 
 
-def make_curves(runs: Sequence[tuple[str, dict[str, list[tuple[int, float]]]]], max_panels: int = 6) -> Image.Image:
-    """Grid of line charts, one per ``loss/...`` tag the runs share (total, content, style first), two per row."""
+def make_curves(runs: Sequence[tuple[str, dict[str, list[tuple[int, float]]]]], max_panels: int = 4) -> Image.Image:
+    """Grid of line charts, one per ``loss/...`` tag the runs share (total, content, style first), two per row.
+
+    Tags that are 0 throughout in every run (a term whose weight is 0, e.g. tv) get no panel."""
     common = set.intersection(*(set(series) for _, series in runs)) if runs else set()
+    common = {t for t in common if any(v != 0 for _, series in runs for _, v in series[t])}
     preferred = ["loss/total", "loss/content", "loss/style", "loss/tv"]
     tags = [t for t in preferred if t in common]
     tags += sorted(t for t in common if t.startswith("loss/") and t not in tags)
@@ -658,6 +677,8 @@ def compare(
     max_images: int = 4,
     device: str = "cpu",
     variants: Sequence[tuple[float, float]] = DEFAULT_VARIANTS,
+    figure_variants: Sequence[tuple[float, float]] = ((0.5, 0.25),),
+    cell_px: int = 192,
 ) -> dict[str, Path]:
     """Write the figure, the tables and the curves for the runs found in ``inputs``; return their paths."""
     from models.device import resolve_device
@@ -705,7 +726,12 @@ def compare(
             rows.append(Row(table_label, run_name, held_out_losses(fn, loss, images), invariance, per_variant))
             log.info("%s: %s, invariance %.4f", table_label, rows[-1].losses, invariance)
 
-    figure = make_figure(images, load_image(style_file), [(label, fn) for label, _, _, fn in columns])
+    # Extra rows: the first held-out image's contrast/brightness variants, so the figure shows what the table's
+    # invariance column measures.
+    figure_rows = list(images) + [contrast_variants(images[0], [v])[0] for v in figure_variants]
+    captions = [None] * len(images) + [f"{a:g}x{b:+g}" for a, b in figure_variants]
+    figure = make_figure(figure_rows, load_image(style_file), [(label, fn) for label, _, _, fn in columns],
+                         cell_px=cell_px, captions=captions)
     curves = make_curves([(r.name, read_scalars(r.path / "tb")) for r in runs])
 
     paths = {
@@ -737,17 +763,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output dir (default: the one dir given, else the runs' parent)")
     parser.add_argument("--size", type=int, default=256, help="longest side of the held-out images, px (%(default)s)")
     parser.add_argument("--max-images", type=int, default=4, help="use at most this many held-out images")
+    parser.add_argument("--cell-px", type=int, default=192, help="figure cell size, px (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: %(default)s)")
+    parser.add_argument("--figure-variant", type=_parse_variant, action="append", dest="figure_variants",
+                        metavar="A,B", help="extra figure row: the first held-out image as clip(a*x+b) (repeatable; "
+                        "default: 0.5,0.25)")
     parser.add_argument("--variant", type=_parse_variant, action="append", dest="variants", metavar="A,B",
                         help="a contrast/brightness variant a*x+b (repeatable; default: "
                              + " ".join(f"{a:g},{b:g}" for a, b in DEFAULT_VARIANTS) + ")")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.size < 16 or args.max_images < 1:
-        exit_with_error(FaststyleError("--size must be >= 16 and --max-images >= 1"))
+    if args.size < 16 or args.max_images < 1 or args.cell_px < 32:
+        exit_with_error(FaststyleError("--size must be >= 16, --max-images >= 1 and --cell-px >= 32"))
     try:
         paths = compare(args.runs, args.content, args.out, args.size, args.max_images, args.device,
-                        tuple(args.variants) if args.variants else DEFAULT_VARIANTS)
+                        tuple(args.variants) if args.variants else DEFAULT_VARIANTS,
+                        tuple(args.figure_variants) if args.figure_variants else ((0.5, 0.25),), args.cell_px)
     except FaststyleError as err:
         exit_with_error(err)
     print(paths["table_md"].read_text(encoding="utf-8"))
