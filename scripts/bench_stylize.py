@@ -38,8 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folder-images", type=int, default=32, help="number of 256x256 images in the folder run")
     parser.add_argument("--batch-size", type=int, default=4, help="stylize batch_size for the folder run")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats at 1920x1080 (median)")
-    parser.add_argument("--variants", default="eager,channels_last,channels_last_malloc,compile_cl_malloc",
-                        help="1080p variants: eager, channels_last, compile, compile_cl; a _malloc suffix turns on "
+    parser.add_argument("--variants",
+                        default="eager,channels_last,channels_last_malloc,executor_malloc,compile_cl_malloc",
+                        help="1080p variants: eager, channels_last, executor (models/tiled.py, one strip per "
+                        "layer), compile, compile_cl; a _malloc suffix turns on "
                         "stylize.reuse_freed_memory (glibc keeps freed blocks: no page faults on reuse)")
     parser.add_argument("--malloc-reuse", action="store_true", help="reuse_freed_memory() in the tiled runs")
     parser.add_argument("--sizes", default="3840x2160,7680x4320", help="tiled sizes WxH, comma separated")
@@ -111,6 +113,10 @@ def _child(spec: dict) -> dict:
             net = net.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
         fn = net
+        if variant == "executor":  # models/tiled.py with one strip per layer (what stylize runs when it fits)
+            from models.tiled import TiledExecutor
+
+            fn = TiledExecutor(net, budget_mb=spec.get("budget_mb") or 1e6)
         compile_s = 0.0
         if variant.startswith("compile"):
             fn = torch.compile(net)
