@@ -1,0 +1,176 @@
+"""PerceptualLoss: feature reconstruction (content), Gram-matrix style reconstruction and total variation.
+
+Johnson et al. 2016, section 3.2 ("Perceptual Loss Functions"), after Gatys et al. 2016:
+
+- content: ``content_weight * sum_j mean((phi_j(y) - phi_j(x_c))^2)`` over ``content_layers`` j, i.e. the squared
+  feature distance normalised by C_j * H_j * W_j (and by the batch size);
+- style: ``style_weight * sum_j w_j * mean((G_j(y) - G_j(y_s))^2)`` over ``style_layers`` j with per-layer weights
+  w_j, where ``G_j(y)[c, c'] = sum_{h,w} phi_j(y)[c, h, w] * phi_j(y)[c', h, w] / (C_j * H_j * W_j)``. The mean
+  over the C_j x C_j Gram entries is the squared Frobenius norm of the paper divided by C_j^2 (a constant per
+  layer, folded into the weights);
+- total variation: ``tv_weight * (mean((y[.., 1:, :] - y[.., :-1, :])^2) + mean((y[.., :, 1:] - y[.., :, :-1])^2))``
+  on the output image in [0, 1] (squared differences of neighbouring pixels; Mahendran & Vedaldi 2015, beta = 2).
+
+Scale of the weights: with the vgg19 network the features are on Caffe's 0-255 scale, so at 128-256 px a content
+MSE is of order 1e4-1e5 and a Gram MSE of order 1e5-1e7: the weights only make sense relative to each other and to
+the layer set; configs/loss/vgg19.yaml explains the defaults.
+
+Numerics: the Gram matrices and every reduction run in float32 with autocast disabled (an fp16 Gram overflows: its
+entries reach ~1e4 * H * W before normalisation). Content features come from a separate pass under
+``torch.no_grad()`` that stops at the deepest content layer, so no gradient can leak into the content branch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from errors import FaststyleError
+from models.vgg import build_loss_network
+
+logger = logging.getLogger(__name__)
+
+
+def gram_matrix(features: torch.Tensor) -> torch.Tensor:
+    """Gram matrices normalised by C * H * W, in float32 with autocast off.
+
+    Args:
+        features: (N, C, H, W), any float dtype or memory format.
+
+    Returns:
+        (N, C, C) float32.
+    """
+    n, c, h, w = features.shape
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        f = features.float().reshape(n, c, h * w)
+        return torch.bmm(f, f.transpose(1, 2)) / (c * h * w)
+
+
+def total_variation(image: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between vertically plus horizontally neighbouring pixels; (N, C, H, W) -> scalar."""
+    with torch.autocast(device_type=image.device.type, enabled=False):
+        x = image.float()
+        zero = x.new_zeros(())
+        dy = (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean() if x.shape[-2] > 1 else zero
+        dx = (x[..., :, 1:] - x[..., :, :-1]).pow(2).mean() if x.shape[-1] > 1 else zero
+        return dy + dx
+
+
+class PerceptualLoss(nn.Module):
+    """Weighted content + style + total-variation loss against a frozen loss network.
+
+    Args:
+        network: "vgg19", "vgg16" or "random" (models.vgg.build_loss_network).
+        content_layers: layers whose activations must match the content image's, e.g. ["relu2_2"]. May be
+            empty (then the content term is 0).
+        style_layers: {layer: per-layer weight} whose Gram matrices must match the style image's.
+        content_weight, style_weight, tv_weight: the term weights (>= 0).
+        weights_path: passed to build_loss_network.
+
+    Use: ``set_style(style)`` once, then ``losses = loss(output, content)``; back-propagate ``losses["total"]``.
+    The style targets are buffers (non-persistent: recompute them with set_style after loading), so
+    ``.to(device)`` moves them with the network.
+    """
+
+    def __init__(
+        self,
+        network: str,
+        content_layers: Sequence[str],
+        style_layers: Mapping[str, float],
+        content_weight: float,
+        style_weight: float,
+        tv_weight: float,
+        weights_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(content_layers, str):
+            content_layers = [content_layers]
+        self.content_layers = list(content_layers)
+        self.style_layers = {str(k): float(v) for k, v in dict(style_layers).items()}
+        for term, value in (("content_weight", content_weight), ("style_weight", style_weight),
+                            ("tv_weight", tv_weight)):
+            if not float(value) >= 0.0:  # also rejects NaN
+                raise FaststyleError(f"loss.{term} must be a number >= 0, got {value!r}")
+        negative = [k for k, v in self.style_layers.items() if not v >= 0.0]
+        if negative:
+            raise FaststyleError(f"loss.style_layers weights must be >= 0, got {negative}")
+        if not self.content_layers and not self.style_layers:
+            raise FaststyleError("the loss has no content_layers and no style_layers: set at least one of them")
+        self.content_weight = float(content_weight)
+        self.style_weight = float(style_weight)
+        self.tv_weight = float(tv_weight)
+        self.network = build_loss_network(network, self.content_layers + list(self.style_layers), weights_path)
+        for layer in self.style_layers:
+            self.register_buffer(self._target_name(layer), None, persistent=False)
+
+    @staticmethod
+    def _target_name(layer: str) -> str:
+        return f"style_target_{layer}"
+
+    @property
+    def has_style(self) -> bool:
+        """True once set_style has been called (or when there are no style layers)."""
+        return all(getattr(self, self._target_name(layer)) is not None for layer in self.style_layers)
+
+    @torch.no_grad()
+    def set_style(self, style: torch.Tensor) -> None:
+        """Compute and store the Gram targets of the style image.
+
+        Args:
+            style: (1, 3, H, W) RGB in [0, 1] at the size the Gram targets should describe. It is used as given:
+                the caller resizes it to ``style_size`` with data.io (the one owner of resampling), because the
+                size sets the scale of the brush strokes the network learns.
+        """
+        if style.dim() != 4 or style.shape[0] != 1 or style.shape[1] != 3:
+            raise ValueError(f"set_style expects a (1, 3, H, W) image, got shape {tuple(style.shape)}")
+        if not self.style_layers:
+            return
+        buffer_device = next(self.network.parameters()).device
+        features = self.network(style.to(buffer_device), taps=list(self.style_layers))
+        for layer, feature in features.items():
+            setattr(self, self._target_name(layer), gram_matrix(feature))
+
+    def forward(self, output: torch.Tensor, content: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Loss of a stylised batch.
+
+        Args:
+            output: (N, 3, H, W) RGB in [0, 1], the network's output (gradients flow through it).
+            content: (N, 3, H, W) RGB in [0, 1], the input photos (no gradient is computed for them).
+
+        Returns:
+            float32 scalars: ``total`` (= content + style + tv, the value to back-propagate), ``content``,
+            ``style``, ``tv`` and ``style/<layer>`` for each style layer; all already multiplied by their
+            weights (``style`` is the sum of the ``style/<layer>`` values).
+        """
+        if output.shape != content.shape:
+            raise ValueError(f"output {tuple(output.shape)} and content {tuple(content.shape)} shapes differ")
+        if not self.has_style:
+            raise RuntimeError("PerceptualLoss.set_style(style_image) must be called before computing the loss")
+        losses: dict[str, torch.Tensor] = {}
+        features = self.network(output)
+        zero = output.new_zeros((), dtype=torch.float32)
+        with torch.autocast(device_type=output.device.type, enabled=False):
+            content_loss = zero
+            if self.content_layers:
+                with torch.no_grad():
+                    targets = self.network(content, taps=self.content_layers)
+                for layer in self.content_layers:
+                    diff = features[layer].float() - targets[layer].float()
+                    content_loss = content_loss + diff.pow(2).mean()
+            losses["content"] = self.content_weight * content_loss
+
+            style_loss = zero
+            for layer, layer_weight in self.style_layers.items():
+                gram = gram_matrix(features[layer])
+                target = getattr(self, self._target_name(layer))
+                term = self.style_weight * layer_weight * (gram - target).pow(2).mean()  # target broadcasts over N
+                losses[f"style/{layer}"] = term
+                style_loss = style_loss + term
+            losses["style"] = style_loss
+
+            losses["tv"] = self.tv_weight * total_variation(output)
+            losses["total"] = losses["content"] + losses["style"] + losses["tv"]
+        return losses

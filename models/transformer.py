@@ -1,0 +1,225 @@
+"""The image transformation network of Johnson et al. 2016 ("Perceptual Losses for Real-Time Style Transfer and
+Super-Resolution", ECCV 2016, supplementary material, Table 1), with the changes the field adopted since:
+
+- instance norm instead of batch norm (Ulyanov et al. 2016, "Instance Normalization: The Missing Ingredient for
+  Fast Stylization"), picked by name through ``models.norm.make_norm``;
+- reflection padding instead of zero padding, so borders are not darkened;
+- nearest-neighbour x2 upsampling followed by a stride-1 convolution instead of a transposed convolution, which
+  avoids checkerboard artifacts (Odena, Dumoulin & Olah 2016, "Deconvolution and Checkerboard Artifacts",
+  distill.pub). ``upsample="transpose"`` keeps the paper's transposed convolutions for comparison;
+- a sigmoid output so that the output is RGB in [0, 1] (see "Output mapping" below).
+
+Structure (stable: tiling, export and import code walk it)::
+
+    encoder   ConvLayer(3 -> w, 9x9)    norm ReLU
+              ConvLayer(w -> 2w, 3x3, stride 2)  norm ReLU
+              ConvLayer(2w -> 4w, 3x3, stride 2) norm ReLU
+    residuals residual_blocks x ResidualBlock(4w): conv1 norm1 ReLU conv2 norm2, plus the identity
+    decoder   UpsampleConvLayer(4w -> 2w) | ConvTranspose2d   norm ReLU
+              UpsampleConvLayer(2w -> w)  | ConvTranspose2d   norm ReLU
+              ConvLayer(w -> 3, 9x9)     (no norm, no ReLU)
+    output    OUTPUT_MAPPINGS[output] applied to the last conv's result
+
+with ``w = base_width`` (32 in the paper: 1.68 M parameters).
+
+Input size: the encoder halves the resolution twice, so an input whose height or width is not a multiple of 4 is
+first padded at the bottom/right edge (reflection; replication for inputs too small to reflect) up to the next
+multiple of 4, and the output is cropped back. Any H, W >= 1 works and the output always has the input's H and W.
+Padding only at the bottom/right keeps pixel (0, 0) of the input at pixel (0, 0) of the network's canvas, which is
+what tiling code needs to place tiles.
+
+Output mapping: the last convolution produces an unbounded value ``z``; ``output="sigmoid"`` (default) returns
+``sigmoid(z)``, which covers the open interval (0, 1), has a non-zero gradient everywhere and starts at mid-grey
+(z ~ 0 at initialisation). ``output="linear"`` returns ``z`` unchanged while training (the loss must see the
+unclamped value: a clamp there has zero gradient for every pixel outside [0, 1], so pixels that overshoot once can
+never come back, which is how an unbounded network trained with a high learning rate collapses to black) and
+``z.clamp(0, 1)`` in eval mode. "linear" exists for networks imported from implementations with an unbounded
+output (pytorch/examples: fold its 0-255 scale into the first and last convs).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.norm import NORM_KINDS, make_norm
+
+logger = logging.getLogger(__name__)
+
+UPSAMPLE_KINDS = ("nearest", "transpose")
+OUTPUT_MAPPINGS = ("sigmoid", "linear")
+# The encoder has two stride-2 convolutions: the network works on canvases whose sides are multiples of 4.
+SIZE_MULTIPLE = 4
+
+
+class ConvLayer(nn.Module):
+    """Reflection padding then a convolution, so the output has ``ceil(H / stride)`` rows.
+
+    Attributes: ``pad`` (nn.ReflectionPad2d, kernel_size // 2 on every side) and ``conv`` (nn.Conv2d, no padding).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> None:
+        super().__init__()
+        self.pad = nn.ReflectionPad2d(kernel_size // 2)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C_in, H, W) -> (N, C_out, H', W'); H' = H for stride 1, ceil(H / 2) for stride 2 and odd kernel."""
+        return self.conv(self.pad(x))
+
+
+class UpsampleConvLayer(nn.Module):
+    """Nearest-neighbour upsampling by ``scale_factor`` then a reflection-padded stride-1 convolution.
+
+    Same attribute names as ConvLayer (``pad``, ``conv``) plus ``scale_factor``; deliberately not a ConvLayer
+    subclass so that code walking the network cannot mistake it for a plain convolution.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, scale_factor: int = 2) -> None:
+        super().__init__()
+        self.scale_factor = scale_factor
+        self.pad = nn.ReflectionPad2d(kernel_size // 2)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C_in, H, W) -> (N, C_out, H * scale_factor, W * scale_factor)."""
+        x = F.interpolate(x, scale_factor=self.scale_factor, mode="nearest")
+        return self.conv(self.pad(x))
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convolutions with a norm after each and a ReLU after the first, plus the identity.
+
+    Johnson et al. (supplementary, "Residual connections"): no ReLU after the addition, which keeps the block able
+    to represent the identity; He et al. 2016 found the same for this ordering.
+    """
+
+    def __init__(self, channels: int, norm: str) -> None:
+        super().__init__()
+        self.conv1 = ConvLayer(channels, channels, 3)
+        self.norm1 = make_norm(norm, channels)
+        self.conv2 = ConvLayer(channels, channels, 3)
+        self.norm2 = make_norm(norm, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, H, W)."""
+        y = F.relu(self.norm1(self.conv1(x)))
+        return x + self.norm2(self.conv2(y))
+
+
+def _upsampling_layer(in_channels: int, out_channels: int, upsample: str) -> nn.Module:
+    """x2 upsampling stage: nearest x2 + 3x3 conv, or the paper's 3x3 stride-2 transposed conv."""
+    if upsample == "nearest":
+        return UpsampleConvLayer(in_channels, out_channels, 3, scale_factor=2)
+    # padding=1 with output_padding=1 gives exactly 2H x 2W, like the nearest path.
+    return nn.ConvTranspose2d(in_channels, out_channels, 3, stride=2, padding=1, output_padding=1)
+
+
+class TransformerNet(nn.Module):
+    """Johnson et al. 2016 style-transfer network; see the module docstring for the structure.
+
+    Args:
+        norm: "instance" (default), "batch" or "none" (models.norm.NORM_KINDS).
+        base_width: channels of the first conv (w); the encoder goes w -> 2w -> 4w. 32 in the paper; 16 and 8 give
+            light models (about 1/4 and 1/16 of the compute).
+        residual_blocks: number of residual blocks at 4w channels (5 in the paper).
+        upsample: "nearest" (default, no checkerboard artifacts) or "transpose" (the paper's transposed convs).
+        output: "sigmoid" (default) or "linear" (see the module docstring, "Output mapping").
+    """
+
+    def __init__(
+        self,
+        norm: str = "instance",
+        base_width: int = 32,
+        residual_blocks: int = 5,
+        upsample: str = "nearest",
+        output: str = "sigmoid",
+    ) -> None:
+        super().__init__()
+        if norm not in NORM_KINDS:
+            raise ValueError(f"unknown norm {norm!r}: use one of {', '.join(NORM_KINDS)}")
+        if upsample not in UPSAMPLE_KINDS:
+            raise ValueError(f"unknown upsample {upsample!r}: use one of {', '.join(UPSAMPLE_KINDS)}")
+        if output not in OUTPUT_MAPPINGS:
+            raise ValueError(f"unknown output {output!r}: use one of {', '.join(OUTPUT_MAPPINGS)}")
+        if int(base_width) != base_width or base_width < 1:
+            raise ValueError(f"base_width must be a positive integer, got {base_width!r}")
+        if int(residual_blocks) != residual_blocks or residual_blocks < 0:
+            raise ValueError(f"residual_blocks must be a non-negative integer, got {residual_blocks!r}")
+        self._config: dict[str, Any] = {
+            "norm": str(norm),
+            "base_width": int(base_width),
+            "residual_blocks": int(residual_blocks),
+            "upsample": str(upsample),
+            "output": str(output),
+        }
+        w = int(base_width)
+        self.encoder = nn.Sequential(
+            ConvLayer(3, w, 9),
+            make_norm(norm, w),
+            nn.ReLU(),
+            ConvLayer(w, 2 * w, 3, stride=2),
+            make_norm(norm, 2 * w),
+            nn.ReLU(),
+            ConvLayer(2 * w, 4 * w, 3, stride=2),
+            make_norm(norm, 4 * w),
+            nn.ReLU(),
+        )
+        self.residuals = nn.Sequential(*[ResidualBlock(4 * w, norm) for _ in range(int(residual_blocks))])
+        self.decoder = nn.Sequential(
+            _upsampling_layer(4 * w, 2 * w, upsample),
+            make_norm(norm, 2 * w),
+            nn.ReLU(),
+            _upsampling_layer(2 * w, w, upsample),
+            make_norm(norm, w),
+            nn.ReLU(),
+            ConvLayer(w, 3, 9),
+        )
+        self.output = str(output)
+
+    def config(self) -> dict[str, Any]:
+        """The constructor kwargs as plain primitives: ``TransformerNet(**net.config())`` rebuilds the network."""
+        return dict(self._config)
+
+    def map_output(self, z: torch.Tensor) -> torch.Tensor:
+        """Map the last conv's unbounded (N, 3, H, W) result to RGB in [0, 1] (module docstring, "Output mapping")."""
+        if self.output == "sigmoid":
+            return torch.sigmoid(z)
+        return z if self.training else z.clamp(0.0, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Stylise a batch.
+
+        Args:
+            x: (N, 3, H, W) float RGB in [0, 1], any H, W >= 1.
+
+        Returns:
+            (N, 3, H, W) RGB in [0, 1] (in (0, 1) for the sigmoid output), same dtype as the network computes in.
+        """
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected an (N, 3, H, W) batch, got shape {tuple(x.shape)}")
+        height, width = x.shape[-2:]
+        x = pad_to_multiple(x, SIZE_MULTIPLE)
+        y = self.decoder(self.residuals(self.encoder(x)))
+        return self.map_output(y[..., :height, :width])
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad (N, C, H, W) at the bottom and right up to sides that are multiples of ``multiple`` (and >= 2 * multiple).
+
+    Reflection padding where the image is large enough to reflect (PyTorch needs pad < side), otherwise
+    replication (tiny inputs). The minimum of 2 * multiple keeps every reflection pad inside the network valid
+    (the 3x3 convs after two stride-2 convs need at least 2 pixels to reflect 1).
+    """
+    height, width = x.shape[-2:]
+    target_h = max(-(-height // multiple) * multiple, 2 * multiple)
+    target_w = max(-(-width // multiple) * multiple, 2 * multiple)
+    pad_h, pad_w = target_h - height, target_w - width
+    if pad_h == 0 and pad_w == 0:
+        return x
+    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
