@@ -179,6 +179,13 @@ def plan_jobs(cfg: DictConfig, model_path: Path, meta: dict) -> list[Job]:
             raise FaststyleError(
                 f"output folder {output} would put results among the input images: choose another output folder"
             )
+    for job in jobs:
+        if WRITE_FORMATS[job.target.suffix.lower()] not in ALPHA_FORMATS and _has_alpha(job.source):
+            # JPEG cannot hold transparency: keep it (the user's data) in a PNG rather than flatten it, and say so.
+            new_target = job.target.with_suffix(".png")
+            logger.warning("%s has transparency, which JPEG cannot hold: writing %s instead", job.source,
+                           new_target.name)
+            job.target = new_target
     inputs = set(files)
     for job in jobs:
         if job.target in inputs:
@@ -187,6 +194,15 @@ def plan_jobs(cfg: DictConfig, model_path: Path, meta: dict) -> list[Job]:
     if len(set(targets)) != len(targets):
         raise FaststyleError("two inputs map to the same output name (same stem, different extension): set format")
     return jobs
+
+
+def _has_alpha(path: Path) -> bool:
+    """Whether the image file has an alpha channel, from its header only (False if it cannot be read)."""
+    try:
+        with Image.open(path) as img:
+            return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
 
 
 @dataclass
@@ -229,7 +245,7 @@ def save_result(loaded: Loaded, stylized: torch.Tensor, cfg: DictConfig) -> Path
     if loaded.alpha is not None:
         img.putalpha(loaded.alpha)
         if WRITE_FORMATS[target.suffix.lower()] not in ALPHA_FORMATS:
-            # JPEG cannot hold alpha: keep the transparency (the user's data) and say so, rather than flatten it.
+            # Normally decided in plan_jobs from the header; this catches files whose header did not say.
             target = target.with_suffix(".png")
             logger.warning("%s has transparency, which JPEG cannot hold: wrote %s instead", loaded.job.source,
                            target.name)
@@ -282,6 +298,11 @@ class Runner:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             return self.net(x).to("cpu", torch.float32)
+        if not isinstance(self.net, torch.nn.Module):  # .onnx model: the tiled executor needs the torch layers
+            raise FaststyleError(
+                f"a {batch.shape[-1]}x{batch.shape[-2]} image exceeds max_memory_mb={self.budget_mb:g} untiled and "
+                ".onnx models cannot be tiled: raise max_memory_mb, set max_side_px, or use the .pth model"
+            )
         if self._tiled is None:
             from models.tiled import TiledExecutor
 
@@ -376,7 +397,12 @@ def stylize(cfg: DictConfig) -> Summary:
     if not model_path.is_file():
         raise FaststyleError(f"model file not found: {model_path} (pass model=<run dir>/model.pth)")
     device = resolve_device(str(cfg.device))
-    net, meta = load_model(model_path, device="cpu")
+    if model_path.suffix.lower() == ".onnx":  # exported models run through onnxruntime, untiled only (issue 7)
+        from models.onnx_runner import load_onnx_model
+
+        net, meta = load_onnx_model(model_path, device=device)
+    else:
+        net, meta = load_model(model_path, device="cpu")
     jobs = plan_jobs(cfg, model_path, meta)
     summary = Summary()
     todo = []

@@ -136,6 +136,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 
     path = Path(path)
     obj = _safe_load(path, "model file")
+    from models.legacy import is_legacy_state_dict, legacy_meta, load_legacy_state_dict
+
+    if is_legacy_state_dict(obj):  # a pytorch/examples fast_neural_style state dict (issue 7): import it
+        return load_legacy_state_dict(obj).to(device).eval(), legacy_meta(path)
     _check_format(obj, path, MODEL_FORMAT, "model file")
     config, state_dict = obj.get("model_config"), obj.get("state_dict")
     if not isinstance(config, dict) or not isinstance(state_dict, dict):

@@ -27,7 +27,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -249,17 +251,19 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     """
     path = Path(path)
     if not path.is_file():
-        raise FaststyleError(f"model file not found: {path}")
+        raise FaststyleError(f"model file not found: {path} (check the path)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        text = str(err)
-        if "weights_only" in text or "Unsupported global" in text or "WeightsUnpickler" in text:
-            raise FaststyleError(
-                f"{path} contains pickled code or objects, not just weights, and was refused for safety: "
-                "only load files from sources you trust, re-saved as a plain state_dict"
-            ) from err
-        raise FaststyleError(f"{path} is not a readable torch file ({type(err).__name__}): check the path") from err
+    except pickle.UnpicklingError as err:
+        # torch's message suggests weights_only=False; we never do that. Keep only the line naming the global.
+        lines = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "global" in line]
+        detail = f" ({lines[0]})" if lines else ""
+        raise FaststyleError(
+            f"refusing to load {path}: it holds pickled code or objects, not just weights{detail}; "
+            "only load files from sources you trust, saved as a plain state_dict"
+        ) from err
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        raise FaststyleError(f"cannot read {path}: the file is corrupt or not a torch file ({err})") from err
 
 
 def load_legacy_file(path: str | os.PathLike) -> tuple[TransformerNet, dict[str, Any]]:

@@ -106,6 +106,7 @@ class OnnxStyleModel:
         info = self._read_metadata()
         self._config: dict[str, Any] = dict(info.get("model_config") or {})
         self.meta: dict[str, Any] = dict(info.get("meta") or {})
+        self.min_side = int(info.get("min_side") or 1)
         log.info("loaded ONNX model %s (providers %s, input %s)", path, self.session.get_providers(), list(shape))
 
     def _read_metadata(self) -> dict[str, Any]:
@@ -138,6 +139,11 @@ class OnnxStyleModel:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected an (N, 3, H, W) batch, got shape {tuple(x.shape)}")
         h, w = int(x.shape[2]), int(x.shape[3])
+        if min(h, w) < self.min_side:
+            raise FaststyleError(
+                f"{self.path.name} needs images of at least {self.min_side}x{self.min_side} pixels, got {h}x{w}: "
+                "use a larger image or the .pth model"
+            )
         fh, fw = self.fixed_hw
         if (fh is not None and fh != h) or (fw is not None and fw != w):
             raise FaststyleError(

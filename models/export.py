@@ -1,0 +1,231 @@
+"""Export a TransformerNet to ONNX (for onnxruntime, mobile and web runtimes) and TorchScript (for C++/libtorch).
+
+Both exports go through ``ExportableStyleNet``, an export-time equivalent of the network that
+
+- swaps our ``models.norm.InstanceNorm`` (a custom module: statistics written out with ``var_mean``, which exports
+  as a dozen elementwise ONNX ops) for ``F.instance_norm`` with the same weight, bias and eps, which the ONNX
+  exporter turns into one ``InstanceNormalization`` node (ONNX operator spec: per-instance, per-channel mean and
+  biased variance over the spatial axes, ``y = scale * (x - mean) / sqrt(var + epsilon) + B``: the same formula as
+  ours; only layers whose statistics come from the input, i.e. ``track_running_stats=False`` or training mode, are
+  swapped; others keep their running statistics and export as plain arithmetic);
+- always pads bottom/right up to a multiple of 4 with reflection (``(-H) % 4`` rows, zero when already a multiple)
+  instead of branching on the size in Python, so the traced graph stays valid for every size. This equals
+  ``TransformerNet.forward`` for H, W >= 8 (``MIN_SIDE``); smaller inputs are outside the exported graph's domain.
+
+Everything else (convs, reflection pads, nearest x2, ReLU, residual sums, crop, output mapping in eval mode) is the
+network's own modules, so the exported graph computes what ``TransformerNet.eval()`` computes.
+
+ONNX opset: 18 (``DEFAULT_OPSET``): the torch.export-based exporter (``dynamo=True``, the default exporter since
+torch 2.9 and the one torch 2.14 maintains) targets opset 18 natively; opset 18 is supported by onnxruntime >= 1.14
+and by onnxruntime-web. InstanceNormalization is unchanged since opset 6 and Resize(nearest) since 13, so nothing in
+this network needs a newer one. The exporter needs the ``onnxscript`` package.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from errors import FaststyleError
+from models.norm import InstanceNorm
+from models.transformer import SIZE_MULTIPLE, TransformerNet
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+MIN_SIDE = 2 * SIZE_MULTIPLE
+"""Smallest height/width the exported graphs accept (TransformerNet pads smaller inputs differently)."""
+MAX_SIDE = 16384
+ONNX_INPUT_NAME = "image"
+ONNX_OUTPUT_NAME = "stylized"
+
+
+class ExportInstanceNorm(nn.Module):
+    """``F.instance_norm`` with our InstanceNorm's affine weight/bias and eps: exports as InstanceNormalization."""
+
+    def __init__(self, norm: InstanceNorm) -> None:
+        super().__init__()
+        self.eps = float(norm.eps)
+        self.weight = norm.weight
+        self.bias = norm.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, H, W), normalised per sample and channel over H, W."""
+        return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
+
+
+def _swap_instance_norms(module: nn.Module) -> int:
+    """Replace, in place, every InstanceNorm that uses input statistics by ExportInstanceNorm; returns the count."""
+    swapped = 0
+    for name, child in module.named_children():
+        if isinstance(child, InstanceNorm) and not child.track_running_stats:
+            setattr(module, name, ExportInstanceNorm(child))
+            swapped += 1
+        else:
+            swapped += _swap_instance_norms(child)
+    return swapped
+
+
+class ExportableStyleNet(nn.Module):
+    """Export-time equivalent of a TransformerNet in eval mode (see the module docstring).
+
+    ``forward(x)``: x (N, 3, H, W) float32 RGB in [0, 1], H, W >= MIN_SIDE -> (N, 3, H, W) in [0, 1].
+    """
+
+    def __init__(self, net: TransformerNet) -> None:
+        super().__init__()
+        self.net = copy.deepcopy(net).to("cpu", torch.float32).eval()
+        self.swapped_norms = _swap_instance_norms(self.net)
+        self.multiple = SIZE_MULTIPLE
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2], x.shape[-1]
+        # Rows/columns to the next multiple of 4; zero-width reflection padding is a no-op, so no branch is needed.
+        pad_h = (self.multiple - height % self.multiple) % self.multiple
+        pad_w = (self.multiple - width % self.multiple) % self.multiple
+        canvas = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
+        y = self.net.decoder(self.net.residuals(self.net.encoder(canvas)))
+        return self.net.map_output(y[:, :, :height, :width])
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` for a temporary file next to ``path``, then rename it onto ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _example_input(height: int | None, width: int | None) -> torch.Tensor:
+    """A (2, 3, H, W) example batch; batch 2 so torch.export does not specialise the batch dimension to 1."""
+    h = height if height is not None else 64
+    w = width if width is not None else 96
+    return torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(0))
+
+
+def _check_size(height: int | None, width: int | None) -> None:
+    if (height is None) != (width is None):
+        raise FaststyleError("give both --height and --width for a fixed-size export, or neither (dynamic size)")
+    for side in (height, width):
+        if side is not None and not MIN_SIDE <= side <= MAX_SIDE:
+            raise FaststyleError(f"export sizes must be between {MIN_SIDE} and {MAX_SIDE} pixels, got {side}")
+
+
+def export_onnx(
+    net: TransformerNet,
+    path: str | os.PathLike,
+    height: int | None = None,
+    width: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``net`` as an ONNX model: input ``image`` (N, 3, H, W) float32 [0, 1] -> output ``stylized``.
+
+    With ``height``/``width`` None the batch, height and width are dynamic (H, W >= MIN_SIDE); otherwise they are
+    fixed to the given size (batch stays dynamic). The model config and ``meta`` are stored as JSON in the ONNX
+    metadata (key ``faststyle``) so ``models.onnx_runner`` can report them. Needs ``onnx`` and ``onnxscript``.
+    """
+    _check_size(height, width)
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (the torch.export-based exporter imports it lazily; fail early and clearly)
+    except ImportError as err:
+        raise FaststyleError(
+            f"ONNX export needs onnx and onnxscript ({err.name} missing): pip install onnx onnxscript"
+        ) from err
+    from models.onnx_runner import ONNX_FORMAT, ONNX_METADATA_KEY
+
+    path = Path(path)
+    module = ExportableStyleNet(net)
+    example = _example_input(height, width)
+    # Dim.DYNAMIC rather than named Dims with ranges: torch.export cannot prove that the crop y[..., :H] stays
+    # inside the padded canvas of 4 * ceil(H / 4) rows for symbolic H, and would reject explicit ranges; with
+    # DYNAMIC the guard becomes a runtime check in the graph. H, W >= MIN_SIDE is checked by the runner.
+    dynamic = torch.export.Dim.DYNAMIC
+    dims: dict[int, Any] = {0: dynamic}
+    if height is None:
+        dims[2] = dynamic
+        dims[3] = dynamic
+    program = torch.onnx.export(
+        module,
+        (example,),
+        input_names=[ONNX_INPUT_NAME],
+        output_names=[ONNX_OUTPUT_NAME],
+        dynamic_shapes={"x": dims},
+        opset_version=opset,
+        dynamo=True,
+        verbose=False,
+    )
+    model_proto = program.model_proto
+    info = {"format": ONNX_FORMAT, "model_config": net.config(), "meta": dict(meta or {}), "min_side": MIN_SIDE}
+    entry = model_proto.metadata_props.add()
+    entry.key, entry.value = ONNX_METADATA_KEY, json.dumps(info, sort_keys=True)
+    model_proto.producer_name = "faststyle"
+    onnx.checker.check_model(model_proto)
+    _atomic_write(path, lambda tmp: onnx.save_model(model_proto, str(tmp)))
+    ops = {node.op_type for node in model_proto.graph.node}
+    log.info(
+        "wrote %s (opset %d, %d instance norms swapped, ops: %s)",
+        path,
+        opset,
+        module.swapped_norms,
+        ", ".join(sorted(ops)),
+    )
+    return path
+
+
+def export_torchscript(
+    net: TransformerNet,
+    path: str | os.PathLike,
+    height: int | None = None,
+    width: int | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``net`` as a TorchScript module (``torch.jit.load(path)(x)``, x (N, 3, H, W) [0, 1] -> same).
+
+    Traced with torch.jit.trace; the pad-and-crop arithmetic on ``x.shape`` is recorded as graph ops, so any
+    H, W >= MIN_SIDE works (checked by the tests at odd sizes); a given ``height``/``width`` only sets the example
+    input. (torch.jit.script cannot compile TransformerNet: F.interpolate's scale_factor is an int there.) The model
+    config and meta are stored as the extra file ``faststyle.json``.
+    """
+    _check_size(height, width)
+    from models.onnx_runner import ONNX_METADATA_KEY
+
+    path = Path(path)
+    module = ExportableStyleNet(net)
+    with warnings.catch_warnings():
+        # torch 2.9+ marks torch.jit.* deprecated (FutureWarning on every call); TorchScript is still the format
+        # libtorch/C++ and older mobile runtimes load, so we keep it and say so once in the log instead.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        with torch.no_grad():
+            # Traced: the shape arithmetic of the pad/crop (x.shape[-2] % 4 ...) is recorded as graph ops, so the
+            # trace is valid for every size; check_trace=False because re-running for the check doubles the cost.
+            traced = torch.jit.trace(module, (_example_input(height, width),), check_trace=False)
+        info = {"format": "faststyle-torchscript", "model_config": net.config(), "meta": dict(meta or {})}
+        extra = {f"{ONNX_METADATA_KEY}.json": json.dumps(info, sort_keys=True)}
+        _atomic_write(path, lambda tmp: torch.jit.save(traced, str(tmp), _extra_files=extra))
+    log.info(
+        "wrote %s (TorchScript, traced; %d instance norms swapped; note: torch marks TorchScript deprecated, "
+        "ONNX is the portable format)",
+        path,
+        module.swapped_norms,
+    )
+    return path
