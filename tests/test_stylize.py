@@ -207,6 +207,8 @@ def test_alpha_with_jpg_request_writes_png(model_file: Path, tmp_path: Path) -> 
     img.save(tmp_path / "a.png")
     summary = run(model_file, tmp_path / "a.png", output=tmp_path / "out", format="jpg")
     assert summary.written == [tmp_path / "out" / "a_wave.png"]
+    again = run(model_file, tmp_path / "a.png", output=tmp_path / "out", format="jpg")
+    assert again.skipped and not again.written  # the PNG written instead counts as the existing output
 
 
 def test_usage_errors(model_file: Path, tmp_path: Path) -> None:
