@@ -1,0 +1,97 @@
+"""Export a faststyle model to ONNX or TorchScript.
+
+    python scripts/export.py run/model.pth --format onnx -o mosaic.onnx                  # dynamic N, H, W
+    python scripts/export.py run/model.pth --format onnx --height 720 --width 1280 -o mosaic_720p.onnx
+    python scripts/export.py run/model.pth --format torchscript -o mosaic.ts
+    python stylize.py model=mosaic.onnx input=photo.jpg                                   # runs via onnxruntime
+
+Input: anything ``models.checkpoint.load_model`` reads (our model.pth, or a pytorch/examples state dict).
+Both formats take ``image`` (N, 3, H, W) float32 RGB in [0, 1], H, W >= 8, and return the stylized (N, 3, H, W)
+in [0, 1]. ONNX: opset 18 by default, torch.export-based exporter (needs onnx + onnxscript), one
+InstanceNormalization node per instance norm; the model config and meta are stored in the ONNX metadata
+(key "faststyle"). ``--verify`` runs the export (onnxruntime / torch.jit.load) against PyTorch on a few sizes and
+fails if any output differs by more than 1e-4. Details: models/export.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # runnable as `python scripts/export.py` from anywhere
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+from errors import FaststyleError, exit_with_error  # noqa: E402
+from models.checkpoint import load_model  # noqa: E402
+from models.export import DEFAULT_OPSET, export_onnx, export_torchscript  # noqa: E402
+
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts"}
+VERIFY_TOLERANCE = 1e-4
+VERIFY_SIZES = ((64, 64), (37, 53), (90, 31))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", type=Path, help="model.pth (or a pytorch/examples state dict)")
+    parser.add_argument("--format", choices=sorted(SUFFIXES), required=True)
+    parser.add_argument(
+        "-o", "--output", type=Path, default=None, help="output file (default: the model path with .onnx / .ts)"
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width (the default)")
+    size.add_argument("--height", type=int, default=None, help="fixed input height (with --width)")
+    parser.add_argument("--width", type=int, default=None, help="fixed input width (with --height)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument("--verify", action="store_true", help="compare the export with PyTorch (tolerance 1e-4)")
+    return parser.parse_args(argv)
+
+
+def verify(net: torch.nn.Module, path: Path, fmt: str, sizes: list[tuple[int, int]]) -> float:
+    """Max |export - PyTorch| over random (2, 3, H, W) batches of the given sizes; raises FaststyleError above
+    VERIFY_TOLERANCE."""
+    if fmt == "onnx":
+        from models.onnx_runner import OnnxStyleModel
+
+        exported = OnnxStyleModel(path)
+    else:
+        exported = torch.jit.load(str(path))
+    worst = 0.0
+    generator = torch.Generator().manual_seed(0)
+    for height, width in sizes:
+        x = torch.rand(2, 3, height, width, generator=generator)
+        with torch.no_grad():
+            worst = max(worst, float((exported(x) - net(x)).abs().max()))
+    if worst > VERIFY_TOLERANCE:
+        raise FaststyleError(f"exported {fmt} differs from PyTorch by {worst:.2e} (> {VERIFY_TOLERANCE}): report a bug")
+    return worst
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    output = args.output or args.model.with_suffix(SUFFIXES[args.format])
+    try:
+        if (args.height is None) != (args.width is None):
+            raise FaststyleError("give both --height and --width for a fixed-size export, or --dynamic")
+        net, meta = load_model(args.model, device="cpu")
+        if args.format == "onnx":
+            export_onnx(net, output, height=args.height, width=args.width, opset=args.opset, meta=meta)
+        else:
+            export_torchscript(net, output, height=args.height, width=args.width, meta=meta)
+        summary = f"wrote {output} ({args.format})"
+        if args.verify:
+            fixed = args.height is not None
+            sizes = [(args.height, args.width)] if fixed else list(VERIFY_SIZES)
+            summary += f", max |diff| vs PyTorch {verify(net, output, args.format, sizes):.2e}"
+    except FaststyleError as err:
+        exit_with_error(err)
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""ONNX and TorchScript export (models/export.py, scripts/export.py), the onnxruntime runner, convert.py.
+
+Exported graphs must match PyTorch within 1e-4 at several sizes, odd ones included. ONNX tests skip when onnx,
+onnxscript or onnxruntime are not installed (they are test-only dependencies).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from errors import FaststyleError
+from models.checkpoint import load_model, save_model
+from models.legacy import legacy_config, to_legacy_state_dict
+from models.norm import InstanceNorm
+from models.transformer import TransformerNet
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SIZES = [(8, 8), (33, 47), (64, 31), (40, 52)]
+TOLERANCE = 1e-4
+
+_missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+needs_onnx = pytest.mark.skipif(bool(_missing), reason=f"ONNX export/run needs {', '.join(_missing)} (pip install)")
+
+
+def _net(output: str = "sigmoid") -> TransformerNet:
+    torch.manual_seed(0)
+    net = TransformerNet(base_width=8, residual_blocks=1, output=output)
+    with torch.no_grad():  # non-trivial affine norms, so a dropped weight/bias would show
+        for module in net.modules():
+            if isinstance(module, InstanceNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.3, 0.3)
+    return net.eval()
+
+
+def _run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+
+
+def _max_diff(model, net: TransformerNet, sizes) -> float:
+    worst = 0.0
+    for h, w in sizes:
+        x = torch.rand(2, 3, h, w)
+        with torch.no_grad():
+            worst = max(worst, float((model(x) - net(x)).abs().max()))
+    return worst
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("export") / "model.pth"
+    save_model(path, _net(), {"style": "unit"})
+    return path
+
+
+@needs_onnx
+@pytest.mark.slow
+def test_dynamic_onnx_export_matches_pytorch(model_file: Path) -> None:
+    import onnx
+
+    from models.onnx_runner import OnnxStyleModel
+
+    out = model_file.with_name("dyn.onnx")
+    result = _run("export.py", str(model_file), "--format", "onnx", "--dynamic", "-o", str(out), cwd=model_file.parent)
+    assert result.returncode == 0, result.stderr
+    graph = onnx.load(str(out)).graph
+    ops = [node.op_type for node in graph.node]
+    net, _ = load_model(model_file)
+    norms = sum(isinstance(m, InstanceNorm) for m in net.modules())
+    assert ops.count("InstanceNormalization") == norms == 7
+    runner = OnnxStyleModel(out)
+    assert runner.config() == net.config() and runner.meta == {"style": "unit"}
+    assert _max_diff(runner, net, SIZES) < TOLERANCE
+    with pytest.raises(FaststyleError, match="at least 8x8"):
+        runner(torch.rand(1, 3, 5, 30))
+
+
+@needs_onnx
+@pytest.mark.slow
+def test_fixed_size_onnx_export_and_its_size_check(tmp_path: Path) -> None:
+    from models.export import export_onnx
+    from models.onnx_runner import OnnxStyleModel
+
+    net = _net(output="linear")
+    path = export_onnx(net, tmp_path / "fixed.onnx", height=36, width=20)
+    runner = OnnxStyleModel(path)
+    assert _max_diff(runner, net, [(36, 20)]) < TOLERANCE
+    with pytest.raises(FaststyleError, match="fixed size 36x20"):
+        runner(torch.rand(1, 3, 20, 36))
+
+
+def test_torchscript_export_matches_pytorch_at_odd_sizes(tmp_path: Path) -> None:
+    from models.export import export_torchscript
+
+    net = _net()
+    path = export_torchscript(net, tmp_path / "model.ts", meta={"style": "unit"})
+    extra = {"faststyle.json": ""}
+    loaded = torch.jit.load(str(path), _extra_files=extra)
+    assert json.loads(extra["faststyle.json"])["model_config"] == net.config()
+    assert _max_diff(loaded, net, SIZES) < TOLERANCE
+
+
+def test_export_rejects_half_a_size(model_file: Path) -> None:
+    result = _run("export.py", str(model_file), "--format", "torchscript", "--height", "64", cwd=model_file.parent)
+    assert result.returncode == 2 and result.stderr.startswith("error: give both --height and --width")
+
+
+@pytest.mark.slow
+def test_convert_writes_our_format_with_its_source(tmp_path: Path) -> None:
+    ours = TransformerNet(**legacy_config(8, 2)).eval()
+    source = tmp_path / "candy.model"
+    torch.save(to_legacy_state_dict(ours), source)
+    out = tmp_path / "candy_faststyle.pth"
+    result = _run("convert.py", str(source), "-o", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    converted, meta = load_model(out)
+    assert meta["source"] == "pytorch/examples" and meta["source_file"] == "candy.model"
+    assert meta["style"] == "candy" and len(meta["source_sha256"]) == 64
+    x = torch.rand(1, 3, 24, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), ours(x), atol=1e-5, rtol=1e-5)
+    # their file also loads directly (stylize.py model=candy.model)
+    direct, direct_meta = load_model(source)
+    assert direct.config() == ours.config() and direct_meta["source_sha256"] == meta["source_sha256"]
+    again = _run("convert.py", str(source), "-o", str(out), cwd=tmp_path)
+    assert again.returncode == 2 and "exists" in again.stderr
