@@ -402,6 +402,7 @@ class TiledExecutor:
         self.device, self.dtype = param.device, param.dtype
         self._ram_in_use = 0
         self.disk_stores_used = 0
+        self.peak_store_bytes = 0  # most bytes of activation stores held in RAM at once (last call)
         self._raw_output = False
         if verify:
             self._verify()
@@ -418,7 +419,7 @@ class TiledExecutor:
         height, width = image.shape[-2:]
         canvas = pad_to_multiple(image.detach().float().cpu(), SIZE_MULTIPLE)[0]
         canvas_hwc = canvas.permute(1, 2, 0).contiguous()  # (H, W, 3), our own copy
-        self._ram_in_use, self.disk_stores_used = 0, 0
+        self._ram_in_use, self.disk_stores_used, self.peak_store_bytes = 0, 0, 0
         with tempfile.TemporaryDirectory(prefix="faststyle-tiled-", dir=self.tmp_dir) as tmp:
             self._tmp = tmp
             act = _Lazy(RamStore(*canvas.shape, data=canvas_hwc))
@@ -441,6 +442,7 @@ class TiledExecutor:
         size = channels * height * width * _FLOAT_BYTES
         if self._ram_in_use + size + work_bytes <= self.budget_bytes:
             self._ram_in_use += size
+            self.peak_store_bytes = max(self.peak_store_bytes, self._ram_in_use)
             return RamStore(channels, height, width)
         self.disk_stores_used += 1
         logger.debug("activation %dx%dx%d (%.0f MiB) goes to disk", channels, height, width, size / 2**20)

@@ -54,6 +54,15 @@ def test_strip_boundaries_do_not_matter() -> None:
     assert psnr(outs[0], outs[2]) > 80.0 and psnr(outs[1], outs[2]) > 80.0
 
 
+def test_budget_bounds_ram_stores() -> None:
+    """With a budget smaller than the activations, RAM stores stay within it and the rest goes to disk."""
+    net = perturbed_net("instance")
+    executor = TiledExecutor(net, budget_mb=1.0)
+    executor(torch.rand(1, 3, 96, 128))  # 8 x 96 x 128 x 4 B = 0.375 MiB per full-resolution activation
+    assert 0 < executor.peak_store_bytes <= 1.0 * 2**20
+    assert executor.disk_stores_used > 0
+
+
 def test_ram_budget_keeps_stores_in_ram() -> None:
     net = perturbed_net("instance")
     executor = TiledExecutor(net, budget_mb=512)
