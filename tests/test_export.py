@@ -12,9 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from data.io import save_image
 from errors import FaststyleError
 from models.checkpoint import load_model, save_model
 from models.legacy import legacy_config, to_legacy_state_dict
@@ -66,26 +69,68 @@ def model_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def dynamic_onnx(model_file: Path) -> Path:
+    """model_file exported by scripts/export.py with dynamic N/H/W (one export: ~15 s on this CPU)."""
+    out = model_file.with_name("dyn.onnx")
+    result = _run("export.py", str(model_file), "--format", "onnx", "--dynamic", "-o", str(out), cwd=model_file.parent)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
 @needs_onnx
 @pytest.mark.slow
-def test_dynamic_onnx_export_matches_pytorch(model_file: Path) -> None:
+def test_dynamic_onnx_export_matches_pytorch(model_file: Path, dynamic_onnx: Path) -> None:
     import onnx
 
     from models.onnx_runner import OnnxStyleModel
 
-    out = model_file.with_name("dyn.onnx")
-    result = _run("export.py", str(model_file), "--format", "onnx", "--dynamic", "-o", str(out), cwd=model_file.parent)
-    assert result.returncode == 0, result.stderr
-    graph = onnx.load(str(out)).graph
+    graph = onnx.load(str(dynamic_onnx)).graph
     ops = [node.op_type for node in graph.node]
     net, _ = load_model(model_file)
     norms = sum(isinstance(m, InstanceNorm) for m in net.modules())
     assert ops.count("InstanceNormalization") == norms == 7
-    runner = OnnxStyleModel(out)
+    runner = OnnxStyleModel(dynamic_onnx)
     assert runner.config() == net.config() and runner.meta == {"style": "unit"}
     assert _max_diff(runner, net, SIZES) < TOLERANCE
     with pytest.raises(FaststyleError, match="at least 8x8"):
         runner(torch.rand(1, 3, 5, 30))
+
+
+@needs_onnx
+@pytest.mark.slow
+def test_stylize_runs_onnx_models_untiled_only(model_file: Path, dynamic_onnx: Path, tmp_path: Path) -> None:
+    from stylize import compose_config, stylize
+
+    gradient = torch.linspace(0, 1, 45 * 61).reshape(1, 45, 61).expand(3, -1, -1).clone()
+    gradient[1] = gradient[1].flip(-1)
+    save_image(gradient, tmp_path / "photo.png")
+    for model in (model_file, dynamic_onnx):
+        summary = stylize(
+            compose_config(
+                [
+                    f"model={model}",
+                    f"input={tmp_path / 'photo.png'}",
+                    f"output={tmp_path / (model.suffix[1:] + '.png')}",
+                ]
+            )
+        )
+        assert len(summary.written) == 1
+    via_onnx = np.asarray(Image.open(tmp_path / "onnx.png"), dtype=np.int16)
+    via_torch = np.asarray(Image.open(tmp_path / "pth.png"), dtype=np.int16)
+    assert via_onnx.shape == (45, 61, 3) and via_torch.std() > 5
+    assert np.abs(via_onnx - via_torch).max() <= 1  # 8-bit rounding of values within 1e-4
+    with pytest.raises(FaststyleError, match="cannot be tiled"):
+        stylize(
+            compose_config(
+                [
+                    f"model={dynamic_onnx}",
+                    f"input={tmp_path / 'photo.png'}",
+                    f"output={tmp_path / 'tiled.png'}",
+                    "max_memory_mb=0.01",
+                ]
+            )
+        )
 
 
 @needs_onnx

@@ -1,0 +1,67 @@
+"""Time onnxruntime against PyTorch eager for one image (default 1920x1080, base width 32, 5 residual blocks).
+
+    flock /tmp/faststyle-cpu.lock .venv/bin/python scripts/bench_export.py --height 1080 --width 1920 --repeats 3
+
+Exports a randomly initialised TransformerNet (weights do not change the cost) to a temporary ONNX file with
+models/export.py, then prints the median seconds per image of: PyTorch eager (NCHW, inference_mode), and
+onnxruntime (CPU provider, default threads), plus the max |difference| between the two outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+from models.export import export_onnx  # noqa: E402
+from models.onnx_runner import OnnxStyleModel  # noqa: E402
+from models.transformer import TransformerNet  # noqa: E402
+
+
+def _median_seconds(fn, x: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor]:
+    out = fn(x)  # warm-up (allocations, onnxruntime's first-run graph setup)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn(x)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--height", type=int, default=1080)
+    parser.add_argument("--width", type=int, default=1920)
+    parser.add_argument("--base-width", type=int, default=32)
+    parser.add_argument("--residual-blocks", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    net = TransformerNet(base_width=args.base_width, residual_blocks=args.residual_blocks).eval()
+    x = torch.rand(1, 3, args.height, args.width)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(net, Path(tmp) / "bench.onnx")
+        runner = OnnxStyleModel(path)
+        with torch.inference_mode():
+            eager_s, eager_out = _median_seconds(net, x, args.repeats)
+        ort_s, ort_out = _median_seconds(runner, x, args.repeats)
+    print(
+        f"{args.width}x{args.height}, base_width {args.base_width}, {args.residual_blocks} blocks, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print(f"pytorch eager : {eager_s:.2f} s/image (median of {args.repeats})")
+    print(f"onnxruntime   : {ort_s:.2f} s/image (median of {args.repeats})")
+    print(f"max |ort - eager| = {float((ort_out - eager_out).abs().max()):.2e}")
+
+
+if __name__ == "__main__":
+    main()
