@@ -1,105 +1,191 @@
-"""Training-step benchmark: s/step, images/s, peak memory and GFLOP/s against a matmul peak measured in the same run.
+"""Training-step benchmark: the plain configuration (eager, fp32, NCHW) side by side with the best one for the device.
 
-    python scripts/bench.py train                          # batch 4 at 256 px, vgg19 loss (Johnson's setting)
-    python scripts/bench.py train --batch-size 2 --image-size 128 --steps 5
-    python scripts/bench.py train --device cuda --precision bf16 --channels-last --compile
-    python scripts/bench_train.py --help                   # also runnable on its own
+    python scripts/bench.py train                              # plain vs best ("auto" settings of train.*)
+    python scripts/bench.py train --variants all               # every combination worth trying on the device
+    python scripts/bench.py train --variants plain,cl,compile,cl+compile --batch-size 4 --image-size 256
+    flock /tmp/faststyle-cpu.lock python scripts/bench_train.py  # standalone, serialised with other benchmarks
 
-A step is exactly what train.py runs (models.training.train_step: network forward, perceptual loss, backward,
-Adam), on random photos in [0, 1] (pixel values do not change the speed) with a random style target. FLOPs are
-counted once with torch.utils.flop_counter over a whole step (forward and backward of both networks), so
-GFLOP/s is the achieved rate. Figures are printed, never asserted. Wrap CPU runs in
-``flock /tmp/faststyle-cpu.lock`` on shared machines.
+One step = TransformerNet forward, PerceptualLoss (frozen VGG-19, Johnson et al.'s layers), backward, Adam step,
+on a fixed random batch (data loading is measured by ``bench.py data``). A variant is a string of ``+``-joined
+options: ``plain``, ``cl`` (channels_last), ``compile`` (torch.compile of the network), ``bf16``/``fp16`` (autocast,
+fp16 with a GradScaler); ``best`` = what ``train.precision/channels_last/compile=auto`` resolve to on the device.
+
+Each variant runs in a fresh subprocess so its peak memory (RSS on CPU, allocator peak on CUDA) is its own and
+compiled code or allocator caches of one variant cannot help another. Compilation time is measured separately
+(the first calls) and amortised over a 40k-step run in the summary. GFLOP/s uses the step's FLOPs counted once by
+torch.utils.flop_counter and is compared with the fp32 matmul peak measured in the same run
+(scripts/benchutil.py). Figures are printed, never asserted.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchutil  # noqa: E402  (puts the repo root on sys.path)
 import torch  # noqa: E402
-from benchutil import environment_line, matmul_peak_gflops, peak_rss_mb, synchronize  # noqa: E402
+
+OPTIONS = ("plain", "cl", "compile", "bf16", "fp16")
+RUN_STEPS = 40_000
+# Johnson et al.'s layers (content relu2_2), as in configs/loss/vgg19.yaml; the same names exist in VGG-16 and -19.
+STYLE_LAYERS = {"relu1_2": 1.0, "relu2_2": 1.0, "relu3_3": 1.0, "relu4_3": 1.0}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Command-line options (shared by ``bench.py train`` and standalone use)."""
+    parser.add_argument("--variants", default="plain,best",
+                        help="comma-separated variants (plain, best, cl, compile, cl+compile, bf16+cl, ...) or 'all'")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--base-width", type=int, default=32)
-    parser.add_argument("--loss-network", default="vgg19", choices=["vgg19", "vgg16", "random"])
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup untimed ones)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--network", default="vgg19", help="loss network: vgg19 | vgg16 | random")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median is reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in workers (0 = default)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one variant, print JSON
 
 
-def run(args: argparse.Namespace) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
+def _expand(variants: str, device: torch.device) -> list[str]:
+    from models.precision import AUTO_DEFAULTS, resolve_precision
 
+    if variants == "all":
+        names = ["plain", "cl", "compile", "cl+compile"]
+        if device.type == "cuda":
+            names += ["bf16", "bf16+cl", "bf16+cl+compile", "fp16+cl+compile"]
+        return names
+    out = []
+    for name in variants.split(","):
+        if name == "best":
+            auto = AUTO_DEFAULTS.get(device.type, AUTO_DEFAULTS["cpu"])
+            parts = [p for p, on in (("cl", auto["channels_last"]), ("compile", auto["compile"])) if on]
+            precision = resolve_precision("auto", device).name
+            if precision != "fp32":
+                parts.insert(0, precision)
+            name = "+".join(parts) or "plain"
+        for part in name.split("+"):
+            if part not in OPTIONS:
+                raise SystemExit(f"error: unknown variant option {part!r}: use {', '.join(OPTIONS)}")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def _worker(args: argparse.Namespace) -> dict:
+    """Run one variant in this process and return its figures."""
     from models.device import resolve_device
     from models.loss import PerceptualLoss
-    from models.training import autocast_context, resolve_precision, train_step
+    from models.precision import batch_to, maybe_compile, resolve_precision, to_memory_format
     from models.transformer import TransformerNet
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    print(environment_line(device))
-    peak = matmul_peak_gflops(device)
-    print(f"matmul peak (fp32, measured): {peak:.1f} GFLOP/s")
-
+    parts = set(args.worker.split("+"))
+    channels_last = "cl" in parts
+    precision = resolve_precision(next((p for p in ("bf16", "fp16") if p in parts), "fp32"), device)
     torch.manual_seed(0)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = TransformerNet(base_width=args.base_width).to(device, memory_format=memory_format).train()
-    # Johnson's layer set on VGG-19 block ends; the weights of each term do not change the speed.
-    style_layers = {"relu1_2": 1.0, "relu2_2": 1.0, "relu3_4": 1.0, "relu4_4": 1.0}
-    loss_fn = PerceptualLoss(args.loss_network, ["relu2_2"], style_layers, 1.0, 1.0, 0.0).to(device)
-    loss_fn.set_style(torch.rand(1, 3, args.image_size, args.image_size, device=device))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    dtype = resolve_precision(args.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    autocast = autocast_context(device, dtype)
-    step_model = torch.compile(model) if args.compile else model
-    batch = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device)
-    batch = batch.contiguous(memory_format=memory_format)
+    net = to_memory_format(TransformerNet(base_width=args.base_width).to(device), channels_last)
+    loss_fn = PerceptualLoss(args.network, ["relu2_2"], STYLE_LAYERS, 1.0, 1.0, 1.0).to(device)
+    loss_fn = to_memory_format(loss_fn, channels_last)
+    gen = torch.Generator().manual_seed(1)
+    size = args.image_size
+    loss_fn.set_style(torch.rand(1, 3, size, size, generator=gen).to(device))
+    batch = batch_to(torch.rand(args.batch_size, 3, size, size, generator=gen), device, channels_last)
+    model = maybe_compile(net, "compile" in parts)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    scaler = precision.grad_scaler()
 
     def step() -> None:
-        train_step(step_model, loss_fn, optimizer, scaler, batch, autocast)
+        with precision.autocast():
+            losses = loss_fn(model(batch), batch)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses["total"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
-    with FlopCounterMode(display=False) as counter:
-        step()  # counted on the eager graph: the work the step must do whatever the kernels
-    flops = counter.get_total_flops()
-    for _ in range(args.warmup):
-        step()
-    synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    # First calls: compilation (forward and backward graphs) plus first-touch allocation; timed on their own.
     start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    synchronize(device)
-    seconds = (time.perf_counter() - start) / args.steps
+    step()
+    benchutil.synchronize(device)
+    first_s = time.perf_counter() - start
+    step_s = benchutil.time_call(step, device, warmup=args.warmup, repeats=args.steps)
+    cuda = device.type == "cuda"
+    peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else benchutil.peak_rss_mb()
+    return {"variant": args.worker, "first_s": first_s, "step_s": step_s, "peak_mb": peak_mb}
 
-    print(f"setting: batch {args.batch_size} x {args.image_size}^2 px, TransformerNet base_width {args.base_width}, "
-          f"loss {args.loss_network}, precision {str(dtype).removeprefix('torch.')}, "
-          f"channels_last {args.channels_last}, compile {args.compile}, {args.steps} timed steps")
-    print(f"s/step: {seconds:.3f}")
-    print(f"images/s: {args.batch_size / seconds:.2f}")
-    print(f"GFLOP/step (counted): {flops / 1e9:.1f}")
-    achieved = flops / seconds / 1e9
-    print(f"achieved: {achieved:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of the fp32 matmul peak")
-    print(f"peak RSS: {peak_rss_mb():.0f} MiB")
-    if device.type == "cuda":
-        print(f"peak CUDA memory: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
+
+def _step_flops(args: argparse.Namespace, device: torch.device) -> float:
+    """FLOPs of one fp32 training step (forward + backward of network and loss), counted by the flop counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models.loss import PerceptualLoss
+    from models.transformer import TransformerNet
+
+    net = TransformerNet(base_width=args.base_width).to(device)
+    loss_fn = PerceptualLoss(args.network, ["relu2_2"], STYLE_LAYERS, 1.0, 1.0, 1.0).to(device)
+    loss_fn.set_style(torch.rand(1, 3, args.image_size, args.image_size, device=device))
+    batch = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        loss_fn(net(batch), batch)["total"].backward()
+    return float(counter.get_total_flops())
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the variants (each in a subprocess) and print a table; returns the exit status."""
+    if args.worker:
+        print(json.dumps(_worker(args)))
+        return 0
+    from models.device import resolve_device
+
+    device = resolve_device(args.device)
+    variants = _expand(args.variants, device)
+    print(benchutil.environment_line(device))
+    print(f"# batch {args.batch_size} x {args.image_size}px, base_width {args.base_width}, loss {args.network}, "
+          f"median of {args.steps} steps after {args.warmup} warm-up; each variant in a fresh process")
+    peak = benchutil.matmul_peak_gflops(device)
+    flops = _step_flops(args, device)
+    print(f"# fp32 matmul peak (measured now): {peak:.1f} GFLOP/s; one step = {flops / 1e9:.1f} GFLOP (fp32 count)")
+    results = []
+    for variant in variants:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--device", args.device,
+               "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
+               "--base-width", str(args.base_width), "--network", args.network, "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{variant}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    if not results:
+        return 1
+    base = next((r for r in results if r["variant"] == "plain"), results[0])
+    mem = "peak alloc MiB" if device.type == "cuda" else "peak RSS MiB"
+    print(f"{'variant':<18}{'s/step':>9}{'images/s':>10}{'GFLOP/s':>9}{'% peak':>8}{mem:>16}{'first step s':>14}"
+          f"{'speed-up':>10}{'amortised':>11}")
+    for r in results:
+        # Amortised: the extra cost of the first (compiling) step spread over a 40k-step run.
+        amortised = r["step_s"] + max(r["first_s"] - r["step_s"], 0.0) / RUN_STEPS
+        gflops = flops / r["step_s"] / 1e9
+        print(f"{r['variant']:<18}{r['step_s']:>9.3f}{args.batch_size / r['step_s']:>10.2f}{gflops:>9.1f}"
+              f"{100 * gflops / peak:>7.0f}%{r['peak_mb']:>16.0f}{r['first_s']:>14.1f}"
+              f"{base['step_s'] / r['step_s']:>9.2f}x{base['step_s'] / amortised:>10.2f}x")
     return 0
 
 
-if __name__ == "__main__":
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    raise SystemExit(run(parser.parse_args()))
+    return run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
