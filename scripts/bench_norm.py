@@ -1,0 +1,127 @@
+"""Benchmark our InstanceNorm against nn.InstanceNorm2d: forward + backward time, side by side, with the ratio.
+
+Both modules are affine (gamma, beta), fp32, train mode, no running stats (the configuration TransformerNet uses).
+Each repetition runs forward, then backward with a fixed upstream gradient; ours and torch's alternate inside
+the loop so that load from other processes hits both alike. The figure is the median over the repetitions.
+
+Usage:
+    flock /tmp/faststyle-cpu.lock .venv/bin/python scripts/bench_norm.py            # CPU (+ CUDA if present)
+    .venv/bin/python scripts/bench_norm.py --device cpu --reps 5 --channels-last
+
+Figures on this machine (2 shared CPU cores, torch 2.14.1, median ms per forward+backward, speed-up = torch / ours):
+    FILLED IN BELOW after measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from models.norm import InstanceNorm  # noqa: E402
+
+DEFAULT_SHAPES = ((4, 128, 64, 64), (4, 32, 256, 256), (1, 32, 1080, 1920))
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.lower().replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r} is not like 4,128,64,64") from None
+    if len(shape) < 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"shape {text!r} needs N,C and at least one spatial size, all >= 1")
+    return shape
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_shape(
+    shape: tuple[int, ...], device: torch.device, reps: int, warmup: int, channels_last: bool
+) -> tuple[float, float]:
+    """Median seconds of forward+backward for (ours, nn.InstanceNorm2d/1d/3d) at ``shape``."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(device)
+    grad = torch.randn(shape, generator=gen).to(device)
+    if channels_last and x.dim() in (4, 5):
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        x, grad = x.contiguous(memory_format=fmt), grad.contiguous(memory_format=fmt)
+    x.requires_grad_(True)
+    c = shape[1]
+    ref_cls = {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}[len(shape)]
+    ours = InstanceNorm(c, affine=True).to(device)
+    ref = ref_cls(c, affine=True).to(device)
+
+    def step(module: nn.Module) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        module(x).backward(grad)
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+        return elapsed
+
+    for _ in range(warmup):
+        step(ours)
+        step(ref)
+    ours_t, ref_t = [], []
+    for _ in range(reps):
+        ours_t.append(step(ours))
+        ref_t.append(step(ref))
+    return statistics.median(ours_t), statistics.median(ref_t)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CPU, and CUDA too when present"
+    )
+    parser.add_argument(
+        "--shape", type=_parse_shape, action="append", help="N,C,H,W (repeatable); default: the three issue shapes"
+    )
+    parser.add_argument("--reps", type=int, default=0, help="timed repetitions (default: 15, 5 for >50M elements)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed repetitions first (default 2)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC input and gradient")
+    args = parser.parse_args(argv)
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    devices = []
+    if args.device in ("auto", "cpu"):
+        devices.append(torch.device("cpu"))
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            print("error: --device cuda was asked for but CUDA is not available: use --device cpu", file=sys.stderr)
+            return 2
+        devices.append(torch.device("cuda"))
+    shapes = args.shape or list(DEFAULT_SHAPES)
+
+    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, channels_last={args.channels_last}")
+    print(f"{'device':<7}{'shape':<22}{'ours ms':>10}{'torch ms':>10}{'speed-up':>10}")
+    for device in devices:
+        for shape in shapes:
+            numel = 1
+            for s in shape:
+                numel *= s
+            reps = args.reps or (5 if numel > 50_000_000 else 15)
+            ours_s, ref_s = bench_shape(shape, device, reps, args.warmup, args.channels_last)
+            print(
+                f"{device.type:<7}{str(shape):<22}{ours_s * 1e3:>10.2f}{ref_s * 1e3:>10.2f}{ref_s / ours_s:>9.2f}x",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,223 @@
+"""Tests for models/norm.py: InstanceNorm against torch's instance norm, and make_norm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.norm import NORM_KINDS, InstanceNorm, make_norm
+
+
+def _affine_pair(c: int, seed: int = 0) -> tuple[InstanceNorm, nn.InstanceNorm2d]:
+    gen = torch.Generator().manual_seed(seed)
+    ours = InstanceNorm(c, affine=True)
+    with torch.no_grad():
+        ours.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+        ours.bias.copy_(torch.randn(c, generator=gen))
+    ref = nn.InstanceNorm2d(c, affine=True)
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 5, 7), (3, 4, 11), (2, 4, 3, 4, 5), (1, 4, 2)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_forward_backward_match_functional(shape: tuple[int, ...], channels_last: bool) -> None:
+    torch.manual_seed(0)
+    ours, ref = _affine_pair(4)
+    x = torch.randn(shape)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if channels_last and x.dim() == 5:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    grad = torch.randn(shape)
+    x1 = x.clone().requires_grad_(True)
+    x2 = x.clone().requires_grad_(True)
+    y1 = ours(x1)
+    y2 = F.instance_norm(x2, weight=ref.weight, bias=ref.bias, eps=1e-5)
+    y1.backward(grad)
+    y2.backward(grad)
+    torch.testing.assert_close(y1, y2, atol=1e-5, rtol=0)
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.bias.grad, ref.bias.grad, atol=1e-5, rtol=1e-5)
+    assert y1.shape == x.shape and y1.stride() == x.stride()
+
+
+def test_channels_last_stays_channels_last_with_same_numbers() -> None:
+    torch.manual_seed(1)
+    ours, _ = _affine_pair(6)
+    x = torch.randn(2, 6, 9, 10)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    y_cl = ours(x_cl)
+    assert y_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y_cl, ours(x), atol=1e-6, rtol=0)
+    # a gradient in the other layout (as a downstream op may give) still gives the right input gradient
+    xa = x_cl.clone().requires_grad_(True)
+    xb = x.clone().requires_grad_(True)
+    g = torch.randn(2, 6, 9, 10)
+    ours(xa).backward(g)
+    ours(xb).backward(g.contiguous(memory_format=torch.channels_last))
+    assert xa.grad.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(xa.grad, xb.grad, atol=1e-6, rtol=0)
+
+
+def test_gradcheck_float64() -> None:
+    torch.manual_seed(2)
+    m = InstanceNorm(3, affine=True).double()
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.normal_()
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    w = m.weight
+    b = m.bias
+    assert torch.autograd.gradcheck(lambda x, w, b: _call_with(m, x, w, b), (x, w, b))
+    x_cl = torch.randn(2, 3, 4, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x_cl.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: m(x), (x_cl,))
+
+
+def _call_with(m: InstanceNorm, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.func.functional_call(m, {"weight": w, "bias": b}, (x,))
+
+
+def test_no_affine_and_unit_statistics() -> None:
+    m = InstanceNorm(3)
+    assert m.weight is None and m.bias is None
+    y = m(torch.randn(2, 3, 8, 8) * 5 + 3)
+    torch.testing.assert_close(y.mean(dim=(2, 3)), torch.zeros(2, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.var(dim=(2, 3), correction=0), torch.ones(2, 3), atol=1e-3, rtol=0)
+
+
+def test_affine_init_is_identity_scale_and_zero_shift() -> None:
+    m = InstanceNorm(5, affine=True)
+    assert torch.equal(m.weight, torch.ones(5)) and torch.equal(m.bias, torch.zeros(5))
+    assert m.eps == 1e-5 and m.momentum == 0.1 and m.track_running_stats is False
+
+
+def test_numerically_stable_at_large_offset() -> None:
+    torch.manual_seed(3)
+    x = torch.randn(2, 4, 32, 32) + 1e4
+    reference = F.instance_norm(x.double())
+    ours_err = (InstanceNorm(4)(x).double() - reference).abs().max().item()
+    torch_err = (F.instance_norm(x).double() - reference).abs().max().item()
+    assert ours_err <= max(torch_err, 1e-3)
+    # the E[x^2] - E[x]^2 shortcut this test must catch: it is far off (or NaN) on the same input
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    var = (x * x).mean(dim=(2, 3), keepdim=True) - mean * mean
+    shortcut = (x - mean) / torch.sqrt(var + 1e-5)
+    shortcut_err = (shortcut.double() - reference).abs().max().item()
+    assert not shortcut_err <= max(torch_err, 1e-3)  # NaN compares False
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_input_float32_statistics(dtype: torch.dtype) -> None:
+    torch.manual_seed(4)
+    m = InstanceNorm(4, affine=True)
+    # fp16 would overflow a sum of squares of 300^2 * 4096 if the statistics were not in float32
+    x = (torch.randn(2, 4, 64, 64) * 300).to(dtype)
+    y = m(x)
+    assert y.dtype == dtype
+    expected = F.instance_norm(x.float())
+    tol = 1e-2 if dtype == torch.float16 else 5e-2
+    torch.testing.assert_close(y.float(), expected, atol=tol, rtol=0)
+    x.requires_grad_(True)
+    m(x).sum().backward()
+    assert x.grad.dtype == dtype
+
+
+def test_unbatched_input_matches_batched() -> None:
+    torch.manual_seed(5)
+    ours, ref = _affine_pair(3)
+    x = torch.randn(3, 6, 7)
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours(x), ours(x.unsqueeze(0)).squeeze(0))
+    x1 = torch.randn(3, 9)  # (C, L): one spatial dim
+    torch.testing.assert_close(ours(x1), nn.InstanceNorm1d(3)(x1) * ours.weight[:, None] + ours.bias[:, None])
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 8, 8), (5, 8, 8), (7,), (2, 4)])
+def test_wrong_channel_count_names_expected_and_received(shape: tuple[int, ...]) -> None:
+    m = InstanceNorm(3, affine=True)
+    with pytest.raises(ValueError) as err:
+        m(torch.randn(shape))
+    assert "(N, 3, *spatial)" in str(err.value) and str(tuple(shape)) in str(err.value)
+
+
+def test_single_spatial_element_rejected_like_torch() -> None:
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        InstanceNorm(3)(torch.randn(2, 3, 1, 1))
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.5])
+def test_running_stats_match_torch_train_and_eval(momentum: float) -> None:
+    torch.manual_seed(6)
+    ours = InstanceNorm(4, affine=True, track_running_stats=True, momentum=momentum)
+    ref = nn.InstanceNorm2d(4, affine=True, track_running_stats=True, momentum=momentum)
+    ref.load_state_dict(ours.state_dict())
+    for _ in range(3):
+        x = torch.randn(3, 4, 6, 5) * 2 + 1
+        torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)
+    ours.eval()
+    ref.eval()
+    x = torch.randn(2, 4, 6, 5, requires_grad=True)
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=0)  # eval: uses the running statistics
+    ours(x).sum().backward()
+    assert x.grad is not None
+    # eval without tracked statistics still normalises with the input's own statistics
+    plain = InstanceNorm(4).eval()
+    x = torch.randn(2, 4, 6, 5)
+    torch.testing.assert_close(plain(x), nn.InstanceNorm2d(4).eval()(x), atol=1e-5, rtol=0)
+
+
+def test_momentum_none_is_cumulative_average() -> None:
+    torch.manual_seed(7)
+    m = InstanceNorm(2, track_running_stats=True, momentum=None)
+    batches = [torch.randn(2, 2, 5, 5) * (i + 1) + i for i in range(3)]
+    for x in batches:
+        m(x)
+    means = torch.stack([x.mean(dim=(2, 3)).mean(0) for x in batches])
+    variances = torch.stack([x.var(dim=(2, 3), correction=1).mean(0) for x in batches])
+    torch.testing.assert_close(m.running_mean, means.mean(0))
+    torch.testing.assert_close(m.running_var, variances.mean(0))
+    assert int(m.num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize("tracked", [False, True])
+def test_state_dict_round_trips_with_torch(tracked: bool) -> None:
+    ours = InstanceNorm(4, affine=True, track_running_stats=tracked)
+    ref = nn.InstanceNorm2d(4, affine=True, track_running_stats=tracked)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    with torch.no_grad():
+        ref.weight.fill_(2.0)
+        ref.bias.fill_(-1.0)
+    ours.load_state_dict(ref.state_dict())
+    assert torch.equal(ours.weight, ref.weight)
+    ref2 = nn.InstanceNorm2d(4, affine=True, track_running_stats=tracked)
+    ref2.load_state_dict(ours.state_dict())
+    assert torch.equal(ref2.bias, ours.bias)
+    x = torch.randn(1, 4, 5, 5)
+    torch.testing.assert_close(ours.to_torch()(x), ours(x), atol=1e-5, rtol=0)
+
+
+def test_trace_and_compile_path_matches() -> None:
+    torch.manual_seed(8)
+    ours, ref = _affine_pair(3)
+    x = torch.randn(2, 3, 8, 8)
+    traced = torch.jit.trace(ours, (x,))
+    torch.testing.assert_close(traced(x), ref(x), atol=1e-5, rtol=0)
+    assert "InstanceNormFunction" not in str(traced.graph)
+
+
+def test_make_norm_kinds_and_errors() -> None:
+    assert NORM_KINDS == ("instance", "batch", "none")
+    inst = make_norm("instance", 8)
+    assert isinstance(inst, InstanceNorm) and inst.affine and not inst.track_running_stats
+    assert isinstance(make_norm("batch", 8), nn.BatchNorm2d) and make_norm("batch", 8).num_features == 8
+    assert isinstance(make_norm("none", 8), nn.Identity)
+    with pytest.raises(ValueError, match="instance, batch, none"):
+        make_norm("layer", 8)
