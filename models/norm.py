@@ -35,6 +35,8 @@ exporters that want a single ONNX ``InstanceNormalization`` node.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
@@ -276,7 +278,7 @@ class InstanceNorm(nn.Module):
         if weight is not None and weight.dtype != xf.dtype:
             weight, bias = weight.to(xf.dtype), bias.to(xf.dtype)
         if use_input_stats:
-            spatial = x[0, 0].numel() if x.shape[0] > 0 else 0
+            spatial = math.prod(x.shape[2:])
             if spatial <= 1:
                 # Same rule as F.instance_norm: one value per instance normalises to 0 and gives no variance.
                 raise ValueError(
