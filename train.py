@@ -30,7 +30,9 @@ Outputs: ``outputs/train/<date>/<time>-<style>/`` holds ``model.pth`` (for styli
 from __future__ import annotations
 
 import logging
+import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -75,19 +77,29 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
     ``run_dir`` defaults to Hydra's run dir (``hydra.runtime.output_dir``); tests pass a temporary folder.
     Raises FaststyleError for user mistakes (missing style image or data, bad values), before building any model.
     """
+    from models.distributed import broadcast_object, init_distributed, teardown_distributed
+
+    if run_dir is None:
+        run_dir = hydra.core.hydra_config.HydraConfig.get().runtime.output_dir
+    # Under torchrun: join the process group (nccl/gloo), one device per process; else a single-process context.
+    ctx = init_distributed(str(cfg.device))
+    try:
+        return _train(cfg, ctx, Path(broadcast_object(str(run_dir))))  # rank 0's run dir on every rank
+    finally:
+        teardown_distributed()
+
+
+def _train(cfg: DictConfig, ctx: Any, run_dir: Path) -> Path:
+    """The body of :func:`train` on one process (``ctx``: models.distributed.DistContext)."""
     import torch
 
     from data.images import ImageFolderDataset, make_train_loader
     from data.io import load_image, pil_to_tensor, resize_short_side
     from models.checkpoint import load_checkpoint
-    from models.device import resolve_device
     from models.loss import PerceptualLoss
     from models.training import RunOutputs, TrainOptions, fit, resolve_precision
     from models.transformer import TransformerNet
 
-    if run_dir is None:
-        run_dir = hydra.core.hydra_config.HydraConfig.get().runtime.output_dir
-    run_dir = Path(run_dir)
     if OmegaConf.is_missing(cfg.data, "root"):
         raise FaststyleError("data.root is required: pass data.root=<folder of photos, e.g. data/coco/train2014>")
     if OmegaConf.is_missing(cfg, "style") or not cfg.style:
@@ -97,7 +109,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
     options = TrainOptions(**{k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
                               if k not in ("batch_size", "resume")})
     options.validate()
-    device = resolve_device(str(cfg.device))
+    device = ctx.device
     resolve_precision(options.precision, device)  # fp16 without CUDA fails here, not after the model is built
 
     # Inputs first, so that a wrong path fails in a second, before the loss network is loaded.
@@ -125,9 +137,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
 
     start_step = int(resume["step"]) if resume is not None else 0
     loader = make_train_loader(dataset, int(cfg.train.batch_size), int(cfg.data.num_workers), int(cfg.seed),
-                               pin_memory=device.type == "cuda", start_step=start_step)
+                               pin_memory=device.type == "cuda", rank=ctx.rank, world_size=ctx.world_size,
+                               start_step=start_step)
     # The loader is a pure function of (seed, step, batch size): storing them reproduces the exact batches.
-    data_state = {"seed": int(cfg.seed), "batch_size": int(cfg.train.batch_size), "world_size": 1,
+    data_state = {"seed": int(cfg.seed), "batch_size": int(cfg.train.batch_size), "world_size": ctx.world_size,
                   "dataset_size": len(dataset)}
     if resume is not None and resume.get("data") != data_state:
         log.warning("data order differs from the checkpoint's (%s vs now %s): batches after resume will differ "
@@ -138,7 +151,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     log.info("training %s on %d images from %s, device %s, run dir %s", style_path.name, len(dataset), data_root,
              device, run_dir)
-    outputs = RunOutputs(run_dir, options.steps, start_step)
+    outputs = RunOutputs(run_dir, options.steps, start_step, enabled=ctx.is_main)  # rank 0 alone writes
     try:
         model_path = fit(
             model, loss_fn, loader, options, device, outputs, style_image, val_images,
@@ -147,6 +160,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
                   "image_size": int(cfg.data.image_size)},
             hparams=_flat_hparams(cfg),
             resume=resume,
+            dist_ctx=ctx,
         )
     finally:
         outputs.close()
@@ -164,9 +178,15 @@ def main(cfg: DictConfig) -> None:
     except FaststyleError as err:
         exit_with_error(err)
         return
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # torchrun workers: rank 0 prints the summary
     print(f"model: {model_path}")
     print(f"tensorboard --logdir {model_path.parent / 'tb'}")
 
 
 if __name__ == "__main__":
+    from models.distributed import worker_hydra_overrides
+
+    # torchrun ranks > 0: no run dir, no .hydra/, no log file of their own (only rank 0's run dir is used).
+    sys.argv += worker_hydra_overrides()
     main()

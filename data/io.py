@@ -65,7 +65,7 @@ def load_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
             opened.load()  # decode now, so truncated files fail here and not later
             img = ImageOps.exif_transpose(opened) or opened
             return to_rgb(img, keep_alpha=(mode == "RGBA"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as err:
         raise FaststyleError(f"cannot read image {path}: {err} (is it a valid image file?)") from err
 
 
@@ -134,6 +134,10 @@ def save_image(image: Image.Image | torch.Tensor, path: str | os.PathLike, quali
     try:
         with os.fdopen(fd, "wb") as handle:
             img.save(handle, format=fmt, **options)
+        # mkstemp creates the file 0600; give the image the permissions any newly created file would get.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

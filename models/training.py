@@ -37,6 +37,8 @@ from models.checkpoint import (
     save_model,
     unwrap_model,
 )
+from models.distributed import DistContext, all_reduce_mean, wrap_ddp
+from models.precision import resolve_precision as resolve_precision_policy
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +103,9 @@ def lr_factor(step: int, options: TrainOptions) -> float:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """Compute dtype of the autocast region: "auto" is bf16 on CUDA GPUs that support it, else fp32 (CPU)."""
-    if precision == "auto":
-        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if use_bf16 else torch.float32
-    if precision == "fp16" and device.type != "cuda":
-        raise FaststyleError(f"train.precision=fp16 needs a CUDA device (running on {device.type}): use fp32 or bf16")
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    """Compute dtype of the autocast region (models.precision decides: "auto" is bf16 on CUDA GPUs with native
+    bf16, fp16 + GradScaler on older GPUs, fp32 on CPU/MPS; unsupported requests raise FaststyleError)."""
+    return resolve_precision_policy(precision, device).dtype or torch.float32
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -138,9 +136,11 @@ def train_step(
     The network runs under ``autocast``; the loss computes in float32 inside (its Grams are fp32). ``scaler`` is a
     disabled pass-through except for fp16.
     """
+    # The loss network runs under autocast too (it is most of the step's FLOPs); PerceptualLoss keeps its Grams and
+    # reductions in fp32 itself.
     with autocast:
         stylised = model(content)
-    losses = loss_fn(stylised, content)
+        losses = loss_fn(stylised, content)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses["total"]).backward()
     scaler.step(optimizer)
@@ -231,6 +231,7 @@ def fit(
     meta: dict[str, Any],
     hparams: dict[str, Any],
     resume: dict | None = None,
+    dist_ctx: DistContext | None = None,
 ) -> Path:
     """Train ``model`` up to ``options.steps`` optimizer steps and write ``model.pth``; return its path.
 
@@ -245,6 +246,9 @@ def fit(
         meta: plain values for ``model.pth`` (style name, ...); ``steps`` is added here.
         hparams: flat {name: int|float|str|bool} for the TensorBoard hparams summary.
         resume: a checkpoint dict (``models.checkpoint.load_checkpoint``) to continue from, or None.
+        dist_ctx: torchrun context (models.distributed.init_distributed); with more than one process the network
+            is wrapped in DDP here (after ``resume`` is loaded, identically on every rank) and logged losses are
+            averaged over ranks. ``outputs`` must be disabled on ranks > 0.
     """
     options.validate()
     compute_dtype = resolve_precision(options.precision, device)
@@ -263,7 +267,9 @@ def fit(
         restore_rng_state(resume["rng"])
         start_step = int(resume["step"])
         log.info("resumed at step %d", start_step)
-    step_model = torch.compile(model) if options.compile else model
+    # DDP first, then compile the DDP module (PyTorch's DDP + torch.compile guidance).
+    train_model = wrap_ddp(model, dist_ctx) if dist_ctx is not None else model
+    step_model = torch.compile(train_model) if options.compile else train_model
     autocast = autocast_context(device, compute_dtype)
 
     def checkpoint_state(step: int) -> dict:
@@ -273,9 +279,11 @@ def fit(
                 "rng": capture_rng_state()}
 
     def log_images(step: int) -> None:
+        if not outputs.enabled:  # rank 0 only; the plain module, so no DDP collective runs on one rank alone
+            return
         model.eval()
         with torch.no_grad(), autocast:
-            stylised = step_model(val_images.to(device, memory_format=memory_format))
+            stylised = model(val_images.to(device, memory_format=memory_format))
         model.train()
         outputs.image("val/content_stylised", image_grid(val_images, stylised), step)
 
@@ -299,7 +307,8 @@ def fit(
         postfix = None
         if step % options.log_interval_steps == 0 or at_checkpoint:
             count = step - window_start
-            means = {name: value.item() / count for name, value in sums.items()}  # the one host sync
+            # The one host sync (and, under DDP, the one collective) of the window: means over steps and ranks.
+            means = {name: value / count for name, value in all_reduce_mean(sums).items()}
             if not math.isfinite(means["total"]):
                 raise NonFiniteLossError(
                     f"loss became {means['total']} between steps {window_start + 1} and {step}; stopped. Last good "

@@ -124,3 +124,12 @@ def test_failed_save_keeps_the_existing_file(tmp_path, monkeypatch):
 
 def test_is_image_file_any_case():
     assert is_image_file("a/B.JPG") and is_image_file("x.WebP") and not is_image_file("notes.txt")
+
+
+def test_saved_images_get_normal_permissions(tmp_path):
+    import os
+
+    save_image(_gradient(), tmp_path / "perm.png")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "perm.png").stat().st_mode & 0o777 == 0o666 & ~umask
