@@ -45,6 +45,7 @@ from data.io import (
     tensor_to_pil,
 )
 from errors import FaststyleError, exit_with_error
+from models.device import reuse_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -346,29 +347,6 @@ class Summary:
             f"stylized {len(self.written)}, skipped {len(self.skipped)} (exist; overwrite=true redoes them), "
             f"failed {len(self.failed)} in {self.seconds:.1f} s ({rate:.2f} images/s)"
         )
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h> mallopt parameters
-
-
-def reuse_freed_memory() -> bool:
-    """Make glibc malloc keep freed large blocks for reuse instead of unmapping them (process-wide).
-
-    Why: by default every tensor above ~32 MiB is a fresh mmap, and the kernel zero-fills each of its pages on
-    first touch. Inference allocates and frees such tensors layer after layer, so the network spent a third of
-    its time in page faults. Measured at 1920x1080, channels_last, 2-core CPU: 7.8 s -> 4.9 s per image, peak RSS
-    2.3 -> 3.1 GB (scripts/bench_stylize.py, variant channels_last_malloc). Returns False where unavailable.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 31) == 1
-    except (OSError, AttributeError):
-        ok = False
-    if not ok:
-        logger.debug("glibc mallopt unavailable: large tensors are mmapped afresh (slower on CPU)")
-    return ok
 
 
 def _validate(cfg: DictConfig) -> None:

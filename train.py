@@ -96,6 +96,7 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path) -> Path:
     from data.images import ImageFolderDataset, make_train_loader
     from data.io import load_image, pil_to_tensor, resize_short_side
     from models.checkpoint import load_checkpoint
+    from models.device import reuse_freed_memory
     from models.loss import PerceptualLoss
     from models.training import RunOutputs, TrainOptions, fit, resolve_precision
     from models.transformer import TransformerNet
@@ -108,6 +109,8 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path) -> Path:
     resume_path = absolute(cfg.train.resume)
     options = TrainOptions(**{k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
                               if k not in ("batch_size", "resume")})
+    if options.malloc_reuse:
+        reuse_freed_memory()  # before the first large allocation
     options.validate()
     device = ctx.device
     resolve_precision(options.precision, device)  # fp16 without CUDA fails here, not after the model is built

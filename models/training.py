@@ -66,6 +66,7 @@ class TrainOptions:
     precision: str = "auto"
     channels_last: bool = False
     compile: bool = False
+    malloc_reuse: bool = True  # models.device.reuse_freed_memory, applied by the caller before building
 
     def validate(self) -> None:
         """Raise FaststyleError on values that cannot work, before any model is built."""

@@ -100,7 +100,7 @@ def _child(spec: dict) -> dict:
     kind = spec["kind"]
     base_rss = peak_rss_mb()
     if spec.get("malloc_reuse") or spec.get("variant", "").endswith("_malloc"):
-        from stylize import reuse_freed_memory
+        from models.device import reuse_freed_memory
 
         reuse_freed_memory()
         base_rss = peak_rss_mb()

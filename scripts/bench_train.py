@@ -8,7 +8,9 @@
 One step = TransformerNet forward, PerceptualLoss (frozen VGG-19, Johnson et al.'s layers), backward, Adam step,
 on a fixed random batch (data loading is measured by ``bench.py data``). A variant is a string of ``+``-joined
 options: ``plain``, ``cl`` (channels_last), ``compile`` (torch.compile of the network), ``bf16``/``fp16`` (autocast,
-fp16 with a GradScaler); ``best`` = what ``train.precision/channels_last/compile=auto`` resolve to on the device.
+fp16 with a GradScaler), ``malloc`` (models.device.reuse_freed_memory: glibc keeps freed blocks, so the large VGG
+activations of each step do not page-fault afresh); ``best`` = the training defaults for the device
+(``train.malloc_reuse=true`` and what ``train.precision/channels_last/compile=auto`` resolve to).
 
 Each variant runs in a fresh subprocess so its peak memory (RSS on CPU, allocator peak on CUDA) is its own and
 compiled code or allocator caches of one variant cannot help another. Compilation time is measured separately
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchutil  # noqa: E402  (puts the repo root on sys.path)
 import torch  # noqa: E402
 
-OPTIONS = ("plain", "cl", "compile", "bf16", "fp16")
+OPTIONS = ("plain", "cl", "compile", "bf16", "fp16", "malloc")
 RUN_STEPS = 40_000
 # Johnson et al.'s layers (content relu2_2), as in configs/loss/vgg19.yaml; the same names exist in VGG-16 and -19.
 STYLE_LAYERS = {"relu1_2": 1.0, "relu2_2": 1.0, "relu3_3": 1.0, "relu4_3": 1.0}
@@ -56,7 +58,7 @@ def _expand(variants: str, device: torch.device) -> list[str]:
     from models.precision import AUTO_DEFAULTS, resolve_precision
 
     if variants == "all":
-        names = ["plain", "cl", "compile", "cl+compile"]
+        names = ["plain", "malloc", "cl+malloc", "compile", "cl+compile"]
         if device.type == "cuda":
             names += ["bf16", "bf16+cl", "bf16+cl+compile", "fp16+cl+compile"]
         return names
@@ -65,6 +67,7 @@ def _expand(variants: str, device: torch.device) -> list[str]:
         if name == "best":
             auto = AUTO_DEFAULTS.get(device.type, AUTO_DEFAULTS["cpu"])
             parts = [p for p, on in (("cl", auto["channels_last"]), ("compile", auto["compile"])) if on]
+            parts.append("malloc")  # train.malloc_reuse defaults to true
             precision = resolve_precision("auto", device).name
             if precision != "fp32":
                 parts.insert(0, precision)
@@ -79,7 +82,7 @@ def _expand(variants: str, device: torch.device) -> list[str]:
 
 def _worker(args: argparse.Namespace) -> dict:
     """Run one variant in this process and return its figures."""
-    from models.device import resolve_device
+    from models.device import resolve_device, reuse_freed_memory
     from models.loss import PerceptualLoss
     from models.precision import batch_to, maybe_compile, resolve_precision, to_memory_format
     from models.transformer import TransformerNet
@@ -88,6 +91,8 @@ def _worker(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     parts = set(args.worker.split("+"))
+    if "malloc" in parts:
+        reuse_freed_memory()  # before the first large allocation
     channels_last = "cl" in parts
     precision = resolve_precision(next((p for p in ("bf16", "fp16") if p in parts), "fp32"), device)
     torch.manual_seed(0)
