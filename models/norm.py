@@ -48,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import platform
 import shutil
 import time
@@ -214,15 +215,27 @@ def _load_kernels() -> bool:
     """Compile (first use; cached in torch's extension directory, ~/.cache/torch_extensions) and load the fused
     kernel. Returns False, after ONE warning naming the cause, where that is impossible (no compiler, no ninja...)."""
     source = _KERNEL_SOURCE
+    if os.environ.get("FASTSTYLE_NORM_KERNEL", "1") == "0":
+        # an explicit opt-out (to compare against, or to debug, the eager path): said at INFO, not a failure
+        log.info("fused InstanceNorm CPU kernel disabled by FASTSTYLE_NORM_KERNEL=0: using the eager path")
+        return False
     name = f"{source.stem}_{_cpu_tag()}"
     compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     cause = None
     if compiler is None:
         cause = "no C++ compiler (c++/g++/clang++) on PATH"
     elif shutil.which("ninja") is None:
+        # cpp_extension runs `ninja` from PATH; the pip package (requirements.txt) installs it into the virtual
+        # environment's bin directory, which is not on PATH when the venv is not activated (`.venv/bin/python`).
         try:
-            import ninja  # noqa: F401  (the pip package puts its binary next to the interpreter)
-        except ImportError:
+            import ninja
+
+            bin_dir = str(ninja.BIN_DIR)
+        except (ImportError, AttributeError):
+            bin_dir = ""
+        if bin_dir and shutil.which("ninja", path=bin_dir):
+            os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+        else:
             cause = "the ninja build tool is not installed (pip install ninja)"
     if cause is None:
         try:

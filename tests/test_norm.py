@@ -246,8 +246,10 @@ def _run_function(fn: type, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, g
 @pytest.mark.parametrize(
     ("shape", "channels_last"),
     # M above the kernel's 2048-value chunk (several chunks per row); channels-last with more positions than one
-    # parallel block (32768 / C = 8192 at C = 4) and with C not a multiple of the vector width; a 1-D and a 3-D case.
+    # parallel block (32768 / C = 8192 at C = 4) and with C not a multiple of the vector width; a 1-D and a 3-D case;
+    # a 4 MiB float32 tensor with odd rows (unaligned row starts, many chunks).
     [
+        ((2, 4, 361, 367), False),
         ((2, 3, 70, 70), False),
         ((1, 4, 100, 100), True),
         ((2, 5, 9, 11), True),
