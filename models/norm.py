@@ -35,10 +35,10 @@ Figures (fwd+bwd, affine, fp32, CPU, ``scripts/bench_norm.py --reps 30``, malloc
 machine, 2026-11-23; see its docstring): 2 threads, 4 runs: 2.06-2.30x at (4, 128, 64, 64) (1.6-2.1 ms vs
 3.6-4.3 ms), 2.10-2.32x at (4, 32, 256, 256), 2.08-2.13x at (1, 32, 1080, 1920); 1 thread 2.5x and 2.6x;
 channels-last 4.3-5.5x. Large float32 outputs are written with streaming stores (1.73-1.82x -> 1.83-2.08x),
-and the weight/bias gradients are summed in C++ (fewer small ops per call; -> 2.06-2.30x). Forward+backward moves
-~40 MB at (4, 128, 64, 64); at this machine's ~22-32 GB/s of memory bandwidth that is 1.3-1.8 ms, so the kernel runs close
-to the memory bound. The eager path (before the kernel) was 0.39x-0.73x: a chain of eager ops cannot beat torch's
-fused native kernels.
+and the weight/bias gradients are summed in C++ (fewer small ops per call; -> 2.06-2.30x). Forward+backward
+moves ~40 MB at (4, 128, 64, 64); at this machine's ~22-32 GB/s of memory bandwidth that is 1.3-1.8 ms, so the
+kernel runs close to the memory bound. The eager path (before the kernel) was 0.39x-0.73x: a chain of eager ops
+cannot beat torch's fused native kernels.
 
 When tracing (``torch.jit.trace``), exporting to ONNX or compiling (``torch.compile``) we run the same maths as
 plain differentiable torch ops instead of the custom Function, so exporters and compilers see ordinary ops
