@@ -144,3 +144,34 @@ def test_can_reach_black_and_white_at_a_high_learning_rate() -> None:
     y = net(x).detach()
     assert y[..., :, :8].mean() < 0.1, "could not reach black"
     assert y[..., :, 8:].mean() > 0.9, "could not reach white"
+
+
+def test_few_channel_conv_runs_channels_last_on_cpu_with_the_same_numbers() -> None:
+    from models.transformer import ConvLayer, _prefer_channels_last
+
+    torch.manual_seed(3)
+    layer = ConvLayer(8, 3, 9)
+    x = torch.randn(2, 8, 21, 19, requires_grad=True)
+    padded = layer.pad(x)
+    assert _prefer_channels_last(padded, layer.conv)
+    assert not _prefer_channels_last(padded.contiguous(memory_format=torch.channels_last), layer.conv)
+    assert not _prefer_channels_last(padded, ConvLayer(8, 16, 3).conv)  # wide convs keep the caller's layout
+
+    y = layer(x)
+    assert y.shape == (2, 3, 21, 19) and y.is_contiguous()  # handed back in the caller's (NCHW) layout
+    ref = torch.nn.functional.conv2d(padded, layer.conv.weight, layer.conv.bias)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, layer.conv.weight, layer.conv.bias), g)
+    want = torch.autograd.grad(ref, (x, layer.conv.weight, layer.conv.bias), g)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_network_output_keeps_the_input_layout() -> None:
+    net = TransformerNet(base_width=8, residual_blocks=1).eval()
+    x = torch.rand(1, 3, 24, 20)
+    with torch.no_grad():
+        assert net(x).is_contiguous()
+        cl = net.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    assert cl.is_contiguous(memory_format=torch.channels_last)
