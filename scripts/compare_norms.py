@@ -464,12 +464,22 @@ def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
 
 
-def _format_tick(value: float) -> str:
+def _format_tick(value: float, digits: int = 0) -> str:
+    """``value`` with ``digits`` decimals in the mantissa (scientific notation for large/small values)."""
     if value == 0:
         return "0"
     if abs(value) >= 1e4 or abs(value) < 1e-2:
-        return f"{value:.0e}"
-    return f"{value:g}"
+        return f"{value:.{digits}e}"
+    return f"{value:.{digits + 1}g}" if digits else f"{value:g}"
+
+
+def _format_ticks(values: Sequence[float]) -> list[str]:
+    """Labels for one axis: the fewest digits that keep every label distinct (2e+05 and 1.5e+05, not 2e+05 twice)."""
+    for digits in range(4):
+        labels = [_format_tick(v, digits) for v in values]
+        if len(set(labels)) == len(labels):
+            return labels
+    return labels
 
 
 def _ema(values: Sequence[float], decay: float) -> list[float]:
@@ -518,10 +528,10 @@ def plot_panel(
 
     # Axes and ticks.
     draw.rectangle((left, top, width - right, height - bottom), outline="black")
-    for tick in _nice_ticks(x_low, x_high):
+    x_ticks = _nice_ticks(x_low, x_high)
+    for tick, label in zip(x_ticks, _format_ticks(x_ticks), strict=True):
         px, _ = to_px(tick, 10**y_low if log_y else y_low)
         draw.line((px, height - bottom, px, height - bottom + 4), fill="black")
-        label = _format_tick(tick)
         draw.text((px - draw.textlength(label, font=small) / 2, height - bottom + 6), label, fill="black", font=small)
     draw.text(((left + width - right) / 2 - 12, height - 16), "step", fill="black", font=small)
     if log_y:
@@ -533,11 +543,10 @@ def plot_panel(
             y_ticks = decades if len(decades) >= 2 else y_ticks[:: len(y_ticks) // 5]
     else:
         y_ticks = _nice_ticks(y_low, y_high)
-    for tick in y_ticks:
+    for tick, label in zip(y_ticks, _format_ticks(y_ticks), strict=True):
         _, py = to_px(x_low, tick)
         draw.line((left - 4, py, width - right, py), fill=(225, 225, 225))
         draw.line((left - 4, py, left, py), fill="black")
-        label = _format_tick(tick)
         draw.text((left - 6 - draw.textlength(label, font=small), py - 6), label, fill="black", font=small)
     if log_y:
         draw.text((4, top - 14), "log scale", fill="gray", font=small)

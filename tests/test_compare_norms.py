@@ -171,6 +171,16 @@ def test_curves_from_tensorboard_events(tmp_path: Path) -> None:
         cn.read_scalars(tmp_path / "missing")
 
 
+def test_axis_labels_are_distinct() -> None:
+    # linear ticks 6e4 .. 1.2e5 at 1e4 steps: one-digit labels would print "1e+05" for 1e5, 1.1e5 and 1.2e5
+    ticks = [6e4 + 1e4 * i for i in range(7)]
+    labels = cn._format_ticks(ticks)
+    assert len(set(labels)) == len(labels)
+    assert labels[0] == "6.0e+04" and labels[-1] == "1.2e+05"
+    assert cn._format_ticks([0, 50, 100, 150]) == ["0", "50", "100", "150"]
+    assert cn._format_ticks([1e4, 1e5, 1e6]) == ["1e+04", "1e+05", "1e+06"]
+
+
 def test_cli_help_and_bad_input(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as info:
         cn.main(["--help"])
