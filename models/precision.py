@@ -41,9 +41,12 @@ _DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # What "auto" means for channels_last and compile, per device type. CPU: on the project's 2-core AMD EPYC neither
 # helped (`python scripts/bench.py train --variants all --image-size 128 --steps 2 --warmup 0`, batch 4, a loaded
 # machine, so noisy: plain 8.8 s/step, channels_last 14.3, compile 21.7 (+271 s compiling), both 11.3), so plain
-# eager NCHW fp32 stays the CPU default. CUDA: unmeasured in this project so far; set to the configuration
-# PyTorch's performance guides recommend for convolutional nets with AMP on tensor cores (channels_last +
-# torch.compile); re-check with `python scripts/bench.py train` on a GPU.
+# eager NCHW fp32 stays the CPU default. Re-measured 2026-11-23 on a quiet machine with the fused InstanceNorm
+# kernel, 256 px (`python scripts/bench.py train --variants plain,malloc,cl+malloc --steps 5`, twice): malloc reuse
+# 4.9-5.0 s/step, channels_last + malloc reuse 5.8-6.1 s/step: channels_last stays off on CPU.
+# CUDA: unmeasured in this project so far; set to the configuration PyTorch's performance guides recommend for
+# convolutional nets with AMP on tensor cores (channels_last + torch.compile); re-check with
+# `python scripts/bench.py train` on a GPU.
 AUTO_DEFAULTS: dict[str, dict[str, bool]] = {
     "cpu": {"channels_last": False, "compile": False},
     "mps": {"channels_last": False, "compile": False},
