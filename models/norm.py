@@ -259,7 +259,10 @@ def _load_kernels() -> bool:
                 is_python_module=False,
                 verbose=False,
             )
-            log.info("fused InstanceNorm CPU kernel %s ready in %.1f s", name, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            # a build (first use) is worth a line on the console; loading the cached library on every run is not
+            level = logging.INFO if seconds > 1.0 else logging.DEBUG
+            log.log(level, "fused InstanceNorm CPU kernel %s ready in %.1f s", name, seconds)
             return True
         except Exception as exc:  # noqa: BLE001  (any build/load failure: fall back, loudly, below)
             cause = f"{type(exc).__name__}: {_failure_cause(exc)}"
