@@ -346,8 +346,9 @@ def _plain_instance_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, 
     return y, mean.detach().flatten(1), var.detach().flatten(1)
 
 
-def _use_plain_ops() -> bool:
-    """True while a tracer, exporter or compiler records the graph: they get ordinary ops, not our Function."""
+def capturing_graph() -> bool:
+    """True while a tracer, exporter or compiler records the graph: layers then emit ordinary ops only (no custom
+    Function, no CPU-specific layout changes)."""
     return bool(
         torch.jit.is_tracing()
         or torch.jit.is_scripting()
@@ -455,7 +456,7 @@ class InstanceNorm(nn.Module):
                 raise ValueError(
                     f"InstanceNorm expects more than 1 spatial element when training, got {tuple(x.shape)}"
                 )
-            if _use_plain_ops() or x.shape[0] == 0:
+            if capturing_graph() or x.shape[0] == 0:
                 y, mean, var = _plain_instance_norm(xf, weight, bias, self.eps)
             elif _use_fused_kernel(xf):
                 y, mean, var = _FusedInstanceNormFunction.apply(xf, weight, bias, self.eps)

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.norm import NORM_KINDS, make_norm
+from models.norm import NORM_KINDS, capturing_graph, make_norm
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _prefer_channels_last(x: torch.Tensor, conv: nn.Conv2d) -> bool:
         and x.dim() == 4
         and conv.out_channels < _FEW_CHANNELS
         and not x.is_contiguous(memory_format=torch.channels_last)
-        and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
+        and not capturing_graph()
     )
 
 

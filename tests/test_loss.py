@@ -13,13 +13,7 @@ from models.transformer import TransformerNet
 STYLE = {"relu1_2": 1.0, "relu2_2": 0.5}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is much faster than two on this shared 2-core machine (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _loss(network: str = "random", **kwargs) -> PerceptualLoss:

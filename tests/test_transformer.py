@@ -14,14 +14,7 @@ from models.transformer import (
     UpsampleConvLayer,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is ~7x faster than two on this shared 2-core machine (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("upsample", ["nearest", "transpose"])

@@ -20,13 +20,7 @@ from models.vgg import build_loss_network, layer_names
 CONTENT_DIR = "/work/shared/content"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is much faster than two on this shared 2-core machine (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_layer_names_follow_vgg_numbering() -> None:
