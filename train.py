@@ -84,9 +84,12 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
     # Under torchrun: join the process group (nccl/gloo), one device per process; else a single-process context.
     ctx = init_distributed(str(cfg.device))
     try:
-        return _train(cfg, ctx, Path(broadcast_object(str(run_dir))))  # rank 0's run dir on every rank
-    finally:
+        model_path = _train(cfg, ctx, Path(broadcast_object(str(run_dir))))  # rank 0's run dir on every rank
+    except BaseException:
         teardown_distributed()
+        raise
+    teardown_distributed(wait_for_peers=True)
+    return model_path
 
 
 def _train(cfg: DictConfig, ctx: Any, run_dir: Path) -> Path:

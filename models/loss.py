@@ -34,6 +34,11 @@ from models.vgg import build_loss_network
 logger = logging.getLogger(__name__)
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or unchanged when it is already float64 (reductions never lose precision here)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:
     """Gram matrices normalised by C * H * W, in float32 with autocast off.
 
@@ -45,14 +50,14 @@ def gram_matrix(features: torch.Tensor) -> torch.Tensor:
     """
     n, c, h, w = features.shape
     with torch.autocast(device_type=features.device.type, enabled=False):
-        f = features.float().reshape(n, c, h * w)
+        f = _at_least_fp32(features).reshape(n, c, h * w)
         return torch.bmm(f, f.transpose(1, 2)) / (c * h * w)
 
 
 def total_variation(image: torch.Tensor) -> torch.Tensor:
     """Mean squared difference between vertically plus horizontally neighbouring pixels; (N, C, H, W) -> scalar."""
     with torch.autocast(device_type=image.device.type, enabled=False):
-        x = image.float()
+        x = _at_least_fp32(image)
         zero = x.new_zeros(())
         dy = (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean() if x.shape[-2] > 1 else zero
         dx = (x[..., :, 1:] - x[..., :, :-1]).pow(2).mean() if x.shape[-1] > 1 else zero
@@ -151,14 +156,14 @@ class PerceptualLoss(nn.Module):
             raise RuntimeError("PerceptualLoss.set_style(style_image) must be called before computing the loss")
         losses: dict[str, torch.Tensor] = {}
         features = self.network(output)
-        zero = output.new_zeros((), dtype=torch.float32)
+        zero = output.new_zeros((), dtype=torch.promote_types(output.dtype, torch.float32))
         with torch.autocast(device_type=output.device.type, enabled=False):
             content_loss = zero
             if self.content_layers:
                 with torch.no_grad():
                     targets = self.network(content, taps=self.content_layers)
                 for layer in self.content_layers:
-                    diff = features[layer].float() - targets[layer].float()
+                    diff = _at_least_fp32(features[layer]) - _at_least_fp32(targets[layer])
                     content_loss = content_loss + diff.pow(2).mean()
             losses["content"] = self.content_weight * content_loss
 

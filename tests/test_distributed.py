@@ -3,7 +3,6 @@ DDP equivalence: 2 CPU processes (gloo) with per-rank batch B follow the same lo
 
 from __future__ import annotations
 
-import json
 import socket
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from torch import nn
 
 from errors import FaststyleError
 from models import distributed as D
+from models.transformer import TransformerNet
 
 TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
@@ -104,14 +104,14 @@ def _make_images(root: Path, count: int) -> None:
 
 
 def _train(rank: int, world_size: int, batch_size: int, data_root: str, out_path: str, port: int) -> None:
-    """A few training steps of a tiny TransformerNet against the random loss network; rank 0 writes the loss
-    trajectory (all-reduced means) and the trained network's output on a fixed probe batch. Used in one process
+    """A few training steps of a tiny TransformerNet against the random loss network, in float64 (see
+    ``test_ddp_two_cpu_processes_match_single_process`` for why); rank 0 writes the loss trajectory (all-reduced
+    means), the trained network's output on a fixed probe batch and every rank's parameters. Used in one process
     or as an mp.spawn target."""
     import os
 
     from data.images import ImageFolderDataset, make_train_loader
     from models.loss import PerceptualLoss
-    from models.transformer import TransformerNet
 
     torch.set_num_threads(1)
     if world_size > 1:
@@ -125,48 +125,82 @@ def _train(rank: int, world_size: int, batch_size: int, data_root: str, out_path
         assert ctx.backend == ("gloo" if world_size > 1 else None)
         # Different seeds per rank on purpose: DDP must broadcast rank 0's initial parameters.
         torch.manual_seed(0 + 100 * rank)
-        net = TransformerNet(base_width=8, residual_blocks=2)
+        net = TransformerNet(base_width=8, residual_blocks=2).double()
         model = D.wrap_ddp(net, ctx)
-        loss_fn = PerceptualLoss("random", ["relu2_2"], {"relu1_2": 1.0, "relu2_2": 1.0}, 1.0, 10.0, 1.0)
+        loss_fn = PerceptualLoss("random", ["relu2_2"], {"relu1_2": 1.0, "relu2_2": 1.0}, 1.0, 10.0, 1.0).double()
         style = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(7))
-        loss_fn.set_style(style)
+        loss_fn.set_style(style.double())
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         dataset = ImageFolderDataset(data_root, IMAGE_SIZE)
         loader = make_train_loader(dataset, batch_size, num_workers=0, seed=5, rank=rank, world_size=world_size)
         trajectory = []
         for _ in range(STEPS):
-            batch = next(loader)
+            batch = next(loader).double()
             losses = loss_fn(model(batch), batch)
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             optimizer.step()
             trajectory.append(D.all_reduce_mean({k: losses[k] for k in ("total", "content", "style", "tv")}))
+        flat = torch.cat([p.detach().flatten() for p in D.unwrap(model).parameters()])
+        every_rank = [torch.empty_like(flat) for _ in range(world_size)]
+        if world_size > 1:
+            torch.distributed.all_gather(every_rank, flat)
+        else:
+            every_rank = [flat]
         if D.is_main_process():
-            probe = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(11))
+            probe = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(11)).double()
             with torch.no_grad():
                 output = D.unwrap(model).eval()(probe)
-            Path(out_path).write_text(json.dumps({"trajectory": trajectory, "output": output.tolist()}))
-    finally:
+            torch.save({"trajectory": trajectory, "output": output, "params": every_rank}, out_path)
+    except BaseException:
         D.teardown_distributed()
+        raise
+    D.teardown_distributed(wait_for_peers=True)
 
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_match_single_process(tmp_path: Path, no_torchrun_env: None) -> None:
+    """Two gloo processes with batch B train exactly as one process with batch 2B.
+
+    Why float64: in float32 this comparison measures rounding noise, not DDP. The two runs add the same numbers
+    in a different order (batch 2 + all-reduce vs batch 4), so activations differ in the last bit; a ReLU input
+    within that distance of 0, or a near-tie in a max-pool window of the loss network (the output is close to
+    mid-grey after 4 steps), then routes a gradient differently, and Adam's first steps (~lr * sign(g)) turn
+    relative gradient differences into parameter differences, most of all for the conv biases in front of an
+    instance norm, whose true gradient is exactly zero. Measured in float32: outputs differ by up to 1.8e-3
+    depending on the style seed and the CPU's kernels (8.3e-4 on a Xeon with this seed), growing roughly tenfold
+    per step. In float64 the same runs agree to ~3e-15 (unit roundoff 1.1e-16), so a tolerance of 1e-10 leaves
+    five orders of magnitude of headroom for that growth while any DDP mistake (unsynchronised or summed
+    gradients, ranks training on the same shard, no parameter broadcast) changes the results by 1e-4 or more.
+    """
     data_root = tmp_path / "images"
     _make_images(data_root, 12)
-    single, multi = tmp_path / "single.json", tmp_path / "ddp.json"
+    single, multi = tmp_path / "single.pt", tmp_path / "ddp.pt"
 
     _train(0, 1, PER_RANK_BATCH * WORLD, str(data_root), str(single), 0)
     mp.spawn(_train, args=(WORLD, PER_RANK_BATCH, str(data_root), str(multi), _free_port()), nprocs=WORLD, join=True)
 
-    a, b = json.loads(single.read_text()), json.loads(multi.read_text())
+    a, b = torch.load(single, weights_only=True), torch.load(multi, weights_only=True)
     assert len(a["trajectory"]) == len(b["trajectory"]) == STEPS
+    # Logged losses travel as float32 (all_reduce_mean: one fp32 tensor), so they agree to float32 rounding: the
+    # float64 values round to fp32 (u = 6e-8) and the two rank means are summed and halved once more.
     for step, (sa, sb) in enumerate(zip(a["trajectory"], b["trajectory"], strict=True)):
         for key in sa:
-            assert sb[key] == pytest.approx(sa[key], rel=1e-4, abs=1e-6), (step, key, sa[key], sb[key])
+            assert sb[key] == pytest.approx(sa[key], rel=1e-6, abs=1e-9), (step, key, sa[key], sb[key])
     # The losses must actually move, or equal trajectories would prove nothing.
     assert a["trajectory"][-1]["total"] < a["trajectory"][0]["total"]
-    # The trained networks compute the same function. (Parameters are not compared one by one: the conv biases
-    # in front of an instance norm have a true gradient of exactly zero, so Adam's first steps, ~lr * sign(g),
-    # move them by the sign of float rounding noise; the norm removes them again, so the outputs agree.)
-    torch.testing.assert_close(torch.tensor(b["output"]), torch.tensor(a["output"]), rtol=1e-3, atol=1e-4)
+    # Every rank holds the same parameters, bit for bit: DDP broadcast rank 0's start and applied one update.
+    assert len(b["params"]) == WORLD and torch.equal(b["params"][0], b["params"][1])
+    # ... and they compute the single process's function,
+    torch.testing.assert_close(b["output"], a["output"], rtol=1e-10, atol=1e-10)
+    # with the single process's parameters, except the inert biases: a per-channel constant that the next
+    # instance norm subtracts again (the bias of every conv but the last, and norm2's bias, which the residual
+    # stream carries into the next conv + norm) has a true gradient of 0, so Adam moves it by noise / eps.
+    net = TransformerNet(base_width=8, residual_blocks=2)
+    inert = [name.endswith("conv.bias") and not name.startswith(f"decoder.{len(net.decoder) - 1}.")
+             or name.endswith("norm2.bias") for name, _ in net.named_parameters()]
+    sizes = [p.numel() for p in net.parameters()]
+    for name, flag, pa, pb in zip([n for n, _ in net.named_parameters()], inert, a["params"][0].split(sizes),
+                                  b["params"][0].split(sizes), strict=True):
+        if not flag:
+            torch.testing.assert_close(pb, pa, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
