@@ -16,11 +16,14 @@ error (``error: ...`` on stderr).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
+import signal
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +36,8 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
+from cli import EXIT_INTERNAL, preflight
+from configs.schema import check_stylize_config
 from data.io import (
     ALPHA_FORMATS,
     WRITE_FORMATS,
@@ -43,13 +48,17 @@ from data.io import (
     resize_to,
     save_image,
     tensor_to_pil,
+    walk_images,
 )
 from errors import FaststyleError, exit_with_error
+from fileio import remove_stale_temp_files
 from models.device import reuse_freed_memory
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_FORMATS = {"jpg": ".jpg", "jpeg": ".jpg", "png": ".png", "webp": ".webp"}
+OUTPUT_FORMATS = {"jpg": ".jpg", "jpeg": ".jpg", "png": ".png", "webp": ".webp", "tif": ".tif", "tiff": ".tif",
+                  "bmp": ".bmp"}
+"""format= values and the extension each writes (inputs in other formats are written as PNG)."""
 PRECISIONS = ("auto", "fp32", "fp16")
 
 
@@ -109,29 +118,38 @@ def _absolute(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(os.path.expanduser(str(path))))
 
 
-def find_inputs(input_spec: str, recursive: bool) -> tuple[list[Path], Path]:
-    """The files named by ``input_spec`` (file, folder, or glob) and the base folder output names mirror.
+def find_inputs(input_spec: str, recursive: bool) -> tuple[list[Path], Path, list[tuple[Path, str]]]:
+    """The files named by ``input_spec`` (file, folder, or glob), the base folder output names mirror, and the
+    entries that were passed over, with the reason (folders named like images, broken links, ...).
 
-    Folder and glob inputs keep only files with an image extension (data.io.IMAGE_EXTENSIONS); such a file that
-    turns out to be corrupt is reported later, when it is decoded. A single file is taken whatever its name.
+    Folder and glob inputs take every file with an image extension (data.io.IMAGE_EXTENSIONS, the same formats a
+    single file is read in); a file that turns out to be corrupt or in an unsupported format fails later, when it
+    is decoded, and is reported. A single file is taken whatever its name.
     """
     path = _absolute(input_spec)
     if path.is_file():
-        return [path], path.parent
+        return [path], path.parent, []
     if path.is_dir():
-        pattern = "**/*" if recursive else "*"
-        files = sorted(p for p in path.glob(pattern) if p.is_file() and is_image_file(p))
+        files, skipped = walk_images(path, recursive=recursive)
         if not files:
             hint = "" if recursive else " (add recursive=true to look in sub-folders)"
             raise FaststyleError(f"no image files in folder {path}{hint}")
-        return files, path
+        return files, path, skipped
+    if path.is_symlink():
+        raise FaststyleError(f"input {path} is a broken symbolic link: point it at an image or a folder")
     if glob.has_magic(str(input_spec)):
-        files = sorted(
-            _absolute(p) for p in glob.glob(str(path), recursive=recursive) if os.path.isfile(p) and is_image_file(p)
-        )
+        files, skipped = [], []
+        for match in sorted(glob.glob(str(path), recursive=recursive)):
+            entry = _absolute(match)
+            if not is_image_file(entry):
+                continue
+            if entry.is_file():
+                files.append(entry)
+            else:
+                skipped.append((entry, "a folder, not an image file" if entry.is_dir() else "not a readable file"))
         if not files:
             raise FaststyleError(f"the pattern {input_spec!r} matches no image files: check it (and quote it)")
-        return files, Path(os.path.commonpath([str(f.parent) for f in files]))
+        return files, Path(os.path.commonpath([str(f.parent) for f in files])), skipped
     raise FaststyleError(f"input not found: {path} (give an image file, a folder or a glob pattern)")
 
 
@@ -140,46 +158,50 @@ def style_name(model_path: Path, meta: dict) -> str:
     stem = meta.get("style_stem") or (Path(str(meta["style"])).stem if meta.get("style") else "")
     if not stem:
         stem = model_path.parent.name if model_path.stem == "model" else model_path.stem
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(stem)) or "stylized"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(stem)).strip(".") or "stylized"
 
 
-def plan_jobs(cfg: DictConfig, model_path: Path, meta: dict) -> list[Job]:
-    """Match every input to its output path; refuse outputs that would replace or sit among the inputs."""
-    files, base = find_inputs(str(cfg.input), bool(cfg.recursive))
+def _output_is_file(output: Path) -> bool:
+    """An output path with an image extension names a file (unless such a folder exists); else it is a folder."""
+    return (output.suffix.lower() in WRITE_FORMATS or is_image_file(output)) and not output.is_dir()
+
+
+def plan_jobs(cfg: DictConfig, model_path: Path, meta: dict) -> tuple[list[Job], list[tuple[Path, str]]]:
+    """Match every input to its output path and return the jobs and the passed-over entries (see find_inputs).
+
+    Refuses, before anything is written, any output that is an input or sits among the inputs, comparing real
+    paths (symbolic links resolved) and file identities (hard links): ``overwrite=true`` never applies to an input.
+    """
+    files, base, skipped = find_inputs(str(cfg.input), bool(cfg.recursive))
     suffix = str(cfg.suffix) if cfg.suffix else style_name(model_path, meta)
     forced_ext = None
     if cfg.format:
         forced_ext = OUTPUT_FORMATS.get(str(cfg.format).lower().lstrip("."))
         if forced_ext is None:
-            raise FaststyleError(f"format={cfg.format} is not supported: use one of jpg, png, webp")
+            raise FaststyleError(f"format={cfg.format} is not supported: use one of {', '.join(OUTPUT_FORMATS)}")
 
     def ext_for(source: Path) -> str:
         if forced_ext:
             return forced_ext
         ext = source.suffix.lower()
-        return ".jpg" if ext == ".jpeg" else ext if ext in (".jpg", ".png", ".webp") else ".png"
+        return OUTPUT_FORMATS.get(ext.lstrip("."), ".png")
 
     output = _absolute(cfg.output) if cfg.output else model_path.parent / "stylized"
+    real_output = Path(os.path.realpath(output))
     # Earlier results inside an input tree must not be stylized again (recursive folders, broad globs).
-    files = [f for f in files if output == base or output not in f.parents]
+    real_base = Path(os.path.realpath(base))
+    files = [f for f in files if real_output == real_base or real_output not in Path(os.path.realpath(f)).parents]
     if not files:
         raise FaststyleError(f"every input image is inside the output folder {output}: choose another output")
-    single_file_output = bool(cfg.output) and output.suffix.lower() in WRITE_FORMATS and not output.is_dir()
-    if single_file_output:
+    if cfg.output and _output_is_file(output):
         if len(files) != 1:
             raise FaststyleError(f"output={cfg.output} is a file but {len(files)} images were found: give a folder")
-        if output.suffix.lower() not in (".jpg", ".jpeg", ".png", ".webp"):
-            raise FaststyleError(f"cannot write {output.name}: use a .jpg, .png or .webp output")
+        if output.suffix.lower() not in WRITE_FORMATS:
+            raise FaststyleError(f"cannot write {output.name}: use a {', '.join(sorted(set(OUTPUT_FORMATS.values())))} "
+                                 "output")
         jobs = [Job(files[0], output)]
     else:
-        jobs = [
-            Job(f, output / f.relative_to(base).parent / f"{f.stem}_{suffix}{ext_for(f)}") for f in files
-        ]
-        inputs_dirs = {f.parent for f in files}
-        if any(job.target.parent in inputs_dirs for job in jobs):
-            raise FaststyleError(
-                f"output folder {output} would put results among the input images: choose another output folder"
-            )
+        jobs = [Job(f, output / f.relative_to(base).parent / f"{f.stem}_{suffix}{ext_for(f)}") for f in files]
     for job in jobs:
         if WRITE_FORMATS[job.target.suffix.lower()] not in ALPHA_FORMATS and _has_alpha(job.source):
             # JPEG cannot hold transparency: keep it (the user's data) in a PNG rather than flatten it, and say so.
@@ -187,14 +209,37 @@ def plan_jobs(cfg: DictConfig, model_path: Path, meta: dict) -> list[Job]:
             logger.warning("%s has transparency, which JPEG cannot hold: writing %s instead", job.source,
                            new_target.name)
             job.target = new_target
-    inputs = set(files)
-    for job in jobs:
-        if job.target in inputs:
-            raise FaststyleError(f"output {job.target} is one of the inputs: choose another output path")
+    _refuse_outputs_among_inputs(jobs, files, single_file=bool(cfg.output) and _output_is_file(output))
     targets = [job.target for job in jobs]
     if len(set(targets)) != len(targets):
         raise FaststyleError("two inputs map to the same output name (same stem, different extension): set format")
-    return jobs
+    return jobs, skipped
+
+
+def _refuse_outputs_among_inputs(jobs: list[Job], files: list[Path], single_file: bool) -> None:
+    """FaststyleError when an output would replace an input (also through a symbolic or hard link) or, for folder
+    outputs, land in a folder that holds inputs."""
+    real_inputs = {os.path.realpath(f): f for f in files}
+    identities = {}
+    for f in files:
+        with contextlib.suppress(OSError):
+            stat = os.stat(f)
+            identities[(stat.st_dev, stat.st_ino)] = f
+    input_dirs = {os.path.dirname(real) for real in real_inputs}
+    for job in jobs:
+        real_target = os.path.realpath(job.target)
+        source = real_inputs.get(real_target)
+        if source is None:
+            with contextlib.suppress(OSError):
+                stat = os.stat(job.target)
+                source = identities.get((stat.st_dev, stat.st_ino))
+        if source is not None:
+            link = "" if str(job.target) == str(source) else f" (the same file as input {source})"
+            raise FaststyleError(f"output {job.target}{link} is an input image: choose another output; "
+                                 "overwrite=true never replaces an input")
+        if not single_file and os.path.dirname(real_target) in input_dirs:
+            raise FaststyleError(f"output folder {job.target.parent} would put results among the input images: "
+                                 "choose another output folder")
 
 
 def _has_alpha(path: Path) -> bool:
@@ -334,55 +379,69 @@ def _batches(loaded: Iterator[Loaded], runner: Runner, batch_size: int) -> Itera
 
 @dataclass
 class Summary:
-    """Counts of a stylize run; ``failed`` lists (file, reason)."""
+    """Counts of a stylize run; ``failed`` and ``passed_over`` list (file, reason)."""
 
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    passed_over: list[tuple[Path, str]] = field(default_factory=list)
     seconds: float = 0.0
 
     def line(self) -> str:
         rate = len(self.written) / self.seconds if self.seconds > 0 else 0.0
+        passed = f", passed over {len(self.passed_over)} (not image files)" if self.passed_over else ""
         return (
-            f"stylized {len(self.written)}, skipped {len(self.skipped)} (exist; overwrite=true redoes them), "
+            f"stylized {len(self.written)}, skipped {len(self.skipped)} (exist; overwrite=true redoes them){passed}, "
             f"failed {len(self.failed)} in {self.seconds:.1f} s ({rate:.2f} images/s)"
         )
 
 
-def _validate(cfg: DictConfig) -> None:
-    if not 0.0 <= float(cfg.strength) <= 1.0:
-        raise FaststyleError(f"strength={cfg.strength} must be in [0, 1]")
-    if cfg.max_side_px is not None and int(cfg.max_side_px) < 1:
-        raise FaststyleError("max_side_px must be a positive number of pixels (or null)")
-    if cfg.scale is not None and float(cfg.scale) <= 0:
-        raise FaststyleError("scale must be positive (or null)")
-    if not 1 <= int(cfg.jpeg_quality) <= 100:
-        raise FaststyleError("jpeg_quality must be in 1..100 (95 is a good default)")
-    if int(cfg.batch_size) < 1 or int(cfg.io_threads) < 1:
-        raise FaststyleError("batch_size and io_threads must be at least 1")
+class StylizeInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped the run; ``summary`` holds what was written (every written file is complete)."""
+
+    def __init__(self, summary: Summary, remaining: int, signum: int) -> None:
+        super().__init__("interrupted")
+        self.summary, self.remaining, self.signum = summary, remaining, signum
+
+
+class _Terminate(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so both stop the run the same way."""
+
+
+def _non_finite_error(image: torch.Tensor) -> str | None:
+    """Why a stylized image must not be written (NaN or infinite values: a broken model), or None."""
+    bad = int((~torch.isfinite(image)).sum())
+    if bad == 0:
+        return None
+    return f"the model produced {bad} NaN or infinite values for this image (is the model broken?); nothing written"
 
 
 def stylize(cfg: DictConfig) -> Summary:
     """Stylize every input named by ``cfg`` (configs/stylize.yaml); returns the counts. Usage errors raise
-    FaststyleError before any image is processed; per-image failures are collected in the summary."""
+    FaststyleError before any image is processed; per-image failures are collected in the summary; Ctrl-C
+    (KeyboardInterrupt) raises StylizeInterrupted once the writes in flight are complete."""
     from models.checkpoint import load_model
     from models.device import resolve_device
 
-    _validate(cfg)
+    check_stylize_config(cfg)
     if cfg.malloc_reuse:
         reuse_freed_memory()
     model_path = _absolute(cfg.model)
+    if model_path.is_dir():
+        raise FaststyleError(f"model={model_path} is a folder: pass the model file, e.g. model=<run dir>/model.pth")
     if not model_path.is_file():
         raise FaststyleError(f"model file not found: {model_path} (pass model=<run dir>/model.pth)")
     device = resolve_device(str(cfg.device))
-    if model_path.suffix.lower() == ".onnx":  # exported models run through onnxruntime, untiled only (issue 7)
+    if model_path.suffix.lower() == ".onnx":  # exported models run through onnxruntime, untiled only
         from models.onnx_runner import load_onnx_model
 
-        net, meta = load_onnx_model(model_path, device=device)
+        net, meta = load_onnx_model(model_path, device=device, pixel_range=cfg.onnx_pixel_range)
     else:
         net, meta = load_model(model_path, device="cpu")
-    jobs = plan_jobs(cfg, model_path, meta)
-    summary = Summary()
+    jobs, passed_over = plan_jobs(cfg, model_path, meta)
+    summary = Summary(passed_over=passed_over)
+    for path, reason in passed_over:
+        logger.warning("passed over %s: %s", path, reason)
     todo = []
     for job in jobs:
         if job.target.exists() and not cfg.overwrite:
@@ -391,12 +450,27 @@ def stylize(cfg: DictConfig) -> Summary:
             todo.append(job)
     if summary.skipped:
         logger.info("%d outputs exist already and are skipped (overwrite=true redoes them)", len(summary.skipped))
+    for folder in sorted({job.target.parent for job in todo}):
+        remove_stale_temp_files(folder)  # left by a stylize run that was killed mid-write
     runner = Runner(net, device, cfg)
     start = time.perf_counter()
+    try:
+        _run(todo, runner, cfg, summary)
+    except KeyboardInterrupt as stop:
+        summary.seconds = time.perf_counter() - start
+        done = len(summary.written) + len(summary.failed)
+        raise StylizeInterrupted(summary, len(todo) - done, 15 if isinstance(stop, _Terminate) else 2) from None
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _run(todo: list[Job], runner: Runner, cfg: DictConfig, summary: Summary) -> None:
+    """Decode, stylize and write ``todo``, recording every result in ``summary``."""
     max_side = int(cfg.max_side_px) if cfg.max_side_px is not None else None
     scale = float(cfg.scale) if cfg.scale is not None else None
     # Decoding and encoding run in a small thread pool (PIL releases the GIL while it decodes/encodes), so the
-    # network is rarely idle waiting for files; at most io_threads + 1 decoded images wait in memory.
+    # network is rarely idle waiting for files; at most io_threads + 1 decoded images wait in memory. Leaving the
+    # pool's block (also on Ctrl-C) waits for the writes in flight, which are atomic: no file is left half-written.
     with ThreadPoolExecutor(max_workers=int(cfg.io_threads), thread_name_prefix="stylize-io") as pool:
         ahead = int(cfg.io_threads) + 1
 
@@ -411,28 +485,39 @@ def stylize(cfg: DictConfig) -> Summary:
 
         writes: list[tuple[Loaded, Future[Path]]] = []
         progress = tqdm(total=len(todo), unit="img", desc="stylize", disable=None)
-        for batch in _batches(decoded(), runner, int(cfg.batch_size)):
-            if batch[0].error is not None:
-                summary.failed.append((batch[0].job.source, batch[0].error))
-                logger.error("skipping: %s", batch[0].error)
-                progress.update(1)
-                continue
-            try:
-                outputs = runner(torch.stack([item.image for item in batch]))
-            except (RuntimeError, OSError) as err:  # e.g. out of memory on one huge image: report, go on
-                for item in batch:
-                    summary.failed.append((item.job.source, f"stylizing failed: {err}"))
-                logger.error("stylizing %d image(s) failed: %s", len(batch), err)
+        try:
+            for batch in _batches(decoded(), runner, int(cfg.batch_size)):
+                if batch[0].error is not None:
+                    summary.failed.append((batch[0].job.source, batch[0].error))
+                    logger.error("skipping: %s", batch[0].error)
+                    progress.update(1)
+                    continue
+                try:
+                    outputs = runner(torch.stack([item.image for item in batch]))
+                except (RuntimeError, OSError) as err:  # e.g. out of memory on one huge image: report, go on
+                    for item in batch:
+                        summary.failed.append((item.job.source, f"stylizing failed: {err}"))
+                    logger.error("stylizing %d image(s) failed: %s", len(batch), err)
+                    progress.update(len(batch))
+                    continue
+                for item, out in zip(batch, outputs, strict=True):
+                    problem = _non_finite_error(out)
+                    if problem is not None:
+                        summary.failed.append((item.job.source, problem))
+                        logger.error("%s: %s", item.job.source, problem)
+                    else:
+                        writes.append((item, pool.submit(save_result, item, out, cfg)))
                 progress.update(len(batch))
-                continue
-            for item, out in zip(batch, outputs, strict=True):
-                writes.append((item, pool.submit(save_result, item, out, cfg)))
-            progress.update(len(batch))
-            writes = _collect(writes, summary, wait=False)
-        _collect(writes, summary, wait=True)
-        progress.close()
-    summary.seconds = time.perf_counter() - start
-    return summary
+                writes = _collect(writes, summary, wait=False)
+        except BaseException:  # Ctrl-C: drop the writes not started yet; those started finish (atomically)
+            for _, future in writes:
+                future.cancel()
+            _collect([w for w in writes if not w[1].cancelled()], summary, wait=True)
+            raise
+        else:
+            _collect(writes, summary, wait=True)
+        finally:
+            progress.close()
 
 
 def _collect(writes: list, summary: Summary, wait: bool) -> list:
@@ -472,12 +557,29 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 @hydra.main(version_base="1.3", config_path=None, config_name="stylize")
 def main(cfg: DictConfig) -> None:
-    """Entry point: ``python stylize.py model=... input=...``; prints the summary line."""
+    """Entry point: ``python stylize.py model=... input=...``; prints the summary line.
+
+    Exit status: 0 every image written (or skipped because it exists), 1 some images failed (each one listed),
+    2 a usage error, 3 an internal error (a bug: traceback), 130 / 143 Ctrl-C / SIGTERM.
+    """
+    previous = signal.signal(signal.SIGTERM, _raise_terminate)
     try:
         summary = stylize(cfg)
     except FaststyleError as err:
         exit_with_error(err)
         return
+    except StylizeInterrupted as stop:
+        done = stop.summary
+        print(f"interrupted ({'SIGTERM' if stop.signum == 15 else 'Ctrl-C'}): {len(done.written)} written, "
+              f"{stop.remaining} not done; run the same command again to finish them (finished outputs are "
+              "skipped)", file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
+    except Exception:
+        traceback.print_exc()
+        print("internal error (a bug in faststyle): please report the traceback above", file=sys.stderr)
+        raise SystemExit(EXIT_INTERNAL) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     for source, reason in summary.failed:
         print(f"failed: {source}: {reason}", file=sys.stderr)
     print(summary.line())
@@ -485,6 +587,22 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(1)
 
 
+def _raise_terminate(signum: int, frame: object) -> None:
+    raise _Terminate()
+
+
+def compose_with_hydra(overrides: list[str]) -> DictConfig:
+    """The config ``python stylize.py <overrides>`` runs with, including the ``hydra`` node (cli.preflight)."""
+    register_config()
+    with hydra.initialize(version_base="1.3", config_path=None):
+        return hydra.compose(config_name="stylize", overrides=overrides, return_hydra_config=True)
+
+
 if __name__ == "__main__":
     register_config()  # before main(): @hydra.main looks the config up by name when it runs
+    try:
+        sys.argv += preflight(sys.argv[1:], compose_with_hydra, check_stylize_config)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C) before any image was stylized", file=sys.stderr)
+        raise SystemExit(130) from None
     main()

@@ -34,16 +34,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from data.io import (
     DOWNSCALE_FILTER,
     IMAGE_EXTENSIONS,
+    MAX_DECODE_PIXELS,
     UPSCALE_FILTER,
-    is_image_file,
+    load_image,
     pil_to_tensor,
-    to_rgb,
+    walk_images,
 )
 from errors import FaststyleError
 
@@ -96,52 +97,30 @@ def scan_image_files(root: str | os.PathLike) -> list[Path]:
         raise FaststyleError(f"dataset folder not found: {root} ({hint})")
     if not root.is_dir():
         raise FaststyleError(f"dataset path is not a folder: {root} ({hint})")
-    found: list[tuple[str, Path]] = []
-    seen_dirs: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen_dirs:
-            dirnames[:] = []
-            continue
-        seen_dirs.add(real)
-        # Sorted, so that a folder reachable along two linked paths is always listed under the same one.
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.startswith(".") or not is_image_file(name):
-                continue
-            path = Path(dirpath) / name
-            found.append((path.relative_to(root).as_posix(), path))
+    found, skipped = walk_images(root, recursive=True)
+    for path, reason in skipped:
+        log.warning("skipping %s: %s", path, reason)
     if not found:
         raise FaststyleError(
             f"no images in dataset folder {root}: expected files ending in {', '.join(IMAGE_EXTENSIONS)} "
             f"(any letter case) in it or its subfolders ({hint})"
         )
-    found.sort(key=lambda item: item[0])
-    return [path for _, path in found]
+    return found
 
 
-def decode_image(path: str | os.PathLike, min_short_side: int | None = None) -> Image.Image:
-    """Decode ``path`` to an RGB PIL image with its EXIF orientation applied.
+def decode_image(
+    path: str | os.PathLike, min_short_side: int | None = None, max_pixels: int | None = MAX_DECODE_PIXELS
+) -> Image.Image:
+    """Decode ``path`` to an RGB PIL image with its EXIF orientation applied (``data.io.load_image``).
 
     With ``min_short_side`` a JPEG is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (``Image.draft``)
     when that still leaves its short side at least ``min_short_side`` pixels: decoding fewer pixels is the cheapest
     speed-up there is for large photos, and the resize that follows does the exact resampling. Other formats and
-    JPEGs less than twice the needed size decode at full size. Raises one of ``DECODE_ERRORS`` for a bad file.
-    (``data.io.load_image`` is the same path without draft mode; both use ``data.io.to_rgb`` for colour modes.)
+    JPEGs less than twice the needed size decode at full size. An image still larger than ``max_pixels`` after
+    that is refused before it is decoded: a tiny PNG can declare 12000 x 12000 pixels. Raises FaststyleError (one
+    of ``DECODE_ERRORS``) for a bad file.
     """
-    with Image.open(path) as opened:
-        if min_short_side is not None and opened.format == "JPEG":
-            width, height = opened.size
-            short = min(width, height)
-            if short >= 2 * min_short_side:
-                # Pillow's JPEG draft() reduces by the largest of 8, 4, 2 that is at most min(width // w, height // h)
-                # for a request (w, h); asking for a square of min_short_side makes that short // min_short_side,
-                # so the decoded short side stays >= min_short_side. (An aspect-preserving request would lose a
-                # factor of two whenever the long side's floor division rounds down further than the short side's.)
-                opened.draft("RGB", (min_short_side, min_short_side))
-        opened.load()  # decode now, so truncated files fail here
-        img = ImageOps.exif_transpose(opened) or opened
-        return to_rgb(img)
+    return load_image(path, min_short_side=min_short_side, max_pixels=max_pixels)
 
 
 def _crop_box(width: int, height: int, size: int, crop_seed: int | None) -> tuple[int, int, int, int]:
@@ -254,8 +233,10 @@ class ImageFolderDataset(Dataset):
         return self.load(int(key))[0]
 
     def fixed_batch(self, count: int) -> torch.Tensor:
-        """The first ``count`` images (or all, if fewer) as a (N, 3, S, S) batch, centre-cropped: for validation."""
-        return torch.stack([self.load(i, train=False)[0] for i in range(min(count, len(self)))])
+        """The first ``count`` images (or all, if fewer) as a (N, 3, S, S) batch, centre-cropped: for validation.
+        ``count=0`` gives an empty (0, 3, S, S) batch."""
+        images = [self.load(i, train=False)[0] for i in range(min(count, len(self)))]
+        return torch.stack(images) if images else torch.empty(0, 3, self.image_size, self.image_size)
 
 
 class StepBatchSampler(Sampler[list[tuple[int, int]]]):

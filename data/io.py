@@ -7,20 +7,39 @@ files, PIL images and such tensors; values are clamped only when an image is wri
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from errors import FaststyleError
+from fileio import atomic_write
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-"""Lower-case extensions (with the dot) that faststyle reads as images."""
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".dib", ".gif", ".tif", ".tiff", ".avif",
+    ".heic", ".heif", ".jp2", ".j2k", ".jpx", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi",
+)
+"""Lower-case extensions (with the dot) of the photo formats faststyle reads, in folders as one by one. Formats
+that can run external programs when opened (EPS/PS run Ghostscript) are left out on purpose. HEIC/HEIF decode when
+the optional ``pillow-heif`` package is installed; without it such a file fails with a line saying so."""
 
-WRITE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP"}
-ALPHA_FORMATS = ("PNG", "WEBP")
+WRITE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
+                 ".tiff": "TIFF"}
+"""Output extensions and their PIL format."""
+ALPHA_FORMATS = ("PNG", "WEBP", "TIFF")
 """Formats that can hold an alpha channel."""
+
+MAX_DECODE_PIXELS = 50_000_000
+"""Largest image (after JPEG draft reduction) that training decodes at full size: 50 MP is 150 MB of RGB. Larger
+photos are reduced while decoding when they are JPEGs; other formats that large are refused with a clear line."""
+
+try:  # HEIC/HEIF photos (iPhone) open through Pillow once pillow-heif registers its plugin; it is optional.
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    HEIF_SUPPORTED = True
+except ImportError:
+    HEIF_SUPPORTED = False
 
 # Resampling filters (Pillow removed Image.ANTIALIAS; Image.Resampling is the supported spelling).
 DOWNSCALE_FILTER = Image.Resampling.LANCZOS
@@ -30,6 +49,44 @@ UPSCALE_FILTER = Image.Resampling.BICUBIC
 def is_image_file(path: str | os.PathLike) -> bool:
     """True when ``path`` has an image extension (any letter case)."""
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def walk_images(root: str | os.PathLike, recursive: bool = True) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The image files in folder ``root`` (and its sub-folders when ``recursive``), sorted by relative path, and the
+    entries that look like images but cannot be read as files, with the reason (a broken link, a folder named
+    ``x.jpg``, a device file).
+
+    Hidden files and folders (names starting with ".", e.g. macOS ``._x.jpg`` resource forks) are left out, as are
+    files without an image extension. Symbolic links to folders are followed once (a link loop is not walked
+    twice); links to files are followed.
+    """
+    root = Path(root)
+    found: list[tuple[str, Path]] = []
+    skipped: list[tuple[Path, str]] = []
+    seen_dirs: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        for name in sorted(dirnames):
+            if not name.startswith(".") and is_image_file(name):
+                skipped.append((Path(dirpath) / name, "a folder, not an image file"))
+        # Sorted, so that a folder reachable along two linked paths is always listed under the same one.
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
+        for name in filenames:
+            if name.startswith(".") or not is_image_file(name):
+                continue
+            path = Path(dirpath) / name
+            if path.is_file():
+                found.append((path.relative_to(root).as_posix(), path))
+            elif path.is_symlink() and not path.exists():
+                skipped.append((path, "a broken symbolic link"))
+            else:
+                skipped.append((path, "not a regular file"))
+    found.sort(key=lambda item: item[0])
+    return [path for _, path in found], sorted(skipped)
 
 
 def to_rgb(img: Image.Image, keep_alpha: bool = False) -> Image.Image:
@@ -49,24 +106,62 @@ def to_rgb(img: Image.Image, keep_alpha: bool = False) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
+def open_draft(opened: Image.Image, min_short_side: int | None) -> None:
+    """Ask libjpeg to decode ``opened`` at 1/2, 1/4 or 1/8 scale when that still leaves its short side at least
+    ``min_short_side`` pixels (``Image.draft``; a no-op for other formats and for ``None``).
+
+    Pillow's JPEG draft() reduces by the largest of 8, 4, 2 that is at most min(width // w, height // h) for a
+    request (w, h); asking for a square of min_short_side makes that short // min_short_side, so the decoded short
+    side stays >= min_short_side. (An aspect-preserving request would lose a factor of two whenever the long
+    side's floor division rounds down further than the short side's.)
+    """
+    if min_short_side is not None and opened.format == "JPEG" and min(opened.size) >= 2 * min_short_side:
+        opened.draft("RGB", (min_short_side, min_short_side))
+
+
+def check_decode_size(opened: Image.Image, max_pixels: int | None, path: str | os.PathLike) -> None:
+    """Refuse to decode an image whose header claims more than ``max_pixels`` pixels (after any draft reduction):
+    a 100-byte PNG can declare 12000 x 12000 pixels, and decoding it would take gigabytes."""
+    width, height = opened.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ValueError(f"{width}x{height} pixels ({width * height / 1e6:.0f} MP) is more than the "
+                         f"{max_pixels / 1e6:.0f} MP decoded for training: shrink {Path(path).name} first, "
+                         "e.g. with scripts/prepare_dataset.py")
+
+
+def load_image(
+    path: str | os.PathLike,
+    mode: str = "RGB",
+    min_short_side: int | None = None,
+    max_pixels: int | None = None,
+) -> Image.Image:
     """Read an image file, apply its EXIF orientation and return it in ``mode`` ("RGB", or "RGBA" to keep alpha).
 
     With ``mode="RGBA"`` an image without alpha comes back as RGB: check ``img.mode`` to know whether it has alpha.
-    A missing, unreadable or corrupt file raises FaststyleError naming the file.
+    ``min_short_side``: a large JPEG may be decoded at a reduced scale that keeps at least this short side
+    (:func:`open_draft`); ``max_pixels``: refuse images larger than this before decoding them
+    (:func:`check_decode_size`). A missing, unreadable, corrupt or too large file raises FaststyleError naming it.
     """
     if mode not in ("RGB", "RGBA"):
         raise ValueError(f"mode must be 'RGB' or 'RGBA', got {mode!r}")
     path = Path(path)
+    if path.is_dir():
+        raise FaststyleError(f"{path} is a folder, not an image file: give the path of one image")
     if not path.is_file():
         raise FaststyleError(f"image not found: {path} (check the path)")
     try:
         with Image.open(path) as opened:
+            open_draft(opened, min_short_side)
+            check_decode_size(opened, max_pixels, path)
             opened.load()  # decode now, so truncated files fail here and not later
             img = ImageOps.exif_transpose(opened) or opened
             return to_rgb(img, keep_alpha=(mode == "RGBA"))
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as err:
-        raise FaststyleError(f"cannot read image {path}: {err} (is it a valid image file?)") from err
+        hint = "is it a valid image file?"
+        if path.suffix.lower() in (".heic", ".heif") and not HEIF_SUPPORTED:
+            hint = "HEIC/HEIF needs the optional package pillow-heif: pip install pillow-heif"
+        message = " ".join(str(err).split()) or type(err).__name__
+        raise FaststyleError(f"cannot read image {path}: {message} ({hint})") from err
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -129,16 +224,6 @@ def save_image(image: Image.Image | torch.Tensor, path: str | os.PathLike, quali
     options: dict = {}
     if fmt in ("JPEG", "WEBP"):
         options["quality"] = int(quality)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            img.save(handle, format=fmt, **options)
-        # mkstemp creates the file 0600; give the image the permissions any newly created file would get.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    elif fmt == "TIFF":
+        options["compression"] = "tiff_lzw"  # lossless, and read by every TIFF reader
+    atomic_write(path, lambda handle: img.save(handle, format=fmt, **options))

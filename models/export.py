@@ -27,7 +27,6 @@ import copy
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from errors import FaststyleError
+from fileio import atomic_output
 from models.norm import InstanceNorm
 from models.transformer import SIZE_MULTIPLE, TransformerNet
 
@@ -101,17 +101,9 @@ class ExportableStyleNet(nn.Module):
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` for a temporary file next to ``path``, then rename it onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    """Call ``write(tmp)`` for a temporary file next to ``path``, then rename it onto ``path`` (fileio)."""
+    with atomic_output(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _example_input(height: int | None, width: int | None) -> torch.Tensor:

@@ -35,7 +35,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +58,7 @@ from data.io import (  # noqa: E402
     tensor_to_pil,
 )
 from errors import FaststyleError, exit_with_error  # noqa: E402
+from fileio import atomic_write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -358,18 +358,6 @@ def held_out_losses(stylize: Stylizer, loss: nn.Module, images: Sequence[Tensor]
 
 # --------------------------------------------------------------------------------------------------------------------
 # Atomic text/PNG writes
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -750,8 +738,8 @@ def compare(
         "curves": out / CURVES_NAME,
     }
     save_image(figure, paths["figure"])
-    _atomic_write_text(paths["table_md"], table_markdown(rows, variants, len(images), change))
-    _atomic_write_text(paths["table_csv"], table_csv(rows, variants))
+    atomic_write_text(paths["table_md"], table_markdown(rows, variants, len(images), change))
+    atomic_write_text(paths["table_csv"], table_csv(rows, variants))
     save_image(curves, paths["curves"])
     return paths
 

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -34,6 +33,7 @@ if str(REPO_ROOT) not in sys.path:  # runnable as `python scripts/prepare_datase
 from data.images import DECODE_ERRORS, decode_image, scan_image_files  # noqa: E402
 from data.io import resize_short_side  # noqa: E402
 from errors import FaststyleError, exit_with_error  # noqa: E402
+from fileio import atomic_write, atomic_write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +55,12 @@ def _prepare_one(job: tuple[str, str, int, int]) -> tuple[str, str]:
     if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
         return "current", ""
     try:
-        img = decode_image(src, min_short_side=short_side)
+        img = decode_image(src, min_short_side=short_side, max_pixels=None)  # shrinking big images is its job
     except DECODE_ERRORS as err:
         return "skipped", f"{src}: {err}"
     if min(img.size) > short_side:
         img = resize_short_side(img, short_side)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            img.save(handle, format="JPEG", quality=quality)
-        os.replace(tmp_name, dst)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write(dst, lambda handle: img.save(handle, format="JPEG", quality=quality))
     return "written", ""
 
 
@@ -84,10 +76,7 @@ def _check_settings(dst: Path, settings: dict, force: bool) -> None:
             raise FaststyleError(
                 f"{dst} was prepared with other settings ({previous}); use a new output folder or pass --force"
             )
-    dst.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(settings, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(settings, indent=1) + "\n")
 
 
 def prepare(

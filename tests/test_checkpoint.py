@@ -97,7 +97,50 @@ def test_load_model_rejects_mismatched_weights(tmp_path: Path) -> None:
     obj = torch.load(path, weights_only=True)
     obj["model_config"]["base_width"] = 16
     torch.save(obj, path)
-    with pytest.raises(FaststyleError, match="does not match"):
+    # The message names a key and both shapes (the stored weights were written at base_width 8).
+    with pytest.raises(FaststyleError, match=r"does not fit its model config: encoder\.0\.conv\.weight is "
+                                             r"\(8, 3, 9, 9\), expected \(16, 3, 9, 9\)"):
+        load_model(path)
+
+
+def test_an_absurd_width_in_a_model_file_fails_before_allocating(tmp_path: Path) -> None:
+    """base_width=4096 would allocate ~10 GB if the network were built for real before the shapes are checked."""
+    import resource
+
+    path = tmp_path / "model.pth"
+    save_model(path, _small_net(), {})
+    obj = torch.load(path, weights_only=True)
+    obj["model_config"]["base_width"] = 4096
+    torch.save(obj, path)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(FaststyleError, match="does not fit its model config"):
+        load_model(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB: under 200 MiB more
+
+
+@pytest.mark.parametrize("change", ["meta", "nan"])
+def test_damaged_model_files_are_one_line_errors(tmp_path: Path, change: str) -> None:
+    path = tmp_path / "model.pth"
+    save_model(path, _small_net(), {})
+    obj = torch.load(path, weights_only=True)
+    if change == "meta":
+        obj["meta"] = [1, 2]
+        expected = "its meta is a list"
+    else:
+        obj["state_dict"]["decoder.6.conv.weight"][0, 0, 0, 0] = float("nan")
+        expected = "1 NaN or infinite weights"
+    torch.save(obj, path)
+    with pytest.raises(FaststyleError, match=expected):
+        load_model(path)
+
+
+@pytest.mark.parametrize(("content", "kind"), [(b"hello world\n", "a text file"), (b"", "an empty file"),
+                                               (b"\xff\xd8\xff\xe0 JFIF", "a JPEG image"),
+                                               (bytes(range(7, 256)), "not a file written by torch.save")])
+def test_files_that_are_not_model_files_say_what_they_are(tmp_path: Path, content: bytes, kind: str) -> None:
+    path = tmp_path / "model.pth"
+    path.write_bytes(content)
+    with pytest.raises(FaststyleError, match=f"is not a faststyle model file: it is {kind}"):
         load_model(path)
 
 

@@ -213,7 +213,7 @@ def test_alpha_with_jpg_request_writes_png(model_file: Path, tmp_path: Path) -> 
 
 def test_usage_errors(model_file: Path, tmp_path: Path) -> None:
     photo().save(tmp_path / "c.png")
-    with pytest.raises(FaststyleError, match="one of the inputs"):
+    with pytest.raises(FaststyleError, match="is an input image"):
         run(model_file, tmp_path / "c.png", output=tmp_path / "c.png")
     with pytest.raises(FaststyleError, match="among the input images"):
         run(model_file, tmp_path, output=tmp_path)

@@ -1,0 +1,174 @@
+"""What train.py and stylize.py do before Hydra starts a job: read the command line the way Hydra will, and turn
+every mistake in it into one ``error:`` line with exit status 2.
+
+Hydra reports its own errors (override syntax, unknown keys, a value of the wrong type) in several lines and exits
+with status 1, which stylize.py uses for "some images failed", and it creates the run folder and writes its
+``.hydra/`` snapshot into it before our code runs. So :func:`preflight` parses the overrides and composes the
+config itself first, checks it against ``configs/schema.py``, and (for training) picks a run folder that no other
+run uses. Only then does the entry point hand over to ``@hydra.main``.
+
+Exit statuses of both programs (README, "Exit statuses"): 0 done, 1 stylize.py only: some images failed (each is
+listed), 2 a usage or input error (one ``error:`` line), 3 an internal error (a bug: traceback), 130 / 143
+interrupted by Ctrl-C / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+from omegaconf import DictConfig, OmegaConf
+
+from errors import FaststyleError
+
+EXIT_USAGE = 2
+EXIT_INTERNAL = 3
+RUN_MARKERS = ("model.pth", "checkpoints", "tb")
+"""What a run folder holds once a run has trained in it (the files a user would not want overwritten)."""
+
+
+def usage_error(message: str) -> NoReturn:
+    """Print ``error: <message>`` (one line) and exit with status 2."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (Hydra and OmegaConf add context lines)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def hydra_error_line(err: BaseException) -> str:
+    """Hydra's multi-line composition error as one line (without its hints about stack traces and full keys)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Could not override '"):
+        key = lines[0].split("'")[1]
+        return f"unknown option {key}: check its spelling (--cfg job prints every option)"
+    if "Config search path:" in lines:
+        lines = lines[: lines.index("Config search path:")]
+    noise = ("full_key:", "object_type=", "reference_type=", "Set the environment variable", "See https://")
+    kept: list[str] = []
+    for line in lines:
+        if line.startswith(noise):
+            continue
+        if kept and kept[-1].startswith("Available options"):  # "Available options in 'model':" + one per line
+            kept[-1] += ("" if kept[-1].endswith(":") else ",") + " " + line
+        else:
+            kept.append(line)
+    cause = err.__cause__
+    if cause is not None and not kept[1:]:
+        kept += [line.strip() for line in str(cause).splitlines()[:1] if line.strip()]
+    return "; ".join(kept) or type(err).__name__
+
+
+def quoted_override(text: str) -> str:
+    """``key=value`` written so that both the shell and Hydra's override grammar take the value literally."""
+    key, _, value = text.partition("=")
+    hydra_form = f'{key}="{value}"' if '"' not in value else f"{key}='{value}'"
+    return "'" + hydra_form.replace("'", "'\\''") + "'"
+
+
+def parse_command_line(argv: list[str]) -> argparse.Namespace:
+    """Hydra's own command-line parser (flags such as ``-m``, ``--cfg``; the rest are overrides)."""
+    from hydra._internal.utils import get_args_parser
+
+    return get_args_parser().parse_args(argv)
+
+
+def _hydra_only_flags(args: argparse.Namespace) -> bool:
+    """Flags that make Hydra print something instead of running the job: leave those to Hydra."""
+    return bool(args.help or args.hydra_help or args.shell_completion or args.cfg or args.info is not None
+                or args.experimental_rerun or args.config_path or args.config_name or args.config_dir)
+
+
+def parse_overrides(overrides: list[str]) -> list:
+    """Hydra's parsed overrides; a syntax error is one line that says how to quote the value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    parsed = []
+    for text in overrides:
+        try:
+            parsed.extend(parser.parse_overrides([text]))
+        except OverrideParseException as err:
+            hint = (f"quote the value: {quoted_override(text)}" if "=" in text
+                    else "an override is key=value, e.g. style=painting.jpg")
+            usage_error(f"cannot read the option {text!r} ({first_line(err)}): {hint}")
+    return parsed
+
+
+def preflight(
+    argv: list[str],
+    compose: Callable[[list[str]], DictConfig],
+    check: Callable[[DictConfig], None],
+    choose_outputs: Callable[[DictConfig, list, bool], list[str]] | None = None,
+) -> list[str]:
+    """Check the command line before Hydra runs it; return extra overrides for Hydra (e.g. the chosen run dir).
+
+    ``compose(overrides)`` composes the config with the hydra node; ``check(cfg)`` raises FaststyleError for a
+    bad config; ``choose_outputs(cfg, parsed overrides, multirun)`` returns overrides that pin the output folder.
+    Every problem exits with status 2 and one line. Nothing is checked when a flag asks Hydra to print
+    something (``--help``, ``--cfg``, ...). In multirun mode (``-m``) the sweep values are composed by Hydra, so only
+    the syntax and the output folder are checked here; each job checks its own config when it starts.
+    """
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    args = parse_command_line(argv)
+    if _hydra_only_flags(args):
+        return []
+    parsed = parse_overrides(args.overrides)
+    if not args.multirun:
+        for override, text in zip(parsed, args.overrides, strict=True):
+            if override.is_sweep_override():
+                usage_error(f"{text!r} lists several values, which only a sweep (-m) runs: for one value with a "
+                            f"comma, quote it: {quoted_override(text)}")
+    plain = [text for override, text in zip(parsed, args.overrides, strict=True) if not override.is_sweep_override()]
+    try:
+        cfg = compose(plain)
+    except (HydraException, OmegaConfBaseException, ValueError, KeyError) as err:
+        usage_error(hydra_error_line(err))
+    try:
+        if not args.multirun:
+            check(cfg)
+        return choose_outputs(cfg, parsed, bool(args.multirun)) if choose_outputs is not None else []
+    except FaststyleError as err:
+        usage_error(str(err))
+
+
+def holds_run(folder: Path) -> bool:
+    """True when ``folder`` holds what a training run writes (model.pth, checkpoints/ or tb/)."""
+    return any((folder / marker).exists() for marker in RUN_MARKERS)
+
+
+def claim_fresh_dir(path: Path) -> Path:
+    """Create and return ``path``, or ``path-2``, ``path-3``, ... whichever does not exist yet.
+
+    ``mkdir`` either creates the folder or fails, atomically, so two runs started in the same second with the same
+    name get two folders, never one shared folder.
+    """
+    for number in itertools.count(1):
+        candidate = path if number == 1 else path.with_name(f"{path.name}-{number}")
+        try:
+            candidate.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        return candidate
+    raise AssertionError("unreachable")
+
+
+def resolve_user_path(path: str) -> Path:
+    """A path as the user meant it: ``~`` expanded, relative to the current folder, symlinks resolved."""
+    return Path(os.path.realpath(os.path.expanduser(path)))
+
+
+def hydra_value(cfg: DictConfig, key: str) -> str:
+    """A resolved ``hydra.*`` value of a composed config as text."""
+    return str(OmegaConf.select(cfg, key))
