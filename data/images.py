@@ -21,6 +21,8 @@ Contract (used by ``train.py``):
   batches concatenated in rank order equal the batch of a single process with batch ``B*W`` (same images, same
   crops), and ``start_step=k`` resumes exactly where an uninterrupted run would be at step ``k``. Random crops are
   drawn from a seed derived from ``(seed, stream position)``, not from worker RNG state, for the same reason.
+- Worker processes ignore SIGINT and SIGTERM: stopping is the training process's decision (models/interrupt.py),
+  and it shuts its workers down itself.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -352,6 +355,15 @@ class TrainLoader:
         self._iterator = None
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a Ctrl-C reaches every process of the terminal's process group, and torchrun,
+    Slurm or systemd send SIGTERM to a whole group or cgroup. A worker that died of it would make the training
+    process fail ("DataLoader worker ... is killed by signal") while it saves its stop checkpoint; ignored, the
+    worker keeps serving batches until the training process shuts it down (and exits by itself if its parent dies)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_train_loader(
     dataset: ImageFolderDataset,
     batch_size: int,
@@ -382,6 +394,7 @@ def make_train_loader(
         num_workers=num_workers,
         collate_fn=_collate,
         pin_memory=pin_memory,
+        worker_init_fn=_ignore_stop_signals,
         # An own generator: otherwise creating the iterator draws the workers' base seed from the global torch RNG,
         # which would make a resumed run's global RNG stream differ from an uninterrupted one's.
         generator=torch.Generator().manual_seed(int(seed) & ((1 << 63) - 1)),

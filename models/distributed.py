@@ -13,6 +13,8 @@ Conventions used by train.py:
 - only the main process (rank 0) logs, writes TensorBoard, checkpoints and ``model.pth`` (:func:`is_main_process`);
 - logged metrics are averaged over ranks with :func:`all_reduce_mean` (one collective, one host sync) at log
   intervals only;
+- a stop request (Ctrl-C, SIGTERM) is agreed on every step with :func:`agree_to_stop`, a one-integer all-reduce on
+  a CPU (gloo) side group, so that every rank stops after the same step and rank 0 saves that step;
 - files are always saved from :func:`unwrap` (the plain module, without DDP's ``.module`` or torch.compile's
   ``._orig_mod`` prefixes), so a model trained on 8 GPUs loads like one trained on a laptop.
 """
@@ -23,7 +25,7 @@ import datetime
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,7 +46,9 @@ _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 class DistContext:
     """Where this process stands: its global rank, the number of processes, its rank on this machine and device.
 
-    ``backend`` is None for a single-process run (no process group exists then).
+    ``backend`` is None for a single-process run (no process group exists then). ``control_group`` is the CPU
+    (gloo) side group for control messages (:func:`agree_to_stop`), so that under NCCL they need no GPU sync; None
+    for a single process.
     """
 
     rank: int
@@ -52,6 +56,7 @@ class DistContext:
     local_rank: int
     device: torch.device
     backend: str | None
+    control_group: Any = field(default=None, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -140,8 +145,12 @@ def init_distributed(device_name: str = "auto", timeout_s: float = 1800.0) -> Di
             # "devices used by this process are currently unknown" warning of barrier().
             device_id=device if device.type == "cuda" else None,
         )
+    # Every rank must create the group, in the same order as any other group (new_group is itself a collective).
+    # Also under gloo, where the default group would do, so that CPU runs (and tests) use the code NCCL runs use.
+    control_group = dist.new_group(backend="gloo") if world_size > 1 else None
     logger.info("distributed: rank %d/%d (local %d) on %s, backend %s", rank, world_size, local_rank, device, backend)
-    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend,
+                       control_group=control_group)
 
 
 def worker_hydra_overrides(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -195,6 +204,28 @@ def barrier() -> None:
     """Wait for every rank (no-op when not distributed), e.g. before rank 0 reads a file another step wrote."""
     if get_world_size() > 1:
         dist.barrier()
+
+
+def agree_to_stop(local_request: int, ctx: DistContext | None) -> int:
+    """The stop request every rank acts on: the largest ``local_request`` over ranks (0 = keep training, else the
+    number of the signal this rank received), so that all ranks stop after the same step.
+
+    A collective: every rank calls it once per step, at the same point. One int32 all-reduce (MAX) on the CPU
+    control group, so it never waits for the GPU; a single process returns ``local_request`` without communicating.
+    """
+    if ctx is None or not ctx.distributed:
+        return local_request
+    flag = torch.tensor([local_request], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctx.control_group)
+    return int(flag.item())
+
+
+def wait_for_ranks(ctx: DistContext | None) -> None:
+    """Barrier on the CPU control group (no-op for one process), e.g. until rank 0 has saved the stop checkpoint:
+    a gloo rank that leaves the group while a peer still works can make that peer abort (see
+    :func:`teardown_distributed`)."""
+    if ctx is not None and ctx.distributed:
+        dist.barrier(group=ctx.control_group)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

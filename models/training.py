@@ -11,6 +11,10 @@ checkpoint of the poisoned weights is written, so the last checkpoint on disk is
 Side effects (TensorBoard, progress bar, checkpoints, images, ``model.pth``) all go through ``RunOutputs``; under
 torchrun only rank 0 creates one with ``enabled=True`` (``is_main``), the other ranks get a disabled one that
 does nothing, so no rank-dependent ``if`` is scattered through the loop.
+
+Ctrl-C and SIGTERM (models/interrupt.py): the step under way is finished, every rank agrees to stop after the same
+step (``agree_to_stop``), rank 0 saves ``checkpoints/last.pt`` at that step (unless that step's checkpoint is
+already written) and ``fit`` raises ``TrainingInterrupted`` carrying the step, the checkpoint and the signal.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from models.checkpoint import (
     save_model,
     unwrap_model,
 )
-from models.distributed import DistContext, all_reduce_mean, wrap_ddp
+from models.distributed import DistContext, agree_to_stop, all_reduce_mean, wait_for_ranks, wrap_ddp
+from models.interrupt import TrainingInterrupted, stop_signals
 from models.precision import resolve_precision as resolve_precision_policy
 
 log = logging.getLogger(__name__)
@@ -250,6 +255,12 @@ def fit(
         dist_ctx: torchrun context (models.distributed.init_distributed); with more than one process the network
             is wrapped in DDP here (after ``resume`` is loaded, identically on every rank) and logged losses are
             averaged over ranks. ``outputs`` must be disabled on ranks > 0.
+
+    Raises:
+        TrainingInterrupted: on SIGINT/SIGTERM (handlers from models.interrupt.stop_signals: the caller's, else
+            installed here for the call). In the loop: after the current step, which is saved to
+            ``checkpoints/last.pt`` first; while ``model.pth`` is written: at once, carrying the last checkpoint.
+        NonFiniteLossError: the loss became NaN/inf (found at a log point); nothing of it is saved.
     """
     options.validate()
     compute_dtype = resolve_precision(options.precision, device)
@@ -280,56 +291,79 @@ def fit(
                 "rng": capture_rng_state()}
 
     def log_images(step: int) -> None:
-        if not outputs.enabled:  # rank 0 only; the plain module, so no DDP collective runs on one rank alone
-            return
+        if not outputs.enabled or len(val_images) == 0:  # rank 0 only (the plain module: no DDP collective runs
+            return  # on one rank alone); data.val_images=0 asks for no image grid
         model.eval()
         with torch.no_grad(), autocast:
             stylised = model(val_images.to(device, memory_format=memory_format))
         model.train()
         outputs.image("val/content_stylised", image_grid(val_images, stylised), step)
 
-    outputs.image("style", style_image[0], start_step)
     sums: dict[str, torch.Tensor] = {}
     window_start, window_time = start_step, time.perf_counter()
     last: dict[str, float] = {}
     batch_size = 0
-    model.train()
-    for step in range(start_step + 1, options.steps + 1):
-        content = next(batches).to(device, non_blocking=True, memory_format=memory_format)
-        batch_size = content.shape[0]
-        lr = options.lr * lr_factor(step, options)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        losses = train_step(step_model, loss_fn, optimizer, scaler, content, autocast)
-        for name, value in losses.items():
-            sums[name] = sums[name] + value.detach() if name in sums else value.detach().clone()
 
-        at_checkpoint = step % options.checkpoint_interval_steps == 0 or step == options.steps
-        postfix = None
-        if step % options.log_interval_steps == 0 or at_checkpoint:
-            count = step - window_start
-            # The one host sync (and, under DDP, the one collective) of the window: means over steps and ranks.
-            means = {name: value / count for name, value in all_reduce_mean(sums).items()}
-            if not math.isfinite(means["total"]):
-                raise NonFiniteLossError(
-                    f"loss became {means['total']} between steps {window_start + 1} and {step}; stopped. Last good "
-                    f"checkpoint: {outputs.last_checkpoint or 'none yet'}. Lower train.lr or use train.precision=fp32"
-                )
-            elapsed = time.perf_counter() - window_time
-            images_per_s = count * batch_size / elapsed if elapsed > 0 else float("nan")
-            last = {f"loss/{name}": value for name, value in means.items()}
-            outputs.scalars({**last, "lr": lr, "perf/images_per_s": images_per_s}, step)
-            postfix = {"loss": f"{means['total']:.4g}", "img/s": f"{images_per_s:.1f}"}
-            sums, window_start = {}, step
-        if step % options.image_interval_steps == 0 or step == options.steps:
-            log_images(step)
-        if at_checkpoint:
-            outputs.checkpoint(checkpoint_state(step), step, periodic=step % options.checkpoint_interval_steps == 0)
-        outputs.progress(postfix)
-        if postfix is not None:  # images/s measures training: the next window starts after images and checkpoints
-            window_time = time.perf_counter()
+    def log_window(step: int, lr: float) -> dict[str, str]:
+        """Means of the losses since the last log point (over steps and ranks) to TensorBoard; returns the progress
+        bar's postfix. The one host sync (and, under DDP, the one collective) of the window."""
+        nonlocal sums, window_start, last
+        count = step - window_start
+        means = {name: value / count for name, value in all_reduce_mean(sums).items()}
+        if not math.isfinite(means["total"]):
+            raise NonFiniteLossError(
+                f"loss became {means['total']} between steps {window_start + 1} and {step}; stopped. Last good "
+                f"checkpoint: {outputs.last_checkpoint or 'none yet'}. Lower train.lr or use train.precision=fp32"
+            )
+        elapsed = time.perf_counter() - window_time
+        images_per_s = count * batch_size / elapsed if elapsed > 0 else float("nan")
+        last = {f"loss/{name}": value for name, value in means.items()}
+        outputs.scalars({**last, "lr": lr, "perf/images_per_s": images_per_s}, step)
+        sums, window_start = {}, step
+        return {"loss": f"{means['total']:.4g}", "img/s": f"{images_per_s:.1f}"}
 
-    if start_step >= options.steps:
-        log.warning("checkpoint is already at step %d >= train.steps=%d: nothing to train", start_step, options.steps)
-    final_metrics = {f"final/{name.replace('/', '_')}": value for name, value in last.items()}
-    return outputs.final(model, {**meta, "steps": max(start_step, options.steps)}, hparams, final_metrics)
+    with stop_signals() as stop:
+        with stop.deferred():
+            outputs.image("style", style_image[0], start_step)
+            model.train()
+            for step in range(start_step + 1, options.steps + 1):
+                content = next(batches).to(device, non_blocking=True, memory_format=memory_format)
+                batch_size = content.shape[0]
+                lr = options.lr * lr_factor(step, options)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                losses = train_step(step_model, loss_fn, optimizer, scaler, content, autocast)
+                for name, value in losses.items():
+                    sums[name] = sums[name] + value.detach() if name in sums else value.detach().clone()
+
+                at_checkpoint = step % options.checkpoint_interval_steps == 0 or step == options.steps
+                postfix = None
+                if step % options.log_interval_steps == 0 or at_checkpoint:
+                    postfix = log_window(step, lr)
+                if step % options.image_interval_steps == 0 or step == options.steps:
+                    log_images(step)
+                if at_checkpoint:
+                    periodic = step % options.checkpoint_interval_steps == 0
+                    outputs.checkpoint(checkpoint_state(step), step, periodic=periodic)
+                    stop.saved(step, outputs.last_checkpoint)
+                outputs.progress(postfix)
+                if postfix is not None:  # images/s measures training: the window restarts after images/checkpoints
+                    window_time = time.perf_counter()
+
+                # Checked after the images and the checkpoint, so a signal that arrived while they were written stops
+                # at this step, whose checkpoint is then already on disk. Every rank calls this (a collective).
+                stop_request = agree_to_stop(stop.signum or 0, dist_ctx)
+                if stop_request:
+                    if not at_checkpoint:
+                        if postfix is None:  # the loss is checked (and logged) before the weights are saved
+                            log_window(step, lr)
+                        outputs.checkpoint(checkpoint_state(step), step, periodic=False)
+                        stop.saved(step, outputs.last_checkpoint)
+                    wait_for_ranks(dist_ctx)  # no rank leaves the group before rank 0 has saved
+                    raise TrainingInterrupted(stop.signum or stop_request, step, outputs.last_checkpoint)
+
+        if start_step >= options.steps:
+            log.warning("checkpoint is already at step %d >= train.steps=%d: nothing to train", start_step,
+                        options.steps)
+        final_metrics = {f"final/{name.replace('/', '_')}": value for name, value in last.items()}
+        return outputs.final(model, {**meta, "steps": max(start_step, options.steps)}, hparams, final_metrics)
