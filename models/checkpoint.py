@@ -156,7 +156,9 @@ def check_finite(state_dict: dict[str, torch.Tensor], path: Path) -> None:
 def _check_format(obj: dict, path: Path, expected: str, what: str) -> None:
     fmt = obj.get("format")
     if fmt != expected:
-        hint = " (this is a training checkpoint: pass the run's model.pth)" if fmt == CHECKPOINT_FORMAT else ""
+        hint = {CHECKPOINT_FORMAT: " (this is a training checkpoint: pass the run's model.pth)",
+                MODEL_FORMAT: " (this is an inference model: train.resume takes a run dir or its checkpoints/last.pt)",
+                }.get(fmt, "") if fmt != expected else ""
         raise FaststyleError(f"{path} is not a faststyle {what}: format is {fmt!r}, expected {expected!r}{hint}")
     version = obj.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:

@@ -10,6 +10,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 import train  # registers the style_stem resolver used by hydra.run.dir
+from cli import claim_fresh_dir, hydra_error_line, quoted_override
+from configs.schema import check_against_schema, check_stylize_config, check_train_config
 from errors import FaststyleError
 from models.training import TrainOptions
 
@@ -27,6 +29,7 @@ def _options(group: str) -> list[str]:
 
 
 def _check_train_block(cfg) -> None:
+    check_train_config(cfg)  # every key is in configs/schema.py and every value fits it
     train_block = OmegaConf.to_container(cfg.train, resolve=True)
     options = TrainOptions(**{k: v for k, v in train_block.items() if k not in ("batch_size", "resume")})
     options.validate()
@@ -78,3 +81,60 @@ def test_run_dir_has_date_time_and_style_and_never_chdirs() -> None:
     assert run_dir.parts[:2] == ("outputs", "train")
     assert run_dir.name.endswith("-MyPainting")
     assert cfg.hydra.sweep.dir.startswith("multirun/train/")
+
+
+def test_schema_refuses_with_one_line() -> None:
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Schema:
+        a: int = field(metadata={"min": 1})
+        b: str
+
+    cases = [({"a": 1, "b": "x", "extra": 2}, "unknown option extra: the top-level options are a, b"),
+             ({"a": "abc", "b": "x"}, "a=abc must be an integer"),
+             ({"a": True, "b": "x"}, "a=true must be an integer"),
+             ({"a": 1.5, "b": "x"}, "a=1.5 must be an integer"),
+             ({"a": 0, "b": "x"}, "a=0 is too small: the minimum is 1"),
+             ({"a": 1, "b": None}, "b=null is not allowed"),
+             ({"a": 1}, "option b is missing")]
+    for node, message in cases:
+        with pytest.raises(FaststyleError) as info:
+            check_against_schema(node, Schema)
+        assert str(info.value).startswith(message), (node, str(info.value))
+    check_against_schema({"a": 1, "b": 2024}, Schema)  # Hydra reads `b=2024` as a number: still a text value
+
+
+def test_the_stylize_defaults_fit_the_schema() -> None:
+    from stylize import compose_config
+
+    check_stylize_config(compose_config(["model=m.pth", "input=x.jpg"]))
+
+
+def test_hydra_errors_become_one_line() -> None:
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_train(["train.stepz=3"])
+    assert hydra_error_line(info.value) == (
+        "unknown option train.stepz: check its spelling (--cfg job prints every option)")
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_train(["model=nope"])
+    assert hydra_error_line(info.value) == (
+        "In 'train': Could not find 'model/nope'; Available options in 'model': johnson")
+
+
+@pytest.mark.parametrize("value", ["a=b.jpg", "Zoë (2).jpg", "it's.jpg", 'say "hi".jpg', "x,y.png"])
+def test_the_suggested_quoting_gives_hydra_the_literal_value(value: str) -> None:
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    (word,) = shlex.split(quoted_override(f"input={value}"))  # what the shell hands to the program
+    (override,) = OverridesParser.create().parse_overrides([word])
+    assert override.key_or_group == "input" and override.value() == value
+
+
+def test_claim_fresh_dir_never_returns_a_taken_folder(tmp_path: Path) -> None:
+    first = claim_fresh_dir(tmp_path / "run")
+    second = claim_fresh_dir(tmp_path / "run")
+    third = claim_fresh_dir(tmp_path / "run")
+    assert [p.name for p in (first, second, third)] == ["run", "run-2", "run-3"]

@@ -239,7 +239,8 @@ def test_lr_schedules_are_pure_functions_of_the_step() -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [("train.precision=fp16", "needs a CUDA device"), ("train.lr_schedule=step", "lr_schedule"),
-     ("train.steps=0", "at least 1"), ("device=tpu", "unknown device"), ("model.norm=layer", "unknown norm")],
+     ("train.steps=0", "the minimum is 1"), ("device=tpu", "unknown device"),
+     ("model.norm=layer", "not one of instance, batch, none")],
 )
 def test_bad_train_values_fail_with_one_line(tmp_path: Path, override: str, message: str) -> None:
     with pytest.raises(FaststyleError, match=message):
