@@ -236,3 +236,38 @@ def test_cli_errors_exit_2(model_file: Path, tmp_path: Path) -> None:
         proc = subprocess.run([sys.executable, "stylize.py", *args], cwd=REPO, capture_output=True, text=True)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "code", "label"), [(2, 130, "Ctrl-C"), (15, 143, "SIGTERM")])
+def test_ctrl_c_and_sigterm_stop_after_complete_files(model_file: Path, tmp_path: Path, signum: int, code: int,
+                                                     label: str) -> None:
+    """A real stylize.py is stopped once its first output exists: one line, exit 130/143, every output complete,
+    no temporary file left, and the same command then finishes the rest."""
+    import signal
+    import time
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(6):
+        photo(64, 48, seed=i).save(src / f"p{i:02d}.png")
+    command = [sys.executable, "stylize.py", f"model={model_file}", f"input={src}", f"output={out}", "scale=24",
+               "batch_size=1", "io_threads=1"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not (out.is_dir() and any(p.suffix == ".png" for p in out.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"interrupted ({label}):"), err
+    written = sorted(p.name for p in out.iterdir())
+    assert all(not name.startswith(".") for name in written), written  # no temporary file left behind
+    assert 1 <= len(written) < 6, written
+    for name in written:
+        with Image.open(out / name) as img:
+            img.load()  # complete files only
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"skipped {len(written)}" in again.stdout, again.stderr
+    assert len(list(out.iterdir())) == 6
