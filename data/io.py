@@ -150,12 +150,16 @@ def load_image(
     if not path.is_file():
         raise FaststyleError(f"image not found: {path} (check the path)")
     try:
-        with Image.open(path) as opened:
+        with Image.open(path) as opened:  # leaving the block closes the file; the decoded pixels stay usable
             open_draft(opened, min_short_side)
             check_decode_size(opened, max_pixels, path)
             opened.load()  # decode now, so truncated files fail here and not later
-            img = ImageOps.exif_transpose(opened) or opened
-            return to_rgb(img, keep_alpha=(mode == "RGBA"))
+            # In place and without the no-op conversion: each full-size copy of a 12000 x 12000 photo is 576 MB
+            # (Pillow holds RGB as 4 bytes per pixel). A rotation still needs the old and the new pixels briefly.
+            ImageOps.exif_transpose(opened, in_place=True)
+            if opened.mode == "RGB" or (mode == "RGBA" and opened.mode == "RGBA"):
+                return opened
+            return to_rgb(opened, keep_alpha=(mode == "RGBA"))
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as err:
         hint = "is it a valid image file?"
         if path.suffix.lower() in (".heic", ".heif") and not HEIF_SUPPORTED:
@@ -172,6 +176,39 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     return data.view(img.height, img.width, 3).permute(2, 0, 1).float().div_(255.0)
 
 
+def image_rows(img: Image.Image, lo: int, hi: int) -> torch.Tensor:
+    """Rows [lo, hi) of an RGB or RGBA PIL image as an (hi - lo, W, 3 or 4) uint8 tensor (a copy of those rows
+    only: a strip of a huge image is read without converting the whole image)."""
+    if img.mode not in ("RGB", "RGBA"):
+        raise ValueError(f"expected an RGB or RGBA image, got mode {img.mode}")
+    channels = len(img.mode)
+    if hi <= lo:
+        return torch.empty((0, img.width, channels), dtype=torch.uint8)
+    data = bytearray(img.crop((0, lo, img.width, hi)).tobytes())  # writable, so torch may share it
+    return torch.frombuffer(data, dtype=torch.uint8).view(hi - lo, img.width, channels)
+
+
+def rows_to_tensor(rows: torch.Tensor) -> torch.Tensor:
+    """(h, W, C >= 3) uint8 rows (from image_rows) -> (3, h, W) float32 in [0, 1], exactly as pil_to_tensor
+    converts those pixels (channels beyond the third, e.g. alpha, are dropped)."""
+    return rows[..., :3].permute(2, 0, 1).float().div_(255.0)
+
+
+def to_uint8(tensor: torch.Tensor) -> torch.Tensor:
+    """Float values in [0, 1] (any shape) -> uint8 0..255: clamped to [0, 1], scaled by 255 and rounded (half to
+    even), the one rounding rule for every image faststyle writes."""
+    return tensor.detach().float().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
+
+
+def paste_rows(img: Image.Image, lo: int, rows: torch.Tensor) -> None:
+    """Write (h, W, C) uint8 ``rows`` into ``img`` (mode RGB for C = 3, RGBA for C = 4) at rows [lo, lo + h)."""
+    height, width, channels = rows.shape
+    if width != img.width or channels != len(img.mode):
+        raise ValueError(f"rows of shape {tuple(rows.shape)} do not fit a {img.mode} image {img.width} wide")
+    strip = Image.frombuffer(img.mode, (width, height), rows.contiguous().numpy(), "raw", img.mode, 0, 1)
+    img.paste(strip, (0, lo))
+
+
 def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
     """(3, H, W) (or (1, 3, H, W)) float tensor in [0, 1] -> PIL RGB image; values are clamped to [0, 1] here."""
     if tensor.dim() == 4:
@@ -180,7 +217,7 @@ def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
         tensor = tensor[0]
     if tensor.dim() != 3 or tensor.shape[0] != 3:
         raise ValueError(f"expected a (3, H, W) tensor, got shape {tuple(tensor.shape)}")
-    array = tensor.detach().float().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).permute(1, 2, 0).cpu()
+    array = to_uint8(tensor).permute(1, 2, 0).cpu()
     return Image.fromarray(array.contiguous().numpy(), mode="RGB")
 
 

@@ -20,15 +20,21 @@ What this module does instead (exact up to floating-point summation order):
    lazily, when the next convolution reads its input strip. Batch norm in eval mode uses its running statistics
    and is pointwise from the start.
 5. A residual block keeps its input store for the skip connection and adds ``norm2(conv2(...))`` into it in place.
+6. Neither the input nor the output image is ever held as float32: the first convolution reads its strips from
+   the caller's image through ``read_rows`` (uint8 rows converted to float per strip, the canvas padding gathered
+   exactly), and the last convolution's strips are mapped to RGB and handed to the caller's ``sink`` one by one
+   (``TiledExecutor.stream``), without a store. stylize.py's sink applies the colour options and writes uint8.
 
-Every layer is computed once (plus the small halo rows), so the cost is about one untiled forward pass; the peak
-memory is the stores kept in RAM plus a few strips. ``TiledExecutor`` checks once, on a small random image with
-tiny strips, that its decomposition reproduces ``net(x)``; a network it does not understand raises instead of
-silently producing a different image.
+Every layer is computed once (plus the small halo rows), so the cost is about one untiled forward pass. Memory:
+the stores kept in RAM plus the strip being computed stay within the budget (the strip sizes come from an
+estimate of their working tensors, see ``_strip_bytes``); the caller's images are outside it. ``TiledExecutor``
+checks once, on a small random image with tiny strips, that its decomposition reproduces ``net(x)``; a network it
+does not understand raises instead of silently producing a different image.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import os
@@ -51,6 +57,25 @@ _FLOAT_BYTES = 4
 # 1895 MiB (~960 B/px), channels-last 1388 MiB (~700 B/px), channels-last with malloc reuse ~1650 MiB (~830 B/px).
 # 1100 leaves a margin, so an image that is estimated to fit really does.
 UNTILED_BYTES_PER_PIXEL_W32 = 1100
+# Of those, the image's own float tensors (input, padded canvas, output, colour finishing: ~15 copies of 12 B/px)
+# do not shrink with a narrower network; only the rest is scaled by base_width / 32.
+UNTILED_FIXED_BYTES_PER_PIXEL = 200
+MIN_STRIP_MB = 64
+"""A strip is at least one row: below this many MiB per strip an image is never refused for being too wide (the
+budget may then be exceeded by up to this much); a one-row strip larger than max(budget, this) is refused."""
+MIN_FAST_ROWS = 16
+"""A store stays in RAM only if strips of this many rows still fit beside it (thinner strips are slower)."""
+ALLOCATOR_SLACK = 2.0
+"""Resident bytes per estimated live strip byte. With malloc_reuse (stylize's default) glibc keeps freed blocks for
+reuse, but a 64-byte-aligned allocation (torch's) cannot reuse a freed block of exactly its own size, so a loop
+over equal strips holds two or three blocks of each size. Measured at 12000 x 6000, base width 32, 2048 MiB: peak
+RSS growth 1.53x the live estimate with malloc_reuse (layers trimmed, see _release_freed_heap), 0.87x without."""
+
+RowReader = Callable[[int, int], Tensor]
+"""``read_rows(lo, hi)``: rows [lo, hi) of an image as an (hi - lo, W, C >= 3) tensor, uint8 0..255 or float
+[0, 1]; channels after the third (alpha) are ignored."""
+StripSink = Callable[[int, Tensor], None]
+"""``sink(row, strip)``: receives a (3, h, W) float32 CPU strip in [0, 1], the result's rows [row, row + h)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -64,10 +89,10 @@ class RamStore:
     activation adopts the tensor instead of copying it.
     """
 
-    def __init__(self, channels: int, height: int, width: int, data: Tensor | None = None) -> None:
+    def __init__(self, channels: int, height: int, width: int) -> None:
         self.shape = (channels, height, width)
-        self.data = data
-        self.nbytes = channels * height * width * _FLOAT_BYTES if data is None else 0  # input: not counted
+        self.data: Tensor | None = None
+        self.nbytes = channels * height * width * _FLOAT_BYTES
 
     def read(self, lo: int, hi: int) -> Tensor:
         """Rows [lo, hi) as an (hi - lo, W, C) tensor: a view of the store (modifying it modifies the store)."""
@@ -130,7 +155,77 @@ class DiskStore:
             os.unlink(self.path)
 
 
-Store = RamStore | DiskStore
+class SourceStore:
+    """The network's input canvas, read in row strips from the caller's image (nothing image-sized is held).
+
+    The canvas is the image padded at the bottom and right as models.transformer.pad_to_multiple pads it
+    (reflection, or replication for images too small to reflect); padded rows and columns are gathered from the
+    image rows they copy, so a strip equals the same rows of the padded float image exactly. uint8 rows are
+    converted to float32 in [0, 1] as data.io.pil_to_tensor converts them (``x.float() / 255``).
+    """
+
+    def __init__(self, read_rows: RowReader, height: int, width: int) -> None:
+        canvas_h, canvas_w = canvas_size(height, width)
+        self.shape = (3, canvas_h, canvas_w)
+        self.nbytes = 0  # the caller's image: not counted
+        self._read_rows, self._height = read_rows, height
+        reflect = canvas_h - height < height and canvas_w - width < width
+        self._row_of = _padded_index(height, canvas_h, reflect)  # canvas row -> image row
+        self._col_of = _padded_index(width, canvas_w, reflect) if canvas_w != width else None
+
+    def read(self, lo: int, hi: int) -> Tensor:
+        """Canvas rows [lo, hi) as a contiguous (hi - lo, W_canvas, 3) float32 tensor in [0, 1]."""
+        if hi <= self._height:
+            rows = self._read_rows(lo, hi)[..., :3]
+        else:  # reaches the bottom padding
+            index = self._row_of[lo:hi]
+            first, last = int(index.min()), int(index.max())
+            rows = self._read_rows(first, last + 1)[..., :3].index_select(0, index - first)
+        if self._col_of is not None:
+            rows = rows.index_select(1, self._col_of)
+        if rows.dtype == torch.uint8:
+            return rows.float().div_(255.0)
+        return rows.to(torch.float32).contiguous()
+
+    def close(self) -> None:
+        pass
+
+
+def _padded_index(size: int, padded: int, reflect: bool) -> Tensor:
+    """For each of ``padded`` positions, the position of the ``size`` it copies (F.pad at the end, mode reflect
+    or replicate)."""
+    index = torch.arange(padded)
+    beyond = index >= size
+    index[beyond] = 2 * (size - 1) - index[beyond] if reflect else size - 1
+    return index
+
+
+class SinkStore:
+    """Takes the place of the last convolution's store: each strip written to it is cropped to the image, passed
+    through the pending pointwise functions and the output mapping, and handed to the sink. Nothing is kept."""
+
+    def __init__(self, channels: int, canvas_h: int, canvas_w: int, height: int, width: int,
+                 pending: list[PointwiseFn], output: Callable[[Tensor], Tensor], sink: StripSink) -> None:
+        self.shape = (channels, canvas_h, canvas_w)
+        self.nbytes = 0
+        self._height, self._width = height, width
+        self._pending, self._output, self._sink = pending, output, sink
+
+    def write(self, lo: int, tile: Tensor) -> None:
+        """Hand rows [lo, lo + h) of the (h, W_canvas, C) ``tile`` (our own tensor) to the sink."""
+        hi = min(lo + tile.shape[0], self._height)
+        if hi <= lo:  # bottom padding rows of the canvas
+            return
+        strip = tile[: hi - lo, : self._width]
+        for fn in self._pending:
+            strip = fn(strip, True)
+        self._sink(lo, self._output(strip.permute(2, 0, 1)))
+
+    def close(self) -> None:
+        pass
+
+
+Store = RamStore | DiskStore | SourceStore | SinkStore
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,11 +355,6 @@ class SpatialOp:
         h, w = height * self.upsample + 2 * self.pad, width * self.upsample + 2 * self.pad
         return ((h - k) // s + 1, (w - k) // s + 1)
 
-    def in_rows_per_out_row(self) -> float:
-        """Input rows read per output row (for sizing strips)."""
-        s = self.conv.stride[0]
-        return 1.0 / s if self.transpose else s / self.upsample
-
 
 def _pointwise_module(module: nn.Module) -> bool:
     return isinstance(module, nn.ReLU | nn.Identity | nn.BatchNorm2d | InstanceNorm | nn.InstanceNorm2d)
@@ -336,7 +426,11 @@ def build_plan(net: TransformerNet) -> Plan:
         conv1.after = [block.norm1, nn.ReLU()]
         conv2.after = [block.norm2]
         blocks.append((conv1, conv2))
-    return Plan(_walk_sequential(net.encoder), blocks, _walk_sequential(net.decoder), net.map_output)
+    decoder = _walk_sequential(net.decoder)
+    if not decoder or any(not isinstance(m, nn.ReLU) and _norm_needs_stats(m) for m in decoder[-1].after):
+        # The last convolution's strips go straight to the output, so nothing after it may need whole-image stats.
+        raise NotImplementedError("tiled inference needs a last convolution without a statistics-based norm")
+    return Plan(_walk_sequential(net.encoder), blocks, decoder, net.map_output)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,13 +465,16 @@ def _nchw_view(tile: Tensor) -> Tensor:
 
 
 class TiledExecutor:
-    """Runs a TransformerNet (eval mode) on one image at a time with activation memory bounded by ``budget_mb``.
+    """Runs a TransformerNet (eval mode) on one image at a time with working memory bounded by ``budget_mb``.
 
     Args:
         net: the network, in eval mode; its parameters' device and dtype are used for the convolutions.
-        budget_mb: memory (MiB) for everything the executor allocates: activation stores kept in RAM, strips and
-            the output. Stores that do not fit go to temporary files in ``tmp_dir``. The caller's input image is
-            not counted.
+        budget_mb: memory (MiB) for everything the executor allocates: activation stores kept in RAM and the
+            strips being computed (their inputs, copies and outputs, and the sink's work on the output strips).
+            Stores that do not fit go to temporary files in ``tmp_dir``. The caller's input and output images are
+            not counted. Strips are at least one row: when one row of some layer does not fit in what the stores
+            leave free, that strip goes over the budget by at most MIN_STRIP_MB; an image so wide that a one-row
+            strip needs more than max(budget, MIN_STRIP_MB) is refused (ValueError).
         tmp_dir: folder for disk stores (default: the system temp folder).
         strip_rows: force this many output rows per strip (tests); default: sized from the budget.
         verify: check once that the decomposition reproduces ``net`` (cheap; keep it on).
@@ -401,8 +498,11 @@ class TiledExecutor:
         param = next(net.parameters())
         self.device, self.dtype = param.device, param.dtype
         self._ram_in_use = 0
+        self._open: list[Store] = []
+        self._tmp = ""
         self.disk_stores_used = 0
         self.peak_store_bytes = 0  # most bytes of activation stores held in RAM at once (last call)
+        self.peak_work_bytes = 0  # largest estimated RAM stores + strip working set (last call)
         self._raw_output = False
         if verify:
             self._verify()
@@ -417,59 +517,161 @@ class TiledExecutor:
         if image.dim() != 4 or image.shape[:2] != (1, 3):
             raise ValueError(f"expected one (1, 3, H, W) image, got shape {tuple(image.shape)}")
         height, width = image.shape[-2:]
-        canvas = pad_to_multiple(image.detach().float().cpu(), SIZE_MULTIPLE)[0]
-        canvas_hwc = canvas.permute(1, 2, 0).contiguous()  # (H, W, 3), our own copy
-        self._ram_in_use, self.disk_stores_used, self.peak_store_bytes = 0, 0, 0
-        with tempfile.TemporaryDirectory(prefix="faststyle-tiled-", dir=self.tmp_dir) as tmp:
-            self._tmp = tmp
-            act = _Lazy(RamStore(*canvas.shape, data=canvas_hwc))
-            del canvas
-            for op in self.plan.encoder:
-                act = self._conv(act, op, free_input=True)
-            for conv1, conv2 in self.plan.blocks:
-                skip = self._materialize(act)
-                hidden = self._conv(skip, conv1, free_input=False)
-                delta = self._conv(hidden, conv2, free_input=True)
-                self._add_into(skip.store, delta)
-                act = skip
-            for op in self.plan.decoder:
-                act = self._conv(act, op, free_input=True)
-            out = self._finish(act, height, width)
+        rows_hwc = image[0].detach().to("cpu", torch.float32).permute(1, 2, 0)  # (H, W, 3) view
+        out = torch.empty((1, 3, height, width), dtype=torch.float32)
+
+        def write(row: int, strip: Tensor) -> None:
+            out[0, :, row : row + strip.shape[1]] = strip
+
+        self.stream(lambda lo, hi: rows_hwc[lo:hi], height, width, write)
         return out
 
+    @torch.inference_mode()
+    def stream(
+        self, read_rows: RowReader, height: int, width: int, sink: StripSink, sink_bytes_per_px: int = 0
+    ) -> None:
+        """Stylise one height x width image that is read and delivered in row strips; nothing image-sized is
+        allocated here.
+
+        Args:
+            read_rows: ``read_rows(lo, hi)`` -> rows [lo, hi) of the image as (hi - lo, width, C >= 3), uint8 in
+                0..255 or float in [0, 1] (channels after the third are ignored). Called while the first
+                convolution runs, and not after it.
+            sink: ``sink(row, strip)`` receives the result in consecutive strips covering rows 0..height - 1 in
+                order: ``strip`` is (3, h, width) float32 CPU in [0, 1] for rows [row, row + h), equal to those
+                rows of ``net(image)`` up to floating-point summation order. It may keep no reference to it.
+            sink_bytes_per_px: temporary bytes the sink allocates per pixel of a strip (counted in the budget).
+
+        Raises ValueError when the image is too wide for the budget (see the class docstring); OSError when a
+        disk store cannot be written (disk full). Temporary files are removed in every case.
+        """
+        self._check_fits(height, width, sink_bytes_per_px)
+        self._ram_in_use, self.disk_stores_used, self.peak_store_bytes, self.peak_work_bytes = 0, 0, 0, 0
+        with tempfile.TemporaryDirectory(prefix="faststyle-tiled-", dir=self.tmp_dir) as tmp:
+            self._tmp = tmp
+            try:
+                act = _Lazy(SourceStore(read_rows, height, width))
+                for op in self.plan.encoder:
+                    act = self._conv(act, op, free_input=True)
+                for conv1, conv2 in self.plan.blocks:
+                    skip = self._materialize(act)
+                    hidden = self._conv(skip, conv1, free_input=False)
+                    delta = self._conv(hidden, conv2, free_input=True)
+                    self._add_into(skip.store, delta)
+                    act = skip
+                for op in self.plan.decoder[:-1]:
+                    act = self._conv(act, op, free_input=True)
+                # The last convolution's strips go straight to the sink: its output is never stored.
+                last = self.plan.decoder[-1]
+                fns = [_relu if isinstance(m, nn.ReLU) else _norm_fn(m, None) for m in last.after]
+                out = SinkStore(last.out_channels, *last.out_size(*act.store.shape[1:]), height, width, fns,
+                                (lambda t: t) if self._raw_output else self.plan.output, sink)
+                self._conv(act, last, free_input=True, out=out, sink_bytes_per_px=sink_bytes_per_px)
+            finally:
+                for store in self._open:  # after an error: close files and drop RAM stores
+                    store.close()
+                self._open = []
+        logger.debug("tiled %dx%d: %d activations on disk, RAM stores at most %.0f MiB, estimated working set at "
+                     "most %.0f MiB", width, height, self.disk_stores_used, self.peak_store_bytes / 2**20,
+                     self.peak_work_bytes / 2**20)
+
+    # -- memory accounting -------------------------------------------------------------------------------------
+    @staticmethod
+    def _strip_bytes(op: SpatialOp, rows: float, in_w: int, out_w: int, sink_bytes_per_px: int | None = None) -> float:
+        """Estimated peak bytes of computing ``rows`` output rows of ``op`` (input width ``in_w``): the input rows
+        the strip reads (halo included) in up to 3 live copies (read / upsampled / padded / made channels-last:
+        at most two exist at once, one more is margin), and 3 copies of the output strip (the conv result, the
+        statistics pass, a device transfer). For the last layer (``sink_bytes_per_px`` given) also the mapped
+        output strip and what the sink allocates per pixel. Times ALLOCATOR_SLACK: resident, not live, bytes."""
+        k, s = op.conv.kernel_size[0], op.conv.stride[0]
+        if op.transpose:
+            in_rows, in_row = (rows + k) / s + 1, op.in_channels * in_w
+            out_rows = rows + k
+        else:
+            in_rows, in_row = rows * s + k - 1, op.in_channels * (in_w * op.upsample + 2 * op.pad)
+            out_rows = rows
+        strip = _FLOAT_BYTES * (3 * in_rows * in_row + 3 * out_rows * out_w * op.out_channels)
+        if sink_bytes_per_px is not None:
+            strip += rows * out_w * (op.out_channels * _FLOAT_BYTES + sink_bytes_per_px)
+        return strip * ALLOCATOR_SLACK
+
+    def _rows_within(self, available: float, fixed: float, per_row: float, height: int) -> int:
+        """Most rows r (at least 1, at most ``height``) with fixed + r * per_row <= available."""
+        if self.strip_rows is not None:
+            return max(1, min(self.strip_rows, height))
+        return max(1, min(height, int((available - fixed) // max(per_row, 1.0))))
+
+    def _check_fits(self, height: int, width: int, sink_bytes_per_px: int) -> None:
+        """ValueError when a one-row strip of some layer needs more than max(budget, MIN_STRIP_MB). Not checked when
+        ``strip_rows`` is forced (tests, the self-check): the budget then does not size the strips."""
+        if self.strip_rows is not None:
+            return
+        h, w = canvas_size(height, width)
+        ops = [*self.plan.encoder, *(op for block in self.plan.blocks for op in block), *self.plan.decoder]
+        worst = 0.0
+        for i, op in enumerate(ops):
+            out_h, out_w = op.out_size(h, w)
+            extra = sink_bytes_per_px if i == len(ops) - 1 else None
+            worst = max(worst, self._strip_bytes(op, 1, w, out_w, extra))
+            h, w = out_h, out_w
+        limit = max(self.budget_bytes, MIN_STRIP_MB * 2**20)
+        if worst > limit:
+            raise ValueError(
+                f"a {width}x{height} image is too wide for tiled inference in {self.budget_bytes / 2**20:g} MiB: a "
+                f"one-row strip needs {worst / 2**20:.0f} MiB"
+            )
+
+    def _note_work(self, strip_bytes: float) -> None:
+        self.peak_work_bytes = max(self.peak_work_bytes, int(self._ram_in_use + strip_bytes))
+
     # -- steps -----------------------------------------------------------------------------------------------
-    def _alloc(self, channels: int, height: int, width: int, work_bytes: int) -> Store:
+    def _alloc(self, channels: int, height: int, width: int, in_ram: bool) -> Store:
         size = channels * height * width * _FLOAT_BYTES
-        if self._ram_in_use + size + work_bytes <= self.budget_bytes:
+        if in_ram:
             self._ram_in_use += size
             self.peak_store_bytes = max(self.peak_store_bytes, self._ram_in_use)
-            return RamStore(channels, height, width)
-        self.disk_stores_used += 1
-        logger.debug("activation %dx%dx%d (%.0f MiB) goes to disk", channels, height, width, size / 2**20)
-        return DiskStore(channels, height, width, self._tmp)
+            store: Store = RamStore(channels, height, width)
+        else:
+            self.disk_stores_used += 1
+            logger.debug("activation %dx%dx%d (%.0f MiB) goes to disk", channels, height, width, size / 2**20)
+            store = DiskStore(channels, height, width, self._tmp)
+        self._open.append(store)
+        return store
 
     def _free(self, store: Store) -> None:
         self._ram_in_use -= store.nbytes
         store.close()
+        if store in self._open:
+            self._open.remove(store)
 
-    def _rows_per_strip(self, op: SpatialOp, in_width: int, out_height: int, out_width: int) -> int:
-        """Output rows per strip so that a strip's working tensors take about a quarter of the budget."""
-        if self.strip_rows is not None:
-            return max(1, min(self.strip_rows, out_height))
-        in_elems = op.in_channels * op.in_rows_per_out_row() * in_width * op.upsample
-        # input read + pending copies + gathered/upsampled/padded copies (~4x), output + conv workspace (~3x)
-        row_bytes = _FLOAT_BYTES * (4 * in_elems + 3 * op.out_channels * out_width)
-        rows = int(self.budget_bytes / 4 // max(row_bytes, 1))
-        return max(min(16, out_height), min(rows, out_height))
-
-    def _conv(self, act: _Lazy, op: SpatialOp, free_input: bool) -> _Lazy:
+    def _conv(
+        self,
+        act: _Lazy,
+        op: SpatialOp,
+        free_input: bool,
+        out: SinkStore | None = None,
+        sink_bytes_per_px: int | None = None,
+    ) -> _Lazy:
         """Compute ``op`` over the whole activation, strip by strip; returns its output with the following
-        pointwise modules pending (their statistics, where needed, taken over the whole output)."""
+        pointwise modules pending (their statistics, where needed, taken over the whole output). With ``out``
+        (the last layer) the strips go to that sink instead of a store.
+
+        Memory: the output store stays in RAM when it and strips of at least MIN_FAST_ROWS rows fit in what the
+        budget leaves; strips get at most a quarter of the budget (larger ones are not faster)."""
         _, in_h, in_w = act.store.shape
         out_h, out_w = op.out_size(in_h, in_w)
-        rows = self._rows_per_strip(op, in_w, out_h, out_w)
-        work = rows * _FLOAT_BYTES * (4 * op.in_channels * in_w * op.upsample * 2 + 3 * op.out_channels * out_w)
-        out = self._alloc(op.out_channels, out_h, out_w, work if rows < out_h else 0)
+        fixed = self._strip_bytes(op, 0, in_w, out_w, sink_bytes_per_px)
+        per_row = self._strip_bytes(op, 1, in_w, out_w, sink_bytes_per_px) - fixed
+        free = self.budget_bytes - self._ram_in_use
+        cap = self.budget_bytes / 4
+        if out is None:
+            size = op.out_channels * out_h * out_w * _FLOAT_BYTES
+            in_ram = size + fixed + per_row * min(MIN_FAST_ROWS, out_h) <= free
+            rows = self._rows_within(min(cap, free - size) if in_ram else min(cap, free), fixed, per_row, out_h)
+            out = self._alloc(op.out_channels, out_h, out_w, in_ram)
+        else:
+            rows = self._rows_within(min(cap, free), fixed, per_row, out_h)
+        self._note_work(fixed + per_row * rows)
         norm = next((m for m in op.after if not isinstance(m, nn.ReLU)), None)
         stats = ChannelStats(op.out_channels) if norm is not None and _norm_needs_stats(norm) else None
         # One strip covering everything reads each input row once: pending norms may then run in place.
@@ -484,6 +686,7 @@ class TiledExecutor:
             del tile
         if free_input:
             self._free(act.store)
+        _release_freed_heap()
         pending: list[PointwiseFn] = []
         for module in op.after:
             pending.append(_relu if isinstance(module, nn.ReLU) else _norm_fn(module, stats))
@@ -526,41 +729,38 @@ class TiledExecutor:
         first = i0 * s - p  # global output row of local row 0 (no vertical padding/cropping in the local call)
         return y[r0 - first : r1 - first]
 
-    def _rows_for(self, channels: int, width: int) -> int:
-        """Rows per strip for the pointwise passes (an eighth of the budget, at least 1)."""
-        return max(1, self.budget_bytes // 8 // max(channels * width * _FLOAT_BYTES * 2, 1))
+    def _pointwise_rows(self, channels: int, height: int, width: int, copies: int) -> int:
+        """Rows per strip for a pointwise pass holding ``copies`` (h, W, C) float tiles, within what the RAM
+        stores leave of the budget (at most a quarter of it)."""
+        row_bytes = copies * channels * width * _FLOAT_BYTES * ALLOCATOR_SLACK
+        available = min(self.budget_bytes / 4, self.budget_bytes - self._ram_in_use)
+        rows = self._rows_within(available, 0, row_bytes, height)
+        self._note_work(rows * row_bytes)
+        return rows
 
     def _materialize(self, act: _Lazy) -> _Lazy:
         """Apply pending pointwise functions into the store, in place (the store must be ours)."""
         if not act.pending:
             return act
         channels, height, width = act.store.shape
-        rows = self._rows_for(channels, width)
+        rows = self._pointwise_rows(channels, height, width, copies=2)
         for r0 in range(0, height, rows):
             r1 = min(height, r0 + rows)
             act.store.write(r0, act.read(r0, r1, inplace=True))
+        _release_freed_heap()
         return _Lazy(act.store)
 
     def _add_into(self, skip: Store, delta: _Lazy) -> None:
         """skip += delta (the residual connection), strip by strip; frees ``delta``'s store."""
         channels, height, width = skip.shape
-        rows = self._rows_for(channels, width)
+        rows = self._pointwise_rows(channels, height, width, copies=3)
         for r0 in range(0, height, rows):
             r1 = min(height, r0 + rows)
             target = skip.read(r0, r1)  # a view for a RAM store: the addition lands in place
             target.add_(delta.read(r0, r1, inplace=True))
             skip.write(r0, target)  # no-op for RAM (same memory), a write for disk
         self._free(delta.store)
-
-    def _finish(self, act: _Lazy, height: int, width: int) -> Tensor:
-        out = torch.empty((1, 3, height, width), dtype=torch.float32)
-        rows = self._rows_for(3, act.store.shape[2])
-        for r0 in range(0, height, rows):
-            r1 = min(height, r0 + rows)
-            raw = act.read(r0, r1, inplace=True)[:, :width].permute(2, 0, 1)
-            out[0, :, r0:r1] = raw if self._raw_output else self.plan.output(raw)
-        self._free(act.store)
-        return out
+        _release_freed_heap()
 
     # -- self-check --------------------------------------------------------------------------------------------
     def _verify(self) -> None:
@@ -595,8 +795,39 @@ class TiledExecutor:
             )
 
 
+_LIBC: ctypes.CDLL | None | bool = None
+
+
+def _release_freed_heap() -> None:
+    """Return the free pages of the C heap to the OS (glibc ``malloc_trim``; nothing elsewhere). Called after each
+    layer: with malloc_reuse the strips of a finished layer would otherwise stay resident next to the stores and
+    strips of the following layers, whose sizes differ. One call per layer costs a few ms and one round of page
+    faults for the next layer's first strips."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+def canvas_size(height: int, width: int) -> tuple[int, int]:
+    """(H, W) of the canvas the network computes on for a height x width image (models.transformer.pad_to_multiple:
+    sides rounded up to multiples of SIZE_MULTIPLE, at least 2 * SIZE_MULTIPLE)."""
+
+    def side(n: int) -> int:
+        return max(-(-n // SIZE_MULTIPLE) * SIZE_MULTIPLE, 2 * SIZE_MULTIPLE)
+
+    return side(height), side(width)
+
+
 def untiled_bytes_estimate(net: TransformerNet, height: int, width: int) -> int:
-    """Estimated peak activation bytes of a plain ``net(x)`` on one (height, width) image (float32, CPU)."""
+    """Estimated peak bytes of a plain ``net(x)`` on one (height, width) image (float32, CPU), with the image's own
+    float copies (input, canvas, output, colour finishing) that do not shrink with a narrower network."""
     base_width = net.config().get("base_width", 32)
     canvas = (-(-height // SIZE_MULTIPLE) * SIZE_MULTIPLE) * (-(-width // SIZE_MULTIPLE) * SIZE_MULTIPLE)
-    return int(canvas * UNTILED_BYTES_PER_PIXEL_W32 * max(base_width, 3) / 32)
+    scaled = (UNTILED_BYTES_PER_PIXEL_W32 - UNTILED_FIXED_BYTES_PER_PIXEL) * max(base_width, 1) / 32
+    return int(canvas * (UNTILED_FIXED_BYTES_PER_PIXEL + scaled))
