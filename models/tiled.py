@@ -34,7 +34,6 @@ does not understand raises instead of silently producing a different image.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
@@ -46,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.device import release_freed_heap
 from models.norm import InstanceNorm
 from models.transformer import SIZE_MULTIPLE, ConvLayer, ResidualBlock, TransformerNet, pad_to_multiple
 
@@ -69,7 +69,8 @@ ALLOCATOR_SLACK = 2.0
 """Resident bytes per estimated live strip byte. With malloc_reuse (stylize's default) glibc keeps freed blocks for
 reuse, but a 64-byte-aligned allocation (torch's) cannot reuse a freed block of exactly its own size, so a loop
 over equal strips holds two or three blocks of each size. Measured at 12000 x 6000, base width 32, 2048 MiB: peak
-RSS growth 1.53x the live estimate with malloc_reuse (layers trimmed, see _release_freed_heap), 0.87x without."""
+RSS growth 1.53x the live estimate with malloc_reuse (layers trimmed: models.device.release_freed_heap), 0.87x
+without."""
 
 RowReader = Callable[[int, int], Tensor]
 """``read_rows(lo, hi)``: rows [lo, hi) of an image as an (hi - lo, W, C >= 3) tensor, uint8 0..255 or float
@@ -686,7 +687,7 @@ class TiledExecutor:
             del tile
         if free_input:
             self._free(act.store)
-        _release_freed_heap()
+        release_freed_heap()
         pending: list[PointwiseFn] = []
         for module in op.after:
             pending.append(_relu if isinstance(module, nn.ReLU) else _norm_fn(module, stats))
@@ -747,7 +748,7 @@ class TiledExecutor:
         for r0 in range(0, height, rows):
             r1 = min(height, r0 + rows)
             act.store.write(r0, act.read(r0, r1, inplace=True))
-        _release_freed_heap()
+        release_freed_heap()
         return _Lazy(act.store)
 
     def _add_into(self, skip: Store, delta: _Lazy) -> None:
@@ -760,7 +761,7 @@ class TiledExecutor:
             target.add_(delta.read(r0, r1, inplace=True))
             skip.write(r0, target)  # no-op for RAM (same memory), a write for disk
         self._free(delta.store)
-        _release_freed_heap()
+        release_freed_heap()
 
     # -- self-check --------------------------------------------------------------------------------------------
     def _verify(self) -> None:
@@ -795,23 +796,6 @@ class TiledExecutor:
             )
 
 
-_LIBC: ctypes.CDLL | None | bool = None
-
-
-def _release_freed_heap() -> None:
-    """Return the free pages of the C heap to the OS (glibc ``malloc_trim``; nothing elsewhere). Called after each
-    layer: with malloc_reuse the strips of a finished layer would otherwise stay resident next to the stores and
-    strips of the following layers, whose sizes differ. One call per layer costs a few ms and one round of page
-    faults for the next layer's first strips."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
 
 
 def canvas_size(height: int, width: int) -> tuple[int, int]:

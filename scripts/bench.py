@@ -3,6 +3,7 @@
     python scripts/bench.py data      # decode + resize + crop images/s with 0/1/2 workers (data pipeline)
     python scripts/bench.py train     # s/step, images/s, peak memory, GFLOP/s vs measured matmul peak
     python scripts/bench.py stylize   # images/s, 1080p latency/memory, GFLOP/s, tiled 4K/8K peak memory
+    python scripts/bench.py huge      # peak RSS of stylize.py on a 12000 x 12000 image against its memory bound
     python scripts/bench.py <name> --help
 
 Each subcommand lives in scripts/bench_<name>.py (with `add_arguments(parser)` and `run(args)`); this file only
@@ -22,6 +23,7 @@ SUBCOMMANDS = {
     "data": "bench_data",
     "train": "bench_train",
     "stylize": "bench_stylize",
+    "huge": "bench_huge",
 }
 
 
