@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_stylize import make_model  # the same tiny, far-from-flat model file
 from torch import nn
 
 from models.checkpoint import save_model
@@ -161,20 +162,6 @@ def test_stream_from_uint8_rows_equals_the_float_call() -> None:
     assert executor.disk_stores_used > 0 and executor.peak_work_bytes > 0
 
 
-def _model_file(path: Path, norm: str) -> Path:
-    torch.manual_seed(3)
-    net = TransformerNet(norm=norm, base_width=4, residual_blocks=1)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    save_model(path, net, {"style_stem": "wave"})
-    return path
-
-
 def _stylize(model: Path, source: Path, target: Path, *options: str):
     from stylize import compose_config, stylize
 
@@ -192,7 +179,7 @@ def test_stylize_8bit_strips_equal_the_float_path(tmp_path: Path, norm: str, mod
     from models.checkpoint import load_model
     from stylize import finish_colors
 
-    model = _model_file(tmp_path / f"{norm}.pth", norm)
+    model = make_model(tmp_path / f"{norm}.pth", norm=norm, seed=3)
     rng = np.random.default_rng(5)
     pixels = rng.integers(0, 256, (70, 91, len(mode)), dtype=np.uint8)  # odd sizes: the canvas is padded
     Image.fromarray(pixels, mode).save(tmp_path / "c.png")
@@ -216,7 +203,7 @@ def test_untileable_image_is_one_failed_file(tmp_path: Path, monkeypatch: pytest
     goes on."""
     import models.tiled
 
-    model = _model_file(tmp_path / "m.pth", "instance")
+    model = make_model(tmp_path / "m.pth", seed=3)
     Image.fromarray(np.full((20, 300, 3), 120, np.uint8)).save(tmp_path / "wide.png")
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")
