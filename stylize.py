@@ -11,7 +11,7 @@ forward pass would exceed ``max_memory_mb`` run through models/tiled.py, which r
 exactly (global instance-norm statistics) with bounded memory.
 
 Exit status: 0 when every image was written or skipped, 1 when some failed (each is reported), 2 on a usage
-error (``error: ...`` on stderr).
+error (``error: ...`` on stderr), 3 on an internal error (a bug), 130 / 143 when stopped by Ctrl-C / SIGTERM.
 """
 
 from __future__ import annotations
@@ -197,7 +197,8 @@ def plan_jobs(cfg: DictConfig, model_path: Path, meta: dict) -> tuple[list[Job],
     files = [f for f in files if real_output == real_base or real_output not in Path(os.path.realpath(f)).parents]
     if not files:
         raise FaststyleError(f"every input image is inside the output folder {output}: choose another output")
-    if cfg.output and _output_is_file(output):
+    single_file = bool(cfg.output) and _output_is_file(output)
+    if single_file:
         if len(files) != 1:
             raise FaststyleError(f"output={cfg.output} is a file but {len(files)} images were found: give a folder")
         if output.suffix.lower() not in WRITE_FORMATS:
@@ -213,7 +214,7 @@ def plan_jobs(cfg: DictConfig, model_path: Path, meta: dict) -> tuple[list[Job],
             logger.warning("%s has transparency, which JPEG cannot hold: writing %s instead", job.source,
                            new_target.name)
             job.target = new_target
-    _refuse_outputs_among_inputs(jobs, files, single_file=bool(cfg.output) and _output_is_file(output))
+    _refuse_outputs_among_inputs(jobs, files, single_file=single_file)
     targets = [job.target for job in jobs]
     if len(set(targets)) != len(targets):
         raise FaststyleError("two inputs map to the same output name (same stem, different extension): set format")
