@@ -7,7 +7,7 @@
 
 Options and defaults: configs/stylize.yaml. Outputs are named ``<input stem>_<style>.<ext>`` and go to
 ``<model dir>/stylized/`` unless ``output`` says otherwise; they never replace an input. Images whose untiled
-forward pass would exceed ``max_memory_mb`` run through models/tiled.py, which reproduces the untiled result
+forward pass would exceed ``max_memory_mb`` run through inference/tiled.py, which reproduces the untiled result
 exactly (global instance-norm statistics) with bounded memory.
 
 Exit status: 0 when every image was written or skipped, 1 when some failed (each is reported), 2 on a usage
@@ -37,8 +37,11 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from cli import EXIT_INTERNAL, preflight
 from configs.schema import check_stylize_config
+from core.cli import EXIT_INTERNAL, preflight
+from core.device import reuse_freed_memory
+from core.errors import FaststyleError, exit_with_error
+from core.fileio import remove_stale_temp_files
 from data.io import (
     ALPHA_FORMATS,
     WRITE_FORMATS,
@@ -54,9 +57,6 @@ from data.io import (
     to_uint8,
     walk_images,
 )
-from errors import FaststyleError, exit_with_error
-from fileio import remove_stale_temp_files
-from models.device import reuse_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ class Runner:
     ``max_memory_mb``, otherwise one by one through the exact tiled executor, reading and writing 8-bit strips."""
 
     def __init__(self, net: torch.nn.Module, device: torch.device, cfg: DictConfig) -> None:
-        from models.tiled import untiled_bytes_estimate
+        from inference.tiled import untiled_bytes_estimate
 
         precision = str(cfg.precision)
         if precision not in PRECISIONS:
@@ -382,7 +382,7 @@ class Runner:
                 ".onnx models cannot be tiled: raise max_memory_mb, set max_side_px, or use the .pth model"
             )
         if self._tiled is None:
-            from models.tiled import TiledExecutor
+            from inference.tiled import TiledExecutor
 
             self._tiled = TiledExecutor(self.net, budget_mb=self.budget_mb, tmp_dir=self.tmp_dir)
         self.tiled_images += len(batch)
@@ -486,8 +486,8 @@ def stylize(cfg: DictConfig) -> Summary:
     """Stylize every input named by ``cfg`` (configs/stylize.yaml); returns the counts. Usage errors raise
     FaststyleError before any image is processed; per-image failures are collected in the summary; Ctrl-C
     (KeyboardInterrupt) raises StylizeInterrupted once the writes in flight are complete."""
-    from models.checkpoint import load_model
-    from models.device import resolve_device
+    from core.device import resolve_device
+    from training.checkpoint import load_model
 
     check_stylize_config(cfg)
     if cfg.malloc_reuse:
@@ -499,7 +499,7 @@ def stylize(cfg: DictConfig) -> Summary:
         raise FaststyleError(f"model file not found: {model_path} (pass model=<run dir>/model.pth)")
     device = resolve_device(str(cfg.device))
     if model_path.suffix.lower() == ".onnx":  # exported models run through onnxruntime, untiled only
-        from models.onnx_runner import load_onnx_model
+        from inference.onnx_runner import load_onnx_model
 
         net, meta = load_onnx_model(model_path, device=device, pixel_range=cfg.onnx_pixel_range)
     else:

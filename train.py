@@ -24,7 +24,7 @@ Outputs: ``outputs/train/<date>/<time>-<style>/`` holds ``model.pth`` (for styli
 (``tensorboard --logdir outputs/train``), Hydra's ``.hydra/`` config snapshot and ``train.log``.
 
 ``main(cfg)`` is the Hydra entry point; ``train(cfg)`` does the work and is what tests call with a config from
-``hydra.compose``. The loop itself is ``models.training.fit`` (plain arguments, no Hydra).
+``hydra.compose``. The loop itself is ``training.loop.fit`` (plain arguments, no Hydra).
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cli import EXIT_INTERNAL, claim_fresh_dir, holds_run, hydra_value, resolve_user_path
 from configs.schema import check_train_config, min_image_size
-from errors import FaststyleError, exit_with_error
-from fileio import remove_stale_temp_files
+from core.cli import EXIT_INTERNAL, claim_fresh_dir, holds_run, hydra_value, resolve_user_path
+from core.errors import FaststyleError, exit_with_error
+from core.fileio import remove_stale_temp_files
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
     ``run_dir`` defaults to Hydra's run dir (``hydra.runtime.output_dir``); tests pass a temporary folder.
     Raises FaststyleError for user mistakes (missing style image or data, bad values), before building any model.
     """
-    from models.distributed import broadcast_object, init_distributed, teardown_distributed
+    from training.distributed import broadcast_object, init_distributed, teardown_distributed
 
     check_train_config(cfg)
     if run_dir is None:
@@ -136,16 +136,16 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
 
 
 def _train(cfg: DictConfig, ctx: Any, run_dir: Path) -> Path:
-    """The body of :func:`train` on one process (``ctx``: models.distributed.DistContext)."""
+    """The body of :func:`train` on one process (``ctx``: training.distributed.DistContext)."""
     import torch
 
+    from core.device import reuse_freed_memory
     from data.images import ImageFolderDataset, make_train_loader
     from data.io import pil_to_tensor
-    from models.checkpoint import check_state_dict, load_checkpoint
-    from models.device import reuse_freed_memory
     from models.loss import PerceptualLoss
-    from models.training import RunOutputs, TrainOptions, fit, resolve_precision
     from models.transformer import TransformerNet
+    from training.checkpoint import check_state_dict, load_checkpoint
+    from training.loop import RunOutputs, TrainOptions, fit, resolve_precision
 
     if OmegaConf.is_missing(cfg.data, "root"):
         raise FaststyleError("data.root is required: pass data.root=<folder of photos, e.g. data/coco/train2014>")
@@ -249,8 +249,8 @@ def resume_command(run_dir: str | Path) -> str:
 
 
 def interrupted_message(err: BaseException, run_dir: str | Path) -> str:
-    """The one line printed for a run stopped by a signal (``err``: models.interrupt.TrainingInterrupted)."""
-    from models.interrupt import signal_label
+    """The one line printed for a run stopped by a signal (``err``: training.interrupt.TrainingInterrupted)."""
+    from training.interrupt import signal_label
 
     how = signal_label(err.signum)
     if err.step is None or err.checkpoint is None:
@@ -263,10 +263,10 @@ def interrupted_message(err: BaseException, run_dir: str | Path) -> str:
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: train, then print where the model and the logs are.
 
-    Ctrl-C or SIGTERM (handlers installed for the whole run, models/interrupt.py): the current step is finished and
+    Ctrl-C or SIGTERM (handlers installed for the whole run, training/interrupt.py): the current step is finished and
     saved, one line gives the resume command, and the exit status is 130 / 143; a second Ctrl-C exits at once.
     """
-    from models.interrupt import TrainingInterrupted, stop_signals
+    from training.interrupt import TrainingInterrupted, stop_signals
 
     with stop_signals():
         try:
@@ -311,7 +311,7 @@ def choose_run_dir(cfg: DictConfig, parsed_overrides: list, multirun: bool) -> l
     refused when it already holds a run's model or checkpoints, unless this run resumes that very run.
     """
     if os.environ.get("RANK", "0") != "0":
-        return []  # torchrun workers use rank 0's run dir (models.distributed.worker_hydra_overrides)
+        return []  # torchrun workers use rank 0's run dir (training.distributed.worker_hydra_overrides)
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     folder = hydra_value(cfg, key)
     if any(override.key_or_group == key for override in parsed_overrides):
@@ -335,12 +335,12 @@ def choose_run_dir(cfg: DictConfig, parsed_overrides: list, multirun: bool) -> l
 
 
 if __name__ == "__main__":
-    from cli import preflight
+    from core.cli import preflight
 
     # Before torch is imported, so that a mistake on the command line is reported in a fraction of a second.
     sys.argv += preflight(sys.argv[1:], compose_with_hydra, check_train_config, choose_run_dir)
     # torchrun ranks > 0: no run dir, no .hydra/, no log file of their own (only rank 0's run dir is used).
-    from models.distributed import worker_hydra_overrides
+    from training.distributed import worker_hydra_overrides
 
     sys.argv += worker_hydra_overrides()
     main()

@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from errors import FaststyleError
+from core.errors import FaststyleError
 
 
 def _choices(*values: Any) -> dict:

@@ -21,7 +21,7 @@ Contract (used by ``train.py``):
   batches concatenated in rank order equal the batch of a single process with batch ``B*W`` (same images, same
   crops), and ``start_step=k`` resumes exactly where an uninterrupted run would be at step ``k``. Random crops are
   drawn from a seed derived from ``(seed, stream position)``, not from worker RNG state, for the same reason.
-- Worker processes ignore SIGINT and SIGTERM: stopping is the training process's decision (models/interrupt.py),
+- Worker processes ignore SIGINT and SIGTERM: stopping is the training process's decision (training/interrupt.py),
   and it shuts its workers down itself.
 """
 
@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from core.errors import FaststyleError
 from data.io import (
     DOWNSCALE_FILTER,
     IMAGE_EXTENSIONS,
@@ -49,7 +50,6 @@ from data.io import (
     pil_to_tensor,
     walk_images,
 )
-from errors import FaststyleError
 
 log = logging.getLogger(__name__)
 

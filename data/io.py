@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from errors import FaststyleError
-from fileio import atomic_write
+from core.errors import FaststyleError
+from core.fileio import atomic_write
 
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".dib", ".gif", ".tif", ".tiff", ".avif",

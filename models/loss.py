@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from errors import FaststyleError
+from core.errors import FaststyleError
 from models.vgg import build_loss_network
 
 logger = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from errors import FaststyleError
+from core.errors import FaststyleError
 
 logger = logging.getLogger(__name__)
 

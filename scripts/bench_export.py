@@ -3,7 +3,7 @@
     flock /tmp/faststyle-cpu.lock .venv/bin/python scripts/bench_export.py --height 1080 --width 1920 --repeats 3
 
 Exports a randomly initialised TransformerNet (weights do not change the cost) to a temporary ONNX file with
-models/export.py, then prints the median seconds per image of: PyTorch eager (NCHW, inference_mode), and
+interop/export.py, then prints the median seconds per image of: PyTorch eager (NCHW, inference_mode), and
 onnxruntime (CPU provider, default threads), plus the max |difference| between the two outputs.
 """
 
@@ -22,8 +22,8 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from models.export import export_onnx  # noqa: E402
-from models.onnx_runner import OnnxStyleModel  # noqa: E402
+from inference.onnx_runner import OnnxStyleModel  # noqa: E402
+from interop.export import export_onnx  # noqa: E402
 from models.transformer import TransformerNet  # noqa: E402
 
 

@@ -8,7 +8,7 @@ Usage:
     flock /tmp/faststyle-cpu.lock .venv/bin/python scripts/bench_norm.py            # CPU (+ CUDA if present)
     .venv/bin/python scripts/bench_norm.py --device cpu --reps 5 --channels-last
 
-Both sides run with glibc malloc reuse (models.device.reuse_freed_memory, as train.py and stylize.py do);
+Both sides run with glibc malloc reuse (core.device.reuse_freed_memory, as train.py and stylize.py do);
 --no-malloc-reuse turns it off. The first run in a fresh environment also builds our fused C++ kernel (~13 s, see
 models/norm.py), outside the timed loop.
 
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from models.device import reuse_freed_memory  # noqa: E402
+from core.device import reuse_freed_memory  # noqa: E402
 from models.norm import InstanceNorm  # noqa: E402
 
 DEFAULT_SHAPES = ((4, 128, 64, 64), (4, 32, 256, 256), (1, 32, 1080, 1920))
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-malloc-reuse",
         action="store_true",
-        help="leave glibc malloc at its defaults (by default both sides run with models.device.reuse_freed_memory, "
+        help="leave glibc malloc at its defaults (by default both sides run with core.device.reuse_freed_memory, "
         "as train.py and stylize.py do)",
     )
     args = parser.parse_args(argv)

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats at 1920x1080 (median)")
     parser.add_argument("--variants",
                         default="eager,channels_last,channels_last_malloc,executor_malloc,compile_cl_malloc",
-                        help="1080p variants: eager, channels_last, executor (models/tiled.py, one strip per "
+                        help="1080p variants: eager, channels_last, executor (inference/tiled.py, one strip per "
                         "layer), compile, compile_cl; a _malloc suffix turns on "
                         "stylize.reuse_freed_memory (glibc keeps freed blocks: no page faults on reuse)")
     parser.add_argument("--malloc-reuse", action="store_true", help="reuse_freed_memory() in the tiled runs")
@@ -56,7 +56,7 @@ def _net(model: str | None, perturb: bool = False, norm: str = "instance") -> nn
     from models.transformer import TransformerNet
 
     if model:
-        from models.checkpoint import load_model
+        from training.checkpoint import load_model
 
         return load_model(model)[0].eval()
     torch.manual_seed(0)
@@ -100,7 +100,7 @@ def _child(spec: dict) -> dict:
     kind = spec["kind"]
     base_rss = peak_rss_mb()
     if spec.get("malloc_reuse") or spec.get("variant", "").endswith("_malloc"):
-        from models.device import reuse_freed_memory
+        from core.device import reuse_freed_memory
 
         reuse_freed_memory()
         base_rss = peak_rss_mb()
@@ -113,8 +113,8 @@ def _child(spec: dict) -> dict:
             net = net.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
         fn = net
-        if variant == "executor":  # models/tiled.py with one strip per layer (what stylize runs when it fits)
-            from models.tiled import TiledExecutor
+        if variant == "executor":  # inference/tiled.py with one strip per layer (what stylize runs when it fits)
+            from inference.tiled import TiledExecutor
 
             fn = TiledExecutor(net, budget_mb=spec.get("budget_mb") or 1e6)
         compile_s = 0.0
@@ -136,7 +136,7 @@ def _child(spec: dict) -> dict:
         return {"seconds": sorted(times)[len(times) // 2], "compile_s": compile_s, "peak_rss_mb": peak_rss_mb(),
                 "base_rss_mb": base_rss, "gflop": network_gflop(_net(spec["model"]), height, width)}
     if kind == "tiled":
-        from models.tiled import TiledExecutor
+        from inference.tiled import TiledExecutor
 
         net = _net(spec["model"])
         executor = TiledExecutor(net, budget_mb=spec["budget_mb"])
@@ -171,7 +171,7 @@ def _spawn(spec: dict) -> dict:
 def bench_folder(args: argparse.Namespace, tmp: Path) -> None:
     from PIL import Image
 
-    from models.checkpoint import save_model
+    from training.checkpoint import save_model
 
     model = Path(args.model) if args.model else tmp / "model.pth"
     if not args.model:
@@ -226,7 +226,7 @@ def bench_tiled(args: argparse.Namespace) -> None:
 def bench_psnr(args: argparse.Namespace) -> None:
     """Tiled (forced by a small budget) vs untiled at 1920x1080 on a real photo, instance and batch norm."""
     from data.io import load_image, pil_to_tensor, resize_to, save_image
-    from models.tiled import TiledExecutor
+    from inference.tiled import TiledExecutor
 
     x = pil_to_tensor(resize_to(load_image(args.image), 1920, 1080))[None]
     out = Path(args.out)

@@ -8,7 +8,7 @@
 One step = TransformerNet forward, PerceptualLoss (frozen VGG-19, Johnson et al.'s layers), backward, Adam step,
 on a fixed random batch (data loading is measured by ``bench.py data``). A variant is a string of ``+``-joined
 options: ``plain``, ``cl`` (channels_last), ``compile`` (torch.compile of the network), ``bf16``/``fp16`` (autocast,
-fp16 with a GradScaler), ``malloc`` (models.device.reuse_freed_memory: glibc keeps freed blocks, so the large VGG
+fp16 with a GradScaler), ``malloc`` (core.device.reuse_freed_memory: glibc keeps freed blocks, so the large VGG
 activations of each step do not page-fault afresh); ``best`` = the training defaults for the device
 (``train.malloc_reuse=true`` and what ``train.precision/channels_last/compile=auto`` resolve to).
 
@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _expand(variants: str, device: torch.device) -> list[str]:
-    from models.precision import AUTO_DEFAULTS, resolve_precision
+    from core.precision import AUTO_DEFAULTS, resolve_precision
 
     if variants == "all":
         names = ["plain", "malloc", "cl+malloc", "compile", "cl+compile"]
@@ -82,9 +82,9 @@ def _expand(variants: str, device: torch.device) -> list[str]:
 
 def _worker(args: argparse.Namespace) -> dict:
     """Run one variant in this process and return its figures."""
-    from models.device import resolve_device, reuse_freed_memory
+    from core.device import resolve_device, reuse_freed_memory
+    from core.precision import batch_to, maybe_compile, resolve_precision, to_memory_format
     from models.loss import PerceptualLoss
-    from models.precision import batch_to, maybe_compile, resolve_precision, to_memory_format
     from models.transformer import TransformerNet
 
     if args.threads:
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     if args.worker:
         print(json.dumps(_worker(args)))
         return 0
-    from models.device import resolve_device
+    from core.device import resolve_device
 
     device = resolve_device(args.device)
     variants = _expand(args.variants, device)

@@ -47,6 +47,8 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from core.errors import FaststyleError, exit_with_error  # noqa: E402
+from core.fileio import atomic_write_text  # noqa: E402
 from data.io import (  # noqa: E402
     is_image_file,
     load_image,
@@ -57,8 +59,6 @@ from data.io import (  # noqa: E402
     save_image,
     tensor_to_pil,
 )
-from errors import FaststyleError, exit_with_error  # noqa: E402
-from fileio import atomic_write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def load_run(run_dir: Path, name: str, device: torch.device) -> Run:
     """Load a run's ``.hydra/config.yaml`` and ``model.pth`` (eval mode, on ``device``)."""
     from omegaconf import OmegaConf
 
-    from models.checkpoint import load_model
+    from training.checkpoint import load_model
 
     try:
         config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
@@ -678,7 +678,7 @@ def compare(
     cell_px: int = 192,
 ) -> dict[str, Path]:
     """Write the figure, the tables and the curves for the runs found in ``inputs``; return their paths."""
-    from models.device import resolve_device
+    from core.device import resolve_device
 
     torch_device = resolve_device(device)
     run_dirs = find_run_dirs(inputs)

@@ -5,7 +5,7 @@
 
 The input is the bare state dict their training script saves (``.pth`` / ``.model``); it is read with
 ``torch.load(weights_only=True)``, so a file carrying pickled code is refused and never executed. Width and number of
-residual blocks are read from the tensor shapes (models/legacy.py). The output records where it came from:
+residual blocks are read from the tensor shapes (interop/legacy.py). The output records where it came from:
 ``meta = {"source": "pytorch/examples", "source_file": <name>, "source_sha256": <hex>, "style": <stem>}``.
 (``stylize.py model=<their file>`` also works directly; converting once gives a self-describing file.)
 """
@@ -21,9 +21,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # runnable as `python scripts/convert.py` from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-from errors import FaststyleError, exit_with_error  # noqa: E402
-from models.checkpoint import save_model  # noqa: E402
-from models.legacy import load_legacy_file  # noqa: E402
+from core.errors import FaststyleError, exit_with_error  # noqa: E402
+from interop.legacy import load_legacy_file  # noqa: E402
+from training.checkpoint import save_model  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

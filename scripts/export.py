@@ -5,12 +5,12 @@
     python scripts/export.py run/model.pth --format torchscript -o mosaic.ts
     python stylize.py model=mosaic.onnx input=photo.jpg                                   # runs via onnxruntime
 
-Input: anything ``models.checkpoint.load_model`` reads (our model.pth, or a pytorch/examples state dict).
+Input: anything ``training.checkpoint.load_model`` reads (our model.pth, or a pytorch/examples state dict).
 Both formats take ``image`` (N, 3, H, W) float32 RGB in [0, 1], H, W >= 8, and return the stylized (N, 3, H, W)
 in [0, 1]. ONNX: opset 18 by default, torch.export-based exporter (needs onnx + onnxscript), one
 InstanceNormalization node per instance norm; the model config and meta are stored in the ONNX metadata
 (key "faststyle"). ``--verify`` runs the export (onnxruntime / torch.jit.load) against PyTorch on a few sizes and
-fails if any output differs by more than 1e-4. Details: models/export.py.
+fails if any output differs by more than 1e-4. Details: interop/export.py.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ if str(REPO_ROOT) not in sys.path:  # runnable as `python scripts/export.py` fro
 
 import torch  # noqa: E402
 
-from errors import FaststyleError, exit_with_error  # noqa: E402
-from models.checkpoint import load_model  # noqa: E402
-from models.export import DEFAULT_OPSET, export_onnx, export_torchscript  # noqa: E402
+from core.errors import FaststyleError, exit_with_error  # noqa: E402
+from interop.export import DEFAULT_OPSET, export_onnx, export_torchscript  # noqa: E402
+from training.checkpoint import load_model  # noqa: E402
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts"}
 VERIFY_TOLERANCE = 1e-4
@@ -55,7 +55,7 @@ def verify(net: torch.nn.Module, path: Path, fmt: str, sizes: list[tuple[int, in
     """Max |export - PyTorch| over random (2, 3, H, W) batches of the given sizes; raises FaststyleError above
     VERIFY_TOLERANCE."""
     if fmt == "onnx":
-        from models.onnx_runner import OnnxStyleModel
+        from inference.onnx_runner import OnnxStyleModel
 
         exported = OnnxStyleModel(path)
     else:

@@ -30,10 +30,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # runnable as `python scripts/prepare_dataset.py` from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
+from core.errors import FaststyleError, exit_with_error  # noqa: E402
+from core.fileio import atomic_write, atomic_write_text  # noqa: E402
 from data.images import DECODE_ERRORS, decode_image, scan_image_files  # noqa: E402
 from data.io import resize_short_side  # noqa: E402
-from errors import FaststyleError, exit_with_error  # noqa: E402
-from fileio import atomic_write, atomic_write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models.checkpoint import load_checkpoint, save_model
 from models.transformer import TransformerNet
+from training.checkpoint import load_checkpoint, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO / "data" / "samples" / "content"
@@ -354,7 +354,7 @@ def test_two_runs_started_together_get_two_run_dirs(corpus: Corpus) -> None:
 
 FULL_DISK_DRIVER = textwrap.dedent("""
     import errno, runpy, sys
-    import fileio
+    from core import fileio
     real_open = open
 
     class Full:

@@ -1,4 +1,4 @@
-"""models/checkpoint.py: inference files and training checkpoints round-trip, load safely, fail clearly."""
+"""training/checkpoint.py: inference files and training checkpoints round-trip, load safely, fail clearly."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from errors import FaststyleError
-from models.checkpoint import (
+from core.errors import FaststyleError
+from models.transformer import TransformerNet
+from training.checkpoint import (
     capture_rng_state,
     find_checkpoint,
     load_checkpoint,
@@ -21,7 +22,6 @@ from models.checkpoint import (
     save_model,
     unwrap_model,
 )
-from models.transformer import TransformerNet
 
 
 def _small_net() -> TransformerNet:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from errors import FaststyleError
+from core.errors import FaststyleError
 from models.transformer import TransformerNet
 from scripts import compare_norms as cn
 

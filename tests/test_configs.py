@@ -10,10 +10,10 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 import train  # registers the style_stem resolver used by hydra.run.dir
-from cli import claim_fresh_dir, hydra_error_line, quoted_override
 from configs.schema import check_against_schema, check_stylize_config, check_train_config
-from errors import FaststyleError
-from models.training import TrainOptions
+from core.cli import claim_fresh_dir, hydra_error_line, quoted_override
+from core.errors import FaststyleError
+from training.loop import TrainOptions
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from core.errors import FaststyleError
 from data.images import (
     ImageFolderDataset,
     StepBatchSampler,
@@ -21,7 +22,6 @@ from data.images import (
     scan_image_files,
 )
 from data.io import pil_to_tensor, resize_short_side
-from errors import FaststyleError
 
 
 def _photo(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -1,4 +1,4 @@
-"""models/distributed.py: torchrun environment parsing, Hydra worker overrides, unwrap, metric reduction, and the
+"""training/distributed.py: torchrun environment parsing, Hydra worker overrides, unwrap, metric reduction, and the
 DDP equivalence: 2 CPU processes (gloo) with per-rank batch B follow the same loss trajectory as 1 process with B*2."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch.multiprocessing as mp
 from PIL import Image
 from torch import nn
 
-from errors import FaststyleError
-from models import distributed as D
+from core.errors import FaststyleError
 from models.transformer import TransformerNet
+from training import distributed as D
 
 TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 

@@ -1,4 +1,4 @@
-"""ONNX and TorchScript export (models/export.py, scripts/export.py), the onnxruntime runner, convert.py.
+"""ONNX and TorchScript export (interop/export.py, scripts/export.py), the onnxruntime runner, convert.py.
 
 Exported graphs must match PyTorch within 1e-4 at several sizes, odd ones included. ONNX tests skip when onnx,
 onnxscript or onnxruntime are not installed (they are test-only dependencies).
@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
+from core.errors import FaststyleError
 from data.io import save_image
-from errors import FaststyleError
-from models.checkpoint import load_model, save_model
-from models.legacy import legacy_config, to_legacy_state_dict
+from interop.legacy import legacy_config, to_legacy_state_dict
 from models.norm import InstanceNorm
 from models.transformer import TransformerNet
+from training.checkpoint import load_model, save_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(8, 8), (33, 47), (64, 31), (40, 52)]
@@ -83,7 +83,7 @@ def dynamic_onnx(model_file: Path) -> Path:
 def test_dynamic_onnx_export_matches_pytorch(model_file: Path, dynamic_onnx: Path) -> None:
     import onnx
 
-    from models.onnx_runner import OnnxStyleModel
+    from inference.onnx_runner import OnnxStyleModel
 
     graph = onnx.load(str(dynamic_onnx)).graph
     ops = [node.op_type for node in graph.node]
@@ -136,8 +136,8 @@ def test_stylize_runs_onnx_models_untiled_only(model_file: Path, dynamic_onnx: P
 @needs_onnx
 @pytest.mark.slow
 def test_fixed_size_onnx_export_and_its_size_check(tmp_path: Path) -> None:
-    from models.export import export_onnx
-    from models.onnx_runner import OnnxStyleModel
+    from inference.onnx_runner import OnnxStyleModel
+    from interop.export import export_onnx
 
     net = _net(output="linear")
     path = export_onnx(net, tmp_path / "fixed.onnx", height=36, width=20)
@@ -148,7 +148,7 @@ def test_fixed_size_onnx_export_and_its_size_check(tmp_path: Path) -> None:
 
 
 def test_torchscript_export_matches_pytorch_at_odd_sizes(tmp_path: Path) -> None:
-    from models.export import export_torchscript
+    from interop.export import export_torchscript
 
     net = _net()
     path = export_torchscript(net, tmp_path / "model.ts", meta={"style": "unit"})

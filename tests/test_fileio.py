@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import fileio
-from errors import FaststyleError
-from models.checkpoint import save_checkpoint, save_model
+from core import fileio
+from core.errors import FaststyleError
 from models.transformer import TransformerNet
+from training.checkpoint import save_checkpoint, save_model
 
 
 def test_written_files_get_the_users_umask(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM during training (models/interrupt.py, models/training.fit, train.py's main): the current step
+"""Ctrl-C and SIGTERM during training (training/interrupt.py, models/training.fit, train.py's main): the current step
 is finished and saved to checkpoints/last.pt, one line gives the resume command, the exit status is 130 / 143, a
 second Ctrl-C exits at once, and torchrun ranks all stop after the same step.
 
@@ -25,11 +25,11 @@ import torch
 import torch.multiprocessing as mp
 
 import train
-from models import interrupt
-from models.checkpoint import load_checkpoint
 from models.loss import PerceptualLoss
-from models.training import RunOutputs, TrainingInterrupted, TrainOptions, fit
 from models.transformer import TransformerNet
+from training import interrupt
+from training.checkpoint import load_checkpoint
+from training.loop import RunOutputs, TrainingInterrupted, TrainOptions, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -432,7 +432,7 @@ def _free_port() -> int:
 def _rank(rank: int, world_size: int, run_dir: str, port: int) -> None:
     """One gloo rank of a tiny DDP run in which only rank 1 gets the Ctrl-C (during step 3), plus torchrun's
     follow-up SIGTERM. Writes what the rank saw to ``result_<rank>.pt``."""
-    from models import distributed as D
+    from training import distributed as D
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),

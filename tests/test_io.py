@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from core.errors import FaststyleError
 from data.io import (
     is_image_file,
     load_image,
@@ -16,7 +17,6 @@ from data.io import (
     save_image,
     tensor_to_pil,
 )
-from errors import FaststyleError
 
 
 def _gradient(width: int = 40, height: int = 30) -> Image.Image:

@@ -1,4 +1,4 @@
-"""Import of pytorch/examples fast_neural_style networks (models/legacy.py).
+"""Import of pytorch/examples fast_neural_style networks (interop/legacy.py).
 
 ``ReferenceNet`` below is an independent re-statement of their network from the published format facts (key names,
 reflection padding, nearest x2 before deconv1/2, affine instance norm, 0-255 in and out, no output activation),
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from errors import FaststyleError
-from models.legacy import (
+from core.errors import FaststyleError
+from interop.legacy import (
     infer_legacy_shape,
     is_legacy_state_dict,
     legacy_config,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from errors import FaststyleError
+from core.errors import FaststyleError
 from models.loss import PerceptualLoss, gram_matrix, total_variation
 from models.transformer import TransformerNet
 

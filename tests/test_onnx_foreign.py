@@ -1,4 +1,4 @@
-"""ONNX files not written by faststyle (no metadata) through models/onnx_runner.py.
+"""ONNX files not written by faststyle (no metadata) through inference/onnx_runner.py.
 
 The files are built here at test time in the pytorch/examples ``fast_neural_style`` layout (their key names,
 reflection padding, affine instance norm, nearest x2 before deconv1/2, RGB 0-255 in and out, no output activation),
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from errors import FaststyleError
-from models.legacy import legacy_config, load_legacy_state_dict, to_legacy_state_dict
+from core.errors import FaststyleError
+from interop.legacy import legacy_config, load_legacy_state_dict, to_legacy_state_dict
 from models.norm import InstanceNorm
 from models.transformer import TransformerNet
 
@@ -38,7 +38,7 @@ WIDTH, BLOCKS = 8, 1
 FIXED_HW = (48, 64)  # multiples of 4: their network keeps the size there
 TOLERANCE = 1e-3  # on [0, 1] outputs; measured differences are ~1e-6 (float32 rounding of 0-255 arithmetic)
 OPSET = 17
-LOG = "models.onnx_runner"
+LOG = "inference.onnx_runner"
 
 
 class _TorchOps:
@@ -216,7 +216,7 @@ def _max_diff(a: Tensor, b: Tensor) -> float:
 
 
 def test_fixed_size_0_255_file_is_detected_and_matches_pytorch(files, state) -> None:
-    from models.onnx_runner import load_onnx_model
+    from inference.onnx_runner import load_onnx_model
 
     model, meta = load_onnx_model(files["fixed"])
     assert meta == {} and model.foreign
@@ -229,14 +229,14 @@ def test_fixed_size_0_255_file_is_detected_and_matches_pytorch(files, state) -> 
     expected = (reference(state, x * 255.0) / 255.0).clamp(0, 1)
     assert out.shape == x.shape
     assert _max_diff(out, expected) < TOLERANCE
-    # the same network imported by models/legacy.py (a third implementation, weights folded to 0-1)
+    # the same network imported by interop/legacy.py (a third implementation, weights folded to 0-1)
     with torch.no_grad():
         assert _max_diff(out, load_legacy_state_dict(state)(x)) < TOLERANCE
     assert 0.2 < float(out.mean()) < 0.8 and float(out.std()) > 0.1  # a picture, not the old near-white one
 
 
 def test_fixed_size_resizes_with_one_warning(files, state, caplog) -> None:
-    from models.onnx_runner import OnnxStyleModel
+    from inference.onnx_runner import OnnxStyleModel
 
     model = OnnxStyleModel(files["fixed"])
     x = _batch(40, 52)
@@ -253,7 +253,7 @@ def test_fixed_size_resizes_with_one_warning(files, state, caplog) -> None:
 
 
 def test_fixed_size_off_multiple_of_4_output_is_cropped(tmp_path, state, caplog) -> None:
-    from models.onnx_runner import OnnxStyleModel
+    from inference.onnx_runner import OnnxStyleModel
 
     model = OnnxStyleModel(write_onnx(tmp_path / "odd.onnx", state, [1, 3, 46, 62]), pixel_range="0-255")
     x = _batch(46, 62)
@@ -265,7 +265,7 @@ def test_fixed_size_off_multiple_of_4_output_is_cropped(tmp_path, state, caplog)
 
 
 def test_dynamic_axes_file_pads_to_a_multiple_of_4_like_transformer_net(files, state, caplog) -> None:
-    from models.onnx_runner import OnnxStyleModel
+    from inference.onnx_runner import OnnxStyleModel
 
     with caplog.at_level(logging.WARNING, logger=LOG):
         model = OnnxStyleModel(files["dynamic"])
@@ -281,7 +281,7 @@ def test_dynamic_axes_file_pads_to_a_multiple_of_4_like_transformer_net(files, s
 
 
 def test_0_1_foreign_file_is_detected(files, state) -> None:
-    from models.onnx_runner import OnnxStyleModel
+    from inference.onnx_runner import OnnxStyleModel
 
     model = OnnxStyleModel(files["unit"])
     assert model.pixel_range == "0-1"
@@ -292,7 +292,7 @@ def test_0_1_foreign_file_is_detected(files, state) -> None:
 
 
 def test_explicit_pixel_range_overrides_detection(files, state) -> None:
-    from models.onnx_runner import OnnxStyleModel, load_onnx_model
+    from inference.onnx_runner import OnnxStyleModel, load_onnx_model
 
     x = _batch(*FIXED_HW)
     model, _ = load_onnx_model(files["fixed"], pixel_range=255)  # what YAML makes of onnx_pixel_range=255
@@ -307,7 +307,7 @@ def test_explicit_pixel_range_overrides_detection(files, state) -> None:
 
 @pytest.mark.parametrize(("name", "verdict"), [("negated", "neither"), ("identity", "both")])
 def test_undecidable_pixel_range_is_a_one_line_error(files, name: str, verdict: str) -> None:
-    from models.onnx_runner import OnnxStyleModel
+    from inference.onnx_runner import OnnxStyleModel
 
     with pytest.raises(FaststyleError) as info:
         OnnxStyleModel(files[name])
@@ -320,7 +320,7 @@ def test_undecidable_pixel_range_is_a_one_line_error(files, name: str, verdict: 
 
 
 def test_missing_probe_photo_asks_for_the_range(files, monkeypatch) -> None:
-    import models.onnx_runner as runner
+    import inference.onnx_runner as runner
 
     monkeypatch.setattr(runner, "PROBE_PHOTO", REPO_ROOT / "no_such_photo.jpg")
     with pytest.raises(FaststyleError, match=r"test photo .* is missing; pass onnx_pixel_range=0-255"):
@@ -330,7 +330,7 @@ def test_missing_probe_photo_asks_for_the_range(files, monkeypatch) -> None:
 def test_fixed_batch_above_1_and_size_changing_graphs_are_refused(tmp_path, state) -> None:
     from onnx import TensorProto, helper
 
-    from models.onnx_runner import OnnxStyleModel
+    from inference.onnx_runner import OnnxStyleModel
 
     with pytest.raises(FaststyleError, match="accepts only batches of exactly 2: re-export"):
         OnnxStyleModel(write_onnx(tmp_path / "batch2.onnx", state, [2, 3, *FIXED_HW]))
@@ -353,7 +353,7 @@ def test_faststyle_metadata_files_run_as_before(tmp_path, state) -> None:
     """A file with faststyle metadata: no probe, no clamp, no resize (fixed size still refused), 0-255 refused."""
     import onnxruntime as ort
 
-    from models.onnx_runner import OnnxStyleModel
+    from inference.onnx_runner import OnnxStyleModel
 
     info = {"format": "faststyle-onnx", "model_config": {"base_width": WIDTH}, "meta": {"style": "unit"}, "min_side": 8}
     path = write_onnx(tmp_path / "ours.onnx", _unit_range(state), ["batch", 3, *FIXED_HW], metadata=info)

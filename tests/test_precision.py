@@ -1,4 +1,4 @@
-"""models/precision.py: precision resolution per device, the auto switches, and that the fp32 path gives the same
+"""core/precision.py: precision resolution per device, the auto switches, and that the fp32 path gives the same
 results in channels_last as in NCHW (losses and gradients of a real TransformerNet + PerceptualLoss step)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import logging
 import pytest
 import torch
 
-from errors import FaststyleError
-from models import precision as P
+from core import precision as P
+from core.errors import FaststyleError
 from models.loss import PerceptualLoss, gram_matrix
 from models.transformer import TransformerNet
 
@@ -24,7 +24,7 @@ def test_cpu_resolution(caplog: pytest.LogCaptureFixture) -> None:
     assert P.resolve_precision("fp32", CPU).dtype is None
     with pytest.raises(FaststyleError, match="fp16 needs a CUDA"):
         P.resolve_precision("fp16", CPU)
-    with caplog.at_level(logging.WARNING, logger="models.precision"):
+    with caplog.at_level(logging.WARNING, logger="core.precision"):
         bf16 = P.resolve_precision("bf16", CPU)  # allowed when asked for, but it warns: it is slow on CPUs
     assert bf16.dtype is torch.bfloat16 and not bf16.use_grad_scaler
     assert "slower" in caplog.text

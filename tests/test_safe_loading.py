@@ -1,5 +1,5 @@
 """Model and checkpoint files are read with torch.load(weights_only=True): a pickle carrying code is refused with
-a clear FaststyleError and the code never runs (models/checkpoint.py, models/legacy.py, scripts/convert.py)."""
+a clear FaststyleError and the code never runs (training/checkpoint.py, interop/legacy.py, scripts/convert.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from errors import FaststyleError
-from models.checkpoint import load_checkpoint, load_model
-from models.legacy import load_legacy_file
+from core.errors import FaststyleError
+from interop.legacy import load_legacy_file
+from training.checkpoint import load_checkpoint, load_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.errors import FaststyleError
 from data.images import ImageFolderDataset
-from errors import FaststyleError
 
 REPO = Path(__file__).resolve().parents[1]
 DOWNLOAD = REPO / "scripts" / "download_coco.sh"

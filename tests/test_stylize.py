@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from errors import FaststyleError
-from models.checkpoint import save_model
+from core.errors import FaststyleError
 from models.transformer import TransformerNet
 from stylize import compose_config, rgb_to_ycbcr, stylize, ycbcr_to_rgb
+from training.checkpoint import save_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Exact tiled inference (models/tiled.py): streamed strips equal the untiled network, for every norm kind; stylize.py's
+"""Exact tiled inference (inference/tiled.py): strips equal the untiled network, for every norm kind; stylize.py's
 8-bit strip path equals the float path; peak memory stays within the documented bound."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from PIL import Image
 from test_stylize import make_model  # the same tiny, far-from-flat model file
 from torch import nn
 
-from models.checkpoint import save_model
-from models.tiled import ChannelStats, DiskStore, RamStore, SourceStore, TiledExecutor, build_plan
+from inference.tiled import ChannelStats, DiskStore, RamStore, SourceStore, TiledExecutor, build_plan
 from models.transformer import SIZE_MULTIPLE, TransformerNet, pad_to_multiple
+from training.checkpoint import save_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -176,8 +176,8 @@ def test_stylize_8bit_strips_equal_the_float_path(tmp_path: Path, norm: str, mod
     data.io.tensor_to_pil, alpha re-attached. Bit-exact, because the same strips give the same network values and
     every later step is pointwise."""
     from data.io import pil_to_tensor, tensor_to_pil
-    from models.checkpoint import load_model
     from stylize import finish_colors
+    from training.checkpoint import load_model
 
     model = make_model(tmp_path / f"{norm}.pth", norm=norm, seed=3)
     rng = np.random.default_rng(5)
@@ -201,7 +201,7 @@ def test_stylize_8bit_strips_equal_the_float_path(tmp_path: Path, norm: str, mod
 def test_untileable_image_is_one_failed_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Too wide for the budget, or no folder for the disk stores: that file fails with a one-line reason; the run
     goes on."""
-    import models.tiled
+    import inference.tiled
 
     model = make_model(tmp_path / "m.pth", seed=3)
     Image.fromarray(np.full((20, 300, 3), 120, np.uint8)).save(tmp_path / "wide.png")
@@ -211,7 +211,7 @@ def test_untileable_image_is_one_failed_file(tmp_path: Path, monkeypatch: pytest
                        f"tmp_dir={not_a_folder}")
     assert not summary.written and len(summary.failed) == 1
     assert "Not a directory" in summary.failed[0][1] and "\n" not in summary.failed[0][1]
-    monkeypatch.setattr(models.tiled, "MIN_STRIP_MB", 0)
+    monkeypatch.setattr(inference.tiled, "MIN_STRIP_MB", 0)
     summary = _stylize(model, tmp_path / "wide.png", tmp_path / "o.png", "max_memory_mb=0.01")
     assert not summary.written and len(summary.failed) == 1
     assert "too wide" in summary.failed[0][1] and "max_memory_mb" in summary.failed[0][1]

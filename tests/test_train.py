@@ -1,4 +1,4 @@
-"""train.py / models/training.py: Hydra-composed runs, TensorBoard contents, resume equality, bad inputs, NaN stop.
+"""train.py / training/loop.py: Hydra-composed runs, TensorBoard contents, resume equality, bad inputs, NaN stop.
 
 Small on purpose (64 px, base width 8, one residual block, a few steps, the "random" loss network except where
 the real VGG-19 weights matter).
@@ -22,11 +22,11 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from errors import FaststyleError
-from models.checkpoint import load_checkpoint, load_model
+from core.errors import FaststyleError
 from models.loss import PerceptualLoss
-from models.training import NonFiniteLossError, RunOutputs, TrainOptions, fit
 from models.transformer import TransformerNet
+from training.checkpoint import load_checkpoint, load_model
+from training.loop import NonFiniteLossError, RunOutputs, TrainOptions, fit
 
 REPO = Path(__file__).resolve().parents[1]
 CONTENT = REPO / "data" / "samples" / "content"
@@ -223,7 +223,7 @@ def test_cli_reports_user_errors_in_one_line(tmp_path: Path) -> None:
 
 
 def test_lr_schedules_are_pure_functions_of_the_step() -> None:
-    from models.training import lr_factor
+    from training.loop import lr_factor
 
     constant = TrainOptions(steps=100)
     assert [lr_factor(s, constant) for s in (1, 50, 100)] == [1.0, 1.0, 1.0]

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 import models.vgg as vgg
-from errors import FaststyleError
+from core.errors import FaststyleError
 from models.vgg import build_loss_network, layer_names
 
 CONTENT_DIR = "/work/shared/content"

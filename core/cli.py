@@ -24,7 +24,7 @@ from typing import NoReturn
 
 from omegaconf import DictConfig, OmegaConf
 
-from errors import FaststyleError
+from core.errors import FaststyleError
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3

@@ -5,7 +5,7 @@ How a stop goes:
 
 - :func:`stop_signals` installs handlers for SIGINT and SIGTERM for the duration of a ``with`` block and restores
   the previous ones afterwards. Nested uses share the outermost one: train.py's ``main`` covers the whole run
-  (loading data and the loss network included), ``models.training.fit`` re-uses it, and installs its own for the
+  (loading data and the loss network included), ``training.loop.fit`` re-uses it, and installs its own for the
   loop when it is called directly (tests, scripts).
 - While the loop runs (:meth:`StopSignals.deferred`), the first signal only records a stop request. The loop
   finishes the current step, agrees with the other torchrun ranks on the step to stop after, saves

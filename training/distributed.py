@@ -33,8 +33,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from errors import FaststyleError
-from models.device import resolve_device
+from core.device import resolve_device
+from core.errors import FaststyleError
 
 logger = logging.getLogger(__name__)
 

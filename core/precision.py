@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from errors import FaststyleError
+from core.errors import FaststyleError
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def maybe_compile(module: nn.Module, enabled: bool) -> nn.Module | Callable:
     Compilation happens lazily on the first call (seconds to minutes) and again whenever input shapes change;
     benchmarks time it separately from the steady state. Wrap DDP first and compile the DDP module (PyTorch's
     DDP + compile guidance: DDPOptimizer then splits the graph at gradient-bucket boundaries so communication
-    still overlaps backward). Save :func:`models.distributed.unwrap` of the result.
+    still overlaps backward). Save :func:`training.distributed.unwrap` of the result.
     """
     if not enabled:
         return module

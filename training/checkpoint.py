@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from errors import FaststyleError
-from fileio import atomic_write_bytes
+from core.errors import FaststyleError
+from core.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 
     path = Path(path)
     obj = _safe_load(path, "model file")
-    from models.legacy import is_legacy_state_dict, legacy_meta, load_legacy_state_dict
+    from interop.legacy import is_legacy_state_dict, legacy_meta, load_legacy_state_dict
 
     if is_legacy_state_dict(obj):  # a pytorch/examples fast_neural_style state dict (issue 7): import it
         check_finite(obj, path)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from errors import FaststyleError
+from core.errors import FaststyleError
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _providers_for(device: str | torch.device) -> list[str]:
     kind = device.type if isinstance(device, torch.device) else str(device).split(":", 1)[0]
     available = ort.get_available_providers()
     if kind == "auto":
-        # Same preference order as models.device.resolve_device, restricted to what onnxruntime was built with.
+        # Same preference order as core.device.resolve_device, restricted to what onnxruntime was built with.
         return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
     if kind == "cpu":
         return ["CPUExecutionProvider"]
@@ -450,7 +450,7 @@ class OnnxStyleModel:
 def load_onnx_model(
     path: str | os.PathLike, device: str | torch.device = "cpu", pixel_range: str | int = "auto"
 ) -> tuple[OnnxStyleModel, dict]:
-    """Load an ``.onnx`` style network; returns (callable model, meta) like ``models.checkpoint.load_model``.
+    """Load an ``.onnx`` style network; returns (callable model, meta) like ``training.checkpoint.load_model``.
 
     ``pixel_range`` ("auto" | "0-1" | "0-255") applies to ONNX files not written by faststyle (see OnnxStyleModel).
     """

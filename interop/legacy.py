@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from errors import FaststyleError
+from core.errors import FaststyleError
 from models.transformer import ConvLayer, TransformerNet, UpsampleConvLayer
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def _key_pairs(net: TransformerNet) -> list[tuple[str, str]]:
         convs = [m for m in modules if isinstance(m, (ConvLayer, UpsampleConvLayer))]
         norms = [m for m in modules if not isinstance(m, (ConvLayer, UpsampleConvLayer, nn.ReLU))]
         if len(convs) != len(conv_names) or len(norms) != len(norm_names):
-            raise RuntimeError("TransformerNet structure changed: update models/legacy.py's mapping")
+            raise RuntimeError("TransformerNet structure changed: update interop/legacy.py's mapping")
         pairs.extend((names[id(m)] + ".conv", f"{theirs}.conv2d") for m, theirs in zip(convs, conv_names, strict=True))
         pairs.extend((names[id(m)], theirs) for m, theirs in zip(norms, norm_names, strict=True))
 

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from errors import FaststyleError
+from core.errors import FaststyleError
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from errors import FaststyleError
-from fileio import atomic_output
+from core.errors import FaststyleError
+from core.fileio import atomic_output
 from models.norm import InstanceNorm
 from models.transformer import SIZE_MULTIPLE, TransformerNet
 
@@ -133,7 +133,7 @@ def export_onnx(
 
     With ``height``/``width`` None the batch, height and width are dynamic (H, W >= MIN_SIDE); otherwise they are
     fixed to the given size (batch stays dynamic). The model config and ``meta`` are stored as JSON in the ONNX
-    metadata (key ``faststyle``) so ``models.onnx_runner`` can report them. Needs ``onnx`` and ``onnxscript``.
+    metadata (key ``faststyle``) so ``inference.onnx_runner`` can report them. Needs ``onnx`` and ``onnxscript``.
     """
     _check_size(height, width)
     try:
@@ -143,7 +143,7 @@ def export_onnx(
         raise FaststyleError(
             f"ONNX export needs onnx and onnxscript ({err.name} missing): pip install onnx onnxscript"
         ) from err
-    from models.onnx_runner import ONNX_FORMAT, ONNX_METADATA_KEY
+    from inference.onnx_runner import ONNX_FORMAT, ONNX_METADATA_KEY
 
     path = Path(path)
     module = ExportableStyleNet(net)
@@ -199,7 +199,7 @@ def export_torchscript(
     config and meta are stored as the extra file ``faststyle.json``.
     """
     _check_size(height, width)
-    from models.onnx_runner import ONNX_METADATA_KEY
+    from inference.onnx_runner import ONNX_METADATA_KEY
 
     path = Path(path)
     module = ExportableStyleNet(net)

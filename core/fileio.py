@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from errors import FaststyleError
+from core.errors import FaststyleError
 
 log = logging.getLogger(__name__)
 

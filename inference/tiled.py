@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.device import release_freed_heap
+from core.device import release_freed_heap
 from models.norm import InstanceNorm
 from models.transformer import SIZE_MULTIPLE, ConvLayer, ResidualBlock, TransformerNet, pad_to_multiple
 
@@ -69,7 +69,7 @@ ALLOCATOR_SLACK = 2.0
 """Resident bytes per estimated live strip byte. With malloc_reuse (stylize's default) glibc keeps freed blocks for
 reuse, but a 64-byte-aligned allocation (torch's) cannot reuse a freed block of exactly its own size, so a loop
 over equal strips holds two or three blocks of each size. Measured at 12000 x 6000, base width 32, 2048 MiB: peak
-RSS growth 1.53x the live estimate with malloc_reuse (layers trimmed: models.device.release_freed_heap), 0.87x
+RSS growth 1.53x the live estimate with malloc_reuse (layers trimmed: core.device.release_freed_heap), 0.87x
 without."""
 
 RowReader = Callable[[int, int], Tensor]

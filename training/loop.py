@@ -12,7 +12,7 @@ Side effects (TensorBoard, progress bar, checkpoints, images, ``model.pth``) all
 torchrun only rank 0 creates one with ``enabled=True`` (``is_main``), the other ranks get a disabled one that
 does nothing, so no rank-dependent ``if`` is scattered through the loop.
 
-Ctrl-C and SIGTERM (models/interrupt.py): the step under way is finished, every rank agrees to stop after the same
+Ctrl-C and SIGTERM (training/interrupt.py): the step under way is finished, every rank agrees to stop after the same
 step (``agree_to_stop``), rank 0 saves ``checkpoints/last.pt`` at that step (unless that step's checkpoint is
 already written) and ``fit`` raises ``TrainingInterrupted`` carrying the step, the checkpoint and the signal.
 """
@@ -31,8 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from errors import FaststyleError
-from models.checkpoint import (
+from core.errors import FaststyleError
+from core.precision import resolve_precision as resolve_precision_policy
+from training.checkpoint import (
     CHECKPOINT_DIR_NAME,
     LAST_CHECKPOINT_NAME,
     capture_rng_state,
@@ -41,9 +42,8 @@ from models.checkpoint import (
     save_model,
     unwrap_model,
 )
-from models.distributed import DistContext, agree_to_stop, all_reduce_mean, wait_for_ranks, wrap_ddp
-from models.interrupt import TrainingInterrupted, stop_signals
-from models.precision import resolve_precision as resolve_precision_policy
+from training.distributed import DistContext, agree_to_stop, all_reduce_mean, wait_for_ranks, wrap_ddp
+from training.interrupt import TrainingInterrupted, stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class TrainOptions:
     precision: str = "auto"
     channels_last: bool = False
     compile: bool = False
-    malloc_reuse: bool = True  # models.device.reuse_freed_memory, applied by the caller before building
+    malloc_reuse: bool = True  # core.device.reuse_freed_memory, applied by the caller before building
 
     def validate(self) -> None:
         """Raise FaststyleError on values that cannot work, before any model is built."""
@@ -109,7 +109,7 @@ def lr_factor(step: int, options: TrainOptions) -> float:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """Compute dtype of the autocast region (models.precision decides: "auto" is bf16 on CUDA GPUs with native
+    """Compute dtype of the autocast region (core.precision decides: "auto" is bf16 on CUDA GPUs with native
     bf16, fp16 + GradScaler on older GPUs, fp32 on CPU/MPS; unsupported requests raise FaststyleError)."""
     return resolve_precision_policy(precision, device).dtype or torch.float32
 
@@ -251,13 +251,13 @@ def fit(
         checkpoint_extra: plain values stored in every checkpoint (resolved config, data order state, ...).
         meta: plain values for ``model.pth`` (style name, ...); ``steps`` is added here.
         hparams: flat {name: int|float|str|bool} for the TensorBoard hparams summary.
-        resume: a checkpoint dict (``models.checkpoint.load_checkpoint``) to continue from, or None.
-        dist_ctx: torchrun context (models.distributed.init_distributed); with more than one process the network
+        resume: a checkpoint dict (``training.checkpoint.load_checkpoint``) to continue from, or None.
+        dist_ctx: torchrun context (training.distributed.init_distributed); with more than one process the network
             is wrapped in DDP here (after ``resume`` is loaded, identically on every rank) and logged losses are
             averaged over ranks. ``outputs`` must be disabled on ranks > 0.
 
     Raises:
-        TrainingInterrupted: on SIGINT/SIGTERM (handlers from models.interrupt.stop_signals: the caller's, else
+        TrainingInterrupted: on SIGINT/SIGTERM (handlers from training.interrupt.stop_signals: the caller's, else
             installed here for the call). In the loop: after the current step, which is saved to
             ``checkpoints/last.pt`` first; while ``model.pth`` is written: at once, carrying the last checkpoint.
         NonFiniteLossError: the loss became NaN/inf (found at a log point); nothing of it is saved.
