@@ -1,5 +1,6 @@
 # faststyle: `make test` and `make demo` are all a newcomer needs.
-# Both create the virtual environment in .venv on first use and reuse it while the requirements are unchanged.
+# Both create the virtual environment in .venv on first use (the requirements, then faststyle itself in editable
+# mode so its packages import from any folder) and reuse it while the requirements are unchanged.
 
 PYTHON ?= python3
 VENV := .venv
@@ -8,9 +9,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test lint demo clean-venv
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --quiet --no-deps -e .
 	touch $(STAMP)
 
 lint: $(STAMP)

@@ -1,10 +1,10 @@
 """faststyle benchmarks: each prints figures measured side by side in one run.
 
-    python scripts/bench.py data      # decode + resize + crop images/s with 0/1/2 workers (data pipeline)
-    python scripts/bench.py train     # s/step, images/s, peak memory, GFLOP/s vs measured matmul peak
-    python scripts/bench.py stylize   # images/s, 1080p latency/memory, GFLOP/s, tiled 4K/8K peak memory
-    python scripts/bench.py huge      # peak RSS of stylize.py on a 12000 x 12000 image against its memory bound
-    python scripts/bench.py <name> --help
+    python -m scripts.bench data      # decode + resize + crop images/s with 0/1/2 workers (data pipeline)
+    python -m scripts.bench train     # s/step, images/s, peak memory, GFLOP/s vs measured matmul peak
+    python -m scripts.bench stylize   # images/s, 1080p latency/memory, GFLOP/s, tiled 4K/8K peak memory
+    python -m scripts.bench huge      # peak RSS of stylize.py on a 12000 x 12000 image against its memory bound
+    python -m scripts.bench <name> --help
 
 Each subcommand lives in scripts/bench_<name>.py (with `add_arguments(parser)` and `run(args)`); this file only
 dispatches, so the modules stay importable and runnable on their own.
@@ -15,9 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SUBCOMMANDS = {
     "data": "bench_data",
@@ -34,9 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in SUBCOMMANDS:
         parser.parse_args(argv)  # prints usage / --help and exits
     # Import only the chosen benchmark: each pulls in different parts of the project.
-    module = importlib.import_module(SUBCOMMANDS[argv[0]])
+    module = importlib.import_module(f"scripts.{SUBCOMMANDS[argv[0]]}")
     sub_parser = argparse.ArgumentParser(
-        prog=f"bench.py {argv[0]}", description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=f"python -m scripts.bench {argv[0]}",
+        description=module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     module.add_arguments(sub_parser)
     return int(module.run(sub_parser.parse_args(argv[1:])) or 0)

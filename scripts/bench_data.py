@@ -1,8 +1,8 @@
 """Data pipeline benchmark: decode + resize + crop images/s of the training loader with 0, 1 and 2 workers.
 
-    python scripts/bench.py data                      # 640x480 photo-like JPEGs, 256 px crops, batch 4
-    python scripts/bench.py data --image-size 128     # small crops: JPEG draft mode decodes at 1/2 scale
-    python scripts/bench.py data --train-images-per-s 1.2   # also print the margin over a training step
+    python -m scripts.bench data                      # 640x480 photo-like JPEGs, 256 px crops, batch 4
+    python -m scripts.bench data --image-size 128     # small crops: JPEG draft mode decodes at 1/2 scale
+    python -m scripts.bench data --train-images-per-s 1.2   # also print the margin over a training step
 
 It generates COCO-like photos at run time (640x480 JPEGs, quality 90, smooth colour fields with edges and sensor-like
 noise, about the size of COCO's files) in a temporary folder, then times ``make_train_loader`` over them: with JPEG
@@ -15,21 +15,18 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
+
+from data.images import ImageFolderDataset, decode_image, make_train_loader
+from data.io import pil_to_tensor, resize_short_side
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # runnable as `python scripts/bench_data.py` from anywhere
-    sys.path.insert(0, str(REPO_ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from data.images import ImageFolderDataset, decode_image, make_train_loader  # noqa: E402
-from data.io import pil_to_tensor, resize_short_side  # noqa: E402
 
 
 def photo_like(width: int, height: int, rng: np.random.Generator) -> Image.Image:
@@ -137,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     if args.images < args.batch_size or any(w < 0 for w in workers) or not workers:
         raise SystemExit("error: need --images >= --batch-size and worker counts >= 0")
     torch.set_num_threads(args.threads)
-    from prepare_dataset import prepare  # scripts/ is on sys.path when run directly or through bench.py
+    from scripts.prepare_dataset import prepare
 
     with tempfile.TemporaryDirectory(prefix="faststyle-bench-data-") as tmp:
         photos, prepared = Path(tmp) / "photos", Path(tmp) / "prepared"

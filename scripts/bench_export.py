@@ -1,6 +1,6 @@
 """Time onnxruntime against PyTorch eager for one image (default 1920x1080, base width 32, 5 residual blocks).
 
-    flock /tmp/faststyle-cpu.lock .venv/bin/python scripts/bench_export.py --height 1080 --width 1920 --repeats 3
+    flock /tmp/faststyle-cpu.lock .venv/bin/python -m scripts.bench_export --height 1080 --width 1920 --repeats 3
 
 Exports a randomly initialised TransformerNet (weights do not change the cost) to a temporary ONNX file with
 interop/export.py, then prints the median seconds per image of: PyTorch eager (NCHW, inference_mode), and
@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from inference.onnx_runner import OnnxStyleModel
+from interop.export import export_onnx
+from models.transformer import TransformerNet
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-import torch  # noqa: E402
-
-from inference.onnx_runner import OnnxStyleModel  # noqa: E402
-from interop.export import export_onnx  # noqa: E402
-from models.transformer import TransformerNet  # noqa: E402
 
 
 def _median_seconds(fn, x: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor]:

@@ -1,8 +1,8 @@
 """Peak memory of stylize.py on huge images: a 12000x12000 photo-like image and a flat 12000x12000 PNG.
 
-    python scripts/bench_huge.py                                   # both cases, max_memory_mb=2048 (~12 min on 2 cores)
-    python scripts/bench_huge.py --cases photo --size 6000x4000 --budget-mb 512
-    python scripts/bench_huge.py --help
+    python -m scripts.bench_huge                                   # both cases, max_memory_mb=2048 (~12 min on 2 cores)
+    python -m scripts.bench_huge --cases photo --size 6000x4000 --budget-mb 512
+    python -m scripts.bench_huge --help
 
 What it does, in a temporary folder: writes a model file (a randomly initialised TransformerNet: weights change
 neither speed nor memory; --model gives a trained one), a real-content image (the four sample photos of
@@ -157,7 +157,6 @@ def make_files(workdir: Path, size: str, cases: list[str], base_width: int) -> N
 
 def run(args: argparse.Namespace) -> int:
     if args.make:
-        sys.path.insert(0, str(REPO_ROOT))
         workdir, size, cases, base_width = args.make
         make_files(Path(workdir), size, cases.split(","), int(base_width))
         return 0
@@ -168,8 +167,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         model = Path(args.model) if args.model else workdir / "model.pth"
         start = time.perf_counter()
-        subprocess.run([sys.executable, __file__, "--make", str(workdir), args.size, ",".join(cases),
-                        "0" if args.model else str(args.base_width)], check=True)
+        subprocess.run([sys.executable, "-m", "scripts.bench_huge", "--make", str(workdir), args.size, ",".join(cases),
+                        "0" if args.model else str(args.base_width)], check=True, cwd=REPO_ROOT)
         images = {"tiny": workdir / "tiny.jpg", "photo": workdir / f"photo_{width}x{height}.jpg",
                   "flat": workdir / f"flat_{width}x{height}.png"}
         stores = workdir / "stores"

@@ -5,8 +5,8 @@ Each repetition runs forward, then backward with a fixed upstream gradient; ours
 the loop so that load from other processes hits both alike. The figure is the median over the repetitions.
 
 Usage:
-    flock /tmp/faststyle-cpu.lock .venv/bin/python scripts/bench_norm.py            # CPU (+ CUDA if present)
-    .venv/bin/python scripts/bench_norm.py --device cpu --reps 5 --channels-last
+    flock /tmp/faststyle-cpu.lock .venv/bin/python -m scripts.bench_norm            # CPU (+ CUDA if present)
+    .venv/bin/python -m scripts.bench_norm --device cpu --reps 5 --channels-last
 
 Both sides run with glibc malloc reuse (core.device.reuse_freed_memory, as train.py and stylize.py do);
 --no-malloc-reuse turns it off. The first run in a fresh environment also builds our fused C++ kernel (~13 s, see
@@ -14,7 +14,7 @@ models/norm.py), outside the timed loop.
 
 Figures on this machine (2 CPU cores, AMD EPYC, torch 2.14.1, median ms per forward+backward, speed-up =
 torch / ours), fused C++ kernel with streaming stores, quiet machine, 2026-11-23, four runs of
-`.venv/bin/python scripts/bench_norm.py --reps 30`:
+`.venv/bin/python -m scripts.bench_norm --reps 30`:
         (4, 128, 64, 64)     ours 1.58-2.07 ms  torch 3.62-4.27 ms  2.06-2.30x
         (4, 32, 256, 256)    ours 7.31-8.57     torch 16.1-18.0     2.10-2.32x
         (1, 32, 1080, 1920)  ours 62.4-70.6     torch 133-147       2.08-2.13x
@@ -32,15 +32,12 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from core.device import reuse_freed_memory  # noqa: E402
-from models.norm import InstanceNorm  # noqa: E402
+from core.device import reuse_freed_memory
+from models.norm import InstanceNorm
 
 DEFAULT_SHAPES = ((4, 128, 64, 64), (4, 32, 256, 256), (1, 32, 1080, 1920))
 

@@ -1,10 +1,10 @@
 """Stylize benchmark: folder images/s, 1920x1080 latency / peak memory / GFLOP/s vs a measured matmul peak,
 exact tiled inference (PSNR vs untiled at 1920x1080, peak RSS at 3840x2160, 7680x4320 completion).
 
-    python scripts/bench.py stylize                       # everything (~5-10 min on a 2-core CPU)
-    python scripts/bench.py stylize --only speed          # folder + 1080p variants only
-    python scripts/bench.py stylize --only tiled --sizes 3840x2160
-    python scripts/bench_stylize.py --help                # also runnable on its own
+    python -m scripts.bench stylize                       # everything (~5-10 min on a 2-core CPU)
+    python -m scripts.bench stylize --only speed          # folder + 1080p variants only
+    python -m scripts.bench stylize --only tiled --sizes 3840x2160
+    python -m scripts.bench_stylize --help                # also runnable on its own
 
 Every memory figure comes from a fresh subprocess (peak RSS = ru_maxrss of that process, which includes the
 ~0.3 GB of torch itself), so one measurement's allocations never inflate the next one's. Weights do not change
@@ -23,10 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch  # noqa: E402
-from benchutil import REPO_ROOT, environment_line, matmul_peak_gflops, peak_rss_mb  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
+
+from scripts.benchutil import REPO_ROOT, environment_line, matmul_peak_gflops, peak_rss_mb
 
 CONTENT = Path("/work/shared/content/astronaut.jpg")
 
@@ -159,7 +159,7 @@ def _child(spec: dict) -> dict:
 
 def _spawn(spec: dict) -> dict:
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+        [sys.executable, "-m", "scripts.bench_stylize", "--child", json.dumps(spec)],
         cwd=REPO_ROOT, capture_output=True, text=True,
     )
     if proc.returncode != 0:

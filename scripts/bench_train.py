@@ -1,9 +1,9 @@
 """Training-step benchmark: the plain configuration (eager, fp32, NCHW) side by side with the best one for the device.
 
-    python scripts/bench.py train                              # plain vs best ("auto" settings of train.*)
-    python scripts/bench.py train --variants all               # every combination worth trying on the device
-    python scripts/bench.py train --variants plain,cl,compile,cl+compile --batch-size 4 --image-size 256
-    flock /tmp/faststyle-cpu.lock python scripts/bench_train.py  # standalone, serialised with other benchmarks
+    python -m scripts.bench train                              # plain vs best ("auto" settings of train.*)
+    python -m scripts.bench train --variants all               # every combination worth trying on the device
+    python -m scripts.bench train --variants plain,cl,compile,cl+compile --batch-size 4 --image-size 256
+    flock /tmp/faststyle-cpu.lock python -m scripts.bench_train  # standalone, serialised with other benchmarks
 
 One step = TransformerNet forward, PerceptualLoss (frozen VGG-19, Johnson et al.'s layers), backward, Adam step,
 on a fixed random batch (data loading is measured by ``bench.py data``). A variant is a string of ``+``-joined
@@ -28,10 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import benchutil  # noqa: E402  (puts the repo root on sys.path)
-import torch  # noqa: E402
+from scripts import benchutil
 
 OPTIONS = ("plain", "cl", "compile", "bf16", "fp16", "malloc")
 RUN_STEPS = 40_000

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import platform
 import resource
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,8 +14,6 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # scripts run as `python scripts/x.py` from anywhere
-    sys.path.insert(0, str(REPO_ROOT))
 
 
 def synchronize(device: torch.device) -> None:

@@ -1,8 +1,8 @@
 """Compare batch norm and instance norm style networks (Ulyanov et al. 2016) on held-out photos.
 
     python train.py -m experiment=in_vs_bn model.norm=instance,batch      # both runs under one multirun dir
-    python scripts/compare_norms.py multirun/in_vs_bn/<date>/<time>        # writes the report into that dir
-    python scripts/compare_norms.py RUN_DIR_A RUN_DIR_B --out report/      # or name the run dirs yourself
+    python -m scripts.compare_norms multirun/in_vs_bn/<date>/<time>        # writes the report into that dir
+    python -m scripts.compare_norms RUN_DIR_A RUN_DIR_B --out report/      # or name the run dirs yourself
 
 A run dir is a folder holding ``model.pth`` and Hydra's ``.hydra/config.yaml`` (plus ``tb/`` for the curves).
 Written into the output directory (the one directory given, else --out, else the run dirs' common parent):
@@ -34,22 +34,17 @@ import io
 import logging
 import math
 import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as `python scripts/compare_norms.py` from anywhere
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor, nn
 
-import torch  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-
-from core.errors import FaststyleError, exit_with_error  # noqa: E402
-from core.fileio import atomic_write_text  # noqa: E402
-from data.io import (  # noqa: E402
+from core.errors import FaststyleError, exit_with_error
+from core.fileio import atomic_write_text
+from data.io import (
     is_image_file,
     load_image,
     pil_to_tensor,
@@ -59,6 +54,8 @@ from data.io import (  # noqa: E402
     save_image,
     tensor_to_pil,
 )
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Convert a pytorch/examples fast_neural_style model file into a faststyle ``model.pth``.
 
-    python scripts/convert.py mosaic.pth -o models/mosaic_faststyle.pth
+    python -m scripts.convert mosaic.pth -o models/mosaic_faststyle.pth
     python stylize.py model=models/mosaic_faststyle.pth input=photo.jpg
 
 The input is the bare state dict their training script saves (``.pth`` / ``.model``); it is read with
@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # runnable as `python scripts/convert.py` from anywhere
-    sys.path.insert(0, str(REPO_ROOT))
+from core.errors import FaststyleError, exit_with_error
+from interop.legacy import load_legacy_file
+from training.checkpoint import save_model
 
-from core.errors import FaststyleError, exit_with_error  # noqa: E402
-from interop.legacy import load_legacy_file  # noqa: E402
-from training.checkpoint import save_model  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

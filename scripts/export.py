@@ -1,8 +1,8 @@
 """Export a faststyle model to ONNX or TorchScript.
 
-    python scripts/export.py run/model.pth --format onnx -o mosaic.onnx                  # dynamic N, H, W
-    python scripts/export.py run/model.pth --format onnx --height 720 --width 1280 -o mosaic_720p.onnx
-    python scripts/export.py run/model.pth --format torchscript -o mosaic.ts
+    python -m scripts.export run/model.pth --format onnx -o mosaic.onnx                  # dynamic N, H, W
+    python -m scripts.export run/model.pth --format onnx --height 720 --width 1280 -o mosaic_720p.onnx
+    python -m scripts.export run/model.pth --format torchscript -o mosaic.ts
     python stylize.py model=mosaic.onnx input=photo.jpg                                   # runs via onnxruntime
 
 Input: anything ``training.checkpoint.load_model`` reads (our model.pth, or a pytorch/examples state dict).
@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
+import torch
+
+from core.errors import FaststyleError, exit_with_error
+from interop.export import DEFAULT_OPSET, export_onnx, export_torchscript
+from training.checkpoint import load_model
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # runnable as `python scripts/export.py` from anywhere
-    sys.path.insert(0, str(REPO_ROOT))
-
-import torch  # noqa: E402
-
-from core.errors import FaststyleError, exit_with_error  # noqa: E402
-from interop.export import DEFAULT_OPSET, export_onnx, export_torchscript  # noqa: E402
-from training.checkpoint import load_model  # noqa: E402
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts"}
 VERIFY_TOLERANCE = 1e-4

@@ -1,6 +1,6 @@
 """Write a short-side-resized JPEG copy of an image dataset once, so every training pass decodes small files.
 
-    python scripts/prepare_dataset.py data/coco/train2014 data/coco/train2014_256 --short-side 256
+    python -m scripts.prepare_dataset data/coco/train2014 data/coco/train2014_256 --short-side 256
     python train.py ... data.root=data/coco/train2014_256 data.image_size=256
 
 Each image under SRC (recursive, the same files ``ImageFolderDataset`` reads) is decoded (JPEG draft mode), turned
@@ -21,19 +21,16 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # runnable as `python scripts/prepare_dataset.py` from anywhere
-    sys.path.insert(0, str(REPO_ROOT))
+from core.errors import FaststyleError, exit_with_error
+from core.fileio import atomic_write, atomic_write_text
+from data.images import DECODE_ERRORS, decode_image, scan_image_files
+from data.io import resize_short_side
 
-from core.errors import FaststyleError, exit_with_error  # noqa: E402
-from core.fileio import atomic_write, atomic_write_text  # noqa: E402
-from data.images import DECODE_ERRORS, decode_image, scan_image_files  # noqa: E402
-from data.io import resize_short_side  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ def _net(output: str = "sigmoid") -> TransformerNet:
 
 def _run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / script), *args],
+        [sys.executable, "-m", f"scripts.{Path(script).stem}", *args],
         capture_output=True,
         text=True,
         timeout=300,

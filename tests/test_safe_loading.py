@@ -63,7 +63,7 @@ def test_convert_script_refuses_it(evil_file: tuple[Path, Path], tmp_path: Path)
     path, marker = evil_file
     out = tmp_path / "converted.pth"
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "convert.py"), str(path), "-o", str(out)],
+        [sys.executable, "-m", "scripts.convert", str(path), "-o", str(out)],
         capture_output=True,
         text=True,
         timeout=120,

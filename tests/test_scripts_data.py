@@ -4,7 +4,7 @@ scripts/prepare_dataset.py and scripts/bench_data.py."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import importlib
 import json
 import os
 import shutil
@@ -23,8 +23,8 @@ from data.images import ImageFolderDataset
 
 REPO = Path(__file__).resolve().parents[1]
 DOWNLOAD = REPO / "scripts" / "download_coco.sh"
-PREPARE = REPO / "scripts" / "prepare_dataset.py"
-BENCH = REPO / "scripts" / "bench_data.py"
+PREPARE = ["-m", "scripts.prepare_dataset"]
+BENCH = ["-m", "scripts.bench_data"]
 
 needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
@@ -162,16 +162,13 @@ def _dataset(root: Path) -> None:
 
 def _load_script(name: str) -> ModuleType:
     """Import scripts/<name>.py in-process (starting Python + torch per call costs seconds on this machine)."""
-    spec = importlib.util.spec_from_file_location(f"faststyle_test_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"scripts.{name}")
 
 
 def test_prepare_cli_writes_resized_copies_and_skips_corrupt_files(tmp_path: Path) -> None:
     src, dst = tmp_path / "src", tmp_path / "out"
     _dataset(src)
-    result = _run([sys.executable, str(PREPARE), str(src), str(dst), "--short-side", "40", "--workers", "2", "--quiet"])
+    result = _run([sys.executable, *PREPARE, str(src), str(dst), "--short-side", "40", "--workers", "2", "--quiet"])
     assert result.returncode == 0, result.stderr
     assert "4 images: 3 written, 0 already up to date, 1 unreadable skipped" in result.stdout
     assert "broken.jpg" in result.stderr  # the warning names the file
@@ -243,14 +240,14 @@ def test_bench_data_help_runs_directly_and_through_bench_py(capsys: pytest.Captu
     with pytest.raises(SystemExit) as info:
         _load_script("bench_data").main(["--help"])
     assert info.value.code == 0 and "--workers" in capsys.readouterr().out
-    dispatched = _run([sys.executable, str(REPO / "scripts" / "bench.py"), "data", "--help"])
+    dispatched = _run([sys.executable, "-m", "scripts.bench", "data", "--help"])
     assert dispatched.returncode == 0 and "--train-images-per-s" in dispatched.stdout
 
 
 @pytest.mark.slow
 def test_bench_data_tiny_run_prints_the_table(tmp_path: Path) -> None:
     result = _run(
-        [sys.executable, str(BENCH), "--images", "8", "--width", "96", "--height", "64", "--image-size", "32",
+        [sys.executable, *BENCH, "--images", "8", "--width", "96", "--height", "64", "--image-size", "32",
          "--workers", "0,1", "--train-images-per-s", "1.0"]  # fmt: skip
     )
     assert result.returncode == 0, result.stderr
