@@ -221,11 +221,11 @@ def _train_tiny(run_dir: Path, norm: str) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    import train
+    from training.run import train as run_training
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=[*TINY, f"model.norm={norm}"])
-    train.train(cfg, run_dir=run_dir)
+    run_training(cfg, run_dir=run_dir)
     (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # what Hydra writes for a real run
 

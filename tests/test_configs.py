@@ -9,11 +9,11 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-import train  # registers the style_stem resolver used by hydra.run.dir
 from configs.schema import check_against_schema, check_stylize_config, check_train_config
 from core.cli import claim_fresh_dir, hydra_error_line, quoted_override
 from core.errors import FaststyleError
 from training.loop import TrainOptions
+from training.run import train as run_training
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -64,7 +64,7 @@ def test_coco_requires_a_root_with_a_clear_message(tmp_path: Path) -> None:
     cfg = compose_train(["data=coco"])
     assert OmegaConf.is_missing(cfg.data, "root")
     with pytest.raises(FaststyleError, match="data.root is required"):
-        train.train(cfg, run_dir=tmp_path)
+        run_training(cfg, run_dir=tmp_path)
     cfg = compose_train(["data=coco", "data.root=some/folder"])
     assert cfg.data.root == "some/folder"
 

@@ -21,12 +21,12 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import train
 from core.errors import FaststyleError
 from models.loss import PerceptualLoss
 from models.transformer import TransformerNet
 from training.checkpoint import load_checkpoint, load_model
 from training.loop import NonFiniteLossError, RunOutputs, TrainOptions, fit
+from training.run import train as run_training
 
 REPO = Path(__file__).resolve().parents[1]
 CONTENT = REPO / "data" / "samples" / "content"
@@ -68,7 +68,7 @@ def scalar_values(events: EventAccumulator, tag: str) -> dict[int, float]:
 
 def test_train_through_hydra_writes_model_checkpoints_and_tensorboard(tmp_path: Path) -> None:
     cfg = compose_train(SMALL)
-    model_path = train.train(cfg, run_dir=tmp_path)
+    model_path = run_training(cfg, run_dir=tmp_path)
 
     assert model_path == tmp_path / "model.pth"
     model, meta = load_model(model_path)
@@ -98,10 +98,10 @@ def test_train_through_hydra_writes_model_checkpoints_and_tensorboard(tmp_path: 
 
 def test_resume_continues_with_the_same_losses_and_weights(tmp_path: Path) -> None:
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
-    train.train(compose_train(SMALL), run_dir=full_dir)
+    run_training(compose_train(SMALL), run_dir=full_dir)
     checkpoint = full_dir / "checkpoints" / "step_0000002.pt"
     # The resumed run decodes in 2 worker processes: batches depend on (seed, step) only, not on the workers.
-    train.train(compose_train([*SMALL, f"train.resume={checkpoint}", "data.num_workers=2"]), run_dir=resumed_dir)
+    run_training(compose_train([*SMALL, f"train.resume={checkpoint}", "data.num_workers=2"]), run_dir=resumed_dir)
 
     full = scalar_values(read_events(full_dir), "loss/total")
     resumed = scalar_values(read_events(resumed_dir), "loss/total")
@@ -115,9 +115,9 @@ def test_resume_continues_with_the_same_losses_and_weights(tmp_path: Path) -> No
 
 
 def test_resume_refuses_a_different_model(tmp_path: Path) -> None:
-    train.train(compose_train([*SMALL, "train.steps=2"]), run_dir=tmp_path / "a")
+    run_training(compose_train([*SMALL, "train.steps=2"]), run_dir=tmp_path / "a")
     with pytest.raises(FaststyleError, match="same model"):
-        train.train(compose_train([*SMALL, "model.base_width=16", f"train.resume={tmp_path / 'a'}"]),
+        run_training(compose_train([*SMALL, "model.base_width=16", f"train.resume={tmp_path / 'a'}"]),
                     run_dir=tmp_path / "b")
 
 
@@ -180,14 +180,14 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
 
 def test_missing_style_image_fails_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(FaststyleError, match="image not found"):
-        train.train(compose_train([*SMALL, f"style={tmp_path / 'nope.jpg'}"]), run_dir=tmp_path)
+        run_training(compose_train([*SMALL, f"style={tmp_path / 'nope.jpg'}"]), run_dir=tmp_path)
 
 
 def test_empty_data_folder_fails_clearly(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FaststyleError, match="no images"):
-        train.train(compose_train([*SMALL, f"data.root={empty}"]), run_dir=tmp_path / "run")
+        run_training(compose_train([*SMALL, f"data.root={empty}"]), run_dir=tmp_path / "run")
 
 
 def test_unknown_override_is_rejected_by_hydra() -> None:
@@ -202,7 +202,7 @@ def test_corrupt_image_is_skipped_with_a_warning(tmp_path: Path, caplog: pytest.
         shutil.copy(CONTENT / name, photos / name)
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
     with caplog.at_level(logging.WARNING):
-        model_path = train.train(compose_train([*SMALL, f"data.root={photos}", "train.steps=2",
+        model_path = run_training(compose_train([*SMALL, f"data.root={photos}", "train.steps=2",
                                                  "style_size=null"]),
                                  run_dir=tmp_path / "run")
     assert model_path.is_file()
@@ -244,4 +244,4 @@ def test_lr_schedules_are_pure_functions_of_the_step() -> None:
 )
 def test_bad_train_values_fail_with_one_line(tmp_path: Path, override: str, message: str) -> None:
     with pytest.raises(FaststyleError, match=message):
-        train.train(compose_train([*SMALL, override]), run_dir=tmp_path)
+        run_training(compose_train([*SMALL, override]), run_dir=tmp_path)
