@@ -487,7 +487,7 @@ def stylize(cfg: DictConfig) -> Summary:
     FaststyleError before any image is processed; per-image failures are collected in the summary; Ctrl-C
     (KeyboardInterrupt) raises StylizeInterrupted once the writes in flight are complete."""
     from core.device import resolve_device
-    from training.checkpoint import load_model
+    from interop.legacy import load_any_model
 
     check_stylize_config(cfg)
     if cfg.malloc_reuse:
@@ -503,7 +503,7 @@ def stylize(cfg: DictConfig) -> Summary:
 
         net, meta = load_onnx_model(model_path, device=device, pixel_range=cfg.onnx_pixel_range)
     else:
-        net, meta = load_model(model_path, device="cpu")
+        net, meta = load_any_model(model_path, device="cpu")
     jobs, passed_over = plan_jobs(cfg, model_path, meta)
     summary = Summary(passed_over=passed_over)
     for path, reason in passed_over:

@@ -9,20 +9,28 @@ a stale one (its writer is dead) from one being written right now, and :func:`re
 
 A full disk (``ENOSPC``/``EDQUOT``) raises ``FaststyleError`` with one line naming the file and the space needed,
 instead of a chained traceback.
+
+Reading is the mirror image: :func:`safe_torch_load` is the one ``torch.load`` of the project, and it never runs code
+from a file. torch is imported inside the functions that need it, so the entry points can use this module (stale
+temporary files, one-line errors) before paying for the torch import.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import io
 import logging
 import os
+import pickle
 import re
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from core.errors import FaststyleError
 
@@ -169,3 +177,98 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
     if removed:
         log.info("removed %d stale temporary file(s) of an interrupted run in %s", len(removed), folder)
     return removed
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# torch files and checksums
+# ------------------------------------------------------------------------------------------------------------------
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` ``obj`` onto ``path`` atomically (:func:`atomic_write_bytes`).
+
+    Serialised in memory first (checkpoints are a few MB to a few tens of MB), so a full disk is reported with
+    the exact size the file needs.
+    """
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getbuffer())
+
+
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save: a zip archive, or (legacy format) a pickle stream
+_OTHER_KINDS = (
+    (b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
+    (b"RIFF", "a WebP image or other RIFF file"), (b"BM", "a BMP image"),
+    (b"\x08", "an ONNX model or other protobuf file"),
+)
+
+
+def _not_torch_file(path: Path) -> str | None:
+    """What ``path`` is when its first bytes show it was not written by ``torch.save`` (None when it may be)."""
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    if not head:
+        return "an empty file"
+    if head.startswith(_TORCH_MAGIC):
+        return None
+    for magic, kind in _OTHER_KINDS:
+        if head.startswith(magic):
+            return kind
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not a file written by torch.save"
+    return "a text file"
+
+
+def safe_torch_load(
+    path: str | os.PathLike,
+    what: str,
+    origin: str = "faststyle",
+    fix: str = "pass a model.pth or checkpoint written by train.py",
+) -> dict:
+    """The one safe ``torch.load``: ``weights_only=True`` onto the CPU, each failure a one-line FaststyleError.
+
+    ``weights_only`` is the point: torch's restricted unpickler rebuilds only tensors, primitives and containers, so
+    a file carrying code (a ``__reduce__`` that runs a command) is refused before anything runs. ``what`` names the
+    file kind in messages ("model file", "checkpoint"), ``origin`` who writes such files, ``fix`` what the user should
+do instead. Returns the loaded dict (anything else is refused).
+    """
+    import torch
+
+    path = Path(path)
+    if path.is_dir():
+        raise FaststyleError(f"{what} {path} is a folder: pass the file itself")
+    if not path.is_file():
+        raise FaststyleError(f"{what} not found: {path} (check the path)")
+    try:
+        kind = _not_torch_file(path)
+    except OSError as err:
+        raise FaststyleError(f"cannot read {what} {path}: {err.strerror or err}") from err
+    if kind is not None:
+        raise FaststyleError(f"{path} is not a {origin} {what}: it is {kind} ({fix})")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # weights_only refuses any pickled object that is not a tensor or a primitive container.
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FaststyleError(
+            f"refusing to load {path}: it holds objects other than tensors and plain values ({first_line}); "
+            f"only load files written by {origin}"
+        ) from err
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, TypeError, AttributeError,
+            IndexError) as err:
+        message = " ".join(str(err).split())[:200] or type(err).__name__
+        raise FaststyleError(f"cannot read {what} {path}: the file is corrupt or not a torch file ({message})") from err
+    if not isinstance(obj, dict):
+        raise FaststyleError(f"{path} is not a {origin} {what} (expected a dict, found {type(obj).__name__}): {fix}")
+    return obj
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -41,13 +41,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from core.errors import FaststyleError
+from models.modelfile import ONNX_METADATA_KEY
 
 log = logging.getLogger(__name__)
 
-ONNX_METADATA_KEY = "faststyle"
-"""Key in the ONNX ``metadata_props`` under which export stores {"format", "model_config", "meta"} as JSON."""
-
-ONNX_FORMAT = "faststyle-onnx"
 
 PIXEL_RANGES = ("auto", "0-1", "0-255")
 """Values of ``pixel_range``: detect it (foreign files only), or the range the network takes and gives."""
@@ -450,7 +447,7 @@ class OnnxStyleModel:
 def load_onnx_model(
     path: str | os.PathLike, device: str | torch.device = "cpu", pixel_range: str | int = "auto"
 ) -> tuple[OnnxStyleModel, dict]:
-    """Load an ``.onnx`` style network; returns (callable model, meta) like ``training.checkpoint.load_model``.
+    """Load an ``.onnx`` style network; returns (callable model, meta) like ``interop.legacy.load_any_model``.
 
     ``pixel_range`` ("auto" | "0-1" | "0-255") applies to ONNX files not written by faststyle (see OnnxStyleModel).
     """

@@ -38,6 +38,7 @@ from torch import nn
 
 from core.errors import FaststyleError
 from core.fileio import atomic_output
+from models.modelfile import ONNX_FORMAT, ONNX_METADATA_KEY
 from models.norm import InstanceNorm
 from models.transformer import SIZE_MULTIPLE, TransformerNet
 
@@ -143,8 +144,6 @@ def export_onnx(
         raise FaststyleError(
             f"ONNX export needs onnx and onnxscript ({err.name} missing): pip install onnx onnxscript"
         ) from err
-    from inference.onnx_runner import ONNX_FORMAT, ONNX_METADATA_KEY
-
     path = Path(path)
     module = ExportableStyleNet(net)
     example = _example_input(height, width)
@@ -199,8 +198,6 @@ def export_torchscript(
     config and meta are stored as the extra file ``faststyle.json``.
     """
     _check_size(height, width)
-    from inference.onnx_runner import ONNX_METADATA_KEY
-
     path = Path(path)
     module = ExportableStyleNet(net)
     with warnings.catch_warnings():

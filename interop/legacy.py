@@ -24,12 +24,9 @@ residual blocks R are read from the tensor shapes.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import pickle
 import re
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from core.errors import FaststyleError
+from core.fileio import file_sha256, safe_torch_load
+from models.modelfile import check_finite, model_from_dict
 from models.transformer import ConvLayer, TransformerNet, UpsampleConvLayer
 
 log = logging.getLogger(__name__)
@@ -223,15 +222,6 @@ def to_legacy_state_dict(net: TransformerNet) -> dict[str, Tensor]:
     return state
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def legacy_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The ``meta`` recorded for an imported file: where it came from (name and SHA-256) and what it is."""
     path = Path(path)
@@ -243,35 +233,31 @@ def legacy_meta(path: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def safe_torch_load(path: str | os.PathLike) -> Any:
-    """``torch.load(path, map_location="cpu", weights_only=True)`` with FaststyleError for every way it can fail.
-
-    weights_only=True is the point: torch's restricted unpickler only rebuilds tensors, primitives and containers,
-    so a file carrying code (a ``__reduce__`` that calls os.system, ...) is refused before anything runs.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FaststyleError(f"model file not found: {path} (check the path)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # torch's message suggests weights_only=False; we never do that. Keep only the line naming the global.
-        lines = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "global" in line]
-        detail = f" ({lines[0]})" if lines else ""
-        raise FaststyleError(
-            f"refusing to load {path}: it holds pickled code or objects, not just weights{detail}; "
-            "only load files from sources you trust, saved as a plain state_dict"
-        ) from err
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        raise FaststyleError(f"cannot read {path}: the file is corrupt or not a torch file ({err})") from err
+def _import(obj: Mapping[str, Any], path: Path, device: str | torch.device) -> tuple[TransformerNet, dict[str, Any]]:
+    check_finite(obj, path)
+    return load_legacy_state_dict(obj).to(device).eval(), legacy_meta(path)
 
 
 def load_legacy_file(path: str | os.PathLike) -> tuple[TransformerNet, dict[str, Any]]:
-    """Read a pytorch/examples ``.pth`` / ``.model`` file safely and import it; returns (eval network, meta)."""
-    state = safe_torch_load(path)
-    if not is_legacy_state_dict(state):
+    """Read a pytorch/examples ``.pth`` / ``.model`` file safely and import it; returns (eval network, meta).
+    Anything else is refused (scripts/convert.py converts only their files)."""
+    path = Path(path)
+    obj = safe_torch_load(path, "model file")
+    if not is_legacy_state_dict(obj):
         raise FaststyleError(
             f"{path} is not a pytorch/examples style network (no conv1.conv2d.weight / deconv3.conv2d.weight): "
             "pass a state_dict saved by their fast_neural_style"
         )
-    return load_legacy_state_dict(state), legacy_meta(path)
+    return _import(obj, path, "cpu")
+
+
+def load_any_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[TransformerNet, dict[str, Any]]:
+    """Read a model file of either kind, safely: a faststyle ``model.pth`` or a pytorch/examples state dict (imported
+    on the fly, its source recorded in the meta). Returns (network in eval mode on ``device``, meta)."""
+    path = Path(path)
+    obj = safe_torch_load(path, "model file")
+    if is_legacy_state_dict(obj):
+        return _import(obj, path, device)
+    return model_from_dict(obj, path, device)

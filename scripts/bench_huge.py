@@ -97,8 +97,8 @@ def make_flat_png(path: Path, width: int, height: int) -> None:
 def make_model(path: Path, base_width: int) -> None:
     import torch
 
+    from models.modelfile import save_model
     from models.transformer import TransformerNet
-    from training.checkpoint import save_model
 
     torch.manual_seed(0)
     save_model(path, TransformerNet(base_width=base_width).eval(), {"style_stem": "bench"})

@@ -56,7 +56,7 @@ def _net(model: str | None, perturb: bool = False, norm: str = "instance") -> nn
     from models.transformer import TransformerNet
 
     if model:
-        from training.checkpoint import load_model
+        from models.modelfile import load_model
 
         return load_model(model)[0].eval()
     torch.manual_seed(0)
@@ -171,7 +171,7 @@ def _spawn(spec: dict) -> dict:
 def bench_folder(args: argparse.Namespace, tmp: Path) -> None:
     from PIL import Image
 
-    from training.checkpoint import save_model
+    from models.modelfile import save_model
 
     model = Path(args.model) if args.model else tmp / "model.pth"
     if not args.model:

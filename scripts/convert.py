@@ -18,7 +18,7 @@ from pathlib import Path
 
 from core.errors import FaststyleError, exit_with_error
 from interop.legacy import load_legacy_file
-from training.checkpoint import save_model
+from models.modelfile import save_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

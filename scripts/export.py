@@ -5,7 +5,7 @@
     python -m scripts.export run/model.pth --format torchscript -o mosaic.ts
     python stylize.py model=mosaic.onnx input=photo.jpg                                   # runs via onnxruntime
 
-Input: anything ``training.checkpoint.load_model`` reads (our model.pth, or a pytorch/examples state dict).
+Input: anything ``interop.legacy.load_any_model`` reads (our model.pth, or a pytorch/examples state dict).
 Both formats take ``image`` (N, 3, H, W) float32 RGB in [0, 1], H, W >= 8, and return the stylized (N, 3, H, W)
 in [0, 1]. ONNX: opset 18 by default, torch.export-based exporter (needs onnx + onnxscript), one
 InstanceNormalization node per instance norm; the model config and meta are stored in the ONNX metadata
@@ -23,7 +23,7 @@ import torch
 
 from core.errors import FaststyleError, exit_with_error
 from interop.export import DEFAULT_OPSET, export_onnx, export_torchscript
-from training.checkpoint import load_model
+from interop.legacy import load_any_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if (args.height is None) != (args.width is None):
             raise FaststyleError("give both --height and --width for a fixed-size export, or --dynamic")
-        net, meta = load_model(args.model, device="cpu")
+        net, meta = load_any_model(args.model, device="cpu")
         if args.format == "onnx":
             export_onnx(net, output, height=args.height, width=args.width, opset=args.opset, meta=meta)
         else:

@@ -24,8 +24,9 @@ import pytest
 import torch
 from PIL import Image
 
+from models.modelfile import save_model
 from models.transformer import TransformerNet
-from training.checkpoint import load_checkpoint, save_model
+from training.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO / "data" / "samples" / "content"

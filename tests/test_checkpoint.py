@@ -11,17 +11,9 @@ import pytest
 import torch
 
 from core.errors import FaststyleError
+from models.modelfile import load_model, save_model, unwrap_model
 from models.transformer import TransformerNet
-from training.checkpoint import (
-    capture_rng_state,
-    find_checkpoint,
-    load_checkpoint,
-    load_model,
-    restore_rng_state,
-    save_checkpoint,
-    save_model,
-    unwrap_model,
-)
+from training.checkpoint import capture_rng_state, find_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
 
 
 def _small_net() -> TransformerNet:

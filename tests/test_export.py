@@ -20,9 +20,10 @@ from PIL import Image
 from core.errors import FaststyleError
 from data.io import save_image
 from interop.legacy import legacy_config, to_legacy_state_dict
+from interop.legacy import load_any_model as load_model
+from models.modelfile import save_model
 from models.norm import InstanceNorm
 from models.transformer import TransformerNet
-from training.checkpoint import load_model, save_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(8, 8), (33, 47), (64, 31), (40, 52)]

@@ -15,8 +15,9 @@ import torch
 
 from core import fileio
 from core.errors import FaststyleError
+from models.modelfile import save_model
 from models.transformer import TransformerNet
-from training.checkpoint import save_checkpoint, save_model
+from training.checkpoint import save_checkpoint
 
 
 def test_written_files_get_the_users_umask(tmp_path: Path) -> None:

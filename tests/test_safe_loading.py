@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from core.errors import FaststyleError
-from interop.legacy import load_legacy_file
-from training.checkpoint import load_checkpoint, load_model
+from interop.legacy import load_any_model, load_legacy_file
+from models.modelfile import load_model
+from training.checkpoint import load_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +49,10 @@ def evil_file(tmp_path: Path) -> tuple[Path, Path]:
     return path, marker
 
 
-@pytest.mark.parametrize("loader", [load_model, load_checkpoint, load_legacy_file], ids=lambda f: f.__name__)
+LOADERS = [load_model, load_checkpoint, load_any_model, load_legacy_file]
+
+
+@pytest.mark.parametrize("loader", LOADERS, ids=lambda f: f.__name__)
 def test_code_carrying_pickle_is_refused(loader, evil_file: tuple[Path, Path]) -> None:
     path, marker = evil_file
     with pytest.raises(FaststyleError) as info:

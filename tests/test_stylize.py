@@ -13,9 +13,9 @@ from PIL import Image
 from torch import nn
 
 from core.errors import FaststyleError
+from models.modelfile import save_model
 from models.transformer import TransformerNet
 from stylize import compose_config, rgb_to_ycbcr, stylize, ycbcr_to_rgb
-from training.checkpoint import save_model
 
 REPO = Path(__file__).resolve().parents[1]
 

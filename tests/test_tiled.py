@@ -15,8 +15,8 @@ from test_stylize import make_model  # the same tiny, far-from-flat model file
 from torch import nn
 
 from inference.tiled import ChannelStats, DiskStore, RamStore, SourceStore, TiledExecutor, build_plan
+from models.modelfile import save_model
 from models.transformer import SIZE_MULTIPLE, TransformerNet, pad_to_multiple
-from training.checkpoint import save_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -176,8 +176,8 @@ def test_stylize_8bit_strips_equal_the_float_path(tmp_path: Path, norm: str, mod
     data.io.tensor_to_pil, alpha re-attached. Bit-exact, because the same strips give the same network values and
     every later step is pointwise."""
     from data.io import pil_to_tensor, tensor_to_pil
+    from models.modelfile import load_model
     from stylize import finish_colors
-    from training.checkpoint import load_model
 
     model = make_model(tmp_path / f"{norm}.pth", norm=norm, seed=3)
     rng = np.random.default_rng(5)

@@ -23,8 +23,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from core.errors import FaststyleError
 from models.loss import PerceptualLoss
+from models.modelfile import load_model
 from models.transformer import TransformerNet
-from training.checkpoint import load_checkpoint, load_model
+from training.checkpoint import load_checkpoint
 from training.loop import NonFiniteLossError, RunOutputs, TrainOptions, fit
 from training.run import train as run_training
 

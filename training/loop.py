@@ -33,14 +33,13 @@ from torch import nn
 
 from core.errors import FaststyleError
 from core.precision import resolve_precision as resolve_precision_policy
+from models.modelfile import save_model, unwrap_model
 from training.checkpoint import (
     CHECKPOINT_DIR_NAME,
     LAST_CHECKPOINT_NAME,
     capture_rng_state,
     restore_rng_state,
     save_checkpoint,
-    save_model,
-    unwrap_model,
 )
 from training.distributed import DistContext, agree_to_stop, all_reduce_mean, wait_for_ranks, wrap_ddp
 from training.interrupt import TrainingInterrupted, stop_signals

@@ -149,7 +149,8 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path) -> Path:
 
     from core.device import reuse_freed_memory
     from data.images import ImageFolderDataset, make_train_loader
-    from training.checkpoint import check_state_dict, load_checkpoint
+    from models.modelfile import check_state_dict
+    from training.checkpoint import load_checkpoint
     from training.loop import RunOutputs, TrainOptions, fit, resolve_precision
 
     if OmegaConf.is_missing(cfg.data, "root"):
