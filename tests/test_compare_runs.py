@@ -14,7 +14,7 @@ from torch import nn
 
 from core.errors import FaststyleError
 from models.transformer import TransformerNet
-from scripts import compare_norms as cn
+from scripts import compare_runs as cn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
