@@ -1,23 +1,28 @@
-"""Compare batch norm and instance norm style networks (Ulyanov et al. 2016) on held-out photos.
+"""Compare training runs on held-out photos: the runs of any multirun sweep (norm, style weight, width, seed, ...)
+or any list of run dirs trained on one style.
 
     python train.py -m experiment=in_vs_bn model.norm=instance,batch      # both runs under one multirun dir
-    python -m scripts.compare_norms multirun/in_vs_bn/<date>/<time>        # writes the report into that dir
-    python -m scripts.compare_norms RUN_DIR_A RUN_DIR_B --out report/      # or name the run dirs yourself
+    python -m scripts.compare_runs multirun/in_vs_bn/<date>/<time>         # writes the report into that dir
+    python -m scripts.compare_runs RUN_DIR_A RUN_DIR_B --out report/       # or name the run dirs yourself
 
-A run dir is a folder holding ``model.pth`` and Hydra's ``.hydra/config.yaml`` (plus ``tb/`` for the curves).
-Written into the output directory (the one directory given, else --out, else the run dirs' common parent):
+A run dir is a folder holding ``model.pth`` and Hydra's ``.hydra/config.yaml`` (plus ``tb/`` for the curves). Each
+run is labelled by what differs between the runs' configs (``model.norm=batch``, ``loss.style_weight=2.0``, ...);
+runs whose configs are identical are labelled by their folder. Written into the output directory (the one directory
+given, else --out, else the run dirs' common parent):
 
-- ``compare_norms_figure.png``: one row per held-out content image; columns content | style | batch norm
-  (eval mode: running statistics) | batch norm with per-image statistics (train-mode BN on the single image, on a
-  copy of the network so the running statistics are not touched) | instance norm; plus one row per
-  --figure-variant: the first held-out image as clip(a * x + b) (default a = 0.5, b = 0.25: half the contrast).
-- ``compare_norms_table.md`` and ``.csv``: content, style and total perceptual loss on the held-out images
-  (``models.loss.PerceptualLoss`` built from each run's own loss config), and the contrast-invariance measure: the
-  mean absolute difference (RGB in [0, 1]) between the stylization of each image x and the stylizations of its
-  variants clip(a * x + b, 0, 1). Ulyanov et al.'s argument is that stylization should not depend on the content
-  image's contrast; instance norm after the first convolution removes any a > 0 and b exactly (up to eps and the
-  clipping), batch norm with running statistics does not.
-- ``compare_norms_curves.png``: the training curves of every run, read back from its TensorBoard events.
+- ``compare_figure.png``: one row per held-out content image; columns content | style | each run's stylization;
+  plus one row per --figure-variant: the first held-out image as clip(a * x + b) (default a = 0.5, b = 0.25: half
+  the contrast). A run whose network has batch norm gets two columns: BN in eval mode (running statistics, how it
+  is deployed) and BN with per-image statistics (train-mode BN on the single image, on a copy of the network so the
+  running statistics are not touched).
+- ``compare_table.md`` and ``.csv``: content, style and total perceptual loss on the held-out images (each run's
+  own loss and style target, built by ``training.run`` exactly as training built them), and the
+  contrast-invariance measure: the mean absolute difference (RGB in [0, 1]) between the stylization of each
+  image x and the stylizations of its variants clip(a * x + b, 0, 1). Ulyanov et al. 2016 argue that stylization
+  should not depend on the content image's contrast; instance norm after the first convolution removes any a > 0
+  and b exactly (up to eps and the clipping), batch norm with running statistics does not.
+- ``compare_curves.png``: the training curves of every run (one panel per loss term, runs overlaid, smoothed line
+  over the raw one), read back from their TensorBoard events.
 
 Held-out images (--content, default ``data/samples/held_out``) must not be training images: every held-out file is
 compared by content (size, then SHA-256) with the files under each run's ``data.root`` and the script refuses to
@@ -32,38 +37,36 @@ import csv
 import hashlib
 import io
 import logging
-import math
 import os
-from collections.abc import Callable, Sequence
+import re
+import textwrap
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatterSciNotation, LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
+from PIL import Image
 from torch import Tensor, nn
 
 from core.errors import FaststyleError, exit_with_error
-from core.fileio import atomic_write_text
-from data.io import (
-    is_image_file,
-    load_image,
-    pil_to_tensor,
-    resize_max_side,
-    resize_short_side,
-    resize_to,
-    save_image,
-    tensor_to_pil,
-)
+from core.fileio import atomic_write_bytes, atomic_write_text
+from data.io import is_image_file, load_image, pil_to_tensor, resize_max_side, resize_to, tensor_to_pil
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HELD_OUT = REPO_ROOT / "data" / "samples" / "held_out"
-FIGURE_NAME = "compare_norms_figure.png"
-TABLE_MD_NAME = "compare_norms_table.md"
-TABLE_CSV_NAME = "compare_norms_table.csv"
-CURVES_NAME = "compare_norms_curves.png"
+FIGURE_STEM = "compare_figure"
+TABLE_MD_NAME = "compare_table.md"
+TABLE_CSV_NAME = "compare_table.csv"
+CURVES_NAME = "compare_curves.png"
 
 # (a, b) pairs of the contrast/brightness variants a * x + b. Chosen to span what photos really vary by: lower and
 # higher contrast around mid-grey, darker and brighter exposures. Every variant is clipped to [0, 1] like a real
@@ -76,6 +79,10 @@ DEFAULT_VARIANTS: tuple[tuple[float, float], ...] = (
     (1.0, 0.15),  # brighter
     (1.5, -0.25),  # more contrast, same mean (clips)
 )
+DEFAULT_FIGURE_VARIANTS: tuple[tuple[float, float], ...] = ((0.5, 0.25),)
+
+BN_EVAL = "BN eval (running stats)"
+BN_PER_IMAGE = "BN per-image stats"
 
 Stylizer = Callable[[Tensor], Tensor]
 """A stylization function: (N, 3, H, W) RGB in [0, 1] -> (N, 3, H, W) RGB in [0, 1]."""
@@ -87,34 +94,53 @@ Stylizer = Callable[[Tensor], Tensor]
 
 @dataclass
 class Run:
-    """One training run: its directory, display name, resolved config, and the trained network (eval mode)."""
+    """One training run: its directory, display name, config (paths made absolute), and the trained network."""
 
     path: Path
     name: str
-    config: object  # omegaconf DictConfig (kept untyped so the module imports without omegaconf at type-check time)
-    launch_dir: Path
-    model: nn.Module
+    cfg: Any  # omegaconf DictConfig whose PATH_KEYS are absolute, as training resolved them
+    saved: dict[str, object]  # the saved config flattened to dotted keys, values as written: what labels compare
+    model: nn.Module  # eval mode
     meta: dict = field(default_factory=dict)
+    label_parts: list[str] = field(default_factory=list)  # "key=value" per config difference, or the run's name
 
     @property
-    def norm(self) -> str:
-        return str(self.model.config()["norm"])
+    def label(self) -> str:
+        return ", ".join(self.label_parts)
+
+    @property
+    def has_batch_norm(self) -> bool:
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+
+
+def _natural_key(path: Path) -> list[object]:
+    """Sort key that puts multirun job ``2-x`` before ``10-x`` (numbers compared as numbers)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def _config_files(path: Path) -> list[Path]:
+    """``.hydra/config.yaml`` of the run at ``path``, or of every run below it."""
+    own = path / ".hydra" / "config.yaml"
+    if own.is_file():
+        return [own]
+    if path.is_dir():
+        return sorted(p for p in path.rglob("config.yaml") if p.parent.name == ".hydra")
+    return []
 
 
 def find_run_dirs(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Run directories (``.hydra/config.yaml`` + ``model.pth``) at or anywhere below each of ``paths``, sorted.
+    """Run directories (``.hydra/config.yaml`` + ``model.pth``) at or anywhere below each of ``paths``, in sweep
+    order (job numbers compared as numbers).
 
     A run dir whose training has not finished (no ``model.pth``) is an error rather than silently skipped: a
     comparison that quietly drops one side is worse than none.
     """
-    found: list[Path] = []
+    found: dict[Path, Path] = {}
     for raw in paths:
         path = Path(raw)
         if not path.exists():
             raise FaststyleError(f"{path} does not exist: pass a multirun dir or run dirs made by train.py")
-        configs = [path / ".hydra" / "config.yaml"] if (path / ".hydra" / "config.yaml").is_file() else []
-        if not configs and path.is_dir():
-            configs = sorted(p for p in path.rglob("config.yaml") if p.parent.name == ".hydra")
+        configs = _config_files(path)
         if not configs:
             raise FaststyleError(f"no training run under {path}: expected <run>/.hydra/config.yaml from train.py")
         for config in configs:
@@ -123,9 +149,8 @@ def find_run_dirs(paths: Sequence[str | os.PathLike]) -> list[Path]:
                 raise FaststyleError(
                     f"{run_dir} has no model.pth: its training did not finish (finish or resume it, or leave it out)"
                 )
-            if run_dir.resolve() not in {p.resolve() for p in found}:
-                found.append(run_dir)
-    return sorted(found)
+            found.setdefault(run_dir.resolve(), run_dir)
+    return sorted(found.values(), key=_natural_key)
 
 
 def _launch_dir(run_dir: Path) -> Path:
@@ -147,54 +172,128 @@ def resolve_path(value: str | os.PathLike, launch_dir: Path) -> Path:
     return path if path.is_absolute() else launch_dir / path
 
 
+PATH_KEYS = ("style", "data.root", "loss.weights_path", "train.resume")
+"""Config keys holding paths: relative to the launch dir in a saved config, made absolute before use."""
+
+
+def absolute_paths(cfg: Any, launch_dir: Path) -> Any:
+    """A copy of ``cfg`` whose path keys are absolute (``training.run`` resolves them against the current dir)."""
+    from omegaconf import OmegaConf
+
+    cfg = copy.deepcopy(cfg)
+    for key in PATH_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value not in (None, "", "???"):
+            OmegaConf.update(cfg, key, str(resolve_path(str(value), launch_dir)), merge=False)
+    return cfg
+
+
+def flatten(value: object, prefix: str = "") -> dict[str, object]:
+    """Nested mappings as one mapping of dotted keys (``{"model": {"norm": "batch"}}`` -> ``{"model.norm": ...}``).
+    Lists and empty mappings are leaves."""
+    if not isinstance(value, dict) or not value:
+        return {prefix: value}
+    flat: dict[str, object] = {}
+    for key, item in value.items():
+        flat.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
 def load_run(run_dir: Path, name: str, device: torch.device) -> Run:
     """Load a run's ``.hydra/config.yaml`` and ``model.pth`` (eval mode, on ``device``)."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    from training.checkpoint import load_model
+    from models.modelfile import load_model
 
+    config_file = run_dir / ".hydra" / "config.yaml"
     try:
-        config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+        saved = OmegaConf.load(config_file)
+        flat = flatten(OmegaConf.to_container(saved, resolve=True))
     except Exception as err:  # omegaconf/yaml raise many types; any of them means the file is unusable
-        raise FaststyleError(f"cannot read {run_dir / '.hydra' / 'config.yaml'}: {err}") from err
+        raise FaststyleError(f"cannot read {config_file}: {err}") from err
+    try:
+        cfg = absolute_paths(saved, _launch_dir(run_dir))
+    except OmegaConfBaseException as err:
+        raise FaststyleError(f"{config_file} is not a faststyle training config ({err})") from err
     model, meta = load_model(run_dir / "model.pth", device=device)
-    return Run(path=run_dir, name=name, config=config, launch_dir=_launch_dir(run_dir), model=model, meta=meta)
+    return Run(path=run_dir, name=name, cfg=cfg, saved=flat, model=model.eval(), meta=meta)
+
+
+def format_value(value: object) -> str:
+    """A config value as Hydra's override syntax writes it (``null``, ``true``, ``0.5``, ``[a, b]``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {format_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+_UNSET = "<unset>"
+
+
+def differing_keys(configs: Sequence[dict[str, object]]) -> list[str]:
+    """Dotted keys whose value is not the same in every config, in the order the configs list them."""
+    keys = list(dict.fromkeys(key for config in configs for key in config))
+    return [key for key in keys if len({format_value(c.get(key, _UNSET)) for c in configs}) > 1]
+
+
+def config_labels(
+    configs: Sequence[dict[str, object]], names: Sequence[str], max_keys: int = 3
+) -> list[list[str]]:
+    """One label per run, as its parts: ``key=value`` for every key that differs between the flattened ``configs``
+    (at most ``max_keys``), or the run's name where the configs do not tell the runs apart."""
+    keys = differing_keys(configs)
+    if not keys:
+        return [[name] for name in names]
+    labels = []
+    for config in configs:
+        parts = [f"{key}={format_value(config.get(key, _UNSET))}" for key in keys[:max_keys]]
+        if len(keys) > max_keys:
+            parts.append(f"+{len(keys) - max_keys} more")
+        labels.append(parts)
+    if len({tuple(parts) for parts in labels}) < len(labels):  # the shown keys alone do not tell some runs apart
+        labels = [[*parts, f"({name})"] for parts, name in zip(labels, names, strict=True)]
+    return labels
+
+
+def default_out_dir(run_dirs: Sequence[Path], inputs: Sequence[Path]) -> Path:
+    """The single directory the user named, else the run dirs' deepest common parent."""
+    if len(inputs) == 1 and inputs[0].is_dir():
+        return inputs[0]
+    return Path(os.path.commonpath([str(p.resolve()) for p in run_dirs]))
+
+
+def load_runs(run_dirs: Sequence[Path], out: Path, device: torch.device) -> list[Run]:
+    """Every run, named by its path relative to ``out`` and labelled by its config differences."""
+    runs = [load_run(p, os.path.relpath(p.resolve(), out.resolve()), device) for p in run_dirs]
+    labels = config_labels([r.saved for r in runs], [r.name for r in runs])
+    for run, parts in zip(runs, labels, strict=True):
+        run.label_parts = parts
+    log.info("runs: %s", ", ".join(f"{r.name} ({r.label})" for r in runs))
+    return runs
 
 
 def _config_value(run: Run, key: str) -> object:
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
-    try:
-        value = OmegaConf.select(run.config, key, throw_on_missing=True)
-    except OmegaConfBaseException as err:
-        raise FaststyleError(f"{run.path}: cannot resolve {key} in .hydra/config.yaml ({err})") from err
-    if value is None:
+    value = OmegaConf.select(run.cfg, key, default=None)
+    if value is None or value == "???":
         raise FaststyleError(f"{run.path}: .hydra/config.yaml has no {key} (was it made by faststyle's train.py?)")
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return value
 
 
-def style_path(run: Run) -> Path:
-    """Absolute path of the run's style image (config key ``style``)."""
-    return resolve_path(str(_config_value(run, "style")), run.launch_dir)
-
-
-def build_loss(run: Run, device: torch.device) -> nn.Module:
-    """``PerceptualLoss`` from the run's resolved ``loss`` config (same network, layers and weights as training)."""
-    from models.loss import PerceptualLoss
-
-    loss_cfg = _config_value(run, "loss")
-    if not isinstance(loss_cfg, dict):
-        raise FaststyleError(f"{run.path}: the loss config is not a mapping")
-    # Built exactly as train.py builds it: the loss group's keys are PerceptualLoss's keyword arguments.
-    options = dict(loss_cfg)
-    if options.get("weights_path"):
-        options["weights_path"] = str(resolve_path(options["weights_path"], run.launch_dir))
-    try:
-        loss = PerceptualLoss(**options)
-    except TypeError as err:
-        raise FaststyleError(f"{run.path}: the loss config does not fit PerceptualLoss ({err})") from err
-    return loss.to(device).eval()
+def shared_style(runs: Sequence[Run]) -> Path:
+    """The one style image every run was trained on (the figure has one style column)."""
+    styles = {Path(str(_config_value(r, "style"))).resolve() for r in runs}
+    if len(styles) != 1:
+        raise FaststyleError(f"the runs were trained on different styles ({', '.join(map(str, sorted(styles)))}): "
+                             "compare runs of one style")
+    return styles.pop()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -229,6 +328,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _image_files(root: Path) -> Iterable[Path]:
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for filename in filenames:
+            candidate = Path(dirpath) / filename
+            if is_image_file(candidate):
+                yield candidate
+
+
 def check_held_out(held_out: Sequence[Path], training_roots: Sequence[Path]) -> None:
     """Raise FaststyleError if any held-out file is (byte for byte) one of the training images.
 
@@ -236,35 +343,42 @@ def check_held_out(held_out: Sequence[Path], training_roots: Sequence[Path]) -> 
     per file. (A resized or re-encoded copy would not be caught; the held-out folder's README says where the
     photos come from.)
     """
-    sizes: dict[int, list[Path]] = {}
+    by_size: dict[int, list[Path]] = {}
     for path in held_out:
-        sizes.setdefault(path.stat().st_size, []).append(path)
-    hashes = {}
+        by_size.setdefault(path.stat().st_size, []).append(path)
+    hashes: dict[Path, str] = {}
     for root in training_roots:
         if not root.is_dir():
             raise FaststyleError(f"training data root {root} is not a folder: cannot check the held-out images")
-        for dirpath, _dirnames, filenames in os.walk(root):
-            for filename in filenames:
-                candidate = Path(dirpath) / filename
-                if not is_image_file(candidate):
-                    continue
-                same_size = sizes.get(candidate.stat().st_size)
-                if not same_size:
-                    continue
-                digest = _sha256(candidate)
-                for path in same_size:
-                    if path not in hashes:
-                        hashes[path] = _sha256(path)
-                    if hashes[path] == digest:
-                        raise FaststyleError(
-                            f"held-out image {path} is the training image {candidate}: pick held-out photos "
-                            f"that are not under the training data root {root}"
-                        )
+        for candidate in _image_files(root):
+            same_size = by_size.get(candidate.stat().st_size)
+            if not same_size:
+                continue
+            digest = _sha256(candidate)
+            for path in same_size:
+                if hashes.setdefault(path, _sha256(path)) == digest:
+                    raise FaststyleError(
+                        f"held-out image {path} is the training image {candidate}: pick held-out photos "
+                        f"that are not under the training data root {root}"
+                    )
 
 
 def load_content(path: Path, max_side_px: int) -> Tensor:
-    """Load a photo as a (1, 3, H, W) tensor in [0, 1], longest side ``max_side_px``."""
+    """Load a photo as a (1, 3, H, W) tensor in [0, 1], longest side at most ``max_side_px``."""
     return pil_to_tensor(resize_max_side(load_image(path), max_side_px)).unsqueeze(0)
+
+
+def held_out_images(
+    content: Sequence[str | os.PathLike], runs: Sequence[Run], max_images: int, max_side_px: int,
+    device: torch.device,
+) -> tuple[list[Path], list[Tensor]]:
+    """The first ``max_images`` held-out files, checked against every run's training data, and their tensors
+    ((1, 3, H, W) in [0, 1] on ``device``)."""
+    roots = list(dict.fromkeys(Path(str(_config_value(r, "data.root"))).resolve() for r in runs))
+    files = collect_images(content)[:max_images]
+    check_held_out(files, roots)
+    log.info("held-out images: %s", ", ".join(p.name for p in files))
+    return files, [load_content(p, max_side_px).to(device) for p in files]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -353,17 +467,148 @@ def held_out_losses(stylize: Stylizer, loss: nn.Module, images: Sequence[Tensor]
     return {key: value / len(images) for key, value in sums.items()}
 
 
+def training_loss(run: Run, device: torch.device) -> nn.Module:
+    """The run's PerceptualLoss with its style targets, built by the training code itself from the run's config,
+    so the table measures exactly what training optimised."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from training.run import build_loss, style_target
+
+    try:
+        return build_loss(run.cfg, style_target(run.cfg), device).eval()
+    except (OmegaConfBaseException, TypeError) as err:  # an old or hand-edited config without the keys training uses
+        raise FaststyleError(f"{run.path}: its .hydra/config.yaml does not build the training loss ({err})") from err
+
+
+@dataclass
+class Column:
+    """One way of running one run's network: a figure column and a table row."""
+
+    run: Run
+    mode: str  # "" for the network as deployed; BN_EVAL / BN_PER_IMAGE for a batch-norm network
+    stylize: Stylizer
+
+    @property
+    def model(self) -> str:
+        """Table label: the run's label, then the mode."""
+        return f"{self.run.label}, {self.mode}" if self.mode else self.run.label
+
+    def title(self, width_chars: int) -> str:
+        """Figure column title: one line per config difference and one for the mode, wrapped to ``width_chars``."""
+        lines = self.run.label_parts + ([self.mode] if self.mode else [])
+        return "\n".join(wrapped for line in lines for wrapped in textwrap.wrap(line, width_chars) or [""])
+
+
+def columns_for(runs: Sequence[Run]) -> list[Column]:
+    """Each run as deployed; a batch-norm run also with per-image statistics (the comparison Ulyanov et al. make)."""
+    columns = []
+    for run in runs:
+        if run.has_batch_norm:
+            columns += [Column(run, BN_EVAL, eval_stylizer(run.model)),
+                        Column(run, BN_PER_IMAGE, per_image_bn_stylizer(run.model))]
+        else:
+            columns.append(Column(run, "", eval_stylizer(run.model)))
+    return columns
+
+
 # --------------------------------------------------------------------------------------------------------------------
-# Atomic text/PNG writes
+# Table
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    # Pillow >= 10.1 ships a scalable default font; no system font files needed.
-    return ImageFont.load_default(size=size)
+@dataclass
+class Row:
+    """One line of the table: a model evaluated in one mode."""
+
+    model: str
+    label: str
+    mode: str
+    run: str
+    losses: dict[str, float]
+    invariance: float
+    per_variant: list[float]
+
+
+def evaluate(
+    columns: Sequence[Column], images: Sequence[Tensor], variants: Sequence[tuple[float, float]],
+    device: torch.device,
+) -> list[Row]:
+    """Held-out losses and contrast invariance of every column; one loss network per run (its own loss config)."""
+    rows = []
+    losses: dict[str, nn.Module] = {}
+    for column in columns:
+        run = column.run
+        if run.name not in losses:
+            losses = {run.name: training_loss(run, device)}  # one loss network in memory at a time
+        invariance, per_variant = contrast_invariance(column.stylize, images, variants)
+        held_out = held_out_losses(column.stylize, losses[run.name], images)
+        rows.append(Row(column.model, run.label, column.mode, run.name, held_out, invariance, per_variant))
+        log.info("%s: %s, invariance %.4f", column.model, held_out, invariance)
+    return rows
+
+
+def _variant_text(variants: Sequence[tuple[float, float]]) -> str:
+    return ", ".join(f"({a:g}, {b:+g})" for a, b in variants)
+
+
+def table_markdown(rows: Sequence[Row], variants: Sequence[tuple[float, float]], n_images: int, change: float) -> str:
+    """The table as markdown, with a paragraph saying what each column measures."""
+    lines = [
+        f"Held-out images: {n_images}. Losses: mean over the held-out images of each run's own training loss "
+        "(lower is better). Invariance: mean |stylize(clip(a*x+b)) - stylize(x)| in RGB [0, 1] over images and "
+        f"{len(variants)} variants (a, b) = {_variant_text(variants)} "
+        f"(0 = ignores contrast and brightness; the inputs themselves differ by {change:.4f}).",
+        "",
+        "| model | run | content loss | style loss | total loss | contrast invariance (MAD) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.model} | {row.run} | {row.losses['content']:.4g} | {row.losses['style']:.4g} | "
+            f"{row.losses['total']:.4g} | {row.invariance:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def table_csv(rows: Sequence[Row], variants: Sequence[tuple[float, float]]) -> str:
+    """The table as CSV, with the invariance of each variant in a column of its own."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    variant_cols = [f"mad_a{a:g}_b{b:+g}" for a, b in variants]
+    writer.writerow(["model", "label", "mode", "run", "content_loss", "style_loss", "tv_loss", "total_loss",
+                     "invariance_mad", *variant_cols])
+    for row in rows:
+        losses = [f"{row.losses[k]:.6g}" for k in ("content", "style", "tv", "total")]
+        writer.writerow([row.model, row.label, row.mode, row.run, *losses, f"{row.invariance:.6g}",
+                         *(f"{v:.6g}" for v in row.per_variant)])
+    return buffer.getvalue()
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Figure
+# Figures (matplotlib, Agg canvas: rendered to bytes, written atomically)
+
+DPI = 100
+PANEL_PX = (520, 360)
+"""Size of one curves panel in pixels."""
+
+
+def new_figure(width_px: float, height_px: float, **kwargs: Any) -> Figure:
+    """A matplotlib figure of exactly ``width_px`` x ``height_px`` pixels on an Agg canvas (no pyplot state)."""
+    figure = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI, **kwargs)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def render(figure: Figure, fmt: str = "png") -> bytes:
+    """The figure encoded as PNG or JPEG bytes at its own pixel size."""
+    buffer = io.BytesIO()
+    options = {"pil_kwargs": {"quality": 92}} if fmt in ("jpg", "jpeg") else {}
+    figure.savefig(buffer, format=fmt, dpi=DPI, facecolor="white", **options)
+    return buffer.getvalue()
+
+
+def save_figure(figure: Figure, path: Path) -> None:
+    """Write ``figure`` to ``path`` (format from the extension) through the project's one atomic write."""
+    atomic_write_bytes(path, render(figure, path.suffix.lower().lstrip(".")))
 
 
 def _fit(img: Image.Image, box: int) -> Image.Image:
@@ -372,49 +617,52 @@ def _fit(img: Image.Image, box: int) -> Image.Image:
     return resize_to(img, max(1, round(img.width * scale)), max(1, round(img.height * scale)))
 
 
+def _show_tile(figure: Figure, rect: tuple[float, float, float, float], tile: Image.Image) -> Axes:
+    """An image in its own frameless axes at ``rect`` (figure fractions: left, bottom, width, height)."""
+    ax = figure.add_axes(rect)
+    ax.imshow(np.asarray(tile), interpolation="antialiased")
+    ax.set_axis_off()
+    return ax
+
+
 def make_figure(
     contents: Sequence[Tensor],
     style: Image.Image,
     columns: Sequence[tuple[str, Stylizer]],
     cell_px: int = 192,
     captions: Sequence[str | None] | None = None,
-) -> Image.Image:
-    """Grid image: one row per content (1, 3, H, W); columns content | style | each stylizer's output.
+) -> Figure:
+    """Image grid: one row per content (1, 3, H, W) in [0, 1]; columns content | style | each stylizer's output,
+    under a title per column (``\\n`` splits a title into lines).
 
-    ``captions[row]``, when given, is written under that row's content tile (e.g. "0.5x+0.25" for a variant row).
+    ``captions[row]``, when given, is written on that row's content tile (e.g. "0.5x+0.25" for a variant row).
     """
-    labels = ["content", "style"] + [label for label, _ in columns]
-    pad, header = 6, 40
-    font = _font(13)
-    width = pad + len(labels) * (cell_px + pad)
-    height = header + len(contents) * (cell_px + pad) + pad
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    for col, label in enumerate(labels):
-        x0 = pad + col * (cell_px + pad)
-        # Labels may hold a line break ("batch norm\n(eval)"); centre each line in the column.
-        for line_no, line in enumerate(label.split("\n")):
-            text_w = draw.textlength(line, font=font)
-            draw.text((x0 + (cell_px - text_w) / 2, 4 + 16 * line_no), line, fill="black", font=font)
-    style_cell = _fit(style, cell_px)
+    titles = ["content", "style", *(title for title, _ in columns)]
+    pad, line_px = 6, 15
+    header = pad + line_px * max(t.count("\n") + 1 for t in titles)
+    width = pad + len(titles) * (cell_px + pad)
+    height = header + len(contents) * (cell_px + pad)
+    figure = new_figure(width, height)
+
+    def rect(row: int, col: int) -> tuple[float, float, float, float]:
+        left, top = pad + col * (cell_px + pad), header + row * (cell_px + pad)
+        return left / width, 1 - (top + cell_px) / height, cell_px / width, cell_px / height
+
+    for col, title in enumerate(titles):
+        x_centre = (pad + col * (cell_px + pad) + cell_px / 2) / width
+        figure.text(x_centre, 1 - 3 / height, title, ha="center", va="top", fontsize=9, linespacing=1.25)
+    style_tile = _fit(style, cell_px)
     for row, x in enumerate(contents):
-        tiles = [tensor_to_pil(x[0]), style_cell] + [tensor_to_pil(fn(x)[0]) for _, fn in columns]
-        y0 = header + row * (cell_px + pad)
-        for col, tile in enumerate(tiles):
-            tile = _fit(tile, cell_px)
-            x0 = pad + col * (cell_px + pad)
-            canvas.paste(tile, (x0 + (cell_px - tile.width) // 2, y0 + (cell_px - tile.height) // 2))
+        tiles = [tensor_to_pil(x[0].cpu()), style_tile] + [tensor_to_pil(fn(x)[0].cpu()) for _, fn in columns]
+        axes = [_show_tile(figure, rect(row, col), _fit(tile, cell_px)) for col, tile in enumerate(tiles)]
         caption = captions[row] if captions else None
         if caption:
-            text_w = draw.textlength(caption, font=font)
-            box = (pad + 2, y0 + cell_px - 20, pad + 10 + text_w, y0 + cell_px - 2)
-            draw.rectangle(box, fill="white")
-            draw.text((pad + 6, y0 + cell_px - 19), caption, fill="black", font=font)
-    return canvas
+            axes[0].text(0.03, 0.03, caption, transform=axes[0].transAxes, fontsize=9, va="bottom",
+                         bbox={"facecolor": "white", "edgecolor": "none", "pad": 2})
+    return figure
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Training curves from TensorBoard events, drawn with PIL (matplotlib is not a dependency)
+# Training curves from TensorBoard events
 
 
 def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -438,36 +686,7 @@ def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """Round tick values (1, 2, 5 x 10^k steps) covering [low, high]."""
-    if high <= low:
-        high = low + 1.0
-    raw = (high - low) / count
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
-    first = math.ceil(low / step) * step
-    return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
-
-
-def _format_tick(value: float, digits: int = 0) -> str:
-    """``value`` with ``digits`` decimals in the mantissa (scientific notation for large/small values)."""
-    if value == 0:
-        return "0"
-    if abs(value) >= 1e4 or abs(value) < 1e-2:
-        return f"{value:.{digits}e}"
-    return f"{value:.{digits + 1}g}" if digits else f"{value:g}"
-
-
-def _format_ticks(values: Sequence[float]) -> list[str]:
-    """Labels for one axis: the fewest digits that keep every label distinct (2e+05 and 1.5e+05, not 2e+05 twice)."""
-    for digits in range(4):
-        labels = [_format_tick(v, digits) for v in values]
-        if len(set(labels)) == len(labels):
-            return labels
-    return labels
-
-
-def _ema(values: Sequence[float], decay: float) -> list[float]:
+def ema(values: Sequence[float], decay: float) -> list[float]:
     """Exponential moving average with bias correction (what TensorBoard's smoothing slider does)."""
     out, avg = [], 0.0
     for i, value in enumerate(values, start=1):
@@ -476,191 +695,129 @@ def _ema(values: Sequence[float], decay: float) -> list[float]:
     return out
 
 
-COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207))
+Series = Sequence[tuple[int, float]]
+"""[(step, value)] sorted by step."""
+
+LOG_SCALE_RATIO = 20.0
+"""A panel gets a log y axis when its positive values span more than this factor (early losses dwarf late ones)."""
 
 
-def plot_panel(
-    title: str, series: Sequence[tuple[str, list[tuple[int, float]]]], size: tuple[int, int] = (460, 320)
-) -> Image.Image:
-    """One line chart: x = step, y = value (log10 axis when positive values span > 20x). Raw series thin and
-    light, a smoothed copy (EMA 0.8) thick on top, legend top-right."""
-    width, height = size
-    left, right, top, bottom = 64, 12, 28, 40
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    font, small = _font(14), _font(11)
-    draw.text((left, 6), title, fill="black", font=font)
-    points = [p for _, data in series for p in data]
+def _log_decades(series: Sequence[tuple[str, Series]]) -> float | None:
+    """Decades the values span when the panel needs a log axis (all positive, spanning > ``LOG_SCALE_RATIO``),
+    else None."""
+    values = [v for _, data in series for _, v in data if np.isfinite(v)]
+    if not values or min(values) <= 0 or max(values) / min(values) <= LOG_SCALE_RATIO:
+        return None
+    return float(np.log10(max(values) / min(values)))
+
+
+def _plot_series(ax: Axes, label: str, data: Series, colour: str, smoothing: float) -> None:
+    """One run on ``ax``: the raw values thin and light, the smoothed values thick and labelled for the legend."""
+    points = [(s, v) for s, v in data if np.isfinite(v)]
     if not points:
-        draw.text((left, height // 2), "no data", fill="gray", font=font)
-        return img
-    xs = [p[0] for p in points]
-    ys = [p[1] for p in points if math.isfinite(p[1])]
-    if not ys:
-        draw.text((left, height // 2), "no finite values", fill="gray", font=font)
-        return img
-    log_y = min(ys) > 0 and max(ys) / min(ys) > 20
-    tf = math.log10 if log_y else (lambda v: v)
-    y_low, y_high = tf(min(ys)), tf(max(ys))
-    if y_high - y_low < 1e-12:
-        y_low, y_high = y_low - 0.5, y_high + 0.5
-    x_low, x_high = min(xs), max(max(xs), min(xs) + 1)
+        return
+    steps, values = zip(*points, strict=True)
+    if len(points) == 1:
+        ax.plot(steps, values, "o", color=colour, label=label)
+        return
+    ax.plot(steps, values, color=colour, linewidth=0.8, alpha=0.35)
+    ax.plot(steps, ema(values, smoothing), color=colour, linewidth=2.0, label=label)
 
-    def to_px(step: float, value: float) -> tuple[float, float]:
-        px = left + (step - x_low) / (x_high - x_low) * (width - left - right)
-        py = top + (y_high - tf(value)) / (y_high - y_low) * (height - top - bottom)
-        return px, py
 
-    # Axes and ticks.
-    draw.rectangle((left, top, width - right, height - bottom), outline="black")
-    x_ticks = _nice_ticks(x_low, x_high)
-    for tick, label in zip(x_ticks, _format_ticks(x_ticks), strict=True):
-        px, _ = to_px(tick, 10**y_low if log_y else y_low)
-        draw.line((px, height - bottom, px, height - bottom + 4), fill="black")
-        draw.text((px - draw.textlength(label, font=small) / 2, height - bottom + 6), label, fill="black", font=small)
-    draw.text(((left + width - right) / 2 - 12, height - 16), "step", fill="black", font=small)
-    if log_y:
-        y_ticks = [10**k for k in range(math.floor(y_low), math.ceil(y_high) + 1)]
-        y_ticks += [m * 10**k for k in range(math.floor(y_low), math.ceil(y_high) + 1) for m in (2, 5)]
-        y_ticks = sorted(t for t in y_ticks if y_low <= math.log10(t) <= y_high)
-        decades = [t for t in y_ticks if abs(math.log10(t) - round(math.log10(t))) < 1e-9]
-        if len(y_ticks) > 8:  # too dense: decades only, or every n-th tick when fewer than two decades show
-            y_ticks = decades if len(decades) >= 2 else y_ticks[:: len(y_ticks) // 5]
+def _style_axes(ax: Axes, log_decades: float | None) -> None:
+    """Step axis in whole numbers. A linear value axis is labelled without an additive offset, so every tick reads
+    as its own value (1.005 x 10^5, never "+1e5" plus a small number); a log axis spanning up to two decades gets
+    1-2-5 ticks, since powers of ten alone would leave it with one or two labels."""
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_formatter(ScalarFormatter(useOffset=False))
+    if log_decades is None:
+        formatter = ScalarFormatter(useOffset=False, useMathText=True)
+        formatter.set_powerlimits((-3, 4))
+        ax.yaxis.set_major_formatter(formatter)
     else:
-        y_ticks = _nice_ticks(y_low, y_high)
-    for tick, label in zip(y_ticks, _format_ticks(y_ticks), strict=True):
-        _, py = to_px(x_low, tick)
-        draw.line((left - 4, py, width - right, py), fill=(225, 225, 225))
-        draw.line((left - 4, py, left, py), fill="black")
-        draw.text((left - 6 - draw.textlength(label, font=small), py - 6), label, fill="black", font=small)
-    if log_y:
-        draw.text((4, top - 14), "log scale", fill="gray", font=small)
-    draw.rectangle((left, top, width - right, height - bottom), outline="black")
-
-    # Lines: raw (light), then smoothed (full colour).
-    for index, (_name, data) in enumerate(series):
-        data = [(s, v) for s, v in data if math.isfinite(v) and (not log_y or v > 0)]
-        if not data:
-            continue
-        colour = COLOURS[index % len(COLOURS)]
-        light = tuple(int(c + (255 - c) * 0.65) for c in colour)
-        raw = [to_px(s, v) for s, v in data]
-        smooth = [to_px(s, v) for s, v in zip([s for s, _ in data], _ema([v for _, v in data], 0.8), strict=True)]
-        if len(raw) == 1:
-            x, y = raw[0]
-            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
-            continue
-        draw.line(raw, fill=light, width=1)
-        draw.line(smooth, fill=colour, width=2)
-
-    # Legend.
-    legend_y = top + 6
-    for index, (name, _data) in enumerate(series):
-        colour = COLOURS[index % len(COLOURS)]
-        text_w = draw.textlength(name, font=small)
-        x1 = width - right - 8
-        draw.line((x1 - text_w - 26, legend_y + 6, x1 - text_w - 6, legend_y + 6), fill=colour, width=3)
-        draw.text((x1 - text_w, legend_y), name, fill="black", font=small)
-        legend_y += 16
-    return img
+        ax.set_yscale("log")
+        ax.set_ylabel("log scale", color="grey")
+        if log_decades <= 2:
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            every_tick = (np.inf, np.inf)  # the formatter's default hides 5 x 10^k past one decade
+            ax.yaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=every_tick))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.grid(True, which="major", color="0.9")
+    ax.legend(loc="best", fontsize="small", framealpha=0.85)
 
 
-def make_curves(runs: Sequence[tuple[str, dict[str, list[tuple[int, float]]]]], max_panels: int = 4) -> Image.Image:
-    """Grid of line charts, one per ``loss/...`` tag the runs share (total, content, style first), two per row.
+def plot_panel(ax: Axes, title: str, series: Sequence[tuple[str, Series]], smoothing: float = 0.8) -> None:
+    """One metric on ``ax``: x = step, y = value (log axis when positive values span > ``LOG_SCALE_RATIO``), one
+    colour per run, raw series thin and light under an EMA-smoothed copy."""
+    ax.set_title(title, fontsize=11)
+    if not any(np.isfinite(v) for _, data in series for _, v in data):
+        ax.text(0.5, 0.5, "no finite values", transform=ax.transAxes, ha="center", color="grey")
+        return
+    for index, (label, data) in enumerate(series):
+        _plot_series(ax, label, data, f"C{index}", smoothing)
+    _style_axes(ax, _log_decades(series))
 
-    Tags that are 0 throughout in every run (a term whose weight is 0, e.g. tv) get no panel."""
+
+PREFERRED_TAGS = ("loss/total", "loss/content", "loss/style", "loss/tv")
+
+
+def curve_tags(runs: Sequence[tuple[str, dict[str, Series]]], max_panels: int = 4) -> list[str]:
+    """The ``loss/...`` tags every run logged (total, content, style first), without terms that are 0 throughout
+    in every run (a term whose weight is 0, e.g. tv)."""
     common = set.intersection(*(set(series) for _, series in runs)) if runs else set()
-    common = {t for t in common if any(v != 0 for _, series in runs for _, v in series[t])}
-    preferred = ["loss/total", "loss/content", "loss/style", "loss/tv"]
-    tags = [t for t in preferred if t in common]
-    tags += sorted(t for t in common if t.startswith("loss/") and t not in tags)
-    tags = tags[:max_panels]
+    common = {t for t in common if t.startswith("loss/") and any(v != 0 for _, s in runs for _, v in s[t])}
+    tags = [t for t in PREFERRED_TAGS if t in common]
+    tags += sorted(t for t in common if t not in tags)
+    return tags[:max_panels]
+
+
+def make_curves(runs: Sequence[tuple[str, dict[str, Series]]], max_panels: int = 4, per_row: int = 2) -> Figure:
+    """One panel per shared ``loss/...`` tag (see :func:`curve_tags`), ``per_row`` panels a row, runs overlaid;
+    ``runs``: (legend label, tag -> series)."""
+    tags = curve_tags(runs, max_panels)
     if not tags:
         raise FaststyleError(
             "the runs share no loss/... scalars in their TensorBoard events: train longer than one log interval"
         )
-    panels = [plot_panel(tag, [(name, series[tag]) for name, series in runs]) for tag in tags]
-    per_row = 2
-    rows = -(-len(panels) // per_row)
-    pw, ph = panels[0].size
-    canvas = Image.new("RGB", (per_row * pw, rows * ph), "white")
-    for i, panel in enumerate(panels):
-        canvas.paste(panel, ((i % per_row) * pw, (i // per_row) * ph))
-    return canvas
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Table
-
-
-@dataclass
-class Row:
-    """One line of the table: a model evaluated in one mode."""
-
-    model: str
-    run: str
-    losses: dict[str, float]
-    invariance: float
-    per_variant: list[float]
-
-
-def table_markdown(rows: Sequence[Row], variants: Sequence[tuple[float, float]], n_images: int, change: float) -> str:
-    lines = [
-        f"Held-out images: {n_images}. Losses: mean over the held-out images of each run's own PerceptualLoss "
-        "(lower is better). Invariance: mean |stylize(clip(a*x+b)) - stylize(x)| in RGB [0, 1] over images and "
-        f"{len(variants)} variants (a, b) = {', '.join(f'({a:g}, {b:+g})' for a, b in variants)} "
-        f"(0 = ignores contrast and brightness; the inputs themselves differ by {change:.4f}).",
-        "",
-        "| model | run | content loss | style loss | total loss | contrast invariance (MAD) |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row.model} | {row.run} | {row.losses['content']:.4g} | {row.losses['style']:.4g} | "
-            f"{row.losses['total']:.4g} | {row.invariance:.4f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def table_csv(rows: Sequence[Row], variants: Sequence[tuple[float, float]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    variant_cols = [f"mad_a{a:g}_b{b:+g}" for a, b in variants]
-    writer.writerow(["model", "run", "content_loss", "style_loss", "tv_loss", "total_loss", "invariance_mad",
-                     *variant_cols])
-    for row in rows:
-        writer.writerow([
-            row.model, row.run, f"{row.losses['content']:.6g}", f"{row.losses['style']:.6g}",
-            f"{row.losses['tv']:.6g}", f"{row.losses['total']:.6g}", f"{row.invariance:.6g}",
-            *(f"{v:.6g}" for v in row.per_variant),
-        ])
-    return buffer.getvalue()
+    n_cols = min(per_row, len(tags))
+    n_rows = -(-len(tags) // n_cols)
+    figure = new_figure(n_cols * PANEL_PX[0], n_rows * PANEL_PX[1], layout="constrained")
+    axes = figure.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax, tag in zip(axes, tags, strict=False):
+        plot_panel(ax, tag, [(label, series[tag]) for label, series in runs])
+    for ax in axes[len(tags):]:
+        ax.set_visible(False)
+    return figure
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Driver
 
-NORM_ORDER = {"batch": 0, "none": 1, "instance": 2}
+
+def _title_width(cell_px: int) -> int:
+    """Characters of a 9 pt title line that fit in a cell (about 6 px each at 100 dpi)."""
+    return max(8, cell_px // 6)
 
 
-def stylizers_for(run: Run, label_suffix: str = "") -> list[tuple[str, str, Stylizer]]:
-    """(figure label, table label, stylizer) for a run: two modes for batch norm, one otherwise."""
-    if run.norm == "batch":
-        return [
-            (f"batch norm{label_suffix}\n(eval: running stats)", "batch norm, eval (running stats)",
-             eval_stylizer(run.model)),
-            (f"batch norm{label_suffix}\n(per-image stats)", "batch norm, per-image stats",
-             per_image_bn_stylizer(run.model)),
-        ]
-    name = {"instance": "instance norm", "none": "no norm"}.get(run.norm, run.norm)
-    return [(f"{name}{label_suffix}", name, eval_stylizer(run.model))]
+def _figure_rows(
+    images: Sequence[Tensor], figure_variants: Sequence[tuple[float, float]]
+) -> tuple[list[Tensor], list[str | None]]:
+    """The held-out images, then the first one's contrast/brightness variants (captioned), so the figure shows what
+    the table's invariance column measures."""
+    rows = list(images) + [contrast_variants(images[0], [v])[0] for v in figure_variants]
+    captions: list[str | None] = [None] * len(images) + [f"{a:g}x{b:+g}" for a, b in figure_variants]
+    return rows, captions
 
 
-def default_out_dir(run_dirs: Sequence[Path], inputs: Sequence[Path]) -> Path:
-    """The single directory the user named, else the run dirs' deepest common parent."""
-    if len(inputs) == 1 and inputs[0].is_dir():
-        return inputs[0]
-    return Path(os.path.commonpath([str(p.resolve()) for p in run_dirs]))
+def output_paths(out: Path, figure_format: str = "png") -> dict[str, Path]:
+    """Where the report's files go."""
+    return {
+        "figure": out / f"{FIGURE_STEM}.{figure_format}",
+        "table_md": out / TABLE_MD_NAME,
+        "table_csv": out / TABLE_CSV_NAME,
+        "curves": out / CURVES_NAME,
+    }
 
 
 def compare(
@@ -671,8 +828,10 @@ def compare(
     max_images: int = 4,
     device: str = "cpu",
     variants: Sequence[tuple[float, float]] = DEFAULT_VARIANTS,
-    figure_variants: Sequence[tuple[float, float]] = ((0.5, 0.25),),
+    figure_variants: Sequence[tuple[float, float]] = DEFAULT_FIGURE_VARIANTS,
     cell_px: int = 192,
+    figure_format: str = "png",
+    max_panels: int = 4,
 ) -> dict[str, Path]:
     """Write the figure, the tables and the curves for the runs found in ``inputs``; return their paths."""
     from core.device import resolve_device
@@ -680,64 +839,23 @@ def compare(
     torch_device = resolve_device(device)
     run_dirs = find_run_dirs(inputs)
     out = Path(out_dir) if out_dir is not None else default_out_dir(run_dirs, [Path(p) for p in inputs])
-    names = [os.path.relpath(p.resolve(), out.resolve()) for p in run_dirs]
-    runs = [load_run(p, name, torch_device) for p, name in zip(run_dirs, names, strict=True)]
-    runs.sort(key=lambda r: (NORM_ORDER.get(r.norm, 1), r.name))
-    log.info("runs: %s", ", ".join(f"{r.name} ({r.norm})" for r in runs))
+    runs = load_runs(run_dirs, out, torch_device)
+    style_file = shared_style(runs)
+    held_out, images = held_out_images(content, runs, max_images, max_side_px, torch_device)
+    columns = columns_for(runs)
 
-    styles = {style_path(r).resolve() for r in runs}
-    if len(styles) != 1:
-        raise FaststyleError(f"the runs were trained on different styles ({', '.join(map(str, styles))}): "
-                             "compare runs of one style")
-    style_file = styles.pop()
-    roots = list({resolve_path(str(_config_value(r, "data.root")), r.launch_dir).resolve() for r in runs})
-
-    held_out = collect_images(content)[:max_images]
-    check_held_out(held_out, roots)
-    images = [load_content(p, max_side_px).to(torch_device) for p in held_out]
-    log.info("held-out images: %s", ", ".join(p.name for p in held_out))
-
-    kinds = [r.norm for r in runs]
-    suffixes = [f" [{r.name}]" if kinds.count(r.norm) > 1 else "" for r in runs]
-    columns: list[tuple[str, str, str, Stylizer]] = []
-    for run, suffix in zip(runs, suffixes, strict=True):
-        columns += [(fig_label, table_label, run.name, fn) for fig_label, table_label, fn in stylizers_for(run, suffix)]
-
-    # Loss: each run's own loss config; the style target at the run's style_size like in training.
-    rows = []
-    change = input_change(images, variants)
-    for run in runs:
-        loss = build_loss(run, torch_device)
-        style_img = load_image(style_file)
-        style_size = run.config.get("style_size")
-        if style_size:  # train.py: the short side of the style image is style_size px
-            style_img = resize_short_side(style_img, int(style_size))
-        loss.set_style(pil_to_tensor(style_img).unsqueeze(0).to(torch_device))
-        for _fig_label, table_label, run_name, fn in columns:
-            if run_name != run.name:
-                continue
-            invariance, per_variant = contrast_invariance(fn, images, variants)
-            rows.append(Row(table_label, run_name, held_out_losses(fn, loss, images), invariance, per_variant))
-            log.info("%s: %s, invariance %.4f", table_label, rows[-1].losses, invariance)
-
-    # Extra rows: the first held-out image's contrast/brightness variants, so the figure shows what the table's
-    # invariance column measures.
-    figure_rows = list(images) + [contrast_variants(images[0], [v])[0] for v in figure_variants]
-    captions = [None] * len(images) + [f"{a:g}x{b:+g}" for a, b in figure_variants]
-    figure = make_figure(figure_rows, load_image(style_file), [(label, fn) for label, _, _, fn in columns],
+    rows = evaluate(columns, images, variants, torch_device)
+    figure_rows, captions = _figure_rows(images, figure_variants)
+    width = _title_width(cell_px)
+    figure = make_figure(figure_rows, load_image(style_file), [(c.title(width), c.stylize) for c in columns],
                          cell_px=cell_px, captions=captions)
-    curves = make_curves([(r.name, read_scalars(r.path / "tb")) for r in runs])
+    curves = make_curves([(r.label, read_scalars(r.path / "tb")) for r in runs], max_panels=max_panels)
 
-    paths = {
-        "figure": out / FIGURE_NAME,
-        "table_md": out / TABLE_MD_NAME,
-        "table_csv": out / TABLE_CSV_NAME,
-        "curves": out / CURVES_NAME,
-    }
-    save_image(figure, paths["figure"])
-    atomic_write_text(paths["table_md"], table_markdown(rows, variants, len(images), change))
+    paths = output_paths(out, figure_format)
+    save_figure(figure, paths["figure"])
+    atomic_write_text(paths["table_md"], table_markdown(rows, variants, len(held_out), input_change(images, variants)))
     atomic_write_text(paths["table_csv"], table_csv(rows, variants))
-    save_image(curves, paths["curves"])
+    save_figure(curves, paths["curves"])
     return paths
 
 
@@ -749,8 +867,9 @@ def _parse_variant(text: str) -> tuple[float, float]:
     return a, b
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m scripts.compare_runs", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="a multirun dir (searched recursively) or run dirs")
     parser.add_argument("--content", nargs="+", default=[str(DEFAULT_HELD_OUT)],
                         help="held-out content images or folders (default: %(default)s)")
@@ -758,6 +877,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256, help="longest side of the held-out images, px (%(default)s)")
     parser.add_argument("--max-images", type=int, default=4, help="use at most this many held-out images")
     parser.add_argument("--cell-px", type=int, default=192, help="figure cell size, px (default: %(default)s)")
+    parser.add_argument("--figure-format", choices=("png", "jpg"), default="png",
+                        help="format of the image grid (default: %(default)s; the curves are always PNG)")
+    parser.add_argument("--max-panels", type=int, default=4,
+                        help="at most this many loss curves panels (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: %(default)s)")
     parser.add_argument("--figure-variant", type=_parse_variant, action="append", dest="figure_variants",
                         metavar="A,B", help="extra figure row: the first held-out image as clip(a*x+b) (repeatable; "
@@ -765,14 +888,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", type=_parse_variant, action="append", dest="variants", metavar="A,B",
                         help="a contrast/brightness variant a*x+b (repeatable; default: "
                              + " ".join(f"{a:g},{b:g}" for a, b in DEFAULT_VARIANTS) + ")")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.size < 16 or args.max_images < 1 or args.cell_px < 32:
-        exit_with_error(FaststyleError("--size must be >= 16, --max-images >= 1 and --cell-px >= 32"))
+    if args.size < 16 or args.max_images < 1 or args.cell_px < 32 or args.max_panels < 1:
+        exit_with_error(FaststyleError("--size must be >= 16, --max-images >= 1, --cell-px >= 32 and "
+                                       "--max-panels >= 1"))
     try:
         paths = compare(args.runs, args.content, args.out, args.size, args.max_images, args.device,
                         tuple(args.variants) if args.variants else DEFAULT_VARIANTS,
-                        tuple(args.figure_variants) if args.figure_variants else ((0.5, 0.25),), args.cell_px)
+                        tuple(args.figure_variants) if args.figure_variants else DEFAULT_FIGURE_VARIANTS,
+                        args.cell_px, args.figure_format, args.max_panels)
     except FaststyleError as err:
         exit_with_error(err)
     print(paths["table_md"].read_text(encoding="utf-8"))
