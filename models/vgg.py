@@ -67,10 +67,6 @@ def layer_names(blocks: Sequence[int]) -> list[str]:
     return names
 
 
-def _blocks_for(name: str) -> tuple[int, ...]:
-    return VGG16_BLOCKS if name == "vgg16" else VGG19_BLOCKS
-
-
 class LossNetwork(nn.Module):
     """A frozen, truncated VGG with named taps.
 
