@@ -1,4 +1,4 @@
-"""training/distributed.py: torchrun environment parsing, Hydra worker overrides, unwrap, metric reduction, and the
+"""training/distributed.py: torchrun environment parsing, Hydra worker overrides, metric reduction, and the
 DDP equivalence: 2 CPU processes (gloo) with per-rank batch B follow the same loss trajectory as 1 process with B*2."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from PIL import Image
 from torch import nn
 
 from core.errors import FaststyleError
+from models.modelfile import unwrap_model
 from models.transformer import TransformerNet
 from training import distributed as D
 
@@ -47,7 +48,7 @@ def test_single_process_context(no_torchrun_env: None) -> None:
     ctx = D.init_distributed("cpu")
     assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.distributed, ctx.backend) == (0, 1, True, False, None)
     assert ctx.device == torch.device("cpu")
-    assert D.is_main_process() and D.get_world_size() == 1
+    assert D.get_world_size() == 1
     model = nn.Linear(2, 2)
     assert D.wrap_ddp(model, ctx) is model  # nothing to wrap for one process
     assert D.broadcast_object({"a": 1}) == {"a": 1}
@@ -60,14 +61,6 @@ def test_pinned_cuda_index_refused_under_torchrun(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(FaststyleError, match="CUDA_VISIBLE_DEVICES"):
         D.init_distributed("cuda:1")
-
-
-def test_unwrap_compiled_module() -> None:
-    model = nn.Linear(2, 2)
-    compiled = torch.compile(model)  # lazy: nothing is compiled until the first call
-    assert D.unwrap(compiled) is model
-    assert D.unwrap(model) is model
-    assert list(D.unwrap(compiled).state_dict()) == ["weight", "bias"]  # no "_orig_mod." prefix
 
 
 def test_all_reduce_mean_single_process(no_torchrun_env: None) -> None:
@@ -141,16 +134,16 @@ def _train(rank: int, world_size: int, batch_size: int, data_root: str, out_path
             losses["total"].backward()
             optimizer.step()
             trajectory.append(D.all_reduce_mean({k: losses[k] for k in ("total", "content", "style", "tv")}))
-        flat = torch.cat([p.detach().flatten() for p in D.unwrap(model).parameters()])
+        flat = torch.cat([p.detach().flatten() for p in unwrap_model(model).parameters()])
         every_rank = [torch.empty_like(flat) for _ in range(world_size)]
         if world_size > 1:
             torch.distributed.all_gather(every_rank, flat)
         else:
             every_rank = [flat]
-        if D.is_main_process():
+        if ctx.is_main:
             probe = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(11)).double()
             with torch.no_grad():
-                output = D.unwrap(model).eval()(probe)
+                output = unwrap_model(model).eval()(probe)
             torch.save({"trajectory": trajectory, "output": output, "params": every_rank}, out_path)
     except BaseException:
         D.teardown_distributed()

@@ -6,17 +6,19 @@ How a run becomes distributed: ``torchrun --nproc_per_node=N train.py ...`` star
 (``nccl`` on CUDA, ``gloo`` on CPU) and gives each process its own device (``cuda:LOCAL_RANK``). Without those
 variables it is a plain single-process run and nothing is initialised, so the same script serves both.
 
-Conventions used by train.py:
+Conventions used by training/run.py and training/loop.py:
 
 - every rank runs the same loop on its own shard of each global batch (data/images.py's sampler does the sharding),
   :func:`wrap_ddp` all-reduces (averages) the gradients during ``backward``, so every rank applies the same update;
-- only the main process (rank 0) logs, writes TensorBoard, checkpoints and ``model.pth`` (:func:`is_main_process`);
+- only the main process (rank 0, :attr:`DistContext.is_main`) logs, writes TensorBoard, checkpoints and
+  ``model.pth``; train.py, which decides before torch is imported, reads torchrun's ``RANK`` variable instead;
 - logged metrics are averaged over ranks with :func:`all_reduce_mean` (one collective, one host sync) at log
   intervals only;
 - a stop request (Ctrl-C, SIGTERM) is agreed on every step with :func:`agree_to_stop`, a one-integer all-reduce on
   a CPU (gloo) side group, so that every rank stops after the same step and rank 0 saves that step;
-- files are always saved from :func:`unwrap` (the plain module, without DDP's ``.module`` or torch.compile's
-  ``._orig_mod`` prefixes), so a model trained on 8 GPUs loads like one trained on a laptop.
+- files are always saved from ``models.modelfile.unwrap_model(model)`` (the plain module, without DDP's
+  ``module.`` or torch.compile's ``_orig_mod.`` prefixes), so a model trained on 8 GPUs loads like one trained on a
+  laptop.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 @dataclass(frozen=True)
 class DistContext:
-    """Where this process stands: its global rank, the number of processes, its rank on this machine and device.
+    """Where this process stands: its global rank, the number of processes, its rank on its node and its device.
 
     ``backend`` is None for a single-process run (no process group exists then). ``control_group`` is the CPU
     (gloo) side group for control messages (:func:`agree_to_stop`), so that under NCCL they need no GPU sync; None
@@ -162,7 +164,8 @@ def worker_hydra_overrides(environ: Mapping[str, str] | None = None) -> list[str
     the run dir at the current directory (which exists: ``mkdir(exist_ok=True)`` creates nothing), skip the
     ``.hydra/`` snapshot and drop Hydra's file/console logging config, which leaves Python's last-resort handler:
     warnings and errors of worker ranks still reach stderr, info lines come from rank 0 only. Workers write no
-    files (train.py checks :func:`is_main_process`); rank 0's run dir is shared with :func:`broadcast_object`.
+    files (train.py reads ``RANK``, the training code checks :attr:`DistContext.is_main`); rank 0's run dir is
+    shared with :func:`broadcast_object`.
     Returns ``[]`` on rank 0 and outside torchrun. Plain strings: this module never imports Hydra.
     """
     env = torchrun_env(environ)
@@ -176,7 +179,7 @@ def teardown_distributed(wait_for_peers: bool = False) -> None:
 
     ``wait_for_peers=True`` (the normal end of a run) first waits at a barrier until every rank is done: a gloo
     rank that destroys its connections while a peer still works on its last steps aborts now and then
-    (SIGABRT, "terminate called without an active exception"; seen about once in 12 runs of the DDP test).
+    (SIGABRT, "terminate called without an active exception").
     After an error, leave at once: the peers may never reach the barrier.
     """
     if dist.is_available() and dist.is_initialized():
@@ -185,25 +188,9 @@ def teardown_distributed(wait_for_peers: bool = False) -> None:
         dist.destroy_process_group()
 
 
-def get_rank() -> int:
-    """Global rank of this process (0 when not distributed)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def get_world_size() -> int:
     """Number of processes in the group (1 when not distributed)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main_process() -> bool:
-    """True on global rank 0, and always in a single-process run: the process that logs and writes files."""
-    return get_rank() == 0
-
-
-def barrier() -> None:
-    """Wait for every rank (no-op when not distributed), e.g. before rank 0 reads a file another step wrote."""
-    if get_world_size() > 1:
-        dist.barrier()
 
 
 def agree_to_stop(local_request: int, ctx: DistContext | None) -> int:
@@ -267,20 +254,6 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
             )
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP (``.module``) and/or torch.compile (``._orig_mod``) wrappers, in any order.
-
-    Save and export this one: its ``state_dict`` keys carry no ``module.`` / ``_orig_mod.`` prefixes.
-    """
-    while True:
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch._dynamo OptimizedModule
-            model = model._orig_mod
-        else:
-            return model
 
 
 def all_reduce_mean(metrics: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
