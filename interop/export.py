@@ -2,12 +2,13 @@
 
 Both exports go through ``ExportableStyleNet``, an export-time equivalent of the network that
 
-- swaps our ``models.norm.InstanceNorm`` (a custom module: statistics written out with ``var_mean``, which exports
-  as a dozen elementwise ONNX ops) for ``F.instance_norm`` with the same weight, bias and eps, which the ONNX
-  exporter turns into one ``InstanceNormalization`` node (ONNX operator spec: per-instance, per-channel mean and
-  biased variance over the spatial axes, ``y = scale * (x - mean) / sqrt(var + epsilon) + B``: the same formula as
-  ours; only layers whose statistics come from the input, i.e. ``track_running_stats=False`` or training mode, are
-  swapped; others keep their running statistics and export as plain arithmetic);
+- swaps our ``models.norm.InstanceNorm`` (while a graph is captured it runs as plain mean/subtract/multiply/rsqrt
+  ops, a dozen elementwise ONNX nodes) for its ``to_torch()`` equivalent, an ``nn.InstanceNorm2d`` with the same
+  weight, bias and eps, which the ONNX exporter turns into one ``InstanceNormalization`` node (ONNX operator spec:
+  per-instance, per-channel mean and biased variance over the spatial axes,
+  ``y = scale * (x - mean) / sqrt(var + epsilon) + B``: the same formula as ours). Only layers that normalise with
+  the input's statistics (``track_running_stats=False``) are swapped; others keep their running statistics and
+  export as plain arithmetic;
 - always pads bottom/right up to a multiple of 4 with reflection (``(-H) % 4`` rows, zero when already a multiple)
   instead of branching on the size in Python, so the traced graph stays valid for every size. This equals
   ``TransformerNet.forward`` for H, W >= 8 (``MIN_SIDE``); smaller inputs are outside the exported graph's domain.
@@ -52,26 +53,13 @@ ONNX_INPUT_NAME = "image"
 ONNX_OUTPUT_NAME = "stylized"
 
 
-class ExportInstanceNorm(nn.Module):
-    """``F.instance_norm`` with our InstanceNorm's affine weight/bias and eps: exports as InstanceNormalization."""
-
-    def __init__(self, norm: InstanceNorm) -> None:
-        super().__init__()
-        self.eps = float(norm.eps)
-        self.weight = norm.weight
-        self.bias = norm.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> (N, C, H, W), normalised per sample and channel over H, W."""
-        return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
-
-
 def _swap_instance_norms(module: nn.Module) -> int:
-    """Replace, in place, every InstanceNorm that uses input statistics by ExportInstanceNorm; returns the count."""
+    """Replace, in place, every InstanceNorm that uses input statistics by its nn.InstanceNorm2d equivalent
+    (``InstanceNorm.to_torch``); returns the count."""
     swapped = 0
     for name, child in module.named_children():
         if isinstance(child, InstanceNorm) and not child.track_running_stats:
-            setattr(module, name, ExportInstanceNorm(child))
+            setattr(module, name, child.to_torch())
             swapped += 1
         else:
             swapped += _swap_instance_norms(child)

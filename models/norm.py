@@ -7,43 +7,26 @@ Stylization", arXiv:1607.08022) normalises each sample and each channel over all
 
 with the biased variance, exactly like ``torch.nn.InstanceNorm2d``.
 
-How the statistics are computed (a measured choice, see ``scripts/bench_norm.py`` for the script and the figures):
+Three implementations of that formula, chosen per call:
 
-* ``torch.var_mean`` (Welford) is stable but slow on CPU: 7.8 ms for one (4, 128, 64, 64) fp32 tensor against
-  0.2 ms for ``sum`` (2 threads, this machine); ``torch.linalg.vecdot`` / ``matmul`` for the backward dot products
-  were 1.8-3.3 ms (and 47 ms at (4, 32, 256, 256)) against 0.9 ms for ``mul(out=) + sum``.
-* The E[x^2] - E[x]^2 one-pass shortcut is fast but returns negative variances (NaN) on x = randn + 1e4.
-* So we use the two-pass formula: mean = sum(x) / M, xc = x - mean written into a buffer that we keep for the
-  backward pass, var = sum(xc^2) / M. Subtracting the mean first removes the cancellation, and torch's ``sum`` uses
-  cascade summation, so float32 stays within ~1e-6 of a float64 reference at an offset of 1e4.
-* A custom autograd Function with a hand-written backward (the closed form of Ulyanov's/Ioffe's batch-norm
-  gradient per instance) avoids autograd saving every intermediate. Every large tensor op writes into a buffer
-  we own (``out=`` / in-place), because fresh large allocations page-fault on CPU and cost as much as the op.
-* Channels-last inputs are viewed as (N, M, C) without a copy and reduced over the middle dim, which torch
-  vectorises; the output is allocated with ``empty_like`` so it stays channels-last.
+* CPU, float32/float64: a fused C++ kernel (``models/instance_norm_kernel.cpp``, ``_FusedInstanceNormFunction``),
+  compiled on first use with torch.utils.cpp_extension and cached in torch's extension directory. It reads each
+  tensor from memory about once per pass, which is what lets it beat ``nn.InstanceNorm2d`` (README, "Speed and
+  memory"; ``python -m scripts.bench_norm`` measures both). When it cannot be built, ONE warning names the cause
+  and the eager path below runs instead.
+* Otherwise (CUDA and other devices, or no kernel): ``_InstanceNormFunction``, torch ops with a hand-written
+  closed-form backward, so that autograd keeps no intermediates, and every large result written into a buffer we
+  own, because fresh large allocations page-fault on CPU and cost as much as the op itself.
+* While a tracer, exporter or compiler records the graph: ``_plain_instance_norm``, the same maths in plain
+  differentiable ops that they understand. ``InstanceNorm.to_torch()`` gives the equivalent ``nn.InstanceNorm2d``,
+  which interop/export.py swaps in so that ONNX gets a single ``InstanceNormalization`` node.
 
-On CPU (float32/float64) all of the above is replaced by a fused C++ kernel, ``models/instance_norm_kernel.cpp``
-(``_FusedInstanceNormFunction``), compiled on first use with torch.utils.cpp_extension (ninja + a C++ compiler;
-~13 s once, then cached in torch's extension directory, ~/.cache/torch_extensions). Forward: one statistics sweep
-(per 2048-value chunk a sum and a corrected two-pass sum of squares in the input type, chunks combined in double
-with Chan's formula: stable at randn + 1e4) and one normalising sweep; backward: one sweep for sum(g) and
-sum(g * (x - mean)), one writing dx. Rows (NCHW) are processed while they are still in cache, so each tensor is read
-from memory about once. Only x and (N, C) float64 statistics are saved for backward. If the build fails, ONE warning
-names the cause and the eager path below runs instead (CUDA and other devices always use the eager path).
-
-Figures (fwd+bwd, affine, fp32, CPU, ``scripts/bench_norm.py --reps 30``, malloc reuse on both sides, quiet
-machine, 2026-11-23; see its docstring): 2 threads, 4 runs: 2.06-2.30x at (4, 128, 64, 64) (1.6-2.1 ms vs
-3.6-4.3 ms), 2.10-2.32x at (4, 32, 256, 256), 2.08-2.13x at (1, 32, 1080, 1920); 1 thread 2.5x and 2.6x;
-channels-last 4.3-5.5x. Large float32 outputs are written with streaming stores (1.73-1.82x -> 1.83-2.08x),
-and the weight/bias gradients are summed in C++ (fewer small ops per call; -> 2.06-2.30x). Forward+backward
-moves ~40 MB at (4, 128, 64, 64); at this machine's ~22-32 GB/s of memory bandwidth that is 1.3-1.8 ms, so the
-kernel runs close to the memory bound. The eager path (before the kernel) was 0.39x-0.73x: a chain of eager ops
-cannot beat torch's fused native kernels.
-
-When tracing (``torch.jit.trace``), exporting to ONNX or compiling (``torch.compile``) we run the same maths as
-plain differentiable torch ops instead of the custom Function, so exporters and compilers see ordinary ops
-(ONNX: ReduceMean/Sub/Mul/Sqrt...). ``InstanceNorm.to_torch()`` gives an equivalent ``nn.InstanceNorm2d`` for
-exporters that want a single ONNX ``InstanceNormalization`` node.
+All of them take the variance in two passes, the mean first and then the squared deviations from it (the kernel
+and the eager path also correct for the rounding of that mean, after Chan, Golub & LeVeque 1983): the one-pass
+``E[x^2] - E[x]^2`` cancels catastrophically in float32 and returns negative variances for inputs such as
+randn + 1e4, and ``torch.var_mean`` is stable but slower on CPU than two plain passes (docs/architecture.md,
+"Numerics").
+Channels-last inputs are reduced as (N, M, C) views without a copy and keep their memory format.
 """
 
 from __future__ import annotations
@@ -124,10 +107,11 @@ class _InstanceNormFunction(torch.autograd.Function):
         # ~1e-3; d = mean(xc) measures that error, and we fold it in below instead of another pass over memory.
         d = xc.sum(rd, keepdim=True).div_(m)
         if rd == 2:
-            # vector_norm over the contiguous last dim is vectorised (0.4 ms vs 0.9 ms for mul + sum).
+            # vector_norm over the contiguous last dim is vectorised: about twice as fast as mul + sum.
             var = torch.linalg.vector_norm(xc, dim=rd, keepdim=True).square_().div_(m)
         else:
-            # over the middle dim vector_norm is not vectorised (7 ms): square into the output buffer and sum.
+            # over the middle dim vector_norm is not vectorised (many times slower): square into the output buffer
+            # and sum.
             torch.mul(xc, xc, out=ys)
             var = ys.sum(rd, keepdim=True).div_(m)
         var = (var - d * d).clamp_(min=0)
@@ -214,62 +198,74 @@ def _failure_cause(exc: BaseException) -> str:
     return (text.splitlines() or [type(exc).__name__])[0].strip()[:300]
 
 
+def _missing_build_tool() -> str | None:
+    """Why the kernel cannot be built here (no C++ compiler, no ninja), or None when the tools are there.
+
+    cpp_extension runs ``ninja`` from PATH; the pip package (requirements.txt) installs it into the virtual
+    environment's bin directory, which is not on PATH when the venv is not activated (``.venv/bin/python``), so that
+    directory is added to PATH here.
+    """
+    if not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
+        return "no C++ compiler (c++/g++/clang++) on PATH"
+    if shutil.which("ninja") is not None:
+        return None
+    try:
+        import ninja
+
+        bin_dir = str(ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        bin_dir = ""
+    if bin_dir and shutil.which("ninja", path=bin_dir):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+        return None
+    return "the ninja build tool is not installed (pip install ninja)"
+
+
+def _build_and_load(source: Path) -> None:
+    """Compile ``source`` (or reuse the cached build) and load it, registering torch.ops.faststyle_norm; raises on
+    any failure. The build is named after the CPU (``_cpu_tag``) because it targets that CPU's instruction set."""
+    name = f"{source.stem}_{_cpu_tag()}"
+    # Importing cpp_extension logs a CUDA_HOME warning on CPU-only machines: irrelevant for this CPU kernel.
+    ext_log = logging.getLogger("torch.utils.cpp_extension")
+    level = ext_log.level
+    ext_log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        ext_log.setLevel(level)
+    start = time.perf_counter()
+    cpp_extension.load(
+        name=name,
+        sources=[str(source)],
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
+    seconds = time.perf_counter() - start
+    # a build (first use) is worth a line on the console; loading the cached library on every run is not
+    log.log(logging.INFO if seconds > 1.0 else logging.DEBUG, "fused InstanceNorm CPU kernel %s ready in %.1f s",
+            name, seconds)
+
+
 def _load_kernels() -> bool:
     """Compile (first use; cached in torch's extension directory, ~/.cache/torch_extensions) and load the fused
     kernel. Returns False, after ONE warning naming the cause, where that is impossible (no compiler, no ninja...)."""
-    source = _KERNEL_SOURCE
     if os.environ.get("FASTSTYLE_NORM_KERNEL", "1") == "0":
         # an explicit opt-out (to compare against, or to debug, the eager path): said at INFO, not a failure
         log.info("fused InstanceNorm CPU kernel disabled by FASTSTYLE_NORM_KERNEL=0: using the eager path")
         return False
-    name = f"{source.stem}_{_cpu_tag()}"
-    compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    cause = None
-    if compiler is None:
-        cause = "no C++ compiler (c++/g++/clang++) on PATH"
-    elif shutil.which("ninja") is None:
-        # cpp_extension runs `ninja` from PATH; the pip package (requirements.txt) installs it into the virtual
-        # environment's bin directory, which is not on PATH when the venv is not activated (`.venv/bin/python`).
-        try:
-            import ninja
-
-            bin_dir = str(ninja.BIN_DIR)
-        except (ImportError, AttributeError):
-            bin_dir = ""
-        if bin_dir and shutil.which("ninja", path=bin_dir):
-            os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-        else:
-            cause = "the ninja build tool is not installed (pip install ninja)"
+    cause = _missing_build_tool()
     if cause is None:
         try:
-            # Importing cpp_extension logs a CUDA_HOME warning on CPU-only machines: irrelevant for this CPU kernel.
-            ext_log = logging.getLogger("torch.utils.cpp_extension")
-            level = ext_log.level
-            ext_log.setLevel(logging.ERROR)
-            try:
-                from torch.utils import cpp_extension
-            finally:
-                ext_log.setLevel(level)
-            start = time.perf_counter()
-            cpp_extension.load(
-                name=name,
-                sources=[str(source)],
-                extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                is_python_module=False,
-                verbose=False,
-            )
-            seconds = time.perf_counter() - start
-            # a build (first use) is worth a line on the console; loading the cached library on every run is not
-            level = logging.INFO if seconds > 1.0 else logging.DEBUG
-            log.log(level, "fused InstanceNorm CPU kernel %s ready in %.1f s", name, seconds)
+            _build_and_load(_KERNEL_SOURCE)
             return True
         except Exception as exc:  # noqa: BLE001  (any build/load failure: fall back, loudly, below)
             cause = f"{type(exc).__name__}: {_failure_cause(exc)}"
     log.warning(
         "InstanceNorm: could not build the fused CPU kernel %s (%s); falling back to the eager path, which is "
         "2-3x slower on CPU",
-        source.name,
+        _KERNEL_SOURCE.name,
         cause,
     )
     return False
@@ -305,8 +301,8 @@ class _FusedInstanceNormFunction(torch.autograd.Function):
         ctx.channels_last = channels_last
         ctx.x_shape = x.shape
         ctx.has_bias = bias is not None
-        # mean/var stay float64 (only the running statistics read them, and convert); no zero gradients are made
-        # for them in backward. With the C++ gradient sums: 1.83-2.08x -> 2.06-2.30x at (4, 128, 64, 64).
+        # mean/var stay float64 (only the running statistics read them, and convert), and no zero gradients are
+        # made for them in backward: small ops per call are a visible share of the time at training sizes.
         ctx.mark_non_differentiable(mean, var)
         ctx.set_materialize_grads(False)
         return y, mean.view(n, c), var.view(n, c)
@@ -489,7 +485,8 @@ class InstanceNorm(nn.Module):
         self.running_var.mul_(1 - factor).add_(batch_var, alpha=factor)
 
     def to_torch(self) -> nn.InstanceNorm2d:
-        """An nn.InstanceNorm2d with the same settings and state (e.g. for an ONNX InstanceNormalization node)."""
+        """An nn.InstanceNorm2d with the same settings, state (copied), device, dtype and train/eval mode: the form
+        exporters understand (ONNX: one InstanceNormalization node; interop/export.py swaps it in)."""
         ref = nn.InstanceNorm2d(
             self.num_features,
             eps=self.eps,
@@ -497,9 +494,9 @@ class InstanceNorm(nn.Module):
             affine=self.affine,
             track_running_stats=self.track_running_stats,
         )
-        tensors = [*self.parameters(), *self.buffers()]
-        if tensors:
-            ref = ref.to(tensors[0].device)
+        floats = [t for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()]
+        if floats:
+            ref = ref.to(floats[0].device, floats[0].dtype)
         ref.load_state_dict(self.state_dict())
         return ref.train(self.training)
 

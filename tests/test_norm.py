@@ -206,6 +206,8 @@ def test_state_dict_round_trips_with_torch(tracked: bool) -> None:
     assert torch.equal(ref2.bias, ours.bias)
     x = torch.randn(1, 4, 5, 5)
     torch.testing.assert_close(ours.to_torch()(x), ours(x), atol=1e-5, rtol=0)
+    ours.double()  # to_torch follows the layer's dtype
+    torch.testing.assert_close(ours.to_torch()(x.double()), ours(x.double()), atol=1e-12, rtol=0)
 
 
 def test_trace_and_compile_path_matches() -> None:
