@@ -1,24 +1,50 @@
-"""Numeric precision and kernel layout for training: autocast dtype, gradient scaling, channels_last, torch.compile.
+"""The precision policy: numeric precision, memory format and torch.compile, decided once per run.
 
-``train.precision`` is one of :data:`PRECISIONS`:
+Training (training/loop.py), stylize (the Runner) and the benchmarks all call :func:`resolve_precision` with the
+device, the three settings and whether the run trains, and get a frozen :class:`PrecisionPolicy` back; nothing else
+in the code base chooses an autocast dtype, a GradScaler, a memory format or compilation.
 
-- ``fp32``: no autocast; the reference path every other setting is compared to.
-- ``bf16``: autocast to bfloat16. Same exponent range as fp32, so no gradient scaling is needed. Needs a GPU with
-  native bf16 (NVIDIA Ampere or newer); on this project's CPU it is ~100x slower than fp32 (issue 6), so it is only
-  used there when asked for explicitly.
-- ``fp16``: autocast to float16 with a GradScaler: fp16 gradients of small losses underflow to zero unless the loss
-  is scaled up before ``backward`` and the gradients scaled back before the step (Micikevicius et al. 2018, "Mixed
-  Precision Training"; https://pytorch.org/docs/stable/amp.html). CUDA only.
-- ``auto``: bf16 on CUDA devices that support it, else fp16 with scaling on CUDA; fp32 on CPU and MPS.
+Settings (config keys ``train.precision`` / ``precision``, ``train.channels_last`` / ``channels_last``,
+``train.compile``; stylize has no compile key and never compiles):
 
-Autocast runs convolutions and matmuls in the low-precision dtype and keeps reductions in fp32. Our own code must
-keep the numerically fragile parts in fp32 whatever the autocast dtype: Gram matrices (sums of H*W products per
-entry overflow fp16's 65504 on real feature maps), loss reductions, and instance-norm statistics
-(models/norm.py computes them in fp32).
+- precision ``fp32``: no reduced precision; the reference every other setting is compared with.
+- precision ``bf16``: bfloat16 has fp32's exponent range, so training needs no loss scaling. Needs native bf16
+  (NVIDIA Ampere or newer); allowed on CPU when asked for, with a warning, because most CPUs emulate it slowly.
+- precision ``fp16``: float16 (CUDA only). Training scales the loss with a GradScaler, because fp16 gradients of
+  small losses underflow to zero otherwise (Micikevicius et al. 2018, "Mixed Precision Training").
+- channels_last ``true``: NHWC memory layout for the network and its inputs; compile ``true``: ``torch.compile``.
+- ``auto`` (every setting): the fastest choice for the device whose results stay within the tolerances of
+  tests/test_precision.py, per the table below. ``"true"``/``"false"`` strings are accepted like booleans.
 
-``channels_last`` (NHWC memory layout) lets cuDNN use tensor-core kernels without transposes; ``compile`` runs
-``torch.compile``. Both accept ``"auto"``, resolved per device to the setting scripts/bench_train.py measured fastest
-(see :data:`AUTO_DEFAULTS`). Neither changes results beyond float rounding (tests/test_precision.py).
+What ``auto`` resolves to (train = ``train.py``; stylize = ``stylize.py``):
+
+==========================  =======================================  ==============  =======
+device                      precision                                channels_last   compile
+==========================  =======================================  ==============  =======
+cpu, train                  fp32                                     off             off
+cpu, stylize                fp32                                     on              off
+cuda (Ampere+), train       bf16 autocast                            on              on
+cuda (older), train         fp16 autocast + GradScaler               on              on
+cuda (any), stylize         fp16 (network and inputs cast to fp16)   on              off
+mps, train                  fp32                                     off             off
+mps, stylize                fp32                                     on              off
+==========================  =======================================  ==============  =======
+
+Why training and inference differ where they do:
+
+- Training runs the forward pass under autocast and keeps fp32 master weights; inference has no gradients, so it
+  casts the network itself to the 16-bit type, which also halves the activations its memory estimate counts.
+- On CUDA, inference picks fp16 even where bf16 is native: a forward pass of an instance-normalised network stays
+  far inside fp16's range, and fp16 keeps 3 more mantissa bits for the 8-bit output. Training picks bf16 there
+  because gradients need the range and then no loss scaling is needed.
+- channels_last on CPU: oneDNN's NHWC kernels are faster for the forward pass alone but slower for the whole
+  training step (README, "Speed and memory"); compile did not speed up CPU training and its first step takes
+  minutes, and stylize meets a new input shape per image size, so it does not compile.
+
+CPU bf16 stays off until it is measured faster: :func:`cpu_bf16_is_faster` is the one place that changes.
+
+Whatever the precision, our code keeps the numerically fragile parts in fp32: Gram matrices and loss reductions
+(models/loss.py) and instance-norm statistics (models/norm.py).
 """
 
 from __future__ import annotations
@@ -36,131 +62,184 @@ from core.errors import FaststyleError
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+SWITCH_VALUES = ("auto", True, False)
 _DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# What "auto" means for channels_last and compile, per device type. CPU: on the project's 2-core AMD EPYC neither
-# helped (`python scripts/bench.py train --variants all --image-size 128 --steps 2 --warmup 0`, batch 4, a loaded
-# machine, so noisy: plain 8.8 s/step, channels_last 14.3, compile 21.7 (+271 s compiling), both 11.3), so plain
-# eager NCHW fp32 stays the CPU default. Re-measured 2026-11-23 on a quiet machine with the fused InstanceNorm
-# kernel, 256 px (`python scripts/bench.py train --variants plain,malloc,cl+malloc --steps 5`, twice): malloc reuse
-# 4.9-5.0 s/step, channels_last + malloc reuse 5.8-6.1 s/step: channels_last stays off on CPU.
-# CUDA: unmeasured in this project so far; set to the configuration PyTorch's performance guides recommend for
-# convolutional nets with AMP on tensor cores (channels_last + torch.compile); re-check with
-# `python scripts/bench.py train` on a GPU.
-AUTO_DEFAULTS: dict[str, dict[str, bool]] = {
-    "cpu": {"channels_last": False, "compile": False},
-    "mps": {"channels_last": False, "compile": False},
-    "cuda": {"channels_last": True, "compile": True},
+# channels_last / compile under "auto", per device type and mode; a device type not listed gets the CPU's.
+# CUDA: the setting PyTorch's performance guides give for convolutional nets on tensor cores.
+AUTO_SWITCHES: dict[tuple[str, bool], dict[str, bool]] = {
+    ("cpu", True): {"channels_last": False, "compile": False},
+    ("cpu", False): {"channels_last": True, "compile": False},
+    ("mps", True): {"channels_last": False, "compile": False},
+    ("mps", False): {"channels_last": True, "compile": False},
+    ("cuda", True): {"channels_last": True, "compile": True},
+    ("cuda", False): {"channels_last": True, "compile": False},
 }
 
 
-@dataclass(frozen=True)
-class PrecisionPolicy:
-    """A resolved precision: ``name`` in fp32/fp16/bf16, the autocast ``dtype`` (None = no autocast), whether a
-    GradScaler is used, and the ``device_type`` ("cuda", "cpu", "mps") autocast runs on."""
-
-    name: str
-    dtype: torch.dtype | None
-    use_grad_scaler: bool
-    device_type: str
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """Context manager for the forward pass and loss (not for ``backward`` or the optimizer step)."""
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
-
-    def grad_scaler(self) -> torch.amp.GradScaler:
-        """A GradScaler, enabled for fp16 only; a disabled one passes ``scale``/``step``/``update`` straight through,
-        so the training step is written once for every precision. Save its ``state_dict`` in checkpoints."""
-        # A disabled scaler never touches the device; "cpu" avoids a CUDA warning on machines without one.
-        device = self.device_type if self.use_grad_scaler else "cpu"
-        return torch.amp.GradScaler(device, enabled=self.use_grad_scaler)
-
-
-def _cuda_supports_bf16(device: torch.device) -> bool:
+def cuda_supports_bf16(device: torch.device) -> bool:
     """Native bf16 (compute capability >= 8.0, Ampere); emulated bf16 on older GPUs is slower than fp16."""
     major, _minor = torch.cuda.get_device_capability(device)
     return major >= 8
 
 
-def resolve_precision(name: str, device: torch.device) -> PrecisionPolicy:
-    """Turn ``train.precision`` into a policy for ``device``; unsupported combinations raise FaststyleError.
+def cpu_bf16_is_faster() -> bool:
+    """Whether bf16 beats fp32 on this CPU, which decides CPU ``auto``.
 
-    Explicit requests are honoured or refused, never silently replaced: fp16 is CUDA-only (there is no point in
-    fp16 autocast on CPU, and GradScaler support elsewhere is uneven), bf16 needs a GPU with native bf16 or the
-    CPU (allowed, with a warning that it is slow there), and MPS trains in fp32 only (mixed precision on MPS is
-    untested here).
+    False everywhere for now: on CPUs without AMX or AVX512-BF16 bf16 is emulated and much slower (issue 6). A
+    later change may return True on CPUs with those instructions once a benchmark shows a gain there.
     """
+    return False
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """One run's resolved settings.
+
+    ``name``: fp32 | fp16 | bf16. ``dtype``: the 16-bit type (None for fp32): under autocast when training, the
+    type the network and its inputs are cast to for inference. ``use_grad_scaler``: fp16 training only.
+    ``device_type``: "cpu", "cuda", "mps". ``training``: which column of the table above was used.
+    """
+
+    name: str
+    dtype: torch.dtype | None
+    use_grad_scaler: bool
+    channels_last: bool
+    compile: bool
+    device_type: str
+    training: bool
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    @property
+    def tensor_dtype(self) -> torch.dtype:
+        """The dtype of the network's weights and inputs: fp32 when training (autocast converts per op)."""
+        return self.dtype if self.dtype is not None and not self.training else torch.float32
+
+    @property
+    def activation_bytes_factor(self) -> float:
+        """Activation bytes relative to fp32 (0.5 for 16-bit inference): scales fp32 memory estimates."""
+        return self.tensor_dtype.itemsize / 4
+
+    def describe(self) -> str:
+        """One line for the log, e.g. ``precision: fp32, channels_last: on, compile: off (cpu, stylize)``."""
+        name = f"{self.name} + loss scaling" if self.use_grad_scaler else self.name
+        on = {True: "on", False: "off"}
+        return (f"precision: {name}, channels_last: {on[self.channels_last]}, compile: {on[self.compile]} "
+                f"({self.device_type}, {'train' if self.training else 'stylize'})")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Context for the training forward pass and loss (not ``backward`` or the optimizer step); a no-op for fp32
+        and for inference, whose network is cast instead (:meth:`prepare_module`)."""
+        if self.dtype is None or not self.training:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A GradScaler, enabled for fp16 training only; a disabled one passes ``scale``/``step``/``update``
+        straight through, so the training step is written once for every precision."""
+        # A disabled scaler never touches the device; "cpu" avoids a CUDA warning on machines without one.
+        device = self.device_type if self.use_grad_scaler else "cpu"
+        return torch.amp.GradScaler(device, enabled=self.use_grad_scaler)
+
+    def prepare_module(self, module: nn.Module, device: torch.device | None = None) -> nn.Module:
+        """Move ``module`` (in place) to ``device`` and the memory format; for inference also to
+        :attr:`tensor_dtype` (training keeps the module's own dtype: autocast converts per op)."""
+        module.to(device=device, dtype=None if self.training else self.tensor_dtype)
+        if self.channels_last:
+            module.to(memory_format=torch.channels_last)
+        return module
+
+    def batch_to(self, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A (N, C, H, W) batch on ``device`` in the memory format (and, for inference, :attr:`tensor_dtype`),
+        non-blocking from pinned memory; without this the first convolution converts it on every call."""
+        dtype = None if self.training else self.tensor_dtype
+        return batch.to(device, dtype, non_blocking=True, memory_format=self.memory_format)
+
+    def maybe_compile(self, module: nn.Module) -> nn.Module | Callable:
+        """``torch.compile(module)`` when the policy compiles, else ``module``.
+
+        Compilation happens on the first call and again when input shapes change. Wrap DDP first and compile the
+        DDP module (PyTorch's DDP + compile guidance: gradient communication still overlaps backward); save
+        :func:`training.distributed.unwrap` of the result.
+        """
+        return torch.compile(module) if self.compile else module
+
+
+def _precision_name(name: str, device: torch.device, training: bool) -> str:
+    """``name`` checked against ``device``, with ``auto`` replaced by the table's choice (FaststyleError if the
+    device cannot run it). Explicit requests are honoured or refused, never silently replaced."""
     if name not in PRECISIONS:
         raise FaststyleError(f"unknown precision {name!r}: use one of {', '.join(PRECISIONS)}")
     kind = device.type
     if name == "auto":
-        name = ("bf16" if _cuda_supports_bf16(device) else "fp16") if kind == "cuda" else "fp32"
-    elif name == "fp16" and kind != "cuda":
-        raise FaststyleError(f"precision=fp16 needs a CUDA device (device is {kind}): use precision=fp32 or auto")
-    elif name == "bf16" and kind == "cuda" and not _cuda_supports_bf16(device):
+        if kind == "cuda":
+            return "bf16" if training and cuda_supports_bf16(device) else "fp16"
+        if kind == "cpu" and cpu_bf16_is_faster():
+            return "bf16"
+        return "fp32"
+    if name == "fp16" and kind != "cuda":
+        raise FaststyleError(
+            f"precision=fp16 needs a CUDA device (device is {kind}): use precision=fp32 or auto, or device=cuda"
+        )
+    if name == "bf16" and kind == "cuda" and not cuda_supports_bf16(device):
         raise FaststyleError(
             f"precision=bf16 needs an Ampere or newer GPU ({torch.cuda.get_device_name(device)} has no native bf16): "
             "use precision=fp16 or auto"
         )
-    elif name == "bf16" and kind == "mps":
+    if name == "bf16" and kind == "mps":
         raise FaststyleError("precision=bf16 is not supported on MPS here: use precision=fp32 or auto")
-    elif name == "bf16" and kind == "cpu":
-        logger.warning("precision=bf16 on CPU is much slower than fp32 on most CPUs; precision=auto uses fp32")
-    return PrecisionPolicy(name=name, dtype=_DTYPES[name], use_grad_scaler=name == "fp16", device_type=kind)
+    return name
 
 
-def resolve_switch(value: bool | str, setting: str, device: torch.device) -> bool:
-    """Resolve a ``train.channels_last`` / ``train.compile`` value: a bool, or "auto" (see :data:`AUTO_DEFAULTS`).
-
-    Strings "true"/"false" are accepted too because command-line overrides sometimes arrive quoted.
-    """
+def resolve_switch(value: bool | str, setting: str, device: torch.device, training: bool) -> bool:
+    """A channels_last / compile value: a bool, "true"/"false" (command-line overrides sometimes arrive quoted) or
+    "auto" (see :data:`AUTO_SWITCHES`)."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
     if text in ("true", "false"):
         return text == "true"
     if text == "auto":
-        return AUTO_DEFAULTS.get(device.type, AUTO_DEFAULTS["cpu"])[setting]
-    raise FaststyleError(f"train.{setting}={value!r} is not valid: use true, false or auto")
+        return AUTO_SWITCHES.get((device.type, training), AUTO_SWITCHES[("cpu", training)])[setting]
+    raise FaststyleError(f"{setting}={value!r} is not valid: use auto, true or false")
 
 
-def configure_backends(device: torch.device) -> None:
-    """Process-wide kernel settings for training on ``device`` (call once at start-up).
+def resolve_precision(
+    device: torch.device,
+    precision: str = "auto",
+    channels_last: bool | str = "auto",
+    compile: bool | str = "auto",
+    *,
+    training: bool,
+) -> PrecisionPolicy:
+    """The policy for a run on ``device``: every ``auto`` resolved, impossible requests refused (FaststyleError).
 
-    cuDNN autotuning (``benchmark=True``) picks the fastest convolution algorithm per input shape once; training
-    crops have one fixed size, so the search is paid once and every later step benefits. TF32 tensor-core matmuls
-    for fp32 convolutions are PyTorch's default on Ampere+ and are left as they are.
+    Pure: no logging and no process-wide state; :func:`configure_backends` applies and logs the result.
     """
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    name = _precision_name(str(precision), device, training)
+    return PrecisionPolicy(
+        name=name,
+        dtype=_DTYPES[name],
+        use_grad_scaler=training and name == "fp16",
+        channels_last=resolve_switch(channels_last, "channels_last", device, training),
+        compile=resolve_switch(compile, "compile", device, training),
+        device_type=device.type,
+        training=training,
+    )
 
 
-def to_memory_format(model: nn.Module, channels_last: bool) -> nn.Module:
-    """Move ``model``'s 4-D parameters to NHWC (channels_last) in place when asked; returns ``model``.
+def configure_backends(policy: PrecisionPolicy) -> None:
+    """Process-wide kernel settings for ``policy`` and one log line of the choices; call once at start-up.
 
-    Inputs should be converted too (:func:`batch_to`), or the first conv converts them on every call.
+    cuDNN autotuning (``benchmark``) times every convolution algorithm once per input shape: training crops have
+    one shape, so the search is paid once; stylize meets a new shape per image size and keeps cuDNN's heuristics.
+    Matmul precision stays PyTorch's default (full fp32), because the fp32 Gram matrices of the loss are matmuls.
     """
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model
-
-
-def batch_to(batch: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """Move a (N, 3, H, W) batch to ``device`` (non-blocking from pinned memory) in the chosen memory format."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return batch.to(device, non_blocking=True, memory_format=fmt)
-
-
-def maybe_compile(module: nn.Module, enabled: bool) -> nn.Module | Callable:
-    """``torch.compile(module)`` when ``enabled``, else ``module`` unchanged.
-
-    Compilation happens lazily on the first call (seconds to minutes) and again whenever input shapes change;
-    benchmarks time it separately from the steady state. Wrap DDP first and compile the DDP module (PyTorch's
-    DDP + compile guidance: DDPOptimizer then splits the graph at gradient-bucket boundaries so communication
-    still overlaps backward). Save :func:`training.distributed.unwrap` of the result.
-    """
-    if not enabled:
-        return module
-    return torch.compile(module)
+    if policy.device_type == "cuda":
+        torch.backends.cudnn.benchmark = policy.training
+    if policy.name == "bf16" and policy.device_type == "cpu" and not cpu_bf16_is_faster():
+        logger.warning("precision=bf16 on this CPU is much slower than fp32; precision=auto uses fp32")
+    logger.info("%s", policy.describe())

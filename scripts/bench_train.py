@@ -5,12 +5,13 @@
     python -m scripts.bench train --variants plain,cl,compile,cl+compile --batch-size 4 --image-size 256
     flock /tmp/faststyle-cpu.lock python -m scripts.bench_train  # standalone, serialised with other benchmarks
 
-One step = TransformerNet forward, PerceptualLoss (frozen VGG-19, Johnson et al.'s layers), backward, Adam step,
-on a fixed random batch (data loading is measured by ``bench.py data``). A variant is a string of ``+``-joined
-options: ``plain``, ``cl`` (channels_last), ``compile`` (torch.compile of the network), ``bf16``/``fp16`` (autocast,
-fp16 with a GradScaler), ``malloc`` (core.device.reuse_freed_memory: glibc keeps freed blocks, so the large VGG
-activations of each step do not page-fault afresh); ``best`` = the training defaults for the device
-(``train.malloc_reuse=true`` and what ``train.precision/channels_last/compile=auto`` resolve to).
+One step = ``training.loop.Trainer.step``, the step ``fit`` runs (TransformerNet forward, PerceptualLoss with the
+frozen VGG-19 and Johnson et al.'s layers, backward, Adam step), set up by the same ``Trainer`` as in ``fit``, on a
+fixed random batch (data loading is measured by ``bench.py data``). A variant is a string of ``+``-joined
+options: ``plain``, ``cl`` (train.channels_last), ``compile`` (train.compile), ``bf16``/``fp16``
+(train.precision), ``malloc`` (core.device.reuse_freed_memory: glibc keeps freed blocks, so the large VGG
+activations of each step do not page-fault afresh); ``best`` = ``train.malloc_reuse=true`` with what
+``train.precision/channels_last/compile=auto`` resolve to on the device (core.precision).
 
 Each variant runs in a fresh subprocess so its peak memory (RSS on CPU, allocator peak on CUDA) is its own and
 compiled code or allocator caches of one variant cannot help another. Compilation time is measured separately
@@ -54,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _expand(variants: str, device: torch.device) -> list[str]:
-    from core.precision import AUTO_DEFAULTS, resolve_precision
+    from core.precision import resolve_precision
 
     if variants == "all":
         names = ["plain", "malloc", "cl+malloc", "compile", "cl+compile"]
@@ -64,12 +65,11 @@ def _expand(variants: str, device: torch.device) -> list[str]:
     out = []
     for name in variants.split(","):
         if name == "best":
-            auto = AUTO_DEFAULTS.get(device.type, AUTO_DEFAULTS["cpu"])
-            parts = [p for p, on in (("cl", auto["channels_last"]), ("compile", auto["compile"])) if on]
+            auto = resolve_precision(device, "auto", "auto", "auto", training=True)
+            parts = [p for p, on in (("cl", auto.channels_last), ("compile", auto.compile)) if on]
             parts.append("malloc")  # train.malloc_reuse defaults to true
-            precision = resolve_precision("auto", device).name
-            if precision != "fp32":
-                parts.insert(0, precision)
+            if auto.name != "fp32":
+                parts.insert(0, auto.name)
             name = "+".join(parts) or "plain"
         for part in name.split("+"):
             if part not in OPTIONS:
@@ -82,9 +82,9 @@ def _expand(variants: str, device: torch.device) -> list[str]:
 def _worker(args: argparse.Namespace) -> dict:
     """Run one variant in this process and return its figures."""
     from core.device import resolve_device, reuse_freed_memory
-    from core.precision import batch_to, maybe_compile, resolve_precision, to_memory_format
     from models.loss import PerceptualLoss
     from models.transformer import TransformerNet
+    from training.loop import Trainer, TrainOptions
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,27 +92,19 @@ def _worker(args: argparse.Namespace) -> dict:
     parts = set(args.worker.split("+"))
     if "malloc" in parts:
         reuse_freed_memory()  # before the first large allocation
-    channels_last = "cl" in parts
-    precision = resolve_precision(next((p for p in ("bf16", "fp16") if p in parts), "fp32"), device)
+    options = TrainOptions(steps=RUN_STEPS, precision=next((p for p in ("bf16", "fp16") if p in parts), "fp32"),
+                           channels_last="cl" in parts, compile="compile" in parts)
     torch.manual_seed(0)
-    net = to_memory_format(TransformerNet(base_width=args.base_width).to(device), channels_last)
+    net = TransformerNet(base_width=args.base_width)
     loss_fn = PerceptualLoss(args.network, ["relu2_2"], STYLE_LAYERS, 1.0, 1.0, 1.0).to(device)
-    loss_fn = to_memory_format(loss_fn, channels_last)
     gen = torch.Generator().manual_seed(1)
     size = args.image_size
     loss_fn.set_style(torch.rand(1, 3, size, size, generator=gen).to(device))
-    batch = batch_to(torch.rand(args.batch_size, 3, size, size, generator=gen), device, channels_last)
-    model = maybe_compile(net, "compile" in parts)
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-    scaler = precision.grad_scaler()
+    trainer = Trainer(net, loss_fn, options, device)
+    batch = trainer.to_device(torch.rand(args.batch_size, 3, size, size, generator=gen))
 
     def step() -> None:
-        with precision.autocast():
-            losses = loss_fn(model(batch), batch)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses["total"]).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        trainer.step(1, batch)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -31,7 +31,7 @@ def _options(group: str) -> list[str]:
 def _check_train_block(cfg) -> None:
     check_train_config(cfg)  # every key is in configs/schema.py and every value fits it
     train_block = OmegaConf.to_container(cfg.train, resolve=True)
-    options = TrainOptions(**{k: v for k, v in train_block.items() if k not in ("batch_size", "resume")})
+    options = TrainOptions.from_config(train_block)
     options.validate()
     assert cfg.train.batch_size >= 1
 

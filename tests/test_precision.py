@@ -1,9 +1,13 @@
-"""core/precision.py: precision resolution per device, the auto switches, and that the fp32 path gives the same
-results in channels_last as in NCHW (losses and gradients of a real TransformerNet + PerceptualLoss step)."""
+"""core/precision.py: the one precision policy. What "auto" resolves to per device and mode, explicit requests
+honoured or refused, the switches' "auto" resolved (not truthy), training and the Runner taking their settings from
+the policy, and that the fp32 path gives the same results in channels_last as in NCHW (losses and gradients of a
+real TransformerNet + PerceptualLoss step)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,62 +16,194 @@ from core import precision as P
 from core.errors import FaststyleError
 from models.loss import PerceptualLoss, gram_matrix
 from models.transformer import TransformerNet
+from training.loop import RunOutputs, Trainer, TrainOptions, fit
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
+MPS = torch.device("mps")
 has_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-
-def test_cpu_resolution(caplog: pytest.LogCaptureFixture) -> None:
-    auto = P.resolve_precision("auto", CPU)
-    assert (auto.name, auto.dtype, auto.use_grad_scaler, auto.device_type) == ("fp32", None, False, "cpu")
-    assert P.resolve_precision("fp32", CPU).dtype is None
-    with pytest.raises(FaststyleError, match="fp16 needs a CUDA"):
-        P.resolve_precision("fp16", CPU)
-    with caplog.at_level(logging.WARNING, logger="core.precision"):
-        bf16 = P.resolve_precision("bf16", CPU)  # allowed when asked for, but it warns: it is slow on CPUs
-    assert bf16.dtype is torch.bfloat16 and not bf16.use_grad_scaler
-    assert "slower" in caplog.text
-    with pytest.raises(FaststyleError, match="use one of auto, fp32, fp16, bf16"):
-        P.resolve_precision("half", CPU)
+# device, training, native bf16 on the GPU -> (precision, grad scaler, channels_last, compile): the module's table.
+AUTO_TABLE = [
+    (CPU, True, None, ("fp32", False, False, False)),
+    (CPU, False, None, ("fp32", False, True, False)),
+    (CUDA, True, True, ("bf16", False, True, True)),
+    (CUDA, True, False, ("fp16", True, True, True)),
+    (CUDA, False, True, ("fp16", False, True, False)),
+    (CUDA, False, False, ("fp16", False, True, False)),
+    (MPS, True, None, ("fp32", False, False, False)),
+    (MPS, False, None, ("fp32", False, True, False)),
+]
 
 
-def test_mps_resolution() -> None:
-    assert P.resolve_precision("auto", torch.device("mps")).name == "fp32"
-    for name in ("fp16", "bf16"):
-        with pytest.raises(FaststyleError):
-            P.resolve_precision(name, torch.device("mps"))
-
-
-@pytest.mark.parametrize("ampere", [True, False])
-def test_cuda_resolution_logic(monkeypatch: pytest.MonkeyPatch, ampere: bool) -> None:
-    """The CUDA branch without a GPU: the capability probe is replaced, so this checks the decision table only."""
-    monkeypatch.setattr(P, "_cuda_supports_bf16", lambda device: ampere)
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch):
+    """Decide the CUDA rows without a GPU: the capability probe answers what the test sets."""
+    state = {"bf16": True}
+    monkeypatch.setattr(P, "cuda_supports_bf16", lambda device: state["bf16"])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
-    auto = P.resolve_precision("auto", CUDA)
-    assert auto.name == ("bf16" if ampere else "fp16")
-    assert auto.use_grad_scaler is (not ampere)  # fp16 needs loss scaling, bf16 does not
-    fp16 = P.resolve_precision("fp16", CUDA)
-    assert fp16.dtype is torch.float16 and fp16.use_grad_scaler
-    if ampere:
-        assert P.resolve_precision("bf16", CUDA).dtype is torch.bfloat16
-    else:
+    return state
+
+
+@pytest.mark.parametrize(("device", "training", "bf16", "expected"), AUTO_TABLE,
+                         ids=[f"{d.type}-{'train' if t else 'stylize'}-{b}" for d, t, b, _ in AUTO_TABLE])
+def test_auto_per_device_and_mode(fake_gpu: dict, device: torch.device, training: bool, bf16: bool | None,
+                                  expected: tuple) -> None:
+    fake_gpu["bf16"] = bool(bf16)
+    policy = P.resolve_precision(device, "auto", "auto", "auto", training=training)
+    assert (policy.name, policy.use_grad_scaler, policy.channels_last, policy.compile) == expected
+    assert policy.dtype is {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[policy.name]
+    assert (policy.device_type, policy.training) == (device.type, training)
+    # Training keeps fp32 weights (autocast); inference casts the network, so its activations shrink.
+    assert policy.tensor_dtype is (torch.float32 if training or policy.dtype is None else policy.dtype)
+    assert policy.activation_bytes_factor == (0.5 if policy.tensor_dtype is torch.float16 else 1.0)
+
+
+def test_cpu_bf16_is_one_capability_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert P.cpu_bf16_is_faster() is False  # not enabled until measured faster
+    monkeypatch.setattr(P, "cpu_bf16_is_faster", lambda: True)
+    for training in (True, False):
+        assert P.resolve_precision(CPU, "auto", training=training).name == "bf16"
+
+
+def test_explicit_requests_are_honoured_or_refused(fake_gpu: dict, caplog: pytest.LogCaptureFixture) -> None:
+    for training in (True, False):
+        assert P.resolve_precision(CPU, "fp32", training=training).dtype is None
+        with pytest.raises(FaststyleError, match=r"^precision=fp16 needs a CUDA device \(device is cpu\)"):
+            P.resolve_precision(CPU, "fp16", training=training)
+        with pytest.raises(FaststyleError, match="fp16 needs a CUDA"):
+            P.resolve_precision(MPS, "fp16", training=training)
+        with pytest.raises(FaststyleError, match="not supported on MPS"):
+            P.resolve_precision(MPS, "bf16", training=training)
+        with pytest.raises(FaststyleError, match="use one of auto, fp32, fp16, bf16"):
+            P.resolve_precision(CPU, "half", training=training)
+        fp16 = P.resolve_precision(CUDA, "fp16", training=training)
+        assert fp16.dtype is torch.float16 and fp16.use_grad_scaler is training
+        fake_gpu["bf16"] = False
         with pytest.raises(FaststyleError, match="Fake GPU"):
-            P.resolve_precision("bf16", CUDA)
+            P.resolve_precision(CUDA, "bf16", training=training)
+        fake_gpu["bf16"] = True
+        assert P.resolve_precision(CUDA, "bf16", training=training).dtype is torch.bfloat16
+    bf16 = P.resolve_precision(CPU, "bf16", training=True)  # allowed when asked for, but it warns: slow on CPUs
+    assert bf16.dtype is torch.bfloat16 and not bf16.use_grad_scaler
+    with caplog.at_level(logging.WARNING, logger="core.precision"):
+        P.configure_backends(bf16)
+    assert "slower" in caplog.text
 
 
-def test_switches() -> None:
-    assert P.resolve_switch(True, "compile", CPU) is True
-    assert P.resolve_switch("false", "channels_last", CPU) is False
-    for device in (CPU, CUDA, torch.device("mps")):
-        for setting in ("channels_last", "compile"):
-            assert P.resolve_switch("auto", setting, device) is P.AUTO_DEFAULTS[device.type][setting]
-    with pytest.raises(FaststyleError, match="train.compile"):
-        P.resolve_switch("sometimes", "compile", CPU)
+@pytest.mark.parametrize("training", [True, False])
+def test_switch_strings_are_resolved_not_truthy(training: bool) -> None:
+    """"auto" (a non-empty string, so truthy) must become the table's bool; quoted "true"/"false" count as bools."""
+    for device in (CPU, CUDA, MPS):
+        policy = P.resolve_precision(device, "fp32", "auto", "auto", training=training)
+        auto = P.AUTO_SWITCHES[(device.type, training)]
+        assert (policy.channels_last, policy.compile) == (auto["channels_last"], auto["compile"])
+    policy = P.resolve_precision(CPU, "fp32", "false", "False", training=training)
+    assert (policy.channels_last, policy.compile) == (False, False)
+    assert P.resolve_precision(CPU, "fp32", True, "true", training=training).compile is True
+    with pytest.raises(FaststyleError, match="compile='sometimes' is not valid: use auto, true or false"):
+        P.resolve_precision(CPU, "fp32", False, "sometimes", training=training)
+
+
+def test_train_options_take_auto_from_the_policy() -> None:
+    options = TrainOptions(steps=1, channels_last="auto", compile="auto")
+    options.validate()
+    policy = options.precision_policy(CPU)
+    assert policy.training and (policy.channels_last, policy.compile) == (False, False)  # CPU training row
+
+
+def test_configure_backends_and_the_log_line(caplog: pytest.LogCaptureFixture,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    with caplog.at_level(logging.INFO, logger="core.precision"):
+        P.configure_backends(P.resolve_precision(CPU, "auto", "auto", "auto", training=False))
+    assert caplog.messages == ["precision: fp32, channels_last: on, compile: off (cpu, stylize)"]
+    assert torch.backends.cudnn.benchmark is False  # CPU: nothing to configure
+    gpu = P.PrecisionPolicy("fp16", torch.float16, True, True, False, "cuda", training=True)
+    assert gpu.describe() == "precision: fp16 + loss scaling, channels_last: on, compile: off (cuda, train)"
+    P.configure_backends(gpu)
+    assert torch.backends.cudnn.benchmark is True  # one crop size: the autotuning is paid once
+
+
+def test_inference_policy_casts_the_network_and_inputs() -> None:
+    half = P.PrecisionPolicy("fp16", torch.float16, False, True, False, "cpu", training=False)
+    net = half.prepare_module(torch.nn.Conv2d(3, 8, 3))
+    assert net.weight.dtype is torch.float16 and net.weight.is_contiguous(memory_format=torch.channels_last)
+    batch = half.batch_to(torch.rand(2, 3, 8, 8), CPU)
+    assert batch.dtype is torch.float16 and batch.is_contiguous(memory_format=torch.channels_last)
+    with half.autocast():  # inference runs the cast network, without autocast
+        assert not torch.is_autocast_enabled("cpu")
+    train = P.resolve_precision(CPU, "fp32", True, False, training=True)
+    double = train.prepare_module(torch.nn.Conv2d(3, 8, 3).double())
+    assert double.weight.dtype is torch.float64  # training keeps the module's dtype
+    assert train.batch_to(torch.rand(1, 3, 4, 4, dtype=torch.float64), CPU).dtype is torch.float64
+
+
+def _tiny_run() -> tuple[TransformerNet, PerceptualLoss, torch.Tensor]:
+    torch.manual_seed(0)
+    model = TransformerNet(base_width=8, residual_blocks=1)
+    loss = PerceptualLoss("random", ["relu1_2"], {"relu1_2": 1.0}, 1.0, 1.0, 0.0)
+    photos = torch.rand(2, 3, 32, 32)
+    loss.set_style(photos[:1])
+    return model, loss, photos
+
+
+def _recording_resolve(monkeypatch: pytest.MonkeyPatch, **forced: bool) -> list[dict]:
+    """Replace the policy's resolve: record each call, and force ``forced`` fields into the result."""
+    calls: list[dict] = []
+    real = P.resolve_precision
+
+    def resolve(device: torch.device, *args: object, **kwargs: object) -> P.PrecisionPolicy:
+        calls.append({"device": device, "args": args, **kwargs})
+        policy = real(device, *args, **kwargs)
+        return P.PrecisionPolicy(**{**policy.__dict__, **forced})
+
+    monkeypatch.setattr(P, "resolve_precision", resolve)
+    return calls
+
+
+def test_fit_takes_its_settings_from_the_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _recording_resolve(monkeypatch, channels_last=True)  # the options say false: the policy decides
+    seen: list[torch.Tensor] = []
+    model, loss, photos = _tiny_run()
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    options = TrainOptions(steps=1, precision="fp32", channels_last=False, compile="auto")
+    outputs = RunOutputs(tmp_path, options.steps, 0)
+    try:
+        fit(model, loss, itertools.repeat(photos), options, CPU, outputs, photos[:1], photos,
+            checkpoint_extra={}, meta={}, hparams={})
+    finally:
+        outputs.close()
+    assert calls == [{"device": CPU, "args": ("fp32", False, "auto"), "training": True}]
+    assert model.encoder[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert seen and all(x.is_contiguous(memory_format=torch.channels_last) for x in seen)
+
+
+def test_bench_train_times_the_trainers_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """scripts/bench_train.py measures ``Trainer.step`` (what fit runs), not a copy of it."""
+    import argparse
+
+    from scripts import bench_train
+
+    steps: list[int] = []
+    real_step = Trainer.step
+
+    def counted(self: Trainer, step: int, content: torch.Tensor) -> dict[str, torch.Tensor]:
+        steps.append(step)
+        return real_step(self, step, content)
+
+    monkeypatch.setattr(Trainer, "step", counted)
+    parser = argparse.ArgumentParser()
+    bench_train.add_arguments(parser)
+    args = parser.parse_args(["--worker", "cl", "--device", "cpu", "--batch-size", "1", "--image-size", "32",
+                              "--base-width", "8", "--network", "random", "--steps", "2", "--warmup", "0"])
+    result = bench_train._worker(args)
+    assert result["variant"] == "cl" and result["step_s"] > 0
+    assert len(steps) == 3  # the first (timed alone) and the two timed steps
 
 
 def test_fp32_policy_is_a_pass_through() -> None:
-    policy = P.resolve_precision("fp32", CPU)
+    policy = P.resolve_precision(CPU, "fp32", training=True)
     scaler = policy.grad_scaler()
     assert not scaler.is_enabled()
     loss = torch.tensor(3.0, requires_grad=True)
@@ -79,7 +215,7 @@ def test_fp32_policy_is_a_pass_through() -> None:
 def test_gram_stays_fp32_under_bf16_autocast() -> None:
     """Gram matrices overflow in fp16 and lose digits in bf16: the loss module keeps them in fp32."""
     features = torch.rand(2, 8, 16, 16) * 100
-    with P.resolve_precision("bf16", CPU).autocast():
+    with P.resolve_precision(CPU, "bf16", training=True).autocast():
         gram = gram_matrix(features.bfloat16())
     assert gram.dtype is torch.float32
     torch.testing.assert_close(gram, gram_matrix(features.bfloat16().float()))
@@ -89,15 +225,15 @@ def _loss_and_grads(
     channels_last: bool, dtype: torch.dtype = torch.float32
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Losses and parameter gradients of one step of a tiny TransformerNet against the random loss network."""
+    policy = P.resolve_precision(CPU, "fp32", channels_last, False, training=True)
     torch.manual_seed(0)
-    net = P.to_memory_format(TransformerNet(base_width=8, residual_blocks=2).to(dtype), channels_last)
-    loss_fn = P.to_memory_format(
-        PerceptualLoss("random", ["relu2_2"], {"relu1_2": 1.0, "relu2_2": 1.0}, 1.0, 10.0, 1.0).to(dtype),
-        channels_last,
+    net = policy.prepare_module(TransformerNet(base_width=8, residual_blocks=2).to(dtype))
+    loss_fn = policy.prepare_module(
+        PerceptualLoss("random", ["relu2_2"], {"relu1_2": 1.0, "relu2_2": 1.0}, 1.0, 10.0, 1.0).to(dtype)
     )
     gen = torch.Generator().manual_seed(3)
-    loss_fn.set_style(P.batch_to(torch.rand(1, 3, 64, 64, generator=gen).to(dtype), CPU, channels_last))
-    batch = P.batch_to(torch.rand(2, 3, 64, 64, generator=gen).to(dtype), CPU, channels_last)
+    loss_fn.set_style(policy.batch_to(torch.rand(1, 3, 64, 64, generator=gen).to(dtype), CPU))
+    batch = policy.batch_to(torch.rand(2, 3, 64, 64, generator=gen).to(dtype), CPU)
     assert batch.is_contiguous(memory_format=torch.channels_last) is channels_last
     losses = loss_fn(net(batch), batch)
     losses["total"].backward()
@@ -133,17 +269,17 @@ def test_channels_last_fp32_matches_nchw() -> None:
 @pytest.mark.parametrize("name", ["fp16", "bf16"])
 def test_cuda_mixed_precision_step_close_to_fp32(name: str) -> None:
     """On a GPU: one training step's losses under AMP (+ channels_last) stay within a few percent of fp32."""
-    if name == "bf16" and not P._cuda_supports_bf16(CUDA):
+    if name == "bf16" and not P.cuda_supports_bf16(CUDA):
         pytest.skip("GPU without native bf16")
     results = {}
     for precision, channels_last in (("fp32", False), (name, True)):
-        policy = P.resolve_precision(precision, CUDA)
+        policy = P.resolve_precision(CUDA, precision, channels_last, False, training=True)
         torch.manual_seed(0)
-        net = P.to_memory_format(TransformerNet(base_width=16, residual_blocks=2).to(CUDA), channels_last)
+        net = policy.prepare_module(TransformerNet(base_width=16, residual_blocks=2), CUDA)
         loss_fn = PerceptualLoss("random", ["relu2_2"], {"relu1_2": 1.0, "relu2_2": 1.0}, 1.0, 10.0, 1.0).to(CUDA)
         gen = torch.Generator().manual_seed(3)
         loss_fn.set_style(torch.rand(1, 3, 128, 128, generator=gen).to(CUDA))
-        batch = P.batch_to(torch.rand(4, 3, 128, 128, generator=gen), CUDA, channels_last)
+        batch = policy.batch_to(torch.rand(4, 3, 128, 128, generator=gen), CUDA)
         scaler = policy.grad_scaler()
         with policy.autocast():
             losses = loss_fn(net(batch), batch)

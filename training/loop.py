@@ -3,6 +3,10 @@
 One step: a (B, 3, S, S) batch of photos in [0, 1] -> TransformerNet -> PerceptualLoss(output, photos) ->
 backward -> Adam (Johnson et al. 2016, section 4: Adam, lr 1e-3, batch 4, 256 px crops, 40k iterations).
 
+Pieces: ``Trainer`` sets a run up (precision, memory format and compilation from core.precision's policy, Adam,
+the resumed state, DDP) and runs one step; ``LossWindow`` sums the losses between log points; ``_StepLoop`` decides
+per step what to log, draw, save or stop; ``fit`` ties them together for train.py.
+
 Host syncs: the loss components are summed on the device every step and read back (``.item()``) only at log
 points (every ``log_interval_steps``, before every checkpoint and at the end), so the GPU is never stalled waiting
 for the Python loop. A non-finite total found at such a point stops the run with ``NonFiniteLossError`` before any
@@ -19,11 +23,10 @@ already written) and ``fit`` raises ``TrainingInterrupted`` carrying the step, t
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from core import precision
 from core.errors import FaststyleError
-from core.precision import resolve_precision as resolve_precision_policy
 from models.modelfile import save_model, unwrap_model
 from training.checkpoint import (
     CHECKPOINT_DIR_NAME,
@@ -42,13 +45,14 @@ from training.checkpoint import (
     save_checkpoint,
 )
 from training.distributed import DistContext, agree_to_stop, all_reduce_mean, wait_for_ranks, wrap_ddp
-from training.interrupt import TrainingInterrupted, stop_signals
+from training.interrupt import StopSignals, TrainingInterrupted, stop_signals
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 LR_SCHEDULES = ("none", "cosine", "linear")
 MODEL_FILE_NAME = "model.pth"
+NOT_LOOP_KEYS = ("batch_size", "resume", "malloc_reuse")
+"""Keys of the config's ``train:`` block that the data loader or the process set-up use, not :func:`fit`."""
 
 
 class NonFiniteLossError(FaststyleError):
@@ -57,7 +61,11 @@ class NonFiniteLossError(FaststyleError):
 
 @dataclass
 class TrainOptions:
-    """The ``train:`` block of the config, as plain values (see configs/train.yaml for each knob's meaning)."""
+    """The ``train:`` block of the config, as plain values (see configs/train.yaml for each knob's meaning).
+
+    ``precision``, ``channels_last`` and ``compile`` may be "auto": :meth:`precision_policy` resolves them
+    (core.precision).
+    """
 
     steps: int
     lr: float = 1e-3
@@ -68,9 +76,13 @@ class TrainOptions:
     image_interval_steps: int = 500
     checkpoint_interval_steps: int = 1000
     precision: str = "auto"
-    channels_last: bool = False
-    compile: bool = False
-    malloc_reuse: bool = True  # core.device.reuse_freed_memory, applied by the caller before building
+    channels_last: bool | str = False
+    compile: bool | str = False
+
+    @classmethod
+    def from_config(cls, train_block: Mapping[str, Any]) -> TrainOptions:
+        """From the resolved ``train:`` block, leaving out the keys that are not the loop's (:data:`NOT_LOOP_KEYS`)."""
+        return cls(**{k: v for k, v in train_block.items() if k not in NOT_LOOP_KEYS})
 
     def validate(self) -> None:
         """Raise FaststyleError on values that cannot work, before any model is built."""
@@ -82,11 +94,16 @@ class TrainOptions:
             raise FaststyleError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise FaststyleError(f"train.lr_schedule={self.lr_schedule!r}: use one of {', '.join(LR_SCHEDULES)}")
-        if self.precision not in PRECISIONS:
-            raise FaststyleError(f"train.precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.precision not in precision.PRECISIONS:
+            raise FaststyleError(f"train.precision={self.precision!r}: use one of {', '.join(precision.PRECISIONS)}")
         for name in ("log_interval_steps", "image_interval_steps", "checkpoint_interval_steps"):
             if getattr(self, name) < 1:
                 raise FaststyleError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+
+    def precision_policy(self, device: torch.device) -> precision.PrecisionPolicy:
+        """Precision, memory format and compilation for training on ``device`` (FaststyleError when impossible,
+        e.g. fp16 without CUDA)."""
+        return precision.resolve_precision(device, self.precision, self.channels_last, self.compile, training=True)
 
 
 def lr_factor(step: int, options: TrainOptions) -> float:
@@ -107,19 +124,6 @@ def lr_factor(step: int, options: TrainOptions) -> float:
     return 1.0 - progress
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """Compute dtype of the autocast region (core.precision decides: "auto" is bf16 on CUDA GPUs with native
-    bf16, fp16 + GradScaler on older GPUs, fp32 on CPU/MPS; unsupported requests raise FaststyleError)."""
-    return resolve_precision_policy(precision, device).dtype or torch.float32
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """Mixed-precision region for the network's forward pass (a no-op for fp32)."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def image_grid(content: torch.Tensor, stylised: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) photos and their stylisations in [0, 1] -> (3, H', W') grid; rows: content | stylised."""
     from torchvision.utils import make_grid
@@ -129,21 +133,20 @@ def image_grid(content: torch.Tensor, stylised: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(
-    model: nn.Module,
+    model: nn.Module | Any,
     loss_fn: nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     content: torch.Tensor,
-    autocast: contextlib.AbstractContextManager,
+    policy: precision.PrecisionPolicy,
 ) -> dict[str, torch.Tensor]:
     """One optimizer step on a (B, 3, S, S) batch in [0, 1]; returns the loss components (device tensors, no sync).
 
-    The network runs under ``autocast``; the loss computes in float32 inside (its Grams are fp32). ``scaler`` is a
-    disabled pass-through except for fp16.
+    The network and the loss network run under the policy's autocast (the loss network is most of the step's
+    FLOPs); PerceptualLoss keeps its Grams and reductions in fp32 itself. ``scaler`` is a disabled pass-through
+    except for fp16.
     """
-    # The loss network runs under autocast too (it is most of the step's FLOPs); PerceptualLoss keeps its Grams and
-    # reductions in fp32 itself.
-    with autocast:
+    with policy.autocast():
         stylised = model(content)
         losses = loss_fn(stylised, content)
     optimizer.zero_grad(set_to_none=True)
@@ -223,6 +226,180 @@ class RunOutputs:
             self.writer.close()
 
 
+class Trainer:
+    """What one optimizer step needs, set up as :func:`fit` sets it up: the policy (core.precision) resolved and
+    applied, the network on the device in the policy's memory format, the loss network, Adam, the GradScaler, the
+    resumed state, DDP, compilation. :meth:`step` is the training step that ``fit`` runs and
+    scripts/bench_train.py times.
+
+    ``model`` stays the plain module (checkpoints, images, ``model.pth``); ``step_model`` is what the step calls
+    (DDP first, then compiled: PyTorch's DDP + torch.compile guidance).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        options: TrainOptions,
+        device: torch.device,
+        resume: dict | None = None,
+        dist_ctx: DistContext | None = None,
+    ) -> None:
+        self.options, self.device = options, device
+        self.policy = options.precision_policy(device)
+        precision.configure_backends(self.policy)
+        self.model = self.policy.prepare_module(model, device)
+        self.loss_fn = self.policy.prepare_module(loss_fn, device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=options.lr, betas=tuple(options.betas))
+        self.scaler = self.policy.grad_scaler()
+        self.start_step = self._restore(resume) if resume is not None else 0
+        train_model = wrap_ddp(self.model, dist_ctx) if dist_ctx is not None else self.model
+        self.step_model = self.policy.maybe_compile(train_model)
+        self.lr = options.lr
+
+    def _restore(self, resume: dict) -> int:
+        """Load a checkpoint's weights, optimizer, scaler and RNG state; returns its step."""
+        unwrap_model(self.model).load_state_dict(resume["model"])
+        self.optimizer.load_state_dict(resume["optimizer"])
+        if resume.get("scaler"):
+            self.scaler.load_state_dict(resume["scaler"])
+        restore_rng_state(resume["rng"])
+        step = int(resume["step"])
+        log.info("resumed at step %d", step)
+        return step
+
+    def to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """A CPU batch from the loader on the device, in the policy's memory format."""
+        return self.policy.batch_to(batch, self.device)
+
+    def step(self, step: int, content: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Optimizer step ``step`` (1-based: sets its learning rate) on a batch from :meth:`to_device`; returns
+        the loss components as device tensors (no host sync)."""
+        self.lr = self.options.lr * lr_factor(step, self.options)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        return train_step(self.step_model, self.loss_fn, self.optimizer, self.scaler, content, self.policy)
+
+    def stylise(self, images: torch.Tensor) -> torch.Tensor:
+        """The plain network's output for (N, 3, H, W) CPU images, in eval mode and without gradients (no DDP
+        collective runs, so one rank may call it alone)."""
+        self.model.eval()
+        with torch.no_grad(), self.policy.autocast():
+            stylised = self.model(self.to_device(images))
+        self.model.train()
+        return stylised
+
+    def checkpoint_state(self, step: int, extra: Mapping[str, Any]) -> dict:
+        """Everything a resume needs after ``step``, with ``extra`` (config, data order, ...) alongside."""
+        net = unwrap_model(self.model)
+        return {**extra, "step": step, "model_config": net.config(), "model": net.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "rng": capture_rng_state()}
+
+
+class LossWindow:
+    """Loss sums since the last log point, kept on the device; :meth:`flush` is the window's one host sync (and,
+    under DDP, its one collective)."""
+
+    def __init__(self, outputs: RunOutputs, start_step: int) -> None:
+        self.outputs = outputs
+        self.sums: dict[str, torch.Tensor] = {}
+        self.start = start_step
+        self.started_at = time.perf_counter()
+        self.batch_size = 0
+        self.last: dict[str, float] = {}  # the means of the last flushed window, tagged "loss/<name>"
+
+    def add(self, losses: Mapping[str, torch.Tensor], batch_size: int) -> None:
+        self.batch_size = batch_size
+        for name, value in losses.items():
+            self.sums[name] = self.sums[name] + value.detach() if name in self.sums else value.detach().clone()
+
+    def flush(self, step: int, lr: float) -> dict[str, str]:
+        """Means over the window's steps and the ranks to TensorBoard; returns the progress bar's postfix.
+
+        Raises NonFiniteLossError, before anything of the window is saved, when the mean total is NaN or infinite.
+        """
+        count = step - self.start
+        means = {name: value / count for name, value in all_reduce_mean(self.sums).items()}
+        if not math.isfinite(means["total"]):
+            raise NonFiniteLossError(
+                f"loss became {means['total']} between steps {self.start + 1} and {step}; stopped. Last good "
+                f"checkpoint: {self.outputs.last_checkpoint or 'none yet'}. Lower train.lr or use "
+                "train.precision=fp32"
+            )
+        elapsed = time.perf_counter() - self.started_at
+        images_per_s = count * self.batch_size / elapsed if elapsed > 0 else float("nan")
+        self.last = {f"loss/{name}": value for name, value in means.items()}
+        self.outputs.scalars({**self.last, "lr": lr, "perf/images_per_s": images_per_s}, step)
+        self.sums, self.start = {}, step
+        return {"loss": f"{means['total']:.4g}", "img/s": f"{images_per_s:.1f}"}
+
+    def restart_clock(self) -> None:
+        """images/s measures training: the clock restarts after the images and checkpoints of a log point."""
+        self.started_at = time.perf_counter()
+
+    def final_metrics(self) -> dict[str, float]:
+        return {f"final/{name.replace('/', '_')}": value for name, value in self.last.items()}
+
+
+class _StepLoop:
+    """The steps of one :func:`fit` call, with what each step may write (losses, images, checkpoints) and the
+    Ctrl-C/SIGTERM stop agreed by every rank."""
+
+    def __init__(self, trainer: Trainer, outputs: RunOutputs, val_images: torch.Tensor,
+                 checkpoint_extra: Mapping[str, Any], stop: StopSignals, dist_ctx: DistContext | None) -> None:
+        self.trainer, self.outputs, self.val_images = trainer, outputs, val_images
+        self.checkpoint_extra, self.stop, self.dist_ctx = checkpoint_extra, stop, dist_ctx
+        self.window = LossWindow(outputs, trainer.start_step)
+
+    def run(self, batches: Iterator[torch.Tensor]) -> None:
+        options = self.trainer.options
+        self.trainer.model.train()
+        for step in range(self.trainer.start_step + 1, options.steps + 1):
+            content = self.trainer.to_device(next(batches))
+            losses = self.trainer.step(step, content)
+            self.window.add(losses, content.shape[0])
+
+            at_checkpoint = step % options.checkpoint_interval_steps == 0 or step == options.steps
+            postfix = None
+            if step % options.log_interval_steps == 0 or at_checkpoint:
+                postfix = self.window.flush(step, self.trainer.lr)
+            if step % options.image_interval_steps == 0 or step == options.steps:
+                self._log_images(step)
+            if at_checkpoint:
+                self._save(step, periodic=step % options.checkpoint_interval_steps == 0)
+            self.outputs.progress(postfix)
+            if postfix is not None:
+                self.window.restart_clock()
+
+            # Checked after the images and the checkpoint, so a signal that arrived while they were written stops
+            # at this step, whose checkpoint is then already on disk. Every rank calls this (a collective).
+            stop_request = agree_to_stop(self.stop.signum or 0, self.dist_ctx)
+            if stop_request:
+                self._stop(step, stop_request, saved=at_checkpoint, flushed=postfix is not None)
+
+    def _log_images(self, step: int) -> None:
+        # Rank 0 only (the plain module runs, no DDP collective); data.val_images=0 asks for no image grid.
+        if not self.outputs.enabled or len(self.val_images) == 0:
+            return
+        stylised = self.trainer.stylise(self.val_images)
+        self.outputs.image("val/content_stylised", image_grid(self.val_images, stylised), step)
+
+    def _save(self, step: int, periodic: bool) -> None:
+        self.outputs.checkpoint(self.trainer.checkpoint_state(step, self.checkpoint_extra), step, periodic=periodic)
+        self.stop.saved(step, self.outputs.last_checkpoint)
+
+    def _stop(self, step: int, request: int, saved: bool, flushed: bool) -> None:
+        """Save ``step`` (unless its checkpoint is written already), wait for every rank, raise TrainingInterrupted."""
+        if not saved:
+            if not flushed:  # the loss is checked (and logged) before the weights are saved
+                self.window.flush(step, self.trainer.lr)
+            self._save(step, periodic=False)
+        wait_for_ranks(self.dist_ctx)  # no rank leaves the group before rank 0 has saved
+        raise TrainingInterrupted(self.stop.signum or request, step, self.outputs.last_checkpoint)
+
+
 def fit(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -241,7 +418,7 @@ def fit(
     """Train ``model`` up to ``options.steps`` optimizer steps and write ``model.pth``; return its path.
 
     Args:
-        model: a TransformerNet (plain module; DDP wrapping is the caller's job).
+        model: a TransformerNet (plain module; DDP wrapping happens here).
         loss_fn: PerceptualLoss whose ``set_style`` was already called (style Grams computed once per run).
         batches: endless iterator of (B, 3, S, S) float32 [0, 1] CPU batches, already positioned at the first
             step to run (``make_train_loader(..., start_step=resume step)``).
@@ -262,107 +439,15 @@ def fit(
         NonFiniteLossError: the loss became NaN/inf (found at a log point); nothing of it is saved.
     """
     options.validate()
-    compute_dtype = resolve_precision(options.precision, device)
-    memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
-    model = model.to(device=device, memory_format=memory_format)
-    loss_fn = loss_fn.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=options.lr, betas=tuple(options.betas))
-    # GradScaler only for fp16 (bf16 has fp32's exponent range and needs no loss scaling).
-    scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
-    start_step = 0
-    if resume is not None:
-        unwrap_model(model).load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        restore_rng_state(resume["rng"])
-        start_step = int(resume["step"])
-        log.info("resumed at step %d", start_step)
-    # DDP first, then compile the DDP module (PyTorch's DDP + torch.compile guidance).
-    train_model = wrap_ddp(model, dist_ctx) if dist_ctx is not None else model
-    step_model = torch.compile(train_model) if options.compile else train_model
-    autocast = autocast_context(device, compute_dtype)
-
-    def checkpoint_state(step: int) -> dict:
-        net = unwrap_model(model)
-        return {**checkpoint_extra, "step": step, "model_config": net.config(), "model": net.state_dict(),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "rng": capture_rng_state()}
-
-    def log_images(step: int) -> None:
-        if not outputs.enabled or len(val_images) == 0:  # rank 0 only (the plain module: no DDP collective runs
-            return  # on one rank alone); data.val_images=0 asks for no image grid
-        model.eval()
-        with torch.no_grad(), autocast:
-            stylised = model(val_images.to(device, memory_format=memory_format))
-        model.train()
-        outputs.image("val/content_stylised", image_grid(val_images, stylised), step)
-
-    sums: dict[str, torch.Tensor] = {}
-    window_start, window_time = start_step, time.perf_counter()
-    last: dict[str, float] = {}
-    batch_size = 0
-
-    def log_window(step: int, lr: float) -> dict[str, str]:
-        """Means of the losses since the last log point (over steps and ranks) to TensorBoard; returns the progress
-        bar's postfix. The one host sync (and, under DDP, the one collective) of the window."""
-        nonlocal sums, window_start, last
-        count = step - window_start
-        means = {name: value / count for name, value in all_reduce_mean(sums).items()}
-        if not math.isfinite(means["total"]):
-            raise NonFiniteLossError(
-                f"loss became {means['total']} between steps {window_start + 1} and {step}; stopped. Last good "
-                f"checkpoint: {outputs.last_checkpoint or 'none yet'}. Lower train.lr or use train.precision=fp32"
-            )
-        elapsed = time.perf_counter() - window_time
-        images_per_s = count * batch_size / elapsed if elapsed > 0 else float("nan")
-        last = {f"loss/{name}": value for name, value in means.items()}
-        outputs.scalars({**last, "lr": lr, "perf/images_per_s": images_per_s}, step)
-        sums, window_start = {}, step
-        return {"loss": f"{means['total']:.4g}", "img/s": f"{images_per_s:.1f}"}
-
+    trainer = Trainer(model, loss_fn, options, device, resume=resume, dist_ctx=dist_ctx)
+    start_step = trainer.start_step
     with stop_signals() as stop:
+        loop = _StepLoop(trainer, outputs, val_images, checkpoint_extra, stop, dist_ctx)
         with stop.deferred():
             outputs.image("style", style_image[0], start_step)
-            model.train()
-            for step in range(start_step + 1, options.steps + 1):
-                content = next(batches).to(device, non_blocking=True, memory_format=memory_format)
-                batch_size = content.shape[0]
-                lr = options.lr * lr_factor(step, options)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                losses = train_step(step_model, loss_fn, optimizer, scaler, content, autocast)
-                for name, value in losses.items():
-                    sums[name] = sums[name] + value.detach() if name in sums else value.detach().clone()
-
-                at_checkpoint = step % options.checkpoint_interval_steps == 0 or step == options.steps
-                postfix = None
-                if step % options.log_interval_steps == 0 or at_checkpoint:
-                    postfix = log_window(step, lr)
-                if step % options.image_interval_steps == 0 or step == options.steps:
-                    log_images(step)
-                if at_checkpoint:
-                    periodic = step % options.checkpoint_interval_steps == 0
-                    outputs.checkpoint(checkpoint_state(step), step, periodic=periodic)
-                    stop.saved(step, outputs.last_checkpoint)
-                outputs.progress(postfix)
-                if postfix is not None:  # images/s measures training: the window restarts after images/checkpoints
-                    window_time = time.perf_counter()
-
-                # Checked after the images and the checkpoint, so a signal that arrived while they were written stops
-                # at this step, whose checkpoint is then already on disk. Every rank calls this (a collective).
-                stop_request = agree_to_stop(stop.signum or 0, dist_ctx)
-                if stop_request:
-                    if not at_checkpoint:
-                        if postfix is None:  # the loss is checked (and logged) before the weights are saved
-                            log_window(step, lr)
-                        outputs.checkpoint(checkpoint_state(step), step, periodic=False)
-                        stop.saved(step, outputs.last_checkpoint)
-                    wait_for_ranks(dist_ctx)  # no rank leaves the group before rank 0 has saved
-                    raise TrainingInterrupted(stop.signum or stop_request, step, outputs.last_checkpoint)
-
+            loop.run(batches)
         if start_step >= options.steps:
             log.warning("checkpoint is already at step %d >= train.steps=%d: nothing to train", start_step,
                         options.steps)
-        final_metrics = {f"final/{name.replace('/', '_')}": value for name, value in last.items()}
-        return outputs.final(model, {**meta, "steps": max(start_step, options.steps)}, hparams, final_metrics)
+        return outputs.final(trainer.model, {**meta, "steps": max(start_step, options.steps)}, hparams,
+                             loop.window.final_metrics())

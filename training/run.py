@@ -151,19 +151,18 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path) -> Path:
     from data.images import ImageFolderDataset, make_train_loader
     from models.modelfile import check_state_dict
     from training.checkpoint import load_checkpoint
-    from training.loop import RunOutputs, TrainOptions, fit, resolve_precision
+    from training.loop import RunOutputs, TrainOptions, fit
 
     if OmegaConf.is_missing(cfg.data, "root"):
         raise FaststyleError("data.root is required: pass data.root=<folder of photos, e.g. data/coco/train2014>")
     style_path, data_root = absolute(cfg.style), absolute(cfg.data.root)
     resume_path = absolute(cfg.train.resume)
-    options = TrainOptions(**{k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
-                              if k not in ("batch_size", "resume")})
-    if options.malloc_reuse:
+    options = TrainOptions.from_config(OmegaConf.to_container(cfg.train, resolve=True))
+    if cfg.train.malloc_reuse:
         reuse_freed_memory()  # before the first large allocation
     options.validate()
     device = ctx.device
-    resolve_precision(options.precision, device)  # fp16 without CUDA fails here, not after the model is built
+    options.precision_policy(device)  # fp16 without CUDA fails here, not after the model is built
 
     # Inputs first, so that a wrong path fails in a second, before the loss network is loaded.
     style_image = style_target(cfg)
