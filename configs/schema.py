@@ -24,6 +24,11 @@ def _choices(*values: Any) -> dict:
     return {"choices": values}
 
 
+SWITCH = {"choices": ("auto", True, False, "true", "false"), "words": "auto, true or false"}
+"""A switch that core.precision resolves per device when it is "auto" (channels_last, compile); a quoted "true" is
+still true."""
+
+
 @dataclass
 class ModelSchema:
     norm: str = field(metadata=_choices("instance", "batch", "none"))
@@ -65,8 +70,8 @@ class TrainLoopSchema:
     checkpoint_interval_steps: int = field(metadata={"min": 1})
     resume: str | None
     precision: str = field(metadata=_choices("auto", "fp32", "fp16", "bf16"))
-    channels_last: bool
-    compile: bool
+    channels_last: Any = field(metadata=SWITCH)
+    compile: Any = field(metadata=SWITCH)
     malloc_reuse: bool
 
 
@@ -99,7 +104,7 @@ class StylizeSchema:
     device: str
     precision: str = field(metadata=_choices("auto", "fp32", "fp16"))
     onnx_pixel_range: Any = field(metadata=_choices("auto", "0-1", "0-255", 1, 255))
-    channels_last: Any = field(metadata=_choices("auto", True, False))
+    channels_last: Any = field(metadata=SWITCH)
     batch_size: int = field(metadata={"min": 1})
     max_memory_mb: float = field(metadata={"min_exclusive": 0.0})
     tmp_dir: str | None
@@ -156,7 +161,8 @@ def _check_value(key: str, value: Any, kind: Any, meta: dict) -> None:
         return
     if "choices" in meta:
         if not any(value == c and type(value) is type(c) for c in meta["choices"]):
-            raise FaststyleError(f"{key}={_show(value)} is not one of {', '.join(_show(c) for c in meta['choices'])}")
+            words = meta.get("words") or ", ".join(_show(c) for c in meta["choices"])
+            raise FaststyleError(f"{key}={_show(value)} is not one of {words}")
         return
     if not _type_ok(value, kind):
         raise FaststyleError(f"{key}={_show(value)} must be {_TYPE_WORDS.get(kind, 'a value')}")
