@@ -41,12 +41,11 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h> mallopt parame
 def reuse_freed_memory() -> bool:
     """Make glibc malloc keep freed large blocks for reuse instead of unmapping them (process-wide).
 
-    Why: by default every tensor above ~32 MiB is a fresh mmap, and the kernel zero-fills each of its pages on
-    first touch. Inference allocates and frees such tensors layer after layer, so the network spent a third of
-    its time in page faults. Measured at 1920x1080, channels_last, 2-core CPU: 7.8 s -> 4.9 s per image, peak RSS
-    2.3 -> 3.1 GB (scripts/bench_stylize.py, variant channels_last_malloc). Training allocates and frees VGG
-    activations above that size every step in the same way (scripts/bench_train.py, option malloc).
-    Returns False where unavailable (not glibc).
+    Why: by default every tensor above ~32 MiB is a fresh mmap whose pages the kernel zero-fills on first touch,
+    and inference (layer after layer) and training (VGG activations, every step) allocate and free such tensors
+    all the time, so page faults took a large share of the time; the price is more resident memory (README,
+    "Speed and memory"; scripts/bench_stylize.py variant channels_last_malloc, scripts/bench_train.py option
+    malloc). Returns False where unavailable (not glibc).
     """
     try:
         import ctypes
