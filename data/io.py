@@ -26,6 +26,8 @@ the optional ``pillow-heif`` package is installed; without it such a file fails 
 WRITE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
                  ".tiff": "TIFF"}
 """Output extensions and their PIL format."""
+OUTPUT_FORMATS = {ext.lstrip("."): {"JPEG": ".jpg", "TIFF": ".tif"}.get(fmt, ext) for ext, fmt in WRITE_FORMATS.items()}
+"""stylize's ``format=`` values and the extension each writes (derived from WRITE_FORMATS)."""
 ALPHA_FORMATS = ("PNG", "WEBP", "TIFF")
 """Formats that can hold an alpha channel."""
 
@@ -107,6 +109,20 @@ def walk_images(root: str | os.PathLike, recursive: bool = True) -> tuple[list[P
     return [path for _, path in found], sorted(skipped)
 
 
+def has_alpha(img: Image.Image) -> bool:
+    """Whether an opened image (header read, pixels not needed) has an alpha channel or a transparent palette entry."""
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
+
+
+def file_has_alpha(path: str | os.PathLike) -> bool:
+    """Whether the image file has an alpha channel, from its header only (False if it cannot be read)."""
+    try:
+        with Image.open(path) as img:
+            return has_alpha(img)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
 def to_rgb(img: Image.Image, keep_alpha: bool = False) -> Image.Image:
     """Convert any PIL mode (L, LA, P, CMYK, I;16, I, F, RGBA, ...) to RGB, or RGBA when ``keep_alpha``.
 
@@ -118,8 +134,7 @@ def to_rgb(img: Image.Image, keep_alpha: bool = False) -> Image.Image:
         img = img.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
     elif img.mode == "F":
         img = img.convert("L")
-    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
-    if keep_alpha and has_alpha:
+    if keep_alpha and has_alpha(img):
         return img.convert("RGBA")
     return img.convert("RGB")
 

@@ -149,7 +149,8 @@ def _child(spec: dict) -> dict:
                 "disk_stores": executor.disk_stores_used, "finite": bool(torch.isfinite(y).all()),
                 "gflop": network_gflop(net, spec["height"], spec["width"])}
     if kind == "folder":
-        from stylize import compose_config, stylize
+        from inference.pipeline import stylize
+        from stylize import compose_config
 
         summary = stylize(compose_config(spec["overrides"]))
         return {"written": len(summary.written), "seconds": summary.seconds, "peak_rss_mb": peak_rss_mb(),

@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+import train  # noqa: F401  (registers the style_stem resolver that hydra.run.dir uses)
 from configs.schema import check_against_schema, check_stylize_config, check_train_config
 from core.cli import claim_fresh_dir, hydra_error_line, quoted_override
 from core.errors import FaststyleError

@@ -101,7 +101,8 @@ def test_dynamic_onnx_export_matches_pytorch(model_file: Path, dynamic_onnx: Pat
 @needs_onnx
 @pytest.mark.slow
 def test_stylize_runs_onnx_models_untiled_only(model_file: Path, dynamic_onnx: Path, tmp_path: Path) -> None:
-    from stylize import compose_config, stylize
+    from inference.pipeline import stylize
+    from stylize import compose_config
 
     gradient = torch.linspace(0, 1, 45 * 61).reshape(1, 45, 61).expand(3, -1, -1).clone()
     gradient[1] = gradient[1].flip(-1)

@@ -13,9 +13,11 @@ from PIL import Image
 from torch import nn
 
 from core.errors import FaststyleError
+from inference.colour import rgb_to_ycbcr, ycbcr_to_rgb
+from inference.pipeline import stylize
 from models.modelfile import save_model
 from models.transformer import TransformerNet
-from stylize import compose_config, rgb_to_ycbcr, stylize, ycbcr_to_rgb
+from stylize import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 

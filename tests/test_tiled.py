@@ -163,7 +163,8 @@ def test_stream_from_uint8_rows_equals_the_float_call() -> None:
 
 
 def _stylize(model: Path, source: Path, target: Path, *options: str):
-    from stylize import compose_config, stylize
+    from inference.pipeline import stylize
+    from stylize import compose_config
 
     return stylize(compose_config([f"model={model}", f"input={source}", f"output={target}", *options]))
 
@@ -176,8 +177,8 @@ def test_stylize_8bit_strips_equal_the_float_path(tmp_path: Path, norm: str, mod
     data.io.tensor_to_pil, alpha re-attached. Bit-exact, because the same strips give the same network values and
     every later step is pointwise."""
     from data.io import pil_to_tensor, tensor_to_pil
+    from inference.colour import finish_colors
     from models.modelfile import load_model
-    from stylize import finish_colors
 
     model = make_model(tmp_path / f"{norm}.pth", norm=norm, seed=3)
     rng = np.random.default_rng(5)
@@ -233,7 +234,8 @@ def test_an_error_mid_image_removes_the_disk_stores(tmp_path: Path) -> None:
 # peak RSS of the process that spawned it (vfork + exec), here pytest's, which may be larger than the child's own.
 _PEAK_RSS_CHILD = """
 import sys
-from stylize import compose_config, stylize
+from inference.pipeline import stylize
+from stylize import compose_config
 summary = stylize(compose_config(sys.argv[1:]))
 assert len(summary.written) == 1, summary.failed
 print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")))

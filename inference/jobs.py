@@ -1,0 +1,159 @@
+"""What a stylize run will do before any pixel is read: the input files, and the output path of each.
+
+Inputs are a file, a folder (optionally recursive) or a glob; every output is refused before anything is written when
+it would replace an input (real paths and file identities compared) or land among the inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from core.errors import FaststyleError
+from data.io import ALPHA_FORMATS, OUTPUT_FORMATS, WRITE_FORMATS, file_has_alpha, is_image_file, walk_images
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """One input image and where its result goes."""
+
+    source: Path
+    target: Path
+
+
+def absolute(path: str | os.PathLike) -> Path:
+    """User paths are relative to the directory the command was started from (Hydra does not chdir)."""
+    return Path(os.path.abspath(os.path.expanduser(str(path))))
+
+
+def find_inputs(input_spec: str, recursive: bool) -> tuple[list[Path], Path, list[tuple[Path, str]]]:
+    """The files named by ``input_spec`` (file, folder, or glob), the base folder output names mirror, and the
+    entries that were passed over, with the reason (folders named like images, broken links, ...).
+
+    Folder and glob inputs take every file with an image extension (data.io.IMAGE_EXTENSIONS, the same formats a
+    single file is read in); a file that turns out to be corrupt or in an unsupported format fails later, when it
+    is decoded, and is reported. A single file is taken whatever its name.
+    """
+    path = absolute(input_spec)
+    if path.is_file():
+        return [path], path.parent, []
+    if path.is_dir():
+        files, skipped = walk_images(path, recursive=recursive)
+        if not files:
+            hint = "" if recursive else " (add recursive=true to look in sub-folders)"
+            raise FaststyleError(f"no image files in folder {path}{hint}")
+        return files, path, skipped
+    if path.is_symlink():
+        raise FaststyleError(f"input {path} is a broken symbolic link: point it at an image or a folder")
+    if glob.has_magic(str(input_spec)):
+        files, skipped = [], []
+        for match in sorted(glob.glob(str(path), recursive=recursive)):
+            entry = absolute(match)
+            if not is_image_file(entry):
+                continue
+            if entry.is_file():
+                files.append(entry)
+            else:
+                skipped.append((entry, "a folder, not an image file" if entry.is_dir() else "not a readable file"))
+        if not files:
+            raise FaststyleError(f"the pattern {input_spec!r} matches no image files: check it (and quote it)")
+        return files, Path(os.path.commonpath([str(f.parent) for f in files])), skipped
+    raise FaststyleError(f"input not found: {path} (give an image file, a folder or a glob pattern)")
+
+
+def style_name(model_path: Path, meta: dict) -> str:
+    """The name added to output files: the style the model was trained on, else the model file's name."""
+    stem = meta.get("style_stem") or (Path(str(meta["style"])).stem if meta.get("style") else "")
+    if not stem:
+        stem = model_path.parent.name if model_path.stem == "model" else model_path.stem
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(stem)).strip(".") or "stylized"
+
+
+def _output_is_file(output: Path) -> bool:
+    """An output path with an image extension names a file (unless such a folder exists); else it is a folder."""
+    return (output.suffix.lower() in WRITE_FORMATS or is_image_file(output)) and not output.is_dir()
+
+
+def plan_jobs(cfg: DictConfig, model_path: Path, meta: dict) -> tuple[list[Job], list[tuple[Path, str]]]:
+    """Match every input to its output path and return the jobs and the passed-over entries (see find_inputs).
+
+    Refuses, before anything is written, any output that is an input or sits among the inputs, comparing real
+    paths (symbolic links resolved) and file identities (hard links): ``overwrite=true`` never applies to an input.
+    """
+    files, base, skipped = find_inputs(str(cfg.input), bool(cfg.recursive))
+    suffix = str(cfg.suffix) if cfg.suffix else style_name(model_path, meta)
+    forced_ext = None
+    if cfg.format:
+        forced_ext = OUTPUT_FORMATS.get(str(cfg.format).lower().lstrip("."))
+        if forced_ext is None:
+            raise FaststyleError(f"format={cfg.format} is not supported: use one of {', '.join(OUTPUT_FORMATS)}")
+
+    def ext_for(source: Path) -> str:
+        if forced_ext:
+            return forced_ext
+        ext = source.suffix.lower()
+        return OUTPUT_FORMATS.get(ext.lstrip("."), ".png")
+
+    output = absolute(cfg.output) if cfg.output else model_path.parent / "stylized"
+    real_output = Path(os.path.realpath(output))
+    # Earlier results inside an input tree must not be stylized again (recursive folders, broad globs).
+    real_base = Path(os.path.realpath(base))
+    files = [f for f in files if real_output == real_base or real_output not in Path(os.path.realpath(f)).parents]
+    if not files:
+        raise FaststyleError(f"every input image is inside the output folder {output}: choose another output")
+    single_file = bool(cfg.output) and _output_is_file(output)
+    if single_file:
+        if len(files) != 1:
+            raise FaststyleError(f"output={cfg.output} is a file but {len(files)} images were found: give a folder")
+        if output.suffix.lower() not in WRITE_FORMATS:
+            raise FaststyleError(f"cannot write {output.name}: use a {', '.join(sorted(set(OUTPUT_FORMATS.values())))} "
+                                 "output")
+        jobs = [Job(files[0], output)]
+    else:
+        jobs = [Job(f, output / f.relative_to(base).parent / f"{f.stem}_{suffix}{ext_for(f)}") for f in files]
+    for job in jobs:
+        if WRITE_FORMATS[job.target.suffix.lower()] not in ALPHA_FORMATS and file_has_alpha(job.source):
+            # JPEG cannot hold transparency: keep it (the user's data) in a PNG rather than flatten it, and say so.
+            new_target = job.target.with_suffix(".png")
+            logger.warning("%s has transparency, which JPEG cannot hold: writing %s instead", job.source,
+                           new_target.name)
+            job.target = new_target
+    _refuse_outputs_among_inputs(jobs, files, single_file=single_file)
+    targets = [job.target for job in jobs]
+    if len(set(targets)) != len(targets):
+        raise FaststyleError("two inputs map to the same output name (same stem, different extension): set format")
+    return jobs, skipped
+
+
+def _refuse_outputs_among_inputs(jobs: list[Job], files: list[Path], single_file: bool) -> None:
+    """FaststyleError when an output would replace an input (also through a symbolic or hard link) or, for folder
+    outputs, land in a folder that holds inputs."""
+    real_inputs = {os.path.realpath(f): f for f in files}
+    identities = {}
+    for f in files:
+        with contextlib.suppress(OSError):
+            stat = os.stat(f)
+            identities[(stat.st_dev, stat.st_ino)] = f
+    input_dirs = {os.path.dirname(real) for real in real_inputs}
+    for job in jobs:
+        real_target = os.path.realpath(job.target)
+        source = real_inputs.get(real_target)
+        if source is None:
+            with contextlib.suppress(OSError):
+                stat = os.stat(job.target)
+                source = identities.get((stat.st_dev, stat.st_ino))
+        if source is not None:
+            link = "" if str(job.target) == str(source) else f" (the same file as input {source})"
+            raise FaststyleError(f"output {job.target}{link} is an input image: choose another output; "
+                                 "overwrite=true never replaces an input")
+        if not single_file and os.path.dirname(real_target) in input_dirs:
+            raise FaststyleError(f"output folder {job.target.parent} would put results among the input images: "
+                                 "choose another output folder")

@@ -1,0 +1,183 @@
+"""A whole stylize run from a composed config (configs/stylize.yaml): load the model, plan the outputs, then decode,
+stylize and write every input with a small I/O thread pool, collecting per-image failures instead of stopping.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from configs.schema import check_stylize_config
+from core.device import reuse_freed_memory
+from core.errors import FaststyleError
+from core.fileio import remove_stale_temp_files
+from inference.jobs import Job, absolute, plan_jobs
+from inference.runner import Loaded, Runner, batches, load_job, save_result
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Summary:
+    """Counts of a stylize run; ``failed`` and ``passed_over`` list (file, reason)."""
+
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    passed_over: list[tuple[Path, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        rate = len(self.written) / self.seconds if self.seconds > 0 else 0.0
+        passed = f", passed over {len(self.passed_over)} (not image files)" if self.passed_over else ""
+        return (
+            f"stylized {len(self.written)}, skipped {len(self.skipped)} (exist; overwrite=true redoes them){passed}, "
+            f"failed {len(self.failed)} in {self.seconds:.1f} s ({rate:.2f} images/s)"
+        )
+
+
+class StylizeInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped the run; ``summary`` holds what was written (every written file is complete)."""
+
+    def __init__(self, summary: Summary, remaining: int, signum: int) -> None:
+        super().__init__("interrupted")
+        self.summary, self.remaining, self.signum = summary, remaining, signum
+
+
+class Terminate(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so both stop the run the same way."""
+
+
+def _non_finite_error(image: torch.Tensor) -> str | None:
+    """Why a stylized image must not be written (NaN or infinite values: a broken model), or None."""
+    bad = int((~torch.isfinite(image)).sum())
+    if bad == 0:
+        return None
+    return f"the model produced {bad} NaN or infinite values for this image (is the model broken?); nothing written"
+
+
+def stylize(cfg: DictConfig) -> Summary:
+    """Stylize every input named by ``cfg`` (configs/stylize.yaml); returns the counts. Usage errors raise
+    FaststyleError before any image is processed; per-image failures are collected in the summary; Ctrl-C
+    (KeyboardInterrupt) raises StylizeInterrupted once the writes in flight are complete."""
+    from core.device import resolve_device
+    from interop.legacy import load_any_model
+
+    check_stylize_config(cfg)
+    if cfg.malloc_reuse:
+        reuse_freed_memory()
+    model_path = absolute(cfg.model)
+    if model_path.is_dir():
+        raise FaststyleError(f"model={model_path} is a folder: pass the model file, e.g. model=<run dir>/model.pth")
+    if not model_path.is_file():
+        raise FaststyleError(f"model file not found: {model_path} (pass model=<run dir>/model.pth)")
+    device = resolve_device(str(cfg.device))
+    if model_path.suffix.lower() == ".onnx":  # exported models run through onnxruntime, untiled only
+        from inference.onnx_runner import load_onnx_model
+
+        net, meta = load_onnx_model(model_path, device=device, pixel_range=cfg.onnx_pixel_range)
+    else:
+        net, meta = load_any_model(model_path, device="cpu")
+    jobs, passed_over = plan_jobs(cfg, model_path, meta)
+    summary = Summary(passed_over=passed_over)
+    for path, reason in passed_over:
+        logger.warning("passed over %s: %s", path, reason)
+    todo = []
+    for job in jobs:
+        if job.target.exists() and not cfg.overwrite:
+            summary.skipped.append(job.source)
+        else:
+            todo.append(job)
+    if summary.skipped:
+        logger.info("%d outputs exist already and are skipped (overwrite=true redoes them)", len(summary.skipped))
+    for folder in sorted({job.target.parent for job in todo}):
+        remove_stale_temp_files(folder)  # left by a stylize run that was killed mid-write
+    runner = Runner(net, device, cfg)
+    start = time.perf_counter()
+    try:
+        _run(todo, runner, cfg, summary)
+    except KeyboardInterrupt as stop:
+        summary.seconds = time.perf_counter() - start
+        done = len(summary.written) + len(summary.failed)
+        raise StylizeInterrupted(summary, len(todo) - done, 15 if isinstance(stop, Terminate) else 2) from None
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _run(todo: list[Job], runner: Runner, cfg: DictConfig, summary: Summary) -> None:
+    """Decode, stylize and write ``todo``, recording every result in ``summary``."""
+    max_side = int(cfg.max_side_px) if cfg.max_side_px is not None else None
+    scale = float(cfg.scale) if cfg.scale is not None else None
+    # Decoding and encoding run in a small thread pool (PIL releases the GIL while it decodes/encodes), so the
+    # network is rarely idle waiting for files; at most io_threads + 1 decoded images wait in memory. Leaving the
+    # pool's block (also on Ctrl-C) waits for the writes in flight, which are atomic: no file is left half-written.
+    with ThreadPoolExecutor(max_workers=int(cfg.io_threads), thread_name_prefix="stylize-io") as pool:
+        ahead = int(cfg.io_threads) + 1
+
+        def decoded() -> Iterator[Loaded]:
+            futures: list[Future[Loaded]] = []
+            for job in todo:
+                futures.append(pool.submit(load_job, job, max_side, scale))
+                if len(futures) > ahead:
+                    yield futures.pop(0).result()
+            for future in futures:
+                yield future.result()
+
+        writes: list[tuple[Loaded, Future[Path]]] = []
+        progress = tqdm(total=len(todo), unit="img", desc="stylize", disable=None)
+        try:
+            for batch in batches(decoded(), runner, int(cfg.batch_size)):
+                if batch[0].error is not None:
+                    summary.failed.append((batch[0].job.source, batch[0].error))
+                    logger.error("skipping: %s", batch[0].error)
+                    progress.update(1)
+                    continue
+                try:
+                    outputs = runner(batch)
+                except (RuntimeError, OSError) as err:  # e.g. out of memory on one huge image: report, go on
+                    for item in batch:
+                        summary.failed.append((item.job.source, f"stylizing failed: {err}"))
+                    logger.error("stylizing %d image(s) failed: %s", len(batch), err)
+                    progress.update(len(batch))
+                    continue
+                for item, out in zip(batch, outputs, strict=True):
+                    problem = _non_finite_error(out) if isinstance(out, torch.Tensor) else None  # tiled: checked
+                    if problem is not None:
+                        summary.failed.append((item.job.source, problem))
+                        logger.error("%s: %s", item.job.source, problem)
+                    else:
+                        writes.append((item, pool.submit(save_result, item, out, cfg)))
+                progress.update(len(batch))
+                writes = _collect(writes, summary, wait=False)
+        except BaseException:  # Ctrl-C: drop the writes not started yet; those started finish (atomically)
+            for _, future in writes:
+                future.cancel()
+            _collect([w for w in writes if not w[1].cancelled()], summary, wait=True)
+            raise
+        else:
+            _collect(writes, summary, wait=True)
+        finally:
+            progress.close()
+
+
+def _collect(writes: list, summary: Summary, wait: bool) -> list:
+    """Move finished writes into the summary; returns those still running."""
+    still = []
+    for item, future in writes:
+        if not wait and not future.done():
+            still.append((item, future))
+            continue
+        try:
+            summary.written.append(future.result())
+        except (FaststyleError, OSError, ValueError) as err:
+            summary.failed.append((item.job.source, f"cannot write {item.job.target}: {err}"))
+            logger.error("cannot write %s: %s", item.job.target, err)
+    return still

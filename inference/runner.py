@@ -1,0 +1,220 @@
+"""The network side of stylizing: decode an input, run the model (batched untiled, or one image through the exact
+tiled executor when it does not fit ``max_memory_mb``), finish colours and write the result atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+
+from core.errors import FaststyleError
+from data.io import (
+    ALPHA_FORMATS,
+    WRITE_FORMATS,
+    image_rows,
+    load_image,
+    paste_rows,
+    resize_max_side,
+    resize_to,
+    rows_to_tensor,
+    save_image,
+    tensor_to_pil,
+    to_uint8,
+)
+from inference.colour import finish_colors
+from inference.jobs import Job, absolute
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "fp16")
+
+
+@dataclass
+class Loaded:
+    """A decoded input: its 8-bit pixels at the size they are stylized. No float copy is made here: small images
+    are converted when they are batched, large ones are read by the tiled executor strip by strip."""
+
+    job: Job
+    pixels: Image.Image | None = None  # mode "RGB", or "RGBA" when the file has transparency (kept)
+    error: str | None = None
+    size: tuple[int, int] = field(default=(0, 0))  # (H, W)
+
+    def tensor(self) -> torch.Tensor:
+        """The whole image as a (3, H, W) float32 tensor in [0, 1] (alpha left out): for the untiled path only."""
+        return rows_to_tensor(image_rows(self.pixels, 0, self.size[0]))
+
+
+def load_job(job: Job, max_side_px: int | None, scale: float | None) -> Loaded:
+    """Decode (EXIF orientation, any colour mode, 16-bit) and resize one input; errors are returned, not raised,
+    so one bad file in a folder does not stop the others.
+
+    Memory: the decoded 8-bit image (Pillow holds RGB and RGBA as 4 bytes per pixel) and nothing else once this
+    returns; while decoding a non-RGB file, rotating it (EXIF) or resizing it, a second image exists briefly.
+    """
+    try:
+        img = load_image(job.source, mode="RGBA")  # RGBA only when the file has transparency
+        if scale is not None and scale != 1:
+            img = resize_to(img, max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        if max_side_px:
+            img = resize_max_side(img, int(max_side_px))
+        return Loaded(job, img, size=(img.height, img.width))
+    except FaststyleError as err:
+        return Loaded(job, error=str(err))
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        return Loaded(job, error=f"cannot read image {job.source}: {err}")
+    except MemoryError:
+        return Loaded(job, error=f"cannot read image {job.source}: not enough memory to decode it")
+
+
+def save_result(loaded: Loaded, stylized: torch.Tensor | Image.Image, cfg: DictConfig) -> Path:
+    """Colour handling, alpha re-attachment and an atomic write; returns the path written.
+
+    ``stylized``: the untiled network output, (3, H, W) float32 in [0, 1], finished here; or the tiled path's
+    image (Runner), which is finished already (colours, alpha and 8-bit rounding applied strip by strip).
+    """
+    if isinstance(stylized, Image.Image):
+        img = stylized
+    else:
+        out = finish_colors(stylized, loaded.tensor(), bool(cfg.preserve_color), float(cfg.strength))
+        img = tensor_to_pil(out)
+        if loaded.pixels.mode == "RGBA":
+            img.putalpha(loaded.pixels.getchannel("A"))
+    target = loaded.job.target
+    if img.mode == "RGBA" and WRITE_FORMATS[target.suffix.lower()] not in ALPHA_FORMATS:
+        # Normally decided in plan_jobs from the header; this catches files whose header did not say.
+        target = target.with_suffix(".png")
+        logger.warning("%s has transparency, which JPEG cannot hold: wrote %s instead", loaded.job.source,
+                       target.name)
+    try:
+        save_image(img, target, quality=int(cfg.jpeg_quality))
+    except MemoryError:
+        raise OSError("not enough memory to encode the image") from None
+    return target
+
+
+FINISH_BYTES_PER_PX = 96
+"""Temporary bytes per pixel of the tiled path's colour finishing of one output strip (Runner._tiled_image): the
+content rows (uint8 and float), finish_colors' float copies, the 8-bit conversion and the strip pasted into the
+image; measured 65 B/px with preserve_color=true and strength=0.6 (peak RSS growth on a 3000 x 1000 RGBA strip).
+Passed to the executor so that its strip sizes include it."""
+
+
+class Runner:
+    """Runs the model on decoded images of one size: in batches through the untiled network when they fit
+    ``max_memory_mb``, otherwise one by one through the exact tiled executor, reading and writing 8-bit strips."""
+
+    def __init__(self, net: torch.nn.Module, device: torch.device, cfg: DictConfig) -> None:
+        from inference.tiled import untiled_bytes_estimate
+
+        precision = str(cfg.precision)
+        if precision not in PRECISIONS:
+            raise FaststyleError(f"precision={precision} is not one of {', '.join(PRECISIONS)}")
+        if precision == "fp16" and device.type != "cuda":
+            raise FaststyleError("precision=fp16 needs a CUDA device: use precision=fp32 or device=cuda")
+        self.dtype = torch.float16 if precision == "fp16" or (precision == "auto" and device.type == "cuda") else (
+            torch.float32
+        )
+        channels_last = cfg.channels_last
+        # Measured (scripts/bench_stylize.py, 1920x1080, 2-core CPU): NHWC 8.2 s vs NCHW 10.7 s per image, and
+        # 1.6 GB less peak memory; NHWC is also the fast layout for CUDA tensor cores. So "auto" = on everywhere.
+        self.channels_last = True if channels_last == "auto" else bool(channels_last)
+        self.net = net.to(device=device, dtype=self.dtype).eval()
+        if self.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.device = device
+        self.budget_mb = float(cfg.max_memory_mb)
+        if self.budget_mb <= 0:
+            raise FaststyleError("max_memory_mb must be positive")
+        self.tmp_dir = str(absolute(cfg.tmp_dir)) if cfg.tmp_dir else None
+        self.preserve_color, self.strength = bool(cfg.preserve_color), float(cfg.strength)
+        self._estimate = untiled_bytes_estimate
+        self._tiled = None
+        self.tiled_images = 0
+
+    def max_batch(self, height: int, width: int) -> int:
+        """How many (height, width) images fit the memory budget untiled (0: must be tiled)."""
+        per_image = self._estimate(self.net, height, width) * (0.5 if self.dtype == torch.float16 else 1.0)
+        return int(self.budget_mb * 2**20 // max(per_image, 1))
+
+    @torch.inference_mode()
+    def __call__(self, batch: list[Loaded]) -> list[torch.Tensor | Image.Image]:
+        """Stylize decoded images of one size. Untiled, each result is a (3, H, W) float32 CPU tensor in [0, 1]
+        (save_result finishes it); tiled, it is the finished 8-bit image (see _tiled_image)."""
+        height, width = batch[0].size
+        if self.max_batch(height, width) >= len(batch):
+            x = torch.stack([item.tensor() for item in batch]).to(self.device, self.dtype, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return list(self.net(x).to("cpu", torch.float32))
+        if not isinstance(self.net, torch.nn.Module):  # .onnx model: the tiled executor needs the torch layers
+            raise FaststyleError(
+                f"a {width}x{height} image exceeds max_memory_mb={self.budget_mb:g} untiled and "
+                ".onnx models cannot be tiled: raise max_memory_mb, set max_side_px, or use the .pth model"
+            )
+        if self._tiled is None:
+            from inference.tiled import TiledExecutor
+
+            self._tiled = TiledExecutor(self.net, budget_mb=self.budget_mb, tmp_dir=self.tmp_dir)
+        self.tiled_images += len(batch)
+        logger.info("image of %dx%d exceeds max_memory_mb=%g untiled: exact tiled inference", width, height,
+                    self.budget_mb)
+        return [self._tiled_image(item) for item in batch]
+
+    def _tiled_image(self, item: Loaded) -> Image.Image:
+        """Stylize one image through the tiled executor and return it finished: the network reads uint8 strips of
+        ``item.pixels``, and each output strip gets finish_colors (pointwise, given the content pixel), the 8-bit
+        rounding of data.io.to_uint8 and the input's alpha, and is written back over the same rows of
+        ``item.pixels`` (those rows of the input are not needed again). So the only image-sized memory is the
+        decoded image itself. Raises RuntimeError (one failed file) when the image cannot be tiled or the model
+        produced NaN or infinite values."""
+        img = item.pixels
+        height, width = item.size
+        non_finite = 0
+
+        def read_rows(lo: int, hi: int) -> torch.Tensor:
+            return image_rows(img, lo, hi)
+
+        def finish(row: int, strip: torch.Tensor) -> None:  # strip: (3, h, W) float32 in [0, 1]
+            nonlocal non_finite
+            if not math.isfinite(float(strip.sum())):  # one pass; values in [0, 1] cannot sum to infinity
+                non_finite += int((~torch.isfinite(strip)).sum())
+            rows = image_rows(img, row, row + strip.shape[1])  # the content, read before it is overwritten
+            out = finish_colors(strip, rows_to_tensor(rows), self.preserve_color, self.strength)
+            out = to_uint8(out).permute(1, 2, 0)
+            if rows.shape[2] == 4:
+                out = torch.cat([out, rows[..., 3:]], dim=2)
+            paste_rows(img, row, out)
+
+        try:
+            self._tiled.stream(read_rows, height, width, finish, sink_bytes_per_px=FINISH_BYTES_PER_PX)
+        except (ValueError, MemoryError) as err:
+            raise RuntimeError(f"{str(err) or 'out of memory'} (raise max_memory_mb or set max_side_px)") from err
+        if non_finite:
+            raise RuntimeError(f"the model produced {non_finite} NaN or infinite values for this image (is the "
+                               "model broken?); nothing written")
+        return img
+
+
+def batches(loaded: Iterator[Loaded], runner: Runner, batch_size: int) -> Iterator[list[Loaded]]:
+    """Group consecutive decoded images of equal size into batches (failed decodes pass through alone)."""
+    pending: list[Loaded] = []
+    for item in loaded:
+        if item.error is not None:
+            yield [item]
+            continue
+        if pending and (item.size != pending[0].size or len(pending) >= batch_size):
+            yield pending
+            pending = []
+        pending.append(item)
+        if len(pending) >= max(1, min(batch_size, runner.max_batch(*item.size))):
+            yield pending
+            pending = []
+    if pending:
+        yield pending
