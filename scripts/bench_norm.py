@@ -12,18 +12,8 @@ Both sides run with glibc malloc reuse (core.device.reuse_freed_memory, as train
 --no-malloc-reuse turns it off. The first run in a fresh environment also builds our fused C++ kernel (~13 s, see
 models/norm.py), outside the timed loop.
 
-Figures on this machine (2 CPU cores, AMD EPYC, torch 2.14.1, median ms per forward+backward, speed-up =
-torch / ours), fused C++ kernel with streaming stores, quiet machine, 2026-11-23, four runs of
-`.venv/bin/python -m scripts.bench_norm --reps 30`:
-        (4, 128, 64, 64)     ours 1.58-2.07 ms  torch 3.62-4.27 ms  2.06-2.30x
-        (4, 32, 256, 256)    ours 7.31-8.57     torch 16.1-18.0     2.10-2.32x
-        (1, 32, 1080, 1920)  ours 62.4-70.6     torch 133-147       2.08-2.13x
-    `--threads 1 --shape 4,128,64,64 --shape 4,32,256,256`: 2.98 vs 7.43 ms (2.49x), 11.7 vs 30.0 ms (2.57x).
-    `--channels-last`: 3.85 vs 16.4 ms (4.25x), 15.5 vs 75.5 ms (4.88x), 95.4 vs 529 ms (5.54x).
-Steps at (4, 128, 64, 64), same day, quiet: plain kernel 1.73-1.82x (3 runs); + streaming stores 1.83-2.08x (6 runs);
-+ weight/bias gradient sums in C++, statistics left in float64 2.06-2.30x (4 runs). On a machine loaded by other
-jobs the 2-thread figures are noisy (a parallel region waits for its slowest thread).
-Before the kernel (eager ops only, no malloc reuse): 0.39x, 0.62x, 0.73x.
+The figures measured with it are in the README's speed table; the script prints them with the machine they were
+taken on.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts: a measured matmul peak, timing, peak memory, environment line.
 
-Figures are printed, never asserted: speed targets are read off these scripts' output (DESIGN.md).
+Figures are printed, never asserted: speed targets are read off these scripts' output, and the
+README's speed table quotes it with the command that produced it.
 """
 
 from __future__ import annotations
