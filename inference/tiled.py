@@ -15,7 +15,7 @@ What this module does instead (exact up to floating-point summation order):
    Horizontal padding, nearest upsampling and the convolution itself are the same torch calls the network makes.
 3. While a strip is written, per-channel statistics of the raw convolution output are merged into running totals
    with the parallel variance formula of Chan, Golub & LeVeque (1979) in float64. The naive ``E[x^2] - E[x]^2``
-   is avoided on purpose: it cancels catastrophically in float32 (DESIGN.md, reference figures).
+   is avoided on purpose: it cancels catastrophically in float32 (docs/architecture.md, "Numerics").
 4. The norm and ReLU that follow a convolution are pointwise once the statistics are known, so they are applied
    lazily, when the next convolution reads its input strip. Batch norm in eval mode uses its running statistics
    and is pointwise from the start.
@@ -23,13 +23,14 @@ What this module does instead (exact up to floating-point summation order):
 6. Neither the input nor the output image is ever held as float32: the first convolution reads its strips from
    the caller's image through ``read_rows`` (uint8 rows converted to float per strip, the canvas padding gathered
    exactly), and the last convolution's strips are mapped to RGB and handed to the caller's ``sink`` one by one
-   (``TiledExecutor.stream``), without a store. stylize.py's sink applies the colour options and writes uint8.
+   (``TiledExecutor.stream``), without a store. stylize's sink (inference/runner.py) applies the colour options
+   and writes uint8.
 
 Every layer is computed once (plus the small halo rows), so the cost is about one untiled forward pass. Memory:
-the stores kept in RAM plus the strip being computed stay within the budget (the strip sizes come from an
-estimate of their working tensors, see ``_strip_bytes``); the caller's images are outside it. ``TiledExecutor``
-checks once, on a small random image with tiny strips, that its decomposition reproduces ``net(x)``; a network it
-does not understand raises instead of silently producing a different image.
+the stores kept in RAM plus the strip being computed stay within the budget (strip heights come from an estimate
+of their working tensors, see ``_strip_bytes`` and ``_strip_rows``); the caller's images are outside it.
+``TiledExecutor`` checks once, on a small random image with tiny strips, that its decomposition reproduces
+``net(x)``; a network it does not understand raises instead of silently producing a different image.
 """
 
 from __future__ import annotations
@@ -47,15 +48,21 @@ from torch import Tensor, nn
 
 from core.device import release_freed_heap
 from models.norm import InstanceNorm
-from models.transformer import SIZE_MULTIPLE, ConvLayer, ResidualBlock, TransformerNet, pad_to_multiple
+from models.transformer import (
+    SIZE_MULTIPLE,
+    ConvLayer,
+    ResidualBlock,
+    TransformerNet,
+    UpsampleConvLayer,
+    pad_to_multiple,
+)
 
 logger = logging.getLogger(__name__)
 
 _FLOAT_BYTES = 4
 # Peak activation bytes per canvas pixel of an untiled forward pass at base_width 32 (float32, CPU, inference
-# mode), from peak RSS minus the RSS before the forward at 1920x1080 (scripts/bench_stylize.py): NCHW eager
-# 1895 MiB (~960 B/px), channels-last 1388 MiB (~700 B/px), channels-last with malloc reuse ~1650 MiB (~830 B/px).
-# 1100 leaves a margin, so an image that is estimated to fit really does.
+# mode): the peak RSS growth of a 1920x1080 forward (``python -m scripts.bench stylize``) is 700-960 B/px depending
+# on memory layout and allocator, and the margin above that makes an image that is estimated to fit really fit.
 UNTILED_BYTES_PER_PIXEL_W32 = 1100
 # Of those, the image's own float tensors (input, padded canvas, output, colour finishing: ~15 copies of 12 B/px)
 # do not shrink with a narrower network; only the rest is scaled by base_width / 32.
@@ -68,9 +75,8 @@ MIN_FAST_ROWS = 16
 ALLOCATOR_SLACK = 2.0
 """Resident bytes per estimated live strip byte. With malloc_reuse (stylize's default) glibc keeps freed blocks for
 reuse, but a 64-byte-aligned allocation (torch's) cannot reuse a freed block of exactly its own size, so a loop
-over equal strips holds two or three blocks of each size. Measured at 12000 x 6000, base width 32, 2048 MiB: peak
-RSS growth 1.53x the live estimate with malloc_reuse (layers trimmed: core.device.release_freed_heap), 0.87x
-without."""
+over equal strips holds two or three blocks of each size; the peak RSS growth of a large tiled image stays below
+twice the live estimate (layers trimmed: core.device.release_freed_heap)."""
 
 RowReader = Callable[[int, int], Tensor]
 """``read_rows(lo, hi)``: rows [lo, hi) of an image as an (hi - lo, W, C >= 3) tensor, uint8 0..255 or float
@@ -85,9 +91,9 @@ StripSink = Callable[[int, Tensor], None]
 class RamStore:
     """An activation of C channels, H x W, held as an (H, W, C) float32 CPU tensor (channels-last).
 
-    Channels-last because oneDNN convolutions run fastest on NHWC on this CPU (scripts/bench_stylize.py), and a
-    strip of rows is then one contiguous block. Memory is allocated on the first write; a write of the whole
-    activation adopts the tensor instead of copying it.
+    Channels-last because oneDNN's CPU convolutions run fastest on NHWC (``python -m scripts.bench stylize``
+    compares the layouts), and a strip of rows is then one contiguous block. Memory is allocated on the first
+    write; a write of the whole activation adopts the tensor instead of copying it.
     """
 
     def __init__(self, channels: int, height: int, width: int) -> None:
@@ -249,7 +255,7 @@ class ChannelStats:
         """Merge the statistics of an (h, W, C) tile (Chan, Golub & LeVeque 1979, pairwise update).
 
         Within the tile: two passes in float32 (mean by torch's cascade sum, then the sum of squared deviations),
-        which is stable and ~2x faster than torch.var_mean on CPU (measured 160 vs 349 ms at 1080p x 32 ch).
+        which is stable and about twice as fast as torch.var_mean on CPU.
         """
         n_b = tile.shape[0] * tile.shape[1]
         mean_b32 = tile.sum(dim=(0, 1)) / n_b
@@ -363,7 +369,7 @@ def _pointwise_module(module: nn.Module) -> bool:
 
 def _spatial_from(module: nn.Module) -> SpatialOp | None:
     """A SpatialOp for a conv-like module, None for a pointwise one; raises for anything else."""
-    if type(module).__name__ == "UpsampleConvLayer" or isinstance(module, ConvLayer):
+    if isinstance(module, ConvLayer | UpsampleConvLayer):
         pad = module.pad
         if not isinstance(pad, nn.ReflectionPad2d) or len(set(pad.padding)) != 1:
             raise NotImplementedError(f"tiled inference needs a symmetric reflection pad, got {pad}")
@@ -460,7 +466,7 @@ def _nchw_view(tile: Tensor) -> Tensor:
 
     unsqueeze *before* permute: the batch stride must be h*W*C for torch to recognise the layout as channels-last
     (``permute(2, 0, 1).unsqueeze(0)`` gives batch stride C, and pad/interpolate then silently return NCHW
-    copies, which cost a third of the run time when measured).
+    copies, which cost about a third of the run time).
     """
     return tile.unsqueeze(0).permute(0, 3, 1, 2)
 
@@ -596,11 +602,18 @@ class TiledExecutor:
             strip += rows * out_w * (op.out_channels * _FLOAT_BYTES + sink_bytes_per_px)
         return strip * ALLOCATOR_SLACK
 
-    def _rows_within(self, available: float, fixed: float, per_row: float, height: int) -> int:
-        """Most rows r (at least 1, at most ``height``) with fixed + r * per_row <= available."""
+    def _strip_rows(self, fixed: float, per_row: float, height: int) -> int:
+        """Rows per strip (at least 1, at most ``height``) for a pass whose strip of r rows needs an estimated
+        ``fixed + r * per_row`` bytes: the most that fit in what the RAM stores leave of the budget, and in a
+        quarter of the budget (larger strips are not faster). Records that working set. Every strip height, of
+        convolutions and of pointwise passes alike, is chosen here."""
         if self.strip_rows is not None:
-            return max(1, min(self.strip_rows, height))
-        return max(1, min(height, int((available - fixed) // max(per_row, 1.0))))
+            rows = max(1, min(self.strip_rows, height))
+        else:
+            available = min(self.budget_bytes / 4, self.budget_bytes - self._ram_in_use)
+            rows = max(1, min(height, int((available - fixed) // max(per_row, 1.0))))
+        self._note_work(fixed + per_row * rows)
+        return rows
 
     def _check_fits(self, height: int, width: int, sink_bytes_per_px: int) -> None:
         """ValueError when a one-row strip of some layer needs more than max(budget, MIN_STRIP_MB). Not checked when
@@ -663,16 +676,11 @@ class TiledExecutor:
         out_h, out_w = op.out_size(in_h, in_w)
         fixed = self._strip_bytes(op, 0, in_w, out_w, sink_bytes_per_px)
         per_row = self._strip_bytes(op, 1, in_w, out_w, sink_bytes_per_px) - fixed
-        free = self.budget_bytes - self._ram_in_use
-        cap = self.budget_bytes / 4
         if out is None:
             size = op.out_channels * out_h * out_w * _FLOAT_BYTES
-            in_ram = size + fixed + per_row * min(MIN_FAST_ROWS, out_h) <= free
-            rows = self._rows_within(min(cap, free - size) if in_ram else min(cap, free), fixed, per_row, out_h)
+            in_ram = size + fixed + per_row * min(MIN_FAST_ROWS, out_h) <= self.budget_bytes - self._ram_in_use
             out = self._alloc(op.out_channels, out_h, out_w, in_ram)
-        else:
-            rows = self._rows_within(min(cap, free), fixed, per_row, out_h)
-        self._note_work(fixed + per_row * rows)
+        rows = self._strip_rows(fixed, per_row, out_h)  # after the allocation: a RAM store leaves less room
         norm = next((m for m in op.after if not isinstance(m, nn.ReLU)), None)
         stats = ChannelStats(op.out_channels) if norm is not None and _norm_needs_stats(norm) else None
         # One strip covering everything reads each input row once: pending norms may then run in place.
@@ -731,13 +739,8 @@ class TiledExecutor:
         return y[r0 - first : r1 - first]
 
     def _pointwise_rows(self, channels: int, height: int, width: int, copies: int) -> int:
-        """Rows per strip for a pointwise pass holding ``copies`` (h, W, C) float tiles, within what the RAM
-        stores leave of the budget (at most a quarter of it)."""
-        row_bytes = copies * channels * width * _FLOAT_BYTES * ALLOCATOR_SLACK
-        available = min(self.budget_bytes / 4, self.budget_bytes - self._ram_in_use)
-        rows = self._rows_within(available, 0, row_bytes, height)
-        self._note_work(rows * row_bytes)
-        return rows
+        """Rows per strip for a pointwise pass holding ``copies`` (h, W, C) float tiles."""
+        return self._strip_rows(0.0, copies * channels * width * _FLOAT_BYTES * ALLOCATOR_SLACK, height)
 
     def _materialize(self, act: _Lazy) -> _Lazy:
         """Apply pending pointwise functions into the store, in place (the store must be ours)."""
@@ -796,8 +799,6 @@ class TiledExecutor:
             )
 
 
-
-
 def canvas_size(height: int, width: int) -> tuple[int, int]:
     """(H, W) of the canvas the network computes on for a height x width image (models.transformer.pad_to_multiple:
     sides rounded up to multiples of SIZE_MULTIPLE, at least 2 * SIZE_MULTIPLE)."""
@@ -812,6 +813,6 @@ def untiled_bytes_estimate(net: TransformerNet, height: int, width: int) -> int:
     """Estimated peak bytes of a plain ``net(x)`` on one (height, width) image (float32, CPU), with the image's own
     float copies (input, canvas, output, colour finishing) that do not shrink with a narrower network."""
     base_width = net.config().get("base_width", 32)
-    canvas = (-(-height // SIZE_MULTIPLE) * SIZE_MULTIPLE) * (-(-width // SIZE_MULTIPLE) * SIZE_MULTIPLE)
+    canvas = math.prod(canvas_size(height, width))
     scaled = (UNTILED_BYTES_PER_PIXEL_W32 - UNTILED_FIXED_BYTES_PER_PIXEL) * max(base_width, 1) / 32
     return int(canvas * (UNTILED_FIXED_BYTES_PER_PIXEL + scaled))
