@@ -205,7 +205,7 @@ def to_legacy_state_dict(net: TransformerNet) -> dict[str, Tensor]:
     """The inverse of ``load_legacy_state_dict``: our network's weights in pytorch/examples' layout and scale.
 
     Only networks that format can hold: norm="instance", upsample="nearest", output="linear" (a sigmoid output has
-    no equivalent there). Used to export to their tools and by the tests to build files in their layout.
+    no equivalent there). The tests build files in their layout with it; no command writes that format.
     """
     config = net.config()
     if (config["norm"], config["upsample"], config["output"]) != ("instance", "nearest", "linear"):

@@ -76,11 +76,10 @@ class ConvLayer(nn.Module):
         return self.conv(x)
 
 
-# Below this many output channels a CPU convolution runs channels-last even inside an NCHW network. oneDNN's NCHW
-# kernels cannot vectorise over 3 output channels: for the last 9x9 conv (32 -> 3) at batch 4, 256 px, forward +
-# backward took 1310 ms NCHW against 368 ms channels-last (6.2e-6 max difference), a fifth of a CPU training step,
-# while the wider convolutions of the network are as fast or faster in NCHW (measured with torch.profiler on a
-# whole step; the layout copy of the 32-channel input costs ~10 ms).
+# Below this many output channels a CPU convolution runs channels-last even inside an NCHW network: oneDNN's NCHW
+# kernels cannot vectorise over 3 output channels, which makes the last 9x9 conv (32 -> 3) several times slower
+# than in channels-last (README, "Limitations") and a large share of a CPU training step, while the network's wider
+# convolutions are as fast or faster in NCHW and the layout copy of their input is cheap.
 _FEW_CHANNELS = 8
 
 

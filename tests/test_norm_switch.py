@@ -1,4 +1,4 @@
-"""The norm switch (issue 5): ``norm="instance"|"batch"`` swaps every normalisation layer of TransformerNet, and
+"""The norm switch: ``norm="instance"|"batch"`` swaps every normalisation layer of TransformerNet, and
 nothing else (same parameter names and shapes, same initial conv weights for one seed), so an IN-vs-BN comparison
 differs only in the normalisation."""
 

@@ -42,7 +42,7 @@ def test_norm_kinds_build_and_run(norm: str) -> None:
 
 
 def test_paper_size_parameter_count() -> None:
-    # Johnson et al. 2016 (and DESIGN.md): 1.68 M parameters at base width 32 with 5 residual blocks.
+    # Johnson et al. 2016: 1.68 M parameters at base width 32 with 5 residual blocks.
     net = TransformerNet()
     assert sum(p.numel() for p in net.parameters()) == 1_679_235
 
@@ -122,7 +122,8 @@ def test_every_parameter_gets_a_gradient() -> None:
 
 @pytest.mark.slow
 def test_can_reach_black_and_white_at_a_high_learning_rate() -> None:
-    """The output mapping must reach both ends of [0, 1] without collapsing (issue 3: lr 5e-3 went black)."""
+    """The output mapping must reach both ends of [0, 1] without collapsing to black at a high learning rate
+    (models/transformer.py, "Output mapping")."""
     torch.manual_seed(0)
     net = TransformerNet(base_width=8, residual_blocks=0)
     x = torch.rand(1, 3, 16, 16)

