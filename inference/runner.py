@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
+from core import precision
 from core.errors import FaststyleError
 from data.io import (
     ALPHA_FORMATS,
@@ -34,6 +35,8 @@ from inference.jobs import Job, absolute
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "fp16")
+"""stylize's precision values: core.precision's, without bf16 (fp16 is the more accurate 16-bit type for a forward
+pass)."""
 
 
 @dataclass
@@ -113,21 +116,14 @@ class Runner:
     def __init__(self, net: torch.nn.Module, device: torch.device, cfg: DictConfig) -> None:
         from inference.tiled import untiled_bytes_estimate
 
-        precision = str(cfg.precision)
-        if precision not in PRECISIONS:
-            raise FaststyleError(f"precision={precision} is not one of {', '.join(PRECISIONS)}")
-        if precision == "fp16" and device.type != "cuda":
-            raise FaststyleError("precision=fp16 needs a CUDA device: use precision=fp32 or device=cuda")
-        self.dtype = torch.float16 if precision == "fp16" or (precision == "auto" and device.type == "cuda") else (
-            torch.float32
-        )
-        channels_last = cfg.channels_last
-        # Measured (scripts/bench_stylize.py, 1920x1080, 2-core CPU): NHWC 8.2 s vs NCHW 10.7 s per image, and
-        # 1.6 GB less peak memory; NHWC is also the fast layout for CUDA tensor cores. So "auto" = on everywhere.
-        self.channels_last = True if channels_last == "auto" else bool(channels_last)
-        self.net = net.to(device=device, dtype=self.dtype).eval()
-        if self.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
+        name = str(cfg.precision)
+        if name not in PRECISIONS:
+            raise FaststyleError(f"precision={name} is not one of {', '.join(PRECISIONS)}")
+        # Precision, memory format and the cast of the network: core.precision's policy (stylize never compiles:
+        # each image size would compile again).
+        self.policy = precision.resolve_precision(device, name, cfg.channels_last, False, training=False)
+        precision.configure_backends(self.policy)
+        self.net = self.policy.prepare_module(net, device).eval()
         self.device = device
         self.budget_mb = float(cfg.max_memory_mb)
         if self.budget_mb <= 0:
@@ -140,7 +136,7 @@ class Runner:
 
     def max_batch(self, height: int, width: int) -> int:
         """How many (height, width) images fit the memory budget untiled (0: must be tiled)."""
-        per_image = self._estimate(self.net, height, width) * (0.5 if self.dtype == torch.float16 else 1.0)
+        per_image = self._estimate(self.net, height, width) * self.policy.activation_bytes_factor
         return int(self.budget_mb * 2**20 // max(per_image, 1))
 
     @torch.inference_mode()
@@ -149,9 +145,7 @@ class Runner:
         (save_result finishes it); tiled, it is the finished 8-bit image (see _tiled_image)."""
         height, width = batch[0].size
         if self.max_batch(height, width) >= len(batch):
-            x = torch.stack([item.tensor() for item in batch]).to(self.device, self.dtype, non_blocking=True)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = self.policy.batch_to(torch.stack([item.tensor() for item in batch]), self.device)
             return list(self.net(x).to("cpu", torch.float32))
         if not isinstance(self.net, torch.nn.Module):  # .onnx model: the tiled executor needs the torch layers
             raise FaststyleError(

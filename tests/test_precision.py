@@ -179,6 +179,41 @@ def test_fit_takes_its_settings_from_the_policy(tmp_path: Path, monkeypatch: pyt
     assert seen and all(x.is_contiguous(memory_format=torch.channels_last) for x in seen)
 
 
+def _stylize_cfg(**values: object):
+    from omegaconf import OmegaConf
+
+    base = {"precision": "auto", "channels_last": "auto", "max_memory_mb": 2048, "tmp_dir": None,
+            "preserve_color": False, "strength": 1.0}
+    return OmegaConf.create({**base, **values})
+
+
+def test_runner_takes_its_settings_from_the_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from inference.runner import Runner
+
+    reference = Runner(TransformerNet(base_width=8, residual_blocks=1), CPU, _stylize_cfg())
+    assert reference.policy == P.resolve_precision(CPU, "auto", "auto", False, training=False)
+    assert reference.net.encoder[0].conv.weight.is_contiguous(memory_format=torch.channels_last)  # stylize auto: on
+    calls = _recording_resolve(monkeypatch, channels_last=False, name="fp16", dtype=torch.float16)
+    runner = Runner(TransformerNet(base_width=8, residual_blocks=1), CPU, _stylize_cfg(channels_last="auto"))
+    assert calls == [{"device": CPU, "args": ("auto", "auto", False), "training": False}]
+    weight = runner.net.encoder[0].conv.weight
+    assert weight.dtype is torch.float16 and not weight.is_contiguous(memory_format=torch.channels_last)
+    # The memory estimate follows the policy's dtype: half-size activations fit about twice the images.
+    full = reference.max_batch(512, 512)
+    assert full >= 1 and abs(runner.max_batch(512, 512) - 2 * full) <= 1
+
+
+def test_runner_refuses_what_stylize_cannot_run() -> None:
+    from inference.runner import Runner
+
+    net = TransformerNet(base_width=8, residual_blocks=1)
+    with pytest.raises(FaststyleError, match=r"^precision=fp16 needs a CUDA device \(device is cpu\)"):
+        Runner(net, CPU, _stylize_cfg(precision="fp16"))
+    with pytest.raises(FaststyleError, match="precision=bf16 is not one of auto, fp32, fp16"):
+        Runner(net, CPU, _stylize_cfg(precision="bf16"))
+    assert Runner(net, CPU, _stylize_cfg(channels_last="false")).policy.channels_last is False  # not truthy
+
+
 def test_bench_train_times_the_trainers_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """scripts/bench_train.py measures ``Trainer.step`` (what fit runs), not a copy of it."""
     import argparse
