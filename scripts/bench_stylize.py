@@ -105,21 +105,23 @@ def _child(spec: dict) -> dict:
         reuse_freed_memory()
         base_rss = peak_rss_mb()
     if kind == "forward":
-        net = _net(spec["model"])
+        from core.precision import resolve_precision
+
         height, width = spec["height"], spec["width"]
-        x = torch.rand(1, 3, height, width)
         variant = spec["variant"].removesuffix("_malloc")
-        if variant in ("channels_last", "compile_cl"):
-            net = net.to(memory_format=torch.channels_last)
-            x = x.contiguous(memory_format=torch.channels_last)
-        fn = net
+        # The layout, cast and compilation stylize's Runner would apply (core.precision), per variant.
+        cpu = torch.device("cpu")
+        policy = resolve_precision(cpu, "fp32", variant in ("channels_last", "compile_cl"),
+                                   variant.startswith("compile"), training=False)
+        net = policy.prepare_module(_net(spec["model"]), cpu)
+        x = policy.batch_to(torch.rand(1, 3, height, width), cpu)
+        fn = policy.maybe_compile(net)
         if variant == "executor":  # inference/tiled.py with one strip per layer (what stylize runs when it fits)
             from inference.tiled import TiledExecutor
 
             fn = TiledExecutor(net, budget_mb=spec.get("budget_mb") or 1e6)
         compile_s = 0.0
-        if variant.startswith("compile"):
-            fn = torch.compile(net)
+        if policy.compile:
             start = time.perf_counter()
             with torch.inference_mode():
                 fn(x)
@@ -127,7 +129,7 @@ def _child(spec: dict) -> dict:
         base_rss = peak_rss_mb()
         times = []
         with torch.inference_mode():
-            if not variant.startswith("compile"):
+            if not policy.compile:
                 fn(x)  # warm-up (oneDNN primitive creation)
             for _ in range(spec["repeats"]):
                 start = time.perf_counter()
