@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +86,6 @@ class ExportableStyleNet(nn.Module):
         canvas = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
         y = self.net.decoder(self.net.residuals(self.net.encoder(canvas)))
         return self.net.map_output(y[:, :, :height, :width])
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` for a temporary file next to ``path``, then rename it onto ``path`` (fileio)."""
-    with atomic_output(path) as tmp:
-        write(tmp)
 
 
 def _example_input(height: int | None, width: int | None) -> torch.Tensor:
@@ -159,7 +152,8 @@ def export_onnx(
     entry.key, entry.value = ONNX_METADATA_KEY, json.dumps(info, sort_keys=True)
     model_proto.producer_name = "faststyle"
     onnx.checker.check_model(model_proto)
-    _atomic_write(path, lambda tmp: onnx.save_model(model_proto, str(tmp)))
+    with atomic_output(path) as tmp:
+        onnx.save_model(model_proto, str(tmp))
     ops = {node.op_type for node in model_proto.graph.node}
     log.info(
         "wrote %s (opset %d, %d instance norms swapped, ops: %s)",
@@ -198,7 +192,8 @@ def export_torchscript(
             traced = torch.jit.trace(module, (_example_input(height, width),), check_trace=False)
         info = {"format": "faststyle-torchscript", "model_config": net.config(), "meta": dict(meta or {})}
         extra = {f"{ONNX_METADATA_KEY}.json": json.dumps(info, sort_keys=True)}
-        _atomic_write(path, lambda tmp: torch.jit.save(traced, str(tmp), _extra_files=extra))
+        with atomic_output(path) as tmp:
+            torch.jit.save(traced, str(tmp), _extra_files=extra)
     log.info(
         "wrote %s (TorchScript, traced; %d instance norms swapped; note: torch marks TorchScript deprecated, "
         "ONNX is the portable format)",
