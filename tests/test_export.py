@@ -72,7 +72,7 @@ def model_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def dynamic_onnx(model_file: Path) -> Path:
-    """model_file exported by scripts/export.py with dynamic N/H/W (one export: ~15 s on this CPU)."""
+    """model_file exported by scripts/export.py with dynamic N/H/W (one export, shared: exporting takes seconds)."""
     out = model_file.with_name("dyn.onnx")
     result = _run("export.py", str(model_file), "--format", "onnx", "--dynamic", "-o", str(out), cwd=model_file.parent)
     assert result.returncode == 0, result.stderr
