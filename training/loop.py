@@ -128,8 +128,9 @@ def image_grid(content: torch.Tensor, stylised: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) photos and their stylisations in [0, 1] -> (3, H', W') grid; rows: content | stylised."""
     from torchvision.utils import make_grid
 
-    pairs = torch.stack([content, stylised], dim=1).flatten(0, 1)  # c0, s0, c1, s1, ...
-    return make_grid(pairs.float().clamp(0, 1).cpu(), nrow=2, padding=2, pad_value=1.0)
+    # On the CPU in float32: the photos come from the loader, the stylisations from the device (maybe in bf16).
+    pairs = torch.stack([content.float().cpu(), stylised.float().cpu()], dim=1).flatten(0, 1)  # c0, s0, c1, s1, ...
+    return make_grid(pairs.clamp(0, 1), nrow=2, padding=2, pad_value=1.0)
 
 
 def train_step(
