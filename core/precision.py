@@ -41,6 +41,9 @@ Why training and inference differ where they do:
   training step (README, "Speed and memory"); compile did not speed up CPU training and its first step takes
   minutes, and stylize meets a new input shape per image size, so it does not compile.
 
+The defaults are ``auto`` except ``train.channels_last`` and ``train.compile``, which default to false
+(configs/train.yaml): turning compilation on is the user's choice, since its first step compiles for a while.
+
 CPU bf16 stays off until it is measured faster: :func:`cpu_bf16_is_faster` is the one place that changes.
 
 Whatever the precision, our code keeps the numerically fragile parts in fp32: Gram matrices and loss reductions
@@ -115,7 +118,8 @@ class PrecisionPolicy:
 
     @property
     def tensor_dtype(self) -> torch.dtype:
-        """The dtype of the network's weights and inputs: fp32 when training (autocast converts per op)."""
+        """The dtype inference casts the network and its inputs to; float32 for training, whose module keeps its
+        own dtype (autocast converts per op)."""
         return self.dtype if self.dtype is not None and not self.training else torch.float32
 
     @property
