@@ -89,7 +89,7 @@ def cuda_supports_bf16(device: torch.device) -> bool:
 def cpu_bf16_is_faster() -> bool:
     """Whether bf16 beats fp32 on this CPU, which decides CPU ``auto``.
 
-    False everywhere for now: on CPUs without AMX or AVX512-BF16 bf16 is emulated and much slower (issue 6). A
+    False everywhere for now: on CPUs without AMX or AVX512-BF16 bf16 is emulated and much slower. A
     later change may return True on CPUs with those instructions once a benchmark shows a gain there.
     """
     return False
@@ -167,7 +167,7 @@ class PrecisionPolicy:
 
         Compilation happens on the first call and again when input shapes change. Wrap DDP first and compile the
         DDP module (PyTorch's DDP + compile guidance: gradient communication still overlaps backward); save
-        :func:`training.distributed.unwrap` of the result.
+        :func:`models.modelfile.unwrap_model` of the result.
         """
         return torch.compile(module) if self.compile else module
 
