@@ -17,6 +17,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: lint
 	$(PY) -m pytest

@@ -70,9 +70,12 @@ def main(cfg: DictConfig) -> None:
         return
     except StylizeInterrupted as stop:
         done = stop.summary
-        print(f"interrupted ({'SIGTERM' if stop.signum == 15 else 'Ctrl-C'}): {len(done.written)} written, "
-              f"{stop.remaining} not done; run the same command again to finish them (finished outputs are "
-              "skipped)", file=sys.stderr)
+        print(
+            f"interrupted ({'SIGTERM' if stop.signum == 15 else 'Ctrl-C'}): {len(done.written)} written, "
+            f"{stop.remaining} not done; run the same command again to finish them (finished outputs are "
+            "skipped)",
+            file=sys.stderr,
+        )
         raise SystemExit(128 + stop.signum) from None
     except Exception:
         traceback.print_exc()

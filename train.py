@@ -59,8 +59,9 @@ def resume_command(run_dir: str | Path) -> str:
     import shlex
 
     hydra_cfg = hydra.core.hydra_config.HydraConfig.get()
-    overrides = [text for text in hydra_cfg.overrides.task
-                 if text.lstrip("~+").split("=", 1)[0].strip() != "train.resume"]
+    overrides = [
+        text for text in hydra_cfg.overrides.task if text.lstrip("~+").split("=", 1)[0].strip() != "train.resume"
+    ]
     value = str(run_dir)
     if not re.fullmatch(r"[\w./~:@%+-]+", value):  # quoted for Hydra's override grammar too (spaces, commas, ...)
         value = f'"{value}"' if '"' not in value else f"'{value}'"
@@ -82,8 +83,10 @@ def interrupted_message(err: BaseException, run_dir: str | Path) -> str:
     how = signal_label(err.signum)
     if err.step is None or err.checkpoint is None:
         return f"interrupted before the first training step ({how}); nothing to save"
-    return (f"interrupted at step {err.step} ({how}): checkpoint saved to {err.checkpoint}; "
-            f"resume with: {resume_command(run_dir)}")
+    return (
+        f"interrupted at step {err.step} ({how}): checkpoint saved to {err.checkpoint}; "
+        f"resume with: {resume_command(run_dir)}"
+    )
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -145,12 +148,16 @@ def choose_run_dir(cfg: DictConfig, parsed_overrides: list, multirun: bool) -> l
     if any(override.key_or_group == key for override in parsed_overrides):
         path = resolve_user_path(folder)
         if multirun:
-            taken = sorted(child for child in path.iterdir() if child.is_dir() and holds_run(child)) if (
-                path.is_dir()) else []
+            taken = (
+                sorted(child for child in path.iterdir() if child.is_dir() and holds_run(child))
+                if (path.is_dir())
+                else []
+            )
         else:
             resume = cfg.train.resume
-            resumes_it = bool(resume) and (resolve_user_path(str(resume)) == path
-                                           or path in resolve_user_path(str(resume)).parents)
+            resumes_it = bool(resume) and (
+                resolve_user_path(str(resume)) == path or path in resolve_user_path(str(resume)).parents
+            )
             taken = [path] if holds_run(path) and not resumes_it else []
         if taken:
             raise FaststyleError(

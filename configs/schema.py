@@ -151,8 +151,9 @@ def _check_value(key: str, value: Any, kind: Any, meta: dict) -> None:
     if origin is list:
         (item,) = typing.get_args(kind)
         if not isinstance(value, list | tuple) or not all(_type_ok(v, item) for v in value):
-            raise FaststyleError(f"{key}={_show(value)} must be a list of {_TYPE_WORDS[item].split(' ', 1)[1]}s, "
-                                 f"e.g. {key}=[...]")
+            raise FaststyleError(
+                f"{key}={_show(value)} must be a list of {_TYPE_WORDS[item].split(' ', 1)[1]}s, e.g. {key}=[...]"
+            )
         return
     if origin is dict:
         _, item = typing.get_args(kind)
@@ -186,8 +187,10 @@ def check_against_schema(node: Any, schema: type, prefix: str = "") -> None:
     unknown = [key for key in node if key not in known]
     if unknown:
         where = f"{prefix[:-1]}.* options" if prefix else "top-level options"
-        raise FaststyleError(f"unknown option {prefix}{unknown[0]}: the {where} are {', '.join(known)} "
-                             "(--cfg job prints the whole config)")
+        raise FaststyleError(
+            f"unknown option {prefix}{unknown[0]}: the {where} are {', '.join(known)} "
+            "(--cfg job prints the whole config)"
+        )
     for name, spec in known.items():
         key = f"{prefix}{name}"
         if name not in node:
@@ -211,8 +214,11 @@ def _plain(cfg: DictConfig) -> dict:
             continue
         try:
             value = cfg._get_node(key)
-            node[key] = (OmegaConf.to_container(value, resolve=True, throw_on_missing=False)
-                         if OmegaConf.is_config(value) else ("???" if OmegaConf.is_missing(cfg, key) else cfg[key]))
+            node[key] = (
+                OmegaConf.to_container(value, resolve=True, throw_on_missing=False)
+                if OmegaConf.is_config(value)
+                else ("???" if OmegaConf.is_missing(cfg, key) else cfg[key])
+            )
         except Exception as err:  # an interpolation that cannot be resolved: omegaconf has many error types
             raise FaststyleError(f"the config cannot be resolved: {str(err).splitlines()[0]}") from err
     return node
@@ -233,8 +239,10 @@ def check_train_config(cfg: DictConfig) -> None:
     layers = list(dict.fromkeys([*loss["content_layers"], *loss["style_layers"]]))
     smallest = min_image_size(layers)
     if data["image_size"] < smallest:
-        raise FaststyleError(f"data.image_size={data['image_size']} is too small for the loss layers "
-                             f"({', '.join(layers)}): the minimum is {smallest}")
+        raise FaststyleError(
+            f"data.image_size={data['image_size']} is too small for the loss layers "
+            f"({', '.join(layers)}): the minimum is {smallest}"
+        )
     betas = node["train"]["betas"]
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise FaststyleError(f"train.betas={betas} must be two numbers in [0, 1), e.g. train.betas=[0.9,0.999]")
@@ -248,5 +256,7 @@ def check_stylize_config(cfg: DictConfig) -> None:
     if suffix is not None:
         text = str(suffix)
         if not text or "/" in text or "\\" in text or text.startswith(".") or "\0" in text:
-            raise FaststyleError(f"suffix={text!r} must be a plain name (no '/', '\\', '..' or leading '.'): it is "
-                                 "added to each output file name, e.g. suffix=mosaic")
+            raise FaststyleError(
+                f"suffix={text!r} must be a plain name (no '/', '\\', '..' or leading '.'): it is "
+                "added to each output file name, e.g. suffix=mosaic"
+            )

@@ -83,8 +83,17 @@ def parse_command_line(argv: list[str]) -> argparse.Namespace:
 
 def _hydra_only_flags(args: argparse.Namespace) -> bool:
     """Flags that make Hydra print something instead of running the job: leave those to Hydra."""
-    return bool(args.help or args.hydra_help or args.shell_completion or args.cfg or args.info is not None
-                or args.experimental_rerun or args.config_path or args.config_name or args.config_dir)
+    return bool(
+        args.help
+        or args.hydra_help
+        or args.shell_completion
+        or args.cfg
+        or args.info is not None
+        or args.experimental_rerun
+        or args.config_path
+        or args.config_name
+        or args.config_dir
+    )
 
 
 def parse_overrides(overrides: list[str]) -> list:
@@ -98,8 +107,11 @@ def parse_overrides(overrides: list[str]) -> list:
         try:
             parsed.extend(parser.parse_overrides([text]))
         except OverrideParseException as err:
-            hint = (f"quote the value: {quoted_override(text)}" if "=" in text
-                    else "an override is key=value, e.g. style=painting.jpg")
+            hint = (
+                f"quote the value: {quoted_override(text)}"
+                if "=" in text
+                else "an override is key=value, e.g. style=painting.jpg"
+            )
             usage_error(f"cannot read the option {text!r} ({first_line(err)}): {hint}")
     return parsed
 
@@ -128,8 +140,10 @@ def preflight(
     if not args.multirun:
         for override, text in zip(parsed, args.overrides, strict=True):
             if override.is_sweep_override():
-                usage_error(f"{text!r} lists several values, which only a sweep (-m) runs: for one value with a "
-                            f"comma, quote it: {quoted_override(text)}")
+                usage_error(
+                    f"{text!r} lists several values, which only a sweep (-m) runs: for one value with a "
+                    f"comma, quote it: {quoted_override(text)}"
+                )
     plain = [text for override, text in zip(parsed, args.overrides, strict=True) if not override.is_sweep_override()]
     try:
         cfg = compose(plain)

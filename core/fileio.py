@@ -83,8 +83,10 @@ def disk_full_error(path: Path, needed_bytes: int | None, err: OSError) -> Fasts
     need = f"needs {_mib(needed_bytes)}" if needed_bytes is not None else "needs more space"
     have = f"{_mib(free)} free" if free is not None else "free space unknown"
     kind = "quota exceeded" if err.errno == errno.EDQUOT else "disk full"
-    return FaststyleError(f"{kind}: cannot write {path} ({need}, {have} in {path.parent}); free some space and "
-                          f"run again (any previous {path.name} is unchanged)")
+    return FaststyleError(
+        f"{kind}: cannot write {path} ({need}, {have} in {path.parent}); free some space and "
+        f"run again (any previous {path.name} is unchanged)"
+    )
 
 
 @contextlib.contextmanager
@@ -197,8 +199,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 _TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save: a zip archive, or (legacy format) a pickle stream
 _OTHER_KINDS = (
-    (b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
-    (b"RIFF", "a WebP image or other RIFF file"), (b"BM", "a BMP image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x89PNG", "a PNG image"),
+    (b"GIF8", "a GIF image"),
+    (b"RIFF", "a WebP image or other RIFF file"),
+    (b"BM", "a BMP image"),
     (b"\x08", "an ONNX model or other protobuf file"),
 )
 
@@ -231,8 +236,8 @@ def safe_torch_load(
 
     ``weights_only`` is the point: torch's restricted unpickler rebuilds only tensors, primitives and containers, so
     a file carrying code (a ``__reduce__`` that runs a command) is refused before anything runs. ``what`` names the
-    file kind in messages ("model file", "checkpoint"), ``origin`` who writes such files, ``fix`` what the user should
-do instead. Returns the loaded dict (anything else is refused).
+    file kind in messages ("model file", "checkpoint"), ``origin`` who writes such files, ``fix`` what the user
+    should do instead. Returns the loaded dict (anything else is refused).
     """
     import torch
 
@@ -256,8 +261,17 @@ do instead. Returns the loaded dict (anything else is refused).
             f"refusing to load {path}: it holds objects other than tensors and plain values ({first_line}); "
             f"only load files written by {origin}"
         ) from err
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, TypeError, AttributeError,
-            IndexError) as err:
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        zipfile.BadZipFile,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        IndexError,
+    ) as err:
         message = " ".join(str(err).split())[:200] or type(err).__name__
         raise FaststyleError(f"cannot read {what} {path}: the file is corrupt or not a torch file ({message})") from err
     if not isinstance(obj, dict):

@@ -131,8 +131,10 @@ class PrecisionPolicy:
         """One line for the log, e.g. ``precision: fp32, channels_last: on, compile: off (cpu, stylize)``."""
         name = f"{self.name} + loss scaling" if self.use_grad_scaler else self.name
         on = {True: "on", False: "off"}
-        return (f"precision: {name}, channels_last: {on[self.channels_last]}, compile: {on[self.compile]} "
-                f"({self.device_type}, {'train' if self.training else 'stylize'})")
+        return (
+            f"precision: {name}, channels_last: {on[self.channels_last]}, compile: {on[self.compile]} "
+            f"({self.device_type}, {'train' if self.training else 'stylize'})"
+        )
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Context for the training forward pass and loss (not ``backward`` or the optimizer step); a no-op for fp32

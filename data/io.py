@@ -16,15 +16,44 @@ from core.errors import FaststyleError
 from core.fileio import atomic_write
 
 IMAGE_EXTENSIONS = (
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".dib", ".gif", ".tif", ".tiff", ".avif",
-    ".heic", ".heif", ".jp2", ".j2k", ".jpx", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi",
+    ".jpg",
+    ".jpeg",
+    ".jpe",
+    ".jfif",
+    ".png",
+    ".apng",
+    ".webp",
+    ".bmp",
+    ".dib",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".avif",
+    ".heic",
+    ".heif",
+    ".jp2",
+    ".j2k",
+    ".jpx",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".pnm",
+    ".tga",
+    ".qoi",
 )
 """Lower-case extensions (with the dot) of the photo formats faststyle reads, in folders as one by one. Formats
 that can run external programs when opened (EPS/PS run Ghostscript) are left out on purpose. HEIC/HEIF decode when
 the optional ``pillow-heif`` package is installed; without it such a file fails with a line saying so."""
 
-WRITE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
-                 ".tiff": "TIFF"}
+WRITE_FORMATS = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".webp": "WEBP",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
 """Output extensions and their PIL format."""
 OUTPUT_FORMATS = {ext.lstrip("."): {"JPEG": ".jpg", "TIFF": ".tif"}.get(fmt, ext) for ext, fmt in WRITE_FORMATS.items()}
 """stylize's ``format=`` values and the extension each writes (derived from WRITE_FORMATS)."""
@@ -157,9 +186,11 @@ def check_decode_size(opened: Image.Image, max_pixels: int | None, path: str | o
     a 100-byte PNG can declare 12000 x 12000 pixels, and decoding it would take gigabytes."""
     width, height = opened.size
     if max_pixels is not None and width * height > max_pixels:
-        raise ValueError(f"{width}x{height} pixels ({width * height / 1e6:.0f} MP) is more than the "
-                         f"{max_pixels / 1e6:.0f} MP decoded for training: shrink {Path(path).name} first, "
-                         "e.g. with scripts/prepare_dataset.py")
+        raise ValueError(
+            f"{width}x{height} pixels ({width * height / 1e6:.0f} MP) is more than the "
+            f"{max_pixels / 1e6:.0f} MP decoded for training: shrink {Path(path).name} first, "
+            "e.g. with scripts/prepare_dataset.py"
+        )
 
 
 def load_image(

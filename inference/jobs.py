@@ -114,8 +114,9 @@ def plan_jobs(cfg: DictConfig, model_path: Path, meta: dict) -> tuple[list[Job],
         if len(files) != 1:
             raise FaststyleError(f"output={cfg.output} is a file but {len(files)} images were found: give a folder")
         if output.suffix.lower() not in WRITE_FORMATS:
-            raise FaststyleError(f"cannot write {output.name}: use a {', '.join(sorted(set(OUTPUT_FORMATS.values())))} "
-                                 "output")
+            raise FaststyleError(
+                f"cannot write {output.name}: use a {', '.join(sorted(set(OUTPUT_FORMATS.values())))} output"
+            )
         jobs = [Job(files[0], output)]
     else:
         jobs = [Job(f, output / f.relative_to(base).parent / f"{f.stem}_{suffix}{ext_for(f)}") for f in files]
@@ -123,8 +124,9 @@ def plan_jobs(cfg: DictConfig, model_path: Path, meta: dict) -> tuple[list[Job],
         if WRITE_FORMATS[job.target.suffix.lower()] not in ALPHA_FORMATS and file_has_alpha(job.source):
             # JPEG cannot hold transparency: keep it (the user's data) in a PNG rather than flatten it, and say so.
             new_target = job.target.with_suffix(".png")
-            logger.warning("%s has transparency, which JPEG cannot hold: writing %s instead", job.source,
-                           new_target.name)
+            logger.warning(
+                "%s has transparency, which JPEG cannot hold: writing %s instead", job.source, new_target.name
+            )
             job.target = new_target
     _refuse_outputs_among_inputs(jobs, files, single_file=single_file)
     targets = [job.target for job in jobs]
@@ -152,8 +154,12 @@ def _refuse_outputs_among_inputs(jobs: list[Job], files: list[Path], single_file
                 source = identities.get((stat.st_dev, stat.st_ino))
         if source is not None:
             link = "" if str(job.target) == str(source) else f" (the same file as input {source})"
-            raise FaststyleError(f"output {job.target}{link} is an input image: choose another output; "
-                                 "overwrite=true never replaces an input")
+            raise FaststyleError(
+                f"output {job.target}{link} is an input image: choose another output; "
+                "overwrite=true never replaces an input"
+            )
         if not single_file and os.path.dirname(real_target) in input_dirs:
-            raise FaststyleError(f"output folder {job.target.parent} would put results among the input images: "
-                                 "choose another output folder")
+            raise FaststyleError(
+                f"output folder {job.target.parent} would put results among the input images: "
+                "choose another output folder"
+            )

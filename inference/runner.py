@@ -93,8 +93,7 @@ def save_result(loaded: Loaded, stylized: torch.Tensor | Image.Image, cfg: DictC
     if img.mode == "RGBA" and WRITE_FORMATS[target.suffix.lower()] not in ALPHA_FORMATS:
         # Normally decided in plan_jobs from the header; this catches files whose header did not say.
         target = target.with_suffix(".png")
-        logger.warning("%s has transparency, which JPEG cannot hold: wrote %s instead", loaded.job.source,
-                       target.name)
+        logger.warning("%s has transparency, which JPEG cannot hold: wrote %s instead", loaded.job.source, target.name)
     try:
         save_image(img, target, quality=int(cfg.jpeg_quality))
     except MemoryError:
@@ -157,8 +156,9 @@ class Runner:
 
             self._tiled = TiledExecutor(self.net, budget_mb=self.budget_mb, tmp_dir=self.tmp_dir)
         self.tiled_images += len(batch)
-        logger.info("image of %dx%d exceeds max_memory_mb=%g untiled: exact tiled inference", width, height,
-                    self.budget_mb)
+        logger.info(
+            "image of %dx%d exceeds max_memory_mb=%g untiled: exact tiled inference", width, height, self.budget_mb
+        )
         return [self._tiled_image(item) for item in batch]
 
     def _tiled_image(self, item: Loaded) -> Image.Image:
@@ -191,8 +191,10 @@ class Runner:
         except (ValueError, MemoryError) as err:
             raise RuntimeError(f"{str(err) or 'out of memory'} (raise max_memory_mb or set max_side_px)") from err
         if non_finite:
-            raise RuntimeError(f"the model produced {non_finite} NaN or infinite values for this image (is the "
-                               "model broken?); nothing written")
+            raise RuntimeError(
+                f"the model produced {non_finite} NaN or infinite values for this image (is the "
+                "model broken?); nothing written"
+            )
         return img
 
 

@@ -211,8 +211,17 @@ class SinkStore:
     """Takes the place of the last convolution's store: each strip written to it is cropped to the image, passed
     through the pending pointwise functions and the output mapping, and handed to the sink. Nothing is kept."""
 
-    def __init__(self, channels: int, canvas_h: int, canvas_w: int, height: int, width: int,
-                 pending: list[PointwiseFn], output: Callable[[Tensor], Tensor], sink: StripSink) -> None:
+    def __init__(
+        self,
+        channels: int,
+        canvas_h: int,
+        canvas_w: int,
+        height: int,
+        width: int,
+        pending: list[PointwiseFn],
+        output: Callable[[Tensor], Tensor],
+        sink: StripSink,
+    ) -> None:
         self.shape = (channels, canvas_h, canvas_w)
         self.nbytes = 0
         self._height, self._width = height, width
@@ -571,16 +580,28 @@ class TiledExecutor:
                 # The last convolution's strips go straight to the sink: its output is never stored.
                 last = self.plan.decoder[-1]
                 fns = [_relu if isinstance(m, nn.ReLU) else _norm_fn(m, None) for m in last.after]
-                out = SinkStore(last.out_channels, *last.out_size(*act.store.shape[1:]), height, width, fns,
-                                (lambda t: t) if self._raw_output else self.plan.output, sink)
+                out = SinkStore(
+                    last.out_channels,
+                    *last.out_size(*act.store.shape[1:]),
+                    height,
+                    width,
+                    fns,
+                    (lambda t: t) if self._raw_output else self.plan.output,
+                    sink,
+                )
                 self._conv(act, last, free_input=True, out=out, sink_bytes_per_px=sink_bytes_per_px)
             finally:
                 for store in self._open:  # after an error: close files and drop RAM stores
                     store.close()
                 self._open = []
-        logger.debug("tiled %dx%d: %d activations on disk, RAM stores at most %.0f MiB, estimated working set at "
-                     "most %.0f MiB", width, height, self.disk_stores_used, self.peak_store_bytes / 2**20,
-                     self.peak_work_bytes / 2**20)
+        logger.debug(
+            "tiled %dx%d: %d activations on disk, RAM stores at most %.0f MiB, estimated working set at most %.0f MiB",
+            width,
+            height,
+            self.disk_stores_used,
+            self.peak_store_bytes / 2**20,
+            self.peak_work_bytes / 2**20,
+        )
 
     # -- memory accounting -------------------------------------------------------------------------------------
     @staticmethod

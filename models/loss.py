@@ -95,8 +95,11 @@ class PerceptualLoss(nn.Module):
             content_layers = [content_layers]
         self.content_layers = list(content_layers)
         self.style_layers = {str(k): float(v) for k, v in dict(style_layers).items()}
-        for term, value in (("content_weight", content_weight), ("style_weight", style_weight),
-                            ("tv_weight", tv_weight)):
+        for term, value in (
+            ("content_weight", content_weight),
+            ("style_weight", style_weight),
+            ("tv_weight", tv_weight),
+        ):
             if not float(value) >= 0.0:  # also rejects NaN
                 raise FaststyleError(f"loss.{term} must be a number >= 0, got {value!r}")
         negative = [k for k, v in self.style_layers.items() if not v >= 0.0]

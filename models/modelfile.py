@@ -55,11 +55,17 @@ def check_state_dict(expected: dict[str, torch.Tensor], given: dict, path: Path)
     missing = [key for key in expected if key not in given]
     unexpected = [key for key in given if key not in expected]
     if not_tensors or missing or unexpected:
-        parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for label, keys in (
-            ("missing", missing), ("unexpected", unexpected), ("not tensors:", not_tensors)) if keys]
+        parts = [
+            f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("not tensors:", not_tensors))
+            if keys
+        ]
         raise FaststyleError(f"{path} does not fit its model config: {'; '.join(parts)}")
-    wrong = [f"{key} is {tuple(given[key].shape)}, expected {tuple(value.shape)}" for key, value in expected.items()
-             if tuple(given[key].shape) != tuple(value.shape)]
+    wrong = [
+        f"{key} is {tuple(given[key].shape)}, expected {tuple(value.shape)}"
+        for key, value in expected.items()
+        if tuple(given[key].shape) != tuple(value.shape)
+    ]
     if wrong:
         more = f" (and {len(wrong) - 2} more)" if len(wrong) > 2 else ""
         raise FaststyleError(f"{path} does not fit its model config: {'; '.join(wrong[:2])}{more}")
@@ -68,19 +74,29 @@ def check_state_dict(expected: dict[str, torch.Tensor], given: dict, path: Path)
 
 def check_finite(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     """Raise one FaststyleError line when weights are NaN or infinite (such a model writes black images)."""
-    bad = sum(int((~torch.isfinite(value)).sum()) for value in state_dict.values()
-              if isinstance(value, torch.Tensor) and value.is_floating_point())
+    bad = sum(
+        int((~torch.isfinite(value)).sum())
+        for value in state_dict.values()
+        if isinstance(value, torch.Tensor) and value.is_floating_point()
+    )
     if bad:
-        raise FaststyleError(f"{path} holds {bad} NaN or infinite weights: the model is broken (its training "
-                             "diverged?); use an earlier checkpoint")
+        raise FaststyleError(
+            f"{path} holds {bad} NaN or infinite weights: the model is broken (its training "
+            "diverged?); use an earlier checkpoint"
+        )
 
 
 def check_format(obj: dict, path: Path, expected: str, what: str) -> None:
     fmt = obj.get("format")
     if fmt != expected:
-        hint = {CHECKPOINT_FORMAT: " (this is a training checkpoint: pass the run's model.pth)",
+        hint = (
+            {
+                CHECKPOINT_FORMAT: " (this is a training checkpoint: pass the run's model.pth)",
                 MODEL_FORMAT: " (this is an inference model: train.resume takes a run dir or its checkpoints/last.pt)",
-                }.get(fmt, "") if fmt != expected else ""
+            }.get(fmt, "")
+            if fmt != expected
+            else ""
+        )
         raise FaststyleError(f"{path} is not a faststyle {what}: format is {fmt!r}, expected {expected!r}{hint}")
     version = obj.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -96,8 +112,10 @@ def save_model(path: str | os.PathLike, model: nn.Module, meta: dict) -> None:
     as float32 CPU tensors so the file loads anywhere.
     """
     net = unwrap_model(model)
-    state_dict = {key: value.detach().to("cpu", torch.float32) if value.is_floating_point() else value.cpu()
-                  for key, value in net.state_dict().items()}
+    state_dict = {
+        key: value.detach().to("cpu", torch.float32) if value.is_floating_point() else value.cpu()
+        for key, value in net.state_dict().items()
+    }
     atomic_torch_save(
         {
             "format": MODEL_FORMAT,

@@ -244,8 +244,12 @@ def _build_and_load(source: Path) -> None:
     )
     seconds = time.perf_counter() - start
     # a build (first use) is worth a line on the console; loading the cached library on every run is not
-    log.log(logging.INFO if seconds > 1.0 else logging.DEBUG, "fused InstanceNorm CPU kernel %s ready in %.1f s",
-            name, seconds)
+    log.log(
+        logging.INFO if seconds > 1.0 else logging.DEBUG,
+        "fused InstanceNorm CPU kernel %s ready in %.1f s",
+        name,
+        seconds,
+    )
 
 
 def _load_kernels() -> bool:

@@ -155,8 +155,10 @@ def run(args: argparse.Namespace) -> int:
             )
         for label, folder, draft in (("original", photos, True), ("original", photos, False)):
             stages = stage_times_ms(folder, args.image_size, draft)
-            print(f"# per-image stages, {label}, draft {'on' if draft else 'off'}: "
-                  + ", ".join(f"{k} {v:.1f} ms" for k, v in stages.items()))
+            print(
+                f"# per-image stages, {label}, draft {'on' if draft else 'off'}: "
+                + ", ".join(f"{k} {v:.1f} ms" for k, v in stages.items())
+            )
         stages = stage_times_ms(prepared, args.image_size, True)
         print("# per-image stages, prepared copy: " + ", ".join(f"{k} {v:.1f} ms" for k, v in stages.items()))
         rows = []
@@ -177,8 +179,7 @@ def run(args: argparse.Namespace) -> int:
     )
     for label, draft, count, steady, first_s, overall in rows:
         print(
-            f"{label:<30} {draft:>5} {count:>7} {steady:>9.1f} {1000 / steady:>9.2f} {first_s:>11.2f} "
-            f"{overall:>11.1f}"
+            f"{label:<30} {draft:>5} {count:>7} {steady:>9.1f} {1000 / steady:>9.2f} {first_s:>11.2f} {overall:>11.1f}"
         )
     print("(images/s: steady state after the first batch; 'incl. start': over the whole run, worker start included)")
     print()

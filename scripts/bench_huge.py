@@ -50,11 +50,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", default="photo,flat", help="comma separated: photo (real content), flat (PNG)")
     parser.add_argument("--model", default=None, help="a model.pth (default: random TransformerNet, base width 32)")
     parser.add_argument("--base-width", type=int, default=32, help="base width of the random model")
-    parser.add_argument("--workdir", default=None, help="folder for images, outputs and disk stores "
-                        "(default: a temporary folder in the system temp, removed afterwards)")
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="folder for images, outputs and disk stores "
+        "(default: a temporary folder in the system temp, removed afterwards)",
+    )
     parser.add_argument("--stylize-arg", action="append", default=[], help="extra stylize.py override (repeatable)")
-    parser.add_argument("--make", nargs=4, metavar=("WORKDIR", "SIZE", "CASES", "BASE_WIDTH"), default=None,
-                        help=argparse.SUPPRESS)  # the child that writes the model and the images
+    parser.add_argument(
+        "--make", nargs=4, metavar=("WORKDIR", "SIZE", "CASES", "BASE_WIDTH"), default=None, help=argparse.SUPPRESS
+    )  # the child that writes the model and the images
 
 
 def make_photo(path: Path, width: int, height: int, seed: int = 0) -> None:
@@ -67,8 +72,9 @@ def make_photo(path: Path, width: int, height: int, seed: int = 0) -> None:
     half_w, half_h = width // 2, height // 2
     for i, source in enumerate(photos):
         with Image.open(source) as img:
-            tile = img.convert("RGB").resize((width - half_w if i % 2 else half_w,
-                                              height - half_h if i // 2 else half_h), Image.Resampling.BICUBIC)
+            tile = img.convert("RGB").resize(
+                (width - half_w if i % 2 else half_w, height - half_h if i // 2 else half_h), Image.Resampling.BICUBIC
+            )
         canvas.paste(tile, ((i % 2) * half_w, (i // 2) * half_h))
         del tile
     rng = np.random.default_rng(seed)
@@ -139,8 +145,14 @@ def run_stylize(args: list[str], stores: Path) -> dict:
         err.seek(0)
         stderr = err.read().decode(errors="replace")
     lines = [line for line in stderr.splitlines() if line.strip()]
-    return {"rc": proc.returncode, "peak_rss": usage.ru_maxrss * 1024, "seconds": seconds,
-            "peak_disk": peak_disk, "tail": lines[-3:], "command": " ".join(["python", "stylize.py", *args])}
+    return {
+        "rc": proc.returncode,
+        "peak_rss": usage.ru_maxrss * 1024,
+        "seconds": seconds,
+        "peak_disk": peak_disk,
+        "tail": lines[-3:],
+        "command": " ".join(["python", "stylize.py", *args]),
+    }
 
 
 def make_files(workdir: Path, size: str, cases: list[str], base_width: int) -> None:
@@ -167,20 +179,44 @@ def run(args: argparse.Namespace) -> int:
     try:
         model = Path(args.model) if args.model else workdir / "model.pth"
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "scripts.bench_huge", "--make", str(workdir), args.size, ",".join(cases),
-                        "0" if args.model else str(args.base_width)], check=True, cwd=REPO_ROOT)
-        images = {"tiny": workdir / "tiny.jpg", "photo": workdir / f"photo_{width}x{height}.jpg",
-                  "flat": workdir / f"flat_{width}x{height}.png"}
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "scripts.bench_huge",
+                "--make",
+                str(workdir),
+                args.size,
+                ",".join(cases),
+                "0" if args.model else str(args.base_width),
+            ],
+            check=True,
+            cwd=REPO_ROOT,
+        )
+        images = {
+            "tiny": workdir / "tiny.jpg",
+            "photo": workdir / f"photo_{width}x{height}.jpg",
+            "flat": workdir / f"flat_{width}x{height}.png",
+        }
         stores = workdir / "stores"
         stores.mkdir(exist_ok=True)
         own_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        print(f"# files written in {time.perf_counter() - start:.0f} s to {workdir}; this process's peak RSS "
-              f"{own_peak / MiB:.0f} MiB (the floor of every figure below); load average "
-              f"{os.getloadavg()[0]:.2f} (2-core machine: times are noisy above ~0.5)")
+        print(
+            f"# files written in {time.perf_counter() - start:.0f} s to {workdir}; this process's peak RSS "
+            f"{own_peak / MiB:.0f} MiB (the floor of every figure below); load average "
+            f"{os.getloadavg()[0]:.2f} (2-core machine: times are noisy above ~0.5)"
+        )
 
         def stylize(name: str, budget_mb: float) -> dict:
-            overrides = [f"model={model}", f"input={images[name]}", f"output={workdir / 'out'}",
-                         f"max_memory_mb={budget_mb:g}", f"tmp_dir={stores}", "overwrite=true", *args.stylize_arg]
+            overrides = [
+                f"model={model}",
+                f"input={images[name]}",
+                f"output={workdir / 'out'}",
+                f"max_memory_mb={budget_mb:g}",
+                f"tmp_dir={stores}",
+                "overwrite=true",
+                *args.stylize_arg,
+            ]
             return run_stylize(overrides, stores)
 
         tiny = stylize("tiny", 0.01)  # through the tiled path, like the huge images
@@ -196,12 +232,14 @@ def run(args: argparse.Namespace) -> int:
             res = stylize(name, args.budget_mb)
             size_mb = images[name].stat().st_size / 1e6
             status = "written" if res["rc"] == 0 else f"exit {res['rc']}: {' | '.join(res['tail'])}"
-            print(f"{name} {width}x{height} ({width * height / 1e6:.0f} MP, file {size_mb:.3g} MB), "
-                  f"max_memory_mb={args.budget_mb:g}: peak RSS {res['peak_rss'] / MiB:.0f} MiB; bound "
-                  f"{bound / MiB:.0f} MiB = budget {budget / MiB:.0f} + 8-bit in {image_bytes / MiB:.0f} + 8-bit out "
-                  f"{image_bytes / MiB:.0f} + overhead {overhead / MiB:.0f}; peak RSS - overhead - 8-bit image = "
-                  f"{(res['peak_rss'] - overhead - image_bytes) / MiB:.0f} MiB; wall {res['seconds']:.0f} s; "
-                  f"disk stores peak {res['peak_disk'] / 1e9:.1f} GB; {status}")
+            print(
+                f"{name} {width}x{height} ({width * height / 1e6:.0f} MP, file {size_mb:.3g} MB), "
+                f"max_memory_mb={args.budget_mb:g}: peak RSS {res['peak_rss'] / MiB:.0f} MiB; bound "
+                f"{bound / MiB:.0f} MiB = budget {budget / MiB:.0f} + 8-bit in {image_bytes / MiB:.0f} + 8-bit out "
+                f"{image_bytes / MiB:.0f} + overhead {overhead / MiB:.0f}; peak RSS - overhead - 8-bit image = "
+                f"{(res['peak_rss'] - overhead - image_bytes) / MiB:.0f} MiB; wall {res['seconds']:.0f} s; "
+                f"disk stores peak {res['peak_disk'] / 1e9:.1f} GB; {status}"
+            )
             print(f"  command: {res['command']}")
         return 0
     finally:

@@ -38,11 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folder-images", type=int, default=32, help="number of 256x256 images in the folder run")
     parser.add_argument("--batch-size", type=int, default=4, help="stylize batch_size for the folder run")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats at 1920x1080 (median)")
-    parser.add_argument("--variants",
-                        default="eager,channels_last,channels_last_malloc,executor_malloc,compile_cl_malloc",
-                        help="1080p variants: eager, channels_last, executor (inference/tiled.py, one strip per "
-                        "layer), compile, compile_cl; a _malloc suffix turns on "
-                        "stylize.reuse_freed_memory (glibc keeps freed blocks: no page faults on reuse)")
+    parser.add_argument(
+        "--variants",
+        default="eager,channels_last,channels_last_malloc,executor_malloc,compile_cl_malloc",
+        help="1080p variants: eager, channels_last, executor (inference/tiled.py, one strip per "
+        "layer), compile, compile_cl; a _malloc suffix turns on "
+        "stylize.reuse_freed_memory (glibc keeps freed blocks: no page faults on reuse)",
+    )
     parser.add_argument("--malloc-reuse", action="store_true", help="reuse_freed_memory() in the tiled runs")
     parser.add_argument("--sizes", default="3840x2160,7680x4320", help="tiled sizes WxH, comma separated")
     parser.add_argument("--budget-mb", type=float, default=1536, help="tiled executor memory budget (MiB)")
@@ -111,8 +113,9 @@ def _child(spec: dict) -> dict:
         variant = spec["variant"].removesuffix("_malloc")
         # The layout, cast and compilation stylize's Runner would apply (core.precision), per variant.
         cpu = torch.device("cpu")
-        policy = resolve_precision(cpu, "fp32", variant in ("channels_last", "compile_cl"),
-                                   variant.startswith("compile"), training=False)
+        policy = resolve_precision(
+            cpu, "fp32", variant in ("channels_last", "compile_cl"), variant.startswith("compile"), training=False
+        )
         net = policy.prepare_module(_net(spec["model"]), cpu)
         x = policy.batch_to(torch.rand(1, 3, height, width), cpu)
         fn = policy.maybe_compile(net)
@@ -135,8 +138,13 @@ def _child(spec: dict) -> dict:
                 start = time.perf_counter()
                 fn(x)
                 times.append(time.perf_counter() - start)
-        return {"seconds": sorted(times)[len(times) // 2], "compile_s": compile_s, "peak_rss_mb": peak_rss_mb(),
-                "base_rss_mb": base_rss, "gflop": network_gflop(_net(spec["model"]), height, width)}
+        return {
+            "seconds": sorted(times)[len(times) // 2],
+            "compile_s": compile_s,
+            "peak_rss_mb": peak_rss_mb(),
+            "base_rss_mb": base_rss,
+            "gflop": network_gflop(_net(spec["model"]), height, width),
+        }
     if kind == "tiled":
         from inference.tiled import TiledExecutor
 
@@ -147,23 +155,34 @@ def _child(spec: dict) -> dict:
         start = time.perf_counter()
         y = executor(x)
         seconds = time.perf_counter() - start
-        return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "base_rss_mb": base_rss,
-                "disk_stores": executor.disk_stores_used, "finite": bool(torch.isfinite(y).all()),
-                "gflop": network_gflop(net, spec["height"], spec["width"])}
+        return {
+            "seconds": seconds,
+            "peak_rss_mb": peak_rss_mb(),
+            "base_rss_mb": base_rss,
+            "disk_stores": executor.disk_stores_used,
+            "finite": bool(torch.isfinite(y).all()),
+            "gflop": network_gflop(net, spec["height"], spec["width"]),
+        }
     if kind == "folder":
         from inference.pipeline import stylize
         from stylize import compose_config
 
         summary = stylize(compose_config(spec["overrides"]))
-        return {"written": len(summary.written), "seconds": summary.seconds, "peak_rss_mb": peak_rss_mb(),
-                "failed": len(summary.failed)}
+        return {
+            "written": len(summary.written),
+            "seconds": summary.seconds,
+            "peak_rss_mb": peak_rss_mb(),
+            "failed": len(summary.failed),
+        }
     raise ValueError(kind)
 
 
 def _spawn(spec: dict) -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", "scripts.bench_stylize", "--child", json.dumps(spec)],
-        cwd=REPO_ROOT, capture_output=True, text=True,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
@@ -186,44 +205,78 @@ def bench_folder(args: argparse.Namespace, tmp: Path) -> None:
         arr = (torch.rand(256, 256, 3, generator=generator) * 255).to(torch.uint8).numpy()
         Image.fromarray(arr).save(src / f"img{i:03d}.jpg", quality=90)
     for batch_size in sorted({1, args.batch_size}):
-        res = _spawn({"kind": "folder", "threads": args.threads, "overrides": [
-            f"model={model}", f"input={src}", f"output={tmp / f'out{batch_size}'}", f"batch_size={batch_size}",
-            "device=cpu"]})
+        res = _spawn(
+            {
+                "kind": "folder",
+                "threads": args.threads,
+                "overrides": [
+                    f"model={model}",
+                    f"input={src}",
+                    f"output={tmp / f'out{batch_size}'}",
+                    f"batch_size={batch_size}",
+                    "device=cpu",
+                ],
+            }
+        )
         if "error" in res:
             print(f"folder 256x256 batch_size={batch_size}: error {res['error']}")
             continue
-        print(f"folder {res['written']} x 256x256 jpg, batch_size={batch_size}: "
-              f"{res['written'] / res['seconds']:.2f} images/s end to end (decode+net+encode), "
-              f"peak RSS {res['peak_rss_mb']:.0f} MiB")
+        print(
+            f"folder {res['written']} x 256x256 jpg, batch_size={batch_size}: "
+            f"{res['written'] / res['seconds']:.2f} images/s end to end (decode+net+encode), "
+            f"peak RSS {res['peak_rss_mb']:.0f} MiB"
+        )
 
 
 def bench_1080p(args: argparse.Namespace, peak: float) -> None:
     for variant in args.variants.split(","):
-        res = _spawn({"kind": "forward", "variant": variant, "model": args.model, "height": 1080, "width": 1920,
-                      "repeats": args.repeats, "threads": args.threads})
+        res = _spawn(
+            {
+                "kind": "forward",
+                "variant": variant,
+                "model": args.model,
+                "height": 1080,
+                "width": 1920,
+                "repeats": args.repeats,
+                "threads": args.threads,
+            }
+        )
         if "error" in res:
             print(f"1920x1080 {variant:14s}: error {res['error']}")
             continue
         gflops = res["gflop"] / res["seconds"]
         extra = f", compile {res['compile_s']:.1f} s (first call)" if res["compile_s"] else ""
-        print(f"1920x1080 {variant:14s}: {res['seconds']:.2f} s/image, {gflops:.1f} GFLOP/s "
-              f"= {100 * gflops / peak:.0f}% of matmul peak ({res['gflop']:.0f} GFLOP/image), "
-              f"peak RSS {res['peak_rss_mb']:.0f} MiB (before forward {res['base_rss_mb']:.0f}){extra}")
+        print(
+            f"1920x1080 {variant:14s}: {res['seconds']:.2f} s/image, {gflops:.1f} GFLOP/s "
+            f"= {100 * gflops / peak:.0f}% of matmul peak ({res['gflop']:.0f} GFLOP/image), "
+            f"peak RSS {res['peak_rss_mb']:.0f} MiB (before forward {res['base_rss_mb']:.0f}){extra}"
+        )
 
 
 def bench_tiled(args: argparse.Namespace) -> None:
     for size in args.sizes.split(","):
         width, height = (int(v) for v in size.lower().split("x"))
-        res = _spawn({"kind": "tiled", "model": args.model, "height": height, "width": width,
-                      "budget_mb": args.budget_mb, "threads": args.threads, "malloc_reuse": args.malloc_reuse})
+        res = _spawn(
+            {
+                "kind": "tiled",
+                "model": args.model,
+                "height": height,
+                "width": width,
+                "budget_mb": args.budget_mb,
+                "threads": args.threads,
+                "malloc_reuse": args.malloc_reuse,
+            }
+        )
         if "error" in res:
             print(f"tiled {width}x{height}: error {res['error']}")
             continue
-        print(f"tiled {width}x{height} budget {args.budget_mb:.0f} MiB malloc_reuse={args.malloc_reuse}: "
-              f"completed={res['finite']} in "
-              f"{res['seconds']:.1f} s ({res['gflop'] / res['seconds']:.1f} GFLOP/s), peak RSS "
-              f"{res['peak_rss_mb']:.0f} MiB (incl. input+output images, before run {res['base_rss_mb']:.0f}), "
-              f"{res['disk_stores']} activations on disk")
+        print(
+            f"tiled {width}x{height} budget {args.budget_mb:.0f} MiB malloc_reuse={args.malloc_reuse}: "
+            f"completed={res['finite']} in "
+            f"{res['seconds']:.1f} s ({res['gflop'] / res['seconds']:.1f} GFLOP/s), peak RSS "
+            f"{res['peak_rss_mb']:.0f} MiB (incl. input+output images, before run {res['base_rss_mb']:.0f}), "
+            f"{res['disk_stores']} activations on disk"
+        )
 
 
 def bench_psnr(args: argparse.Namespace) -> None:
@@ -247,9 +300,11 @@ def bench_psnr(args: argparse.Namespace) -> None:
         save_image(want[0], out / f"untiled_{norm}.png")
         diff = ((got - want).abs() * 50).clamp(0, 1)  # x50 so any seam would be visible
         save_image(diff[0], out / f"diff_x50_{norm}.png")
-        print(f"tiled vs untiled 1920x1080 norm={norm}: PSNR {psnr:.1f} dB, max |diff| "
-              f"{(got - want).abs().max().item():.2e}, output std {want.std().item():.3f}, tiled in {seconds:.1f} s "
-              f"with budget 256 MiB ({executor.disk_stores_used} activations on disk); images in {out}/")
+        print(
+            f"tiled vs untiled 1920x1080 norm={norm}: PSNR {psnr:.1f} dB, max |diff| "
+            f"{(got - want).abs().max().item():.2e}, output std {want.std().item():.3f}, tiled in {seconds:.1f} s "
+            f"with budget 256 MiB ({executor.disk_stores_used} activations on disk); images in {out}/"
+        )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -41,8 +41,11 @@ STYLE_LAYERS = {"relu1_2": 1.0, "relu2_2": 1.0, "relu3_3": 1.0, "relu4_3": 1.0}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Command-line options (shared by ``bench.py train`` and standalone use)."""
-    parser.add_argument("--variants", default="plain,best",
-                        help="comma-separated variants (plain, best, cl, compile, cl+compile, bf16+cl, ...) or 'all'")
+    parser.add_argument(
+        "--variants",
+        default="plain,best",
+        help="comma-separated variants (plain, best, cl, compile, cl+compile, bf16+cl, ...) or 'all'",
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=256)
@@ -92,8 +95,12 @@ def _worker(args: argparse.Namespace) -> dict:
     parts = set(args.worker.split("+"))
     if "malloc" in parts:
         reuse_freed_memory()  # before the first large allocation
-    options = TrainOptions(steps=RUN_STEPS, precision=next((p for p in ("bf16", "fp16") if p in parts), "fp32"),
-                           channels_last="cl" in parts, compile="compile" in parts)
+    options = TrainOptions(
+        steps=RUN_STEPS,
+        precision=next((p for p in ("bf16", "fp16") if p in parts), "fp32"),
+        channels_last="cl" in parts,
+        compile="compile" in parts,
+    )
     torch.manual_seed(0)
     net = TransformerNet(base_width=args.base_width)
     loss_fn = PerceptualLoss(args.network, ["relu2_2"], STYLE_LAYERS, 1.0, 1.0, 1.0).to(device)
@@ -145,17 +152,37 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     variants = _expand(args.variants, device)
     print(benchutil.environment_line(device))
-    print(f"# batch {args.batch_size} x {args.image_size}px, base_width {args.base_width}, loss {args.network}, "
-          f"median of {args.steps} steps after {args.warmup} warm-up; each variant in a fresh process")
+    print(
+        f"# batch {args.batch_size} x {args.image_size}px, base_width {args.base_width}, loss {args.network}, "
+        f"median of {args.steps} steps after {args.warmup} warm-up; each variant in a fresh process"
+    )
     peak = benchutil.matmul_peak_gflops(device)
     flops = _step_flops(args, device)
     print(f"# fp32 matmul peak (measured now): {peak:.1f} GFLOP/s; one step = {flops / 1e9:.1f} GFLOP (fp32 count)")
     results = []
     for variant in variants:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--device", args.device,
-               "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
-               "--base-width", str(args.base_width), "--network", args.network, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            variant,
+            "--device",
+            args.device,
+            "--batch-size",
+            str(args.batch_size),
+            "--image-size",
+            str(args.image_size),
+            "--base-width",
+            str(args.base_width),
+            "--network",
+            args.network,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--threads",
+            str(args.threads),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{variant}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -165,15 +192,19 @@ def run(args: argparse.Namespace) -> int:
         return 1
     base = next((r for r in results if r["variant"] == "plain"), results[0])
     mem = "peak alloc MiB" if device.type == "cuda" else "peak RSS MiB"
-    print(f"{'variant':<18}{'s/step':>9}{'images/s':>10}{'GFLOP/s':>9}{'% peak':>8}{mem:>16}{'first step s':>14}"
-          f"{'speed-up':>10}{'amortised':>11}")
+    print(
+        f"{'variant':<18}{'s/step':>9}{'images/s':>10}{'GFLOP/s':>9}{'% peak':>8}{mem:>16}{'first step s':>14}"
+        f"{'speed-up':>10}{'amortised':>11}"
+    )
     for r in results:
         # Amortised: the extra cost of the first (compiling) step spread over a 40k-step run.
         amortised = r["step_s"] + max(r["first_s"] - r["step_s"], 0.0) / RUN_STEPS
         gflops = flops / r["step_s"] / 1e9
-        print(f"{r['variant']:<18}{r['step_s']:>9.3f}{args.batch_size / r['step_s']:>10.2f}{gflops:>9.1f}"
-              f"{100 * gflops / peak:>7.0f}%{r['peak_mb']:>16.0f}{r['first_s']:>14.1f}"
-              f"{base['step_s'] / r['step_s']:>9.2f}x{base['step_s'] / amortised:>10.2f}x")
+        print(
+            f"{r['variant']:<18}{r['step_s']:>9.3f}{args.batch_size / r['step_s']:>10.2f}{gflops:>9.1f}"
+            f"{100 * gflops / peak:>7.0f}%{r['peak_mb']:>16.0f}{r['first_s']:>14.1f}"
+            f"{base['step_s'] / r['step_s']:>9.2f}x{base['step_s'] / amortised:>10.2f}x"
+        )
     return 0
 
 

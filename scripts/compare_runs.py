@@ -242,9 +242,7 @@ def differing_keys(configs: Sequence[dict[str, object]]) -> list[str]:
     return [key for key in keys if len({format_value(c.get(key, _UNSET)) for c in configs}) > 1]
 
 
-def config_labels(
-    configs: Sequence[dict[str, object]], names: Sequence[str], max_keys: int = 3
-) -> list[list[str]]:
+def config_labels(configs: Sequence[dict[str, object]], names: Sequence[str], max_keys: int = 3) -> list[list[str]]:
     """One label per run, as its parts: ``key=value`` for every key that differs between the flattened ``configs``
     (at most ``max_keys``), or the run's name where the configs do not tell the runs apart."""
     keys = differing_keys(configs)
@@ -291,8 +289,10 @@ def shared_style(runs: Sequence[Run]) -> Path:
     """The one style image every run was trained on (the figure has one style column)."""
     styles = {Path(str(_config_value(r, "style"))).resolve() for r in runs}
     if len(styles) != 1:
-        raise FaststyleError(f"the runs were trained on different styles ({', '.join(map(str, sorted(styles)))}): "
-                             "compare runs of one style")
+        raise FaststyleError(
+            f"the runs were trained on different styles ({', '.join(map(str, sorted(styles)))}): "
+            "compare runs of one style"
+        )
     return styles.pop()
 
 
@@ -369,7 +369,10 @@ def load_content(path: Path, max_side_px: int) -> Tensor:
 
 
 def held_out_images(
-    content: Sequence[str | os.PathLike], runs: Sequence[Run], max_images: int, max_side_px: int,
+    content: Sequence[str | os.PathLike],
+    runs: Sequence[Run],
+    max_images: int,
+    max_side_px: int,
     device: torch.device,
 ) -> tuple[list[Path], list[Tensor]]:
     """The first ``max_images`` held-out files, checked against every run's training data, and their tensors
@@ -504,8 +507,10 @@ def columns_for(runs: Sequence[Run]) -> list[Column]:
     columns = []
     for run in runs:
         if run.has_batch_norm:
-            columns += [Column(run, BN_EVAL, eval_stylizer(run.model)),
-                        Column(run, BN_PER_IMAGE, per_image_bn_stylizer(run.model))]
+            columns += [
+                Column(run, BN_EVAL, eval_stylizer(run.model)),
+                Column(run, BN_PER_IMAGE, per_image_bn_stylizer(run.model)),
+            ]
         else:
             columns.append(Column(run, "", eval_stylizer(run.model)))
     return columns
@@ -529,7 +534,9 @@ class Row:
 
 
 def evaluate(
-    columns: Sequence[Column], images: Sequence[Tensor], variants: Sequence[tuple[float, float]],
+    columns: Sequence[Column],
+    images: Sequence[Tensor],
+    variants: Sequence[tuple[float, float]],
     device: torch.device,
 ) -> list[Row]:
     """Held-out losses and contrast invariance of every column; one loss network per run (its own loss config)."""
@@ -574,12 +581,33 @@ def table_csv(rows: Sequence[Row], variants: Sequence[tuple[float, float]]) -> s
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     variant_cols = [f"mad_a{a:g}_b{b:+g}" for a, b in variants]
-    writer.writerow(["model", "label", "mode", "run", "content_loss", "style_loss", "tv_loss", "total_loss",
-                     "invariance_mad", *variant_cols])
+    writer.writerow(
+        [
+            "model",
+            "label",
+            "mode",
+            "run",
+            "content_loss",
+            "style_loss",
+            "tv_loss",
+            "total_loss",
+            "invariance_mad",
+            *variant_cols,
+        ]
+    )
     for row in rows:
         losses = [f"{row.losses[k]:.6g}" for k in ("content", "style", "tv", "total")]
-        writer.writerow([row.model, row.label, row.mode, row.run, *losses, f"{row.invariance:.6g}",
-                         *(f"{v:.6g}" for v in row.per_variant)])
+        writer.writerow(
+            [
+                row.model,
+                row.label,
+                row.mode,
+                row.run,
+                *losses,
+                f"{row.invariance:.6g}",
+                *(f"{v:.6g}" for v in row.per_variant),
+            ]
+        )
     return buffer.getvalue()
 
 
@@ -657,8 +685,15 @@ def make_figure(
         axes = [_show_tile(figure, rect(row, col), _fit(tile, cell_px)) for col, tile in enumerate(tiles)]
         caption = captions[row] if captions else None
         if caption:
-            axes[0].text(0.03, 0.03, caption, transform=axes[0].transAxes, fontsize=9, va="bottom",
-                         bbox={"facecolor": "white", "edgecolor": "none", "pad": 2})
+            axes[0].text(
+                0.03,
+                0.03,
+                caption,
+                transform=axes[0].transAxes,
+                fontsize=9,
+                va="bottom",
+                bbox={"facecolor": "white", "edgecolor": "none", "pad": 2},
+            )
     return figure
 
 
@@ -786,7 +821,7 @@ def make_curves(runs: Sequence[tuple[str, dict[str, Series]]], max_panels: int =
     axes = figure.subplots(n_rows, n_cols, squeeze=False).ravel()
     for ax, tag in zip(axes, tags, strict=False):
         plot_panel(ax, tag, [(label, series[tag]) for label, series in runs])
-    for ax in axes[len(tags):]:
+    for ax in axes[len(tags) :]:
         ax.set_visible(False)
     return figure
 
@@ -847,8 +882,13 @@ def compare(
     rows = evaluate(columns, images, variants, torch_device)
     figure_rows, captions = _figure_rows(images, figure_variants)
     width = _title_width(cell_px)
-    figure = make_figure(figure_rows, load_image(style_file), [(c.title(width), c.stylize) for c in columns],
-                         cell_px=cell_px, captions=captions)
+    figure = make_figure(
+        figure_rows,
+        load_image(style_file),
+        [(c.title(width), c.stylize) for c in columns],
+        cell_px=cell_px,
+        captions=captions,
+    )
     curves = make_curves([(r.label, read_scalars(r.path / "tb")) for r in runs], max_panels=max_panels)
 
     paths = output_paths(out, figure_format)
@@ -868,26 +908,48 @@ def _parse_variant(text: str) -> tuple[float, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m scripts.compare_runs", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.compare_runs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("runs", nargs="+", help="a multirun dir (searched recursively) or run dirs")
-    parser.add_argument("--content", nargs="+", default=[str(DEFAULT_HELD_OUT)],
-                        help="held-out content images or folders (default: %(default)s)")
+    parser.add_argument(
+        "--content",
+        nargs="+",
+        default=[str(DEFAULT_HELD_OUT)],
+        help="held-out content images or folders (default: %(default)s)",
+    )
     parser.add_argument("--out", default=None, help="output dir (default: the one dir given, else the runs' parent)")
     parser.add_argument("--size", type=int, default=256, help="longest side of the held-out images, px (%(default)s)")
     parser.add_argument("--max-images", type=int, default=4, help="use at most this many held-out images")
     parser.add_argument("--cell-px", type=int, default=192, help="figure cell size, px (default: %(default)s)")
-    parser.add_argument("--figure-format", choices=("png", "jpg"), default="png",
-                        help="format of the image grid (default: %(default)s; the curves are always PNG)")
-    parser.add_argument("--max-panels", type=int, default=4,
-                        help="at most this many loss curves panels (default: %(default)s)")
+    parser.add_argument(
+        "--figure-format",
+        choices=("png", "jpg"),
+        default="png",
+        help="format of the image grid (default: %(default)s; the curves are always PNG)",
+    )
+    parser.add_argument(
+        "--max-panels", type=int, default=4, help="at most this many loss curves panels (default: %(default)s)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: %(default)s)")
-    parser.add_argument("--figure-variant", type=_parse_variant, action="append", dest="figure_variants",
-                        metavar="A,B", help="extra figure row: the first held-out image as clip(a*x+b) (repeatable; "
-                        "default: 0.5,0.25)")
-    parser.add_argument("--variant", type=_parse_variant, action="append", dest="variants", metavar="A,B",
-                        help="a contrast/brightness variant a*x+b (repeatable; default: "
-                             + " ".join(f"{a:g},{b:g}" for a, b in DEFAULT_VARIANTS) + ")")
+    parser.add_argument(
+        "--figure-variant",
+        type=_parse_variant,
+        action="append",
+        dest="figure_variants",
+        metavar="A,B",
+        help="extra figure row: the first held-out image as clip(a*x+b) (repeatable; default: 0.5,0.25)",
+    )
+    parser.add_argument(
+        "--variant",
+        type=_parse_variant,
+        action="append",
+        dest="variants",
+        metavar="A,B",
+        help="a contrast/brightness variant a*x+b (repeatable; default: "
+        + " ".join(f"{a:g},{b:g}" for a, b in DEFAULT_VARIANTS)
+        + ")",
+    )
     return parser
 
 
@@ -895,13 +957,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.size < 16 or args.max_images < 1 or args.cell_px < 32 or args.max_panels < 1:
-        exit_with_error(FaststyleError("--size must be >= 16, --max-images >= 1, --cell-px >= 32 and "
-                                       "--max-panels >= 1"))
+        exit_with_error(
+            FaststyleError("--size must be >= 16, --max-images >= 1, --cell-px >= 32 and --max-panels >= 1")
+        )
     try:
-        paths = compare(args.runs, args.content, args.out, args.size, args.max_images, args.device,
-                        tuple(args.variants) if args.variants else DEFAULT_VARIANTS,
-                        tuple(args.figure_variants) if args.figure_variants else DEFAULT_FIGURE_VARIANTS,
-                        args.cell_px, args.figure_format, args.max_panels)
+        paths = compare(
+            args.runs,
+            args.content,
+            args.out,
+            args.size,
+            args.max_images,
+            args.device,
+            tuple(args.variants) if args.variants else DEFAULT_VARIANTS,
+            tuple(args.figure_variants) if args.figure_variants else DEFAULT_FIGURE_VARIANTS,
+            args.cell_px,
+            args.figure_format,
+            args.max_panels,
+        )
     except FaststyleError as err:
         exit_with_error(err)
     print(paths["table_md"].read_text(encoding="utf-8"))

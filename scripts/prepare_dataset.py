@@ -98,9 +98,7 @@ def prepare(
     if force:  # other settings: every output must be rewritten
         for file in files:
             (dst_path / output_name(file.relative_to(src_path))).unlink(missing_ok=True)
-    jobs = [
-        (str(file), str(dst_path / output_name(file.relative_to(src_path))), short_side, quality) for file in files
-    ]
+    jobs = [(str(file), str(dst_path / output_name(file.relative_to(src_path))), short_side, quality) for file in files]
     counts = {"written": 0, "current": 0, "skipped": 0, "total": len(jobs)}
     workers = workers or os.cpu_count() or 1
     results = map(_prepare_one, jobs)

@@ -34,14 +34,39 @@ STYLES = REPO / "data" / "samples" / "styles"
 
 pytestmark = pytest.mark.slow
 
-ODD_NAMES = ["spaced name.jpg", "ünïcödé.jpg", "a=b.jpg", "photo (1).jpg", "-dash.jpg", "semi;colon.jpg",
-             "quote'.jpg", "comma,name.jpg"]
+ODD_NAMES = [
+    "spaced name.jpg",
+    "ünïcödé.jpg",
+    "a=b.jpg",
+    "photo (1).jpg",
+    "-dash.jpg",
+    "semi;colon.jpg",
+    "quote'.jpg",
+    "comma,name.jpg",
+]
 # Images a stylize run must write (all of them in folder mode; the hostile ones also one by one).
-GOOD_IMAGES = ["good.jpg", "cmyk.jpg", "deep16.png", "palette_alpha.png", "one.png", "thin.png", "wide.png",
-               "anim.gif", "scan.tif", "photo.avif", "old.bmp", "web.webp", "gray.png"]
+GOOD_IMAGES = [
+    "good.jpg",
+    "cmyk.jpg",
+    "deep16.png",
+    "palette_alpha.png",
+    "one.png",
+    "thin.png",
+    "wide.png",
+    "anim.gif",
+    "scan.tif",
+    "photo.avif",
+    "old.bmp",
+    "web.webp",
+    "gray.png",
+]
 SINGLE_IMAGES = ["cmyk.jpg", "deep16.png", "one.png", "thin.png", "wide.png", "anim.gif", "scan.tif", "photo.avif"]
-BAD_IMAGES = {"corrupt.jpg": "cannot identify", "truncated.jpg": "truncated", "empty.png": "cannot identify",
-              "phone.heic": "pillow-heif"}
+BAD_IMAGES = {
+    "corrupt.jpg": "cannot identify",
+    "truncated.jpg": "truncated",
+    "empty.png": "cannot identify",
+    "phone.heic": "pillow-heif",
+}
 
 
 def _photo(width: int = 64, height: int = 48) -> Image.Image:
@@ -93,8 +118,12 @@ def _bomb_png(path: Path, side: int = 12000) -> None:
     row = b"\x00" + bytes(side)  # filter byte + one grey byte per pixel
     compressor = zlib.compressobj(9)
     data = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
-                     + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", data)
+        + chunk(b"IEND", b"")
+    )
 
 
 @dataclass
@@ -144,8 +173,16 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     data.mkdir()
     for name in ("chelsea.jpg", "coffee.jpg"):
         (data / name).write_bytes((PHOTOS / name).read_bytes())
-    for name in ("corrupt.jpg", "truncated.jpg", "empty.png", "cmyk.jpg", "deep16.png", "palette_alpha.png",
-                 "one.png", "thin.png"):
+    for name in (
+        "corrupt.jpg",
+        "truncated.jpg",
+        "empty.png",
+        "cmyk.jpg",
+        "deep16.png",
+        "palette_alpha.png",
+        "one.png",
+        "thin.png",
+    ):
         (data / name).write_bytes((root / "images" / name).read_bytes())
     _bomb_png(data / "bomb.png")
     (data / "folder.jpg").mkdir()
@@ -164,8 +201,9 @@ def _slug(case: str) -> str:
     return "".join(c if c.isascii() and c.isalnum() else "_" for c in case)
 
 
-def _run(program: str, args: list[str], cwd: Path, env: dict | None = None, driver: str | None = None,
-         timeout: float = 300) -> subprocess.CompletedProcess:
+def _run(
+    program: str, args: list[str], cwd: Path, env: dict | None = None, driver: str | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     command = [sys.executable, "-c", driver, *args] if driver else [sys.executable, str(REPO / program), *args]
     environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=environment)
@@ -188,33 +226,71 @@ def _verdict(proc: subprocess.CompletedProcess, corpus: Corpus, code: int, probl
 # (id, arguments with {images} {model} {models} {out} {root} placeholders, exit status, problem lines, text)
 STYLIZE_CASES = [
     ("folder of everything", ["model={model}", "input={images}", "output={out}"], 1, len(BAD_IMAGES), None),
-    ("recursive folder with a link loop", ["model={model}", "input={images}", "output={out}", "recursive=true"], 1,
-     len(BAD_IMAGES), None),
+    (
+        "recursive folder with a link loop",
+        ["model={model}", "input={images}", "output={out}", "recursive=true"],
+        1,
+        len(BAD_IMAGES),
+        None,
+    ),
     ("glob", ["model={model}", "input={images}/*.*", "output={out}"], 1, len(BAD_IMAGES), None),
-    *[(f"single {name}", ["model={model}", f"input={{images}}/{name}", "output={out}"], 0, 0, None)
-      for name in SINGLE_IMAGES],
-    *[(f"single {name}", ["model={model}", f"input={{images}}/{name}", "output={out}"], 1, 1, text)
-      for name, text in BAD_IMAGES.items()],
+    *[
+        (f"single {name}", ["model={model}", f"input={{images}}/{name}", "output={out}"], 0, 0, None)
+        for name in SINGLE_IMAGES
+    ],
+    *[
+        (f"single {name}", ["model={model}", f"input={{images}}/{name}", "output={out}"], 1, 1, text)
+        for name, text in BAD_IMAGES.items()
+    ],
     ("a folder named x.jpg", ["model={model}", "input={images}/folder.jpg", "output={out}"], 2, 1, "no image files"),
     ("broken link as input", ["model={model}", "input={images}/broken.jpg", "output={out}"], 2, 1, "broken"),
     ("link loop as input", ["model={model}", "input={images}/loop.jpg", "output={out}"], 2, 1, "broken"),
-    ("suffix is a path", ["model={model}", "input={images}/good.jpg", "output={out}", "suffix=../../images/good"],
-     2, 1, "plain name"),
-    ("output is the input through a link", ["model={model}", "input={images}/good.jpg",
-                                            "output={root}/link/good.jpg", "overwrite=true"], 2, 1, "is an input"),
-    ("output folder is the input folder through a link", ["model={model}", "input={images}", "output={root}/link/"],
-     2, 1, "among the input images"),
-    ("output is the input", ["model={model}", "input={images}/good.jpg", "output={images}/good.jpg",
-                             "overwrite=true"], 2, 1, "is an input"),
+    (
+        "suffix is a path",
+        ["model={model}", "input={images}/good.jpg", "output={out}", "suffix=../../images/good"],
+        2,
+        1,
+        "plain name",
+    ),
+    (
+        "output is the input through a link",
+        ["model={model}", "input={images}/good.jpg", "output={root}/link/good.jpg", "overwrite=true"],
+        2,
+        1,
+        "is an input",
+    ),
+    (
+        "output folder is the input folder through a link",
+        ["model={model}", "input={images}", "output={root}/link/"],
+        2,
+        1,
+        "among the input images",
+    ),
+    (
+        "output is the input",
+        ["model={model}", "input={images}/good.jpg", "output={images}/good.jpg", "overwrite=true"],
+        2,
+        1,
+        "is an input",
+    ),
     ("output .tif is a file", ["model={model}", "input={images}/good.jpg", "output={out}/o.tif"], 0, 0, None),
-    ("output .gif is refused", ["model={model}", "input={images}/good.jpg", "output={out}/o.gif"], 2, 1,
-     "cannot write o.gif"),
-    ("bomb png, reduced", ["model={model}", "input={root}/data/bomb.png", "output={out}", "max_side_px=256"], 0, 0,
-     None),
+    (
+        "output .gif is refused",
+        ["model={model}", "input={images}/good.jpg", "output={out}/o.gif"],
+        2,
+        1,
+        "cannot write o.gif",
+    ),
+    (
+        "bomb png, reduced",
+        ["model={model}", "input={root}/data/bomb.png", "output={out}", "max_side_px=256"],
+        0,
+        0,
+        None,
+    ),
     ("strength=abc", ["model={model}", "input={images}/good.jpg", "strength=abc"], 2, 1, "must be a number"),
     ("max_side_px=abc", ["model={model}", "input={images}/good.jpg", "max_side_px=abc"], 2, 1, "integer"),
-    ("channels_last=banana", ["model={model}", "input={images}/good.jpg", "channels_last=banana"], 2, 1,
-     "not one of"),
+    ("channels_last=banana", ["model={model}", "input={images}/good.jpg", "channels_last=banana"], 2, 1, "not one of"),
     ("unknown option", ["model={model}", "input={images}/good.jpg", "+foo=1"], 2, 1, "unknown option foo"),
     ("unknown option without +", ["model={model}", "input={images}/good.jpg", "foo=1"], 2, 1, "unknown option"),
     ("text file as model", ["model={models}/notes.txt", "input={images}/good.jpg"], 2, 1, "a text file"),
@@ -228,18 +304,35 @@ STYLIZE_CASES = [
     ("unquoted '=' in a name", ["model={model}", "input={root}/odd/a=b.jpg"], 2, 1, "quote the value"),
     ("unquoted non-ASCII name", ["model={model}", "input={root}/odd/ünïcödé.jpg"], 2, 1, "quote the value"),
     ("unquoted comma in a name", ["model={model}", "input={root}/odd/comma,name.jpg"], 2, 1, "quote it"),
-    *[(f"quoted odd name {name}", [
-        "model={model}", f'input="{{root}}/odd/{name}"' if '"' not in name else f"input='{{root}}/odd/{name}'",
-        "output={out}"], 0, 0, None) for name in ODD_NAMES],
+    *[
+        (
+            f"quoted odd name {name}",
+            [
+                "model={model}",
+                f'input="{{root}}/odd/{name}"' if '"' not in name else f"input='{{root}}/odd/{name}'",
+                "output={out}",
+            ],
+            0,
+            0,
+            None,
+        )
+        for name in ODD_NAMES
+    ],
 ]
 
 
-@pytest.mark.parametrize(("case", "args", "code", "problems", "expect"), STYLIZE_CASES,
-                         ids=[case[0] for case in STYLIZE_CASES])
+@pytest.mark.parametrize(
+    ("case", "args", "code", "problems", "expect"), STYLIZE_CASES, ids=[case[0] for case in STYLIZE_CASES]
+)
 def test_stylize(corpus: Corpus, case: str, args: list[str], code: int, problems: int, expect: str | None) -> None:
     out = corpus.root / "out" / _slug(case)
-    values = {"images": corpus.images, "model": corpus.model, "models": corpus.model.parent, "out": out,
-              "root": corpus.root}
+    values = {
+        "images": corpus.images,
+        "model": corpus.model,
+        "models": corpus.model.parent,
+        "out": out,
+        "root": corpus.root,
+    }
     proc = _run("stylize.py", [arg.format(**values) for arg in args], cwd=corpus.root)
     _verdict(proc, corpus, code, problems, expect)
     if code == 0:
@@ -260,9 +353,20 @@ def test_stylize_folder_lists_what_it_passed_over(corpus: Corpus) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # train.py
 # ---------------------------------------------------------------------------------------------------------------
-SMALL = ["loss.network=random", "model.base_width=4", "model.residual_blocks=1", "data.image_size=32",
-         "data.num_workers=0", "data.val_images=1", "style_size=32", "train.batch_size=2", "train.steps=2",
-         "train.log_interval_steps=1", "train.image_interval_steps=2", "train.checkpoint_interval_steps=1"]
+SMALL = [
+    "loss.network=random",
+    "model.base_width=4",
+    "model.residual_blocks=1",
+    "data.image_size=32",
+    "data.num_workers=0",
+    "data.val_images=1",
+    "style_size=32",
+    "train.batch_size=2",
+    "train.steps=2",
+    "train.log_interval_steps=1",
+    "train.image_interval_steps=2",
+    "train.checkpoint_interval_steps=1",
+]
 
 TRAIN_CASES = [
     ("hostile data folder trains", [], 0, 0, None),
@@ -295,12 +399,18 @@ TRAIN_CASES = [
 def _train_args(corpus: Corpus, case: str, extra: list[str]) -> list[str]:
     values = {"root": corpus.root}
     run_dir = corpus.runs / _slug(case)
-    return [f"style={STYLES / 'van_gogh_village_street_auvers.jpg'}", f"data.root={corpus.data}", *SMALL,
-            f"hydra.run.dir={run_dir}", *[arg.format(**values) for arg in extra]]
+    return [
+        f"style={STYLES / 'van_gogh_village_street_auvers.jpg'}",
+        f"data.root={corpus.data}",
+        *SMALL,
+        f"hydra.run.dir={run_dir}",
+        *[arg.format(**values) for arg in extra],
+    ]
 
 
-@pytest.mark.parametrize(("case", "args", "code", "problems", "expect"), TRAIN_CASES,
-                         ids=[case[0] for case in TRAIN_CASES])
+@pytest.mark.parametrize(
+    ("case", "args", "code", "problems", "expect"), TRAIN_CASES, ids=[case[0] for case in TRAIN_CASES]
+)
 def test_train(corpus: Corpus, case: str, args: list[str], code: int, problems: int, expect: str | None) -> None:
     proc = _run("train.py", _train_args(corpus, case, args), cwd=corpus.root)
     _verdict(proc, corpus, code, problems, expect)
@@ -329,8 +439,9 @@ def test_a_finished_run_dir_is_never_reused_unless_resumed(corpus: Corpus) -> No
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = run_dir / "checkpoints" / f".last.pt.{int(dead.stdout)}.abcd1234.tmp"
     stale.write_bytes(b"half a checkpoint")
-    resumed = _run("train.py", _train_args(corpus, "finished", ["train.steps=3", f"train.resume={run_dir}"]),
-                   cwd=corpus.root)
+    resumed = _run(
+        "train.py", _train_args(corpus, "finished", ["train.steps=3", f"train.resume={run_dir}"]), cwd=corpus.root
+    )
     _verdict(resumed, corpus, 0, 0, None)
     assert not stale.exists()
     assert load_checkpoint(run_dir)["step"] == 3
@@ -345,8 +456,17 @@ def test_two_runs_started_together_get_two_run_dirs(corpus: Corpus) -> None:
     workdir.mkdir()
     base = [f"style={STYLES / 'hokusai_great_wave.jpg'}", f"data.root={corpus.data}", *SMALL]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, str(REPO / "train.py"), *base, f"seed={seed}"], cwd=workdir, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "train.py"), *base, f"seed={seed}"],
+            cwd=workdir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in (1, 2)
+    ]
     outputs = [proc.communicate(timeout=300) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], outputs
     models = sorted(workdir.glob("outputs/train/*/*/model.pth"))

@@ -90,8 +90,11 @@ def test_load_model_rejects_mismatched_weights(tmp_path: Path) -> None:
     obj["model_config"]["base_width"] = 16
     torch.save(obj, path)
     # The message names a key and both shapes (the stored weights were written at base_width 8).
-    with pytest.raises(FaststyleError, match=r"does not fit its model config: encoder\.0\.conv\.weight is "
-                                             r"\(8, 3, 9, 9\), expected \(16, 3, 9, 9\)"):
+    with pytest.raises(
+        FaststyleError,
+        match=r"does not fit its model config: encoder\.0\.conv\.weight is "
+        r"\(8, 3, 9, 9\), expected \(16, 3, 9, 9\)",
+    ):
         load_model(path)
 
 
@@ -126,9 +129,15 @@ def test_damaged_model_files_are_one_line_errors(tmp_path: Path, change: str) ->
         load_model(path)
 
 
-@pytest.mark.parametrize(("content", "kind"), [(b"hello world\n", "a text file"), (b"", "an empty file"),
-                                               (b"\xff\xd8\xff\xe0 JFIF", "a JPEG image"),
-                                               (bytes(range(7, 256)), "not a file written by torch.save")])
+@pytest.mark.parametrize(
+    ("content", "kind"),
+    [
+        (b"hello world\n", "a text file"),
+        (b"", "an empty file"),
+        (b"\xff\xd8\xff\xe0 JFIF", "a JPEG image"),
+        (bytes(range(7, 256)), "not a file written by torch.save"),
+    ],
+)
 def test_files_that_are_not_model_files_say_what_they_are(tmp_path: Path, content: bytes, kind: str) -> None:
     path = tmp_path / "model.pth"
     path.write_bytes(content)
@@ -141,8 +150,13 @@ def test_checkpoint_round_trip_and_resume_lookup(tmp_path: Path) -> None:
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     net(torch.rand(1, 3, 16, 16)).mean().backward()
     optimizer.step()
-    state = {"step": 7, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-             "config": {"train": {"lr": 1e-3, "betas": [0.9, 0.999]}}, "rng": capture_rng_state()}
+    state = {
+        "step": 7,
+        "model": net.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "config": {"train": {"lr": 1e-3, "betas": [0.9, 0.999]}},
+        "rng": capture_rng_state(),
+    }
     run_dir = tmp_path / "run"
     save_checkpoint(run_dir / "checkpoints" / "last.pt", state)
     assert find_checkpoint(run_dir) == run_dir / "checkpoints" / "last.pt"

@@ -151,8 +151,13 @@ def test_find_run_dirs_in_sweep_order_and_errors(tmp_path: Path) -> None:
 
 
 def _flat(**groups: dict) -> dict[str, object]:
-    base = {"style": "s.jpg", "seed": 0, "model": {"norm": "instance", "base_width": 16},
-            "loss": {"style_weight": 0.5, "style_layers": {"relu1_2": 1.0}}, "train": {"betas": [0.9, 0.999]}}
+    base = {
+        "style": "s.jpg",
+        "seed": 0,
+        "model": {"norm": "instance", "base_width": 16},
+        "loss": {"style_weight": 0.5, "style_layers": {"relu1_2": 1.0}},
+        "train": {"betas": [0.9, 0.999]},
+    }
     for group, values in groups.items():
         base[group] = {**base.get(group, {}), **values} if isinstance(values, dict) else values
     return cr.flatten(base)
@@ -161,18 +166,29 @@ def _flat(**groups: dict) -> dict[str, object]:
 def test_labels_come_from_what_differs_between_the_configs() -> None:
     names = ["0-a", "1-b"]
     assert cr.config_labels([_flat(model={"norm": "instance"}), _flat(model={"norm": "batch"})], names) == [
-        ["model.norm=instance"], ["model.norm=batch"]]
+        ["model.norm=instance"],
+        ["model.norm=batch"],
+    ]
     assert cr.config_labels([_flat(loss={"style_weight": 0.5}), _flat(loss={"style_weight": 2.0})], names) == [
-        ["loss.style_weight=0.5"], ["loss.style_weight=2.0"]]
+        ["loss.style_weight=0.5"],
+        ["loss.style_weight=2.0"],
+    ]
     # Several keys, in config order; nested keys and lists in Hydra's override syntax.
-    two = cr.config_labels([_flat(seed=0, loss={"style_layers": {"relu1_2": 1.0}}, train={"betas": [0.9, 0.999]}),
-                            _flat(seed=1, loss={"style_layers": {"relu1_2": 2.0}}, train={"betas": [0.5, 0.9]})],
-                           names)
-    assert two == [["seed=0", "loss.style_layers.relu1_2=1.0", "train.betas=[0.9, 0.999]"],
-                   ["seed=1", "loss.style_layers.relu1_2=2.0", "train.betas=[0.5, 0.9]"]]
+    two = cr.config_labels(
+        [
+            _flat(seed=0, loss={"style_layers": {"relu1_2": 1.0}}, train={"betas": [0.9, 0.999]}),
+            _flat(seed=1, loss={"style_layers": {"relu1_2": 2.0}}, train={"betas": [0.5, 0.9]}),
+        ],
+        names,
+    )
+    assert two == [
+        ["seed=0", "loss.style_layers.relu1_2=1.0", "train.betas=[0.9, 0.999]"],
+        ["seed=1", "loss.style_layers.relu1_2=2.0", "train.betas=[0.5, 0.9]"],
+    ]
     # More keys than shown: counted; a key only one config has is <unset> in the other.
-    many = cr.config_labels([_flat(seed=0, model={"base_width": 8, "norm": "batch"}, extra=1), _flat(seed=1)],
-                            names, max_keys=2)
+    many = cr.config_labels(
+        [_flat(seed=0, model={"base_width": 8, "norm": "batch"}, extra=1), _flat(seed=1)], names, max_keys=2
+    )
     assert many == [["seed=0", "model.norm=batch", "+2 more"], ["seed=1", "model.norm=instance", "+2 more"]]
     assert cr.config_labels([_flat(extra=None), _flat()], names) == [["extra=null"], ["extra=<unset>"]]
     # Identical configs: the runs' names.
@@ -404,8 +420,12 @@ def test_end_to_end_on_two_tiny_real_runs(tmp_path: Path, monkeypatch: pytest.Mo
 
     paths = cr.compare([multirun], [HELD_OUT], max_side_px=48, max_images=2)
     assert {p.parent for p in paths.values()} == {multirun}
-    assert {p.name for p in paths.values()} == {"compare_figure.png", "compare_table.md", "compare_table.csv",
-                                               "compare_curves.png"}
+    assert {p.name for p in paths.values()} == {
+        "compare_figure.png",
+        "compare_table.md",
+        "compare_table.csv",
+        "compare_curves.png",
+    }
 
     figure = _decode(paths["figure"])
     # 3 rows (2 photos + the half-contrast variant) x 5 columns (content, style, IN, BN eval, BN per-image).
@@ -414,8 +434,11 @@ def test_end_to_end_on_two_tiny_real_runs(tmp_path: Path, monkeypatch: pytest.Mo
 
     with open(paths["table_csv"], newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert [r["model"] for r in rows] == ["model.norm=instance", "model.norm=batch, BN eval (running stats)",
-                                          "model.norm=batch, BN per-image stats"]
+    assert [r["model"] for r in rows] == [
+        "model.norm=instance",
+        "model.norm=batch, BN eval (running stats)",
+        "model.norm=batch, BN per-image stats",
+    ]
     assert [r["run"] for r in rows] == ["0-instance", "1-batch", "1-batch"]
     for row in rows:
         assert float(row["total_loss"]) > 0 and float(row["invariance_mad"]) >= 0

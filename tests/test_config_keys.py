@@ -14,19 +14,63 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 TRAIN_KEYS = {
-    "seed", "style", "style_size", "device",
-    "data.root", "data.image_size", "data.num_workers", "data.val_images",
-    "model.norm", "model.base_width", "model.residual_blocks", "model.upsample", "model.output",
-    "loss.network", "loss.weights_path", "loss.content_layers", "loss.style_layers", "loss.content_weight",
-    "loss.style_weight", "loss.tv_weight",
-    "train.steps", "train.batch_size", "train.lr", "train.betas", "train.lr_schedule", "train.lr_warmup_steps",
-    "train.log_interval_steps", "train.image_interval_steps", "train.checkpoint_interval_steps", "train.resume",
-    "train.precision", "train.channels_last", "train.compile", "train.malloc_reuse",
+    "seed",
+    "style",
+    "style_size",
+    "device",
+    "data.root",
+    "data.image_size",
+    "data.num_workers",
+    "data.val_images",
+    "model.norm",
+    "model.base_width",
+    "model.residual_blocks",
+    "model.upsample",
+    "model.output",
+    "loss.network",
+    "loss.weights_path",
+    "loss.content_layers",
+    "loss.style_layers",
+    "loss.content_weight",
+    "loss.style_weight",
+    "loss.tv_weight",
+    "train.steps",
+    "train.batch_size",
+    "train.lr",
+    "train.betas",
+    "train.lr_schedule",
+    "train.lr_warmup_steps",
+    "train.log_interval_steps",
+    "train.image_interval_steps",
+    "train.checkpoint_interval_steps",
+    "train.resume",
+    "train.precision",
+    "train.channels_last",
+    "train.compile",
+    "train.malloc_reuse",
 }
 STYLIZE_KEYS = {
-    "model", "input", "output", "recursive", "suffix", "format", "overwrite", "jpeg_quality", "device", "precision",
-    "onnx_pixel_range", "channels_last", "batch_size", "max_memory_mb", "tmp_dir", "malloc_reuse", "io_threads",
-    "max_side_px", "scale", "preserve_color", "strength",
+    "model",
+    "input",
+    "output",
+    "recursive",
+    "suffix",
+    "format",
+    "overwrite",
+    "jpeg_quality",
+    "device",
+    "precision",
+    "onnx_pixel_range",
+    "channels_last",
+    "batch_size",
+    "max_memory_mb",
+    "tmp_dir",
+    "malloc_reuse",
+    "io_threads",
+    "max_side_px",
+    "scale",
+    "preserve_color",
+    "strength",
 }
 VALUE_MAPPINGS = {"loss.style_layers"}
 """Keys whose value is a mapping of data (layer name -> weight), not further options."""
@@ -44,8 +88,9 @@ def _keys(node: dict, prefix: str = "") -> set[str]:
 
 
 def _job_config(script: str) -> dict:
-    result = subprocess.run([sys.executable, script, "--cfg", "job"], cwd=REPO, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, script, "--cfg", "job"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
 

@@ -92,13 +92,15 @@ def test_schema_refuses_with_one_line() -> None:
         a: int = field(metadata={"min": 1})
         b: str
 
-    cases = [({"a": 1, "b": "x", "extra": 2}, "unknown option extra: the top-level options are a, b"),
-             ({"a": "abc", "b": "x"}, "a=abc must be an integer"),
-             ({"a": True, "b": "x"}, "a=true must be an integer"),
-             ({"a": 1.5, "b": "x"}, "a=1.5 must be an integer"),
-             ({"a": 0, "b": "x"}, "a=0 is too small: the minimum is 1"),
-             ({"a": 1, "b": None}, "b=null is not allowed"),
-             ({"a": 1}, "option b is missing")]
+    cases = [
+        ({"a": 1, "b": "x", "extra": 2}, "unknown option extra: the top-level options are a, b"),
+        ({"a": "abc", "b": "x"}, "a=abc must be an integer"),
+        ({"a": True, "b": "x"}, "a=true must be an integer"),
+        ({"a": 1.5, "b": "x"}, "a=1.5 must be an integer"),
+        ({"a": 0, "b": "x"}, "a=0 is too small: the minimum is 1"),
+        ({"a": 1, "b": None}, "b=null is not allowed"),
+        ({"a": 1}, "option b is missing"),
+    ]
     for node, message in cases:
         with pytest.raises(FaststyleError) as info:
             check_against_schema(node, Schema)
@@ -116,11 +118,13 @@ def test_hydra_errors_become_one_line() -> None:
     with pytest.raises(ConfigCompositionException) as info:
         compose_train(["train.stepz=3"])
     assert hydra_error_line(info.value) == (
-        "unknown option train.stepz: check its spelling (--cfg job prints every option)")
+        "unknown option train.stepz: check its spelling (--cfg job prints every option)"
+    )
     with pytest.raises(ConfigCompositionException) as info:
         compose_train(["model=nope"])
     assert hydra_error_line(info.value) == (
-        "In 'train': Could not find 'model/nope'; Available options in 'model': johnson")
+        "In 'train': Could not find 'model/nope'; Available options in 'model': johnson"
+    )
 
 
 @pytest.mark.parametrize("value", ["a=b.jpg", "Zoë (2).jpg", "it's.jpg", 'say "hi".jpg', "x,y.png"])

@@ -109,8 +109,11 @@ def _train(rank: int, world_size: int, batch_size: int, data_root: str, out_path
     torch.set_num_threads(1)
     if world_size > 1:
         os.environ.update(
-            RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
         )
     ctx = D.init_distributed("cpu")
     try:
@@ -190,10 +193,19 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path: Path, no_torchrun_
     # instance norm subtracts again (the bias of every conv but the last, and norm2's bias, which the residual
     # stream carries into the next conv + norm) has a true gradient of 0, so Adam moves it by noise / eps.
     net = TransformerNet(base_width=8, residual_blocks=2)
-    inert = [name.endswith("conv.bias") and not name.startswith(f"decoder.{len(net.decoder) - 1}.")
-             or name.endswith("norm2.bias") for name, _ in net.named_parameters()]
+    inert = [
+        name.endswith("conv.bias")
+        and not name.startswith(f"decoder.{len(net.decoder) - 1}.")
+        or name.endswith("norm2.bias")
+        for name, _ in net.named_parameters()
+    ]
     sizes = [p.numel() for p in net.parameters()]
-    for name, flag, pa, pb in zip([n for n, _ in net.named_parameters()], inert, a["params"][0].split(sizes),
-                                  b["params"][0].split(sizes), strict=True):
+    for name, flag, pa, pb in zip(
+        [n for n, _ in net.named_parameters()],
+        inert,
+        a["params"][0].split(sizes),
+        b["params"][0].split(sizes),
+        strict=True,
+    ):
         if not flag:
             torch.testing.assert_close(pb, pa, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")

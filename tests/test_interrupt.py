@@ -78,12 +78,20 @@ class TrainProcess:
 
     def __init__(self, argv: list[str]) -> None:
         # A process group of its own, like a job in a terminal: signal_group reaches its DataLoader workers too.
-        self.proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, *argv],
+            cwd=REPO,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         self._err = bytearray()
         self._out = bytearray()
-        self._readers = [threading.Thread(target=self._drain, args=(self.proc.stderr, self._err), daemon=True),
-                         threading.Thread(target=self._drain, args=(self.proc.stdout, self._out), daemon=True)]
+        self._readers = [
+            threading.Thread(target=self._drain, args=(self.proc.stderr, self._err), daemon=True),
+            threading.Thread(target=self._drain, args=(self.proc.stdout, self._out), daemon=True),
+        ]
         for reader in self._readers:
             reader.start()
 
@@ -138,9 +146,7 @@ class TrainProcess:
 
 
 @pytest.mark.parametrize(("signum", "label"), [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
-def test_signal_saves_the_current_step_and_the_printed_command_resumes(
-    tmp_path: Path, signum: int, label: str
-) -> None:
+def test_signal_saves_the_current_step_and_the_printed_command_resumes(tmp_path: Path, signum: int, label: str) -> None:
     run_dir = tmp_path / "run"
     overrides = [*FAST, "data.num_workers=1"]  # a decoding process, which gets the signal too
     run = TrainProcess(["train.py", *overrides, f"hydra.run.dir={run_dir}"])
@@ -164,8 +170,14 @@ def test_signal_saves_the_current_step_and_the_printed_command_resumes(
     assert words[2:-1] == overrides  # the user's overrides, exactly as typed
     words = [f"train.steps={step + 2}" if word.startswith("train.steps=") else word for word in words]
     resumed_dir = tmp_path / "resumed"
-    resumed = subprocess.run([sys.executable, *words[1:], f"hydra.run.dir={resumed_dir}"], cwd=REPO, env=_env(),
-                             capture_output=True, text=True, timeout=120)
+    resumed = subprocess.run(
+        [sys.executable, *words[1:], f"hydra.run.dir={resumed_dir}"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed at step {step}" in resumed.stdout
     assert load_checkpoint(resumed_dir)["step"] == step + 2
@@ -188,8 +200,9 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
-def test_second_ctrl_c_exits_at_once_and_leaves_the_last_checkpoint_intact(tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_second_ctrl_c_exits_at_once_and_leaves_the_last_checkpoint_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run_dir, armed, saving = tmp_path / "run", tmp_path / "armed", tmp_path / "saving"
     monkeypatch.setenv("FASTSTYLE_TEST_ARMED", str(armed))
     monkeypatch.setenv("FASTSTYLE_TEST_SAVING", str(saving))
@@ -233,7 +246,8 @@ def test_ctrl_c_before_the_first_step_prints_one_line(tmp_path: Path) -> None:
     assert run.finish() == 130
     assert "Traceback" not in run.stderr
     assert [line for line in run.lines() if "interrupted" in line] == [
-        "interrupted before the first training step (Ctrl-C); nothing to save"]
+        "interrupted before the first training step (Ctrl-C); nothing to save"
+    ]
     assert not (run_dir / "checkpoints").exists()
 
 
@@ -249,13 +263,20 @@ def test_resume_command_replaces_train_resume_and_quotes_for_shell_and_hydra(mon
     HydraConfig.instance().set_config(cfg)
     try:
         words = shlex.split(train.resume_command("/runs/a b"))
-        assert words == ["python", "train.py", "style=my painting.jpg", "loss.style_layers={relu1_2:1.0}",
-                         'train.resume="/runs/a b"']
+        assert words == [
+            "python",
+            "train.py",
+            "style=my painting.jpg",
+            "loss.style_layers={relu1_2:1.0}",
+            'train.resume="/runs/a b"',
+        ]
         monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
         monkeypatch.setenv("GROUP_WORLD_SIZE", "1")
-        assert train.resume_command("/runs/r") == ("torchrun --nproc_per_node=4 train.py 'style=my painting.jpg' "
-                                                   "'loss.style_layers={relu1_2:1.0}' train.resume=/runs/r")
+        assert train.resume_command("/runs/r") == (
+            "torchrun --nproc_per_node=4 train.py 'style=my painting.jpg' "
+            "'loss.style_layers={relu1_2:1.0}' train.resume=/runs/r"
+        )
     finally:
         HydraConfig.instance().cfg = None
 
@@ -288,8 +309,10 @@ def test_handler_semantics(monkeypatch: pytest.MonkeyPatch, capfd: pytest.Captur
             stop.handle(signal.SIGINT)  # a repeated Ctrl-C: exit now
         assert exited.value.args == (130,)
         stop.signum = None  # (the loop would have raised TrainingInterrupted; leave the block quietly)
-    assert "interrupted again (Ctrl-C): exited at once without saving; last checkpoint: run/checkpoints/last.pt " \
-           "(step 7)" in capfd.readouterr().err
+    assert (
+        "interrupted again (Ctrl-C): exited at once without saving; last checkpoint: run/checkpoints/last.pt "
+        "(step 7)" in capfd.readouterr().err
+    )
 
     # torchrun forwards the Ctrl-C to its workers: a second SIGINT within the grace period is that copy.
     stop = interrupt.StopSignals(announce=False, repeat_grace_s=60.0)
@@ -339,8 +362,14 @@ class _RecordingOutputs(RunOutputs):
     """RunOutputs that records checkpoint writes and can send a signal while it writes a checkpoint, an image or
     model.pth."""
 
-    def __init__(self, run_dir: Path, total_steps: int, signal_during: str | None = None,
-                 signum: int = signal.SIGINT, at_step: int = 2) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        signal_during: str | None = None,
+        signum: int = signal.SIGINT,
+        at_step: int = 2,
+    ) -> None:
         super().__init__(run_dir, total_steps, 0)
         self.signal_during, self.signum, self.at_step = signal_during, signum, at_step
         self.checkpoints: list[tuple[int, bool]] = []
@@ -371,8 +400,19 @@ def _fit(options: TrainOptions, outputs: RunOutputs, loss_wrapper=None) -> Path:
     photos = torch.rand(2, 3, 32, 32)
     loss.set_style(photos[:1])
     try:
-        return fit(model, loss_wrapper(loss) if loss_wrapper else loss, itertools.repeat(photos), options,
-                   torch.device("cpu"), outputs, photos[:1], photos, checkpoint_extra={}, meta={}, hparams={})
+        return fit(
+            model,
+            loss_wrapper(loss) if loss_wrapper else loss,
+            itertools.repeat(photos),
+            options,
+            torch.device("cpu"),
+            outputs,
+            photos[:1],
+            photos,
+            checkpoint_extra={},
+            meta={},
+            hparams={},
+        )
     finally:
         outputs.close()
 
@@ -393,14 +433,18 @@ def test_fit_finishes_the_step_saves_it_and_restores_the_handlers(tmp_path: Path
     assert signal.getsignal(signal.SIGINT) is before
 
 
-@pytest.mark.parametrize(("during", "signum", "checkpoints"), [
-    # The signal comes while step 2's own checkpoint is written: stop there, without writing it twice.
-    ("checkpoint", signal.SIGTERM, [(2, True)]),
-    # ... while step 2's images are written (no checkpoint due): stop there and save it.
-    ("image", signal.SIGINT, [(2, False)]),
-])
-def test_a_signal_while_files_are_written_stops_at_that_step(tmp_path: Path, during: str, signum: int,
-                                                             checkpoints: list) -> None:
+@pytest.mark.parametrize(
+    ("during", "signum", "checkpoints"),
+    [
+        # The signal comes while step 2's own checkpoint is written: stop there, without writing it twice.
+        ("checkpoint", signal.SIGTERM, [(2, True)]),
+        # ... while step 2's images are written (no checkpoint due): stop there and save it.
+        ("image", signal.SIGINT, [(2, False)]),
+    ],
+)
+def test_a_signal_while_files_are_written_stops_at_that_step(
+    tmp_path: Path, during: str, signum: int, checkpoints: list
+) -> None:
     interval = 2 if during == "checkpoint" else 100
     options = TrainOptions(steps=50, log_interval_steps=1, image_interval_steps=2, checkpoint_interval_steps=interval)
     outputs = _RecordingOutputs(tmp_path, options.steps, signal_during=during, signum=signum, at_step=2)
@@ -435,11 +479,13 @@ def _rank(rank: int, world_size: int, run_dir: str, port: int) -> None:
     from training import distributed as D
 
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     ctx = D.init_distributed("cpu")
-    options = TrainOptions(steps=1000, log_interval_steps=1000, image_interval_steps=1000,
-                           checkpoint_interval_steps=1000)
+    options = TrainOptions(
+        steps=1000, log_interval_steps=1000, image_interval_steps=1000, checkpoint_interval_steps=1000
+    )
     outputs = RunOutputs(Path(run_dir), options.steps, 0, enabled=ctx.is_main)
     torch.manual_seed(rank)
     model = TransformerNet(base_width=8, residual_blocks=1)
@@ -450,8 +496,20 @@ def _rank(rank: int, world_size: int, run_dir: str, port: int) -> None:
         loss = _SignalAt(loss, 3, (signal.SIGINT, signal.SIGTERM))
     result: dict = {}
     try:
-        fit(model, loss, itertools.repeat(photos), options, ctx.device, outputs, photos[:1], photos,
-            checkpoint_extra={}, meta={}, hparams={}, dist_ctx=ctx)
+        fit(
+            model,
+            loss,
+            itertools.repeat(photos),
+            options,
+            ctx.device,
+            outputs,
+            photos[:1],
+            photos,
+            checkpoint_extra={},
+            meta={},
+            hparams={},
+            dist_ctx=ctx,
+        )
     except TrainingInterrupted as stop:
         result = {"step": stop.step, "signum": stop.signum, "checkpoint": str(stop.checkpoint)}
     finally:
@@ -460,8 +518,9 @@ def _rank(rank: int, world_size: int, run_dir: str, port: int) -> None:
     torch.save(result, Path(run_dir) / f"result_{rank}.pt")
 
 
-def test_torchrun_ranks_agree_on_the_step_when_one_rank_gets_the_signal(tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_torchrun_ranks_agree_on_the_step_when_one_rank_gets_the_signal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(key, raising=False)
     mp.spawn(_rank, args=(2, str(tmp_path), _free_port()), nprocs=2, join=True)

@@ -41,8 +41,11 @@ def _sources(package: str) -> list[Path]:
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
 def test_imports_point_down_only(package: str) -> None:
-    wrong = {f"{path.relative_to(REPO)} imports {name}" for path in _sources(package)
-             for name in _imports(path) & OURS - ALLOWED[package]}
+    wrong = {
+        f"{path.relative_to(REPO)} imports {name}"
+        for path in _sources(package)
+        for name in _imports(path) & OURS - ALLOWED[package]
+    }
     assert not wrong, sorted(wrong)
 
 
@@ -53,8 +56,11 @@ def test_models_never_import_hydra() -> None:
 
 def test_no_code_edits_sys_path() -> None:
     files = [*REPO.glob("*.py"), *(path for package in [*ALLOWED, "scripts"] for path in _sources(package))]
-    wrong = [str(path.relative_to(REPO)) for path in files if "sys.path.insert" in path.read_text()
-             or "sys.path.append" in path.read_text()]
+    wrong = [
+        str(path.relative_to(REPO))
+        for path in files
+        if "sys.path.insert" in path.read_text() or "sys.path.append" in path.read_text()
+    ]
     assert not wrong, f"run scripts as python -m scripts.NAME instead: {wrong}"
 
 

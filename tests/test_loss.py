@@ -17,8 +17,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _loss(network: str = "random", **kwargs) -> PerceptualLoss:
-    options = {"content_layers": ["relu2_2"], "style_layers": STYLE, "content_weight": 2.0, "style_weight": 3.0,
-               "tv_weight": 5.0}
+    options = {
+        "content_layers": ["relu2_2"],
+        "style_layers": STYLE,
+        "content_weight": 2.0,
+        "style_weight": 3.0,
+        "tv_weight": 5.0,
+    }
     options.update(kwargs)
     return PerceptualLoss(network, **options)
 

@@ -45,10 +45,14 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch):
     return state
 
 
-@pytest.mark.parametrize(("device", "training", "bf16", "expected"), AUTO_TABLE,
-                         ids=[f"{d.type}-{'train' if t else 'stylize'}-{b}" for d, t, b, _ in AUTO_TABLE])
-def test_auto_per_device_and_mode(fake_gpu: dict, device: torch.device, training: bool, bf16: bool | None,
-                                  expected: tuple) -> None:
+@pytest.mark.parametrize(
+    ("device", "training", "bf16", "expected"),
+    AUTO_TABLE,
+    ids=[f"{d.type}-{'train' if t else 'stylize'}-{b}" for d, t, b, _ in AUTO_TABLE],
+)
+def test_auto_per_device_and_mode(
+    fake_gpu: dict, device: torch.device, training: bool, bf16: bool | None, expected: tuple
+) -> None:
     fake_gpu["bf16"] = bool(bf16)
     policy = P.resolve_precision(device, "auto", "auto", "auto", training=training)
     assert (policy.name, policy.use_grad_scaler, policy.channels_last, policy.compile) == expected
@@ -93,7 +97,7 @@ def test_explicit_requests_are_honoured_or_refused(fake_gpu: dict, caplog: pytes
 
 @pytest.mark.parametrize("training", [True, False])
 def test_switch_strings_are_resolved_not_truthy(training: bool) -> None:
-    """"auto" (a non-empty string, so truthy) must become the table's bool; quoted "true"/"false" count as bools."""
+    """ "auto" (a non-empty string, so truthy) must become the table's bool; quoted "true"/"false" count as bools."""
     for device in (CPU, CUDA, MPS):
         policy = P.resolve_precision(device, "fp32", "auto", "auto", training=training)
         auto = P.AUTO_SWITCHES[(device.type, training)]
@@ -112,8 +116,7 @@ def test_train_options_take_auto_from_the_policy() -> None:
     assert policy.training and (policy.channels_last, policy.compile) == (False, False)  # CPU training row
 
 
-def test_configure_backends_and_the_log_line(caplog: pytest.LogCaptureFixture,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_configure_backends_and_the_log_line(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     with caplog.at_level(logging.INFO, logger="core.precision"):
         P.configure_backends(P.resolve_precision(CPU, "auto", "auto", "auto", training=False))
@@ -170,8 +173,19 @@ def test_fit_takes_its_settings_from_the_policy(tmp_path: Path, monkeypatch: pyt
     options = TrainOptions(steps=1, precision="fp32", channels_last=False, compile="auto")
     outputs = RunOutputs(tmp_path, options.steps, 0)
     try:
-        fit(model, loss, itertools.repeat(photos), options, CPU, outputs, photos[:1], photos,
-            checkpoint_extra={}, meta={}, hparams={})
+        fit(
+            model,
+            loss,
+            itertools.repeat(photos),
+            options,
+            CPU,
+            outputs,
+            photos[:1],
+            photos,
+            checkpoint_extra={},
+            meta={},
+            hparams={},
+        )
     finally:
         outputs.close()
     assert calls == [{"device": CPU, "args": ("fp32", False, "auto"), "training": True}]
@@ -182,8 +196,14 @@ def test_fit_takes_its_settings_from_the_policy(tmp_path: Path, monkeypatch: pyt
 def _stylize_cfg(**values: object):
     from omegaconf import OmegaConf
 
-    base = {"precision": "auto", "channels_last": "auto", "max_memory_mb": 2048, "tmp_dir": None,
-            "preserve_color": False, "strength": 1.0}
+    base = {
+        "precision": "auto",
+        "channels_last": "auto",
+        "max_memory_mb": 2048,
+        "tmp_dir": None,
+        "preserve_color": False,
+        "strength": 1.0,
+    }
     return OmegaConf.create({**base, **values})
 
 
@@ -230,8 +250,26 @@ def test_bench_train_times_the_trainers_step(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(Trainer, "step", counted)
     parser = argparse.ArgumentParser()
     bench_train.add_arguments(parser)
-    args = parser.parse_args(["--worker", "cl", "--device", "cpu", "--batch-size", "1", "--image-size", "32",
-                              "--base-width", "8", "--network", "random", "--steps", "2", "--warmup", "0"])
+    args = parser.parse_args(
+        [
+            "--worker",
+            "cl",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "1",
+            "--image-size",
+            "32",
+            "--base-width",
+            "8",
+            "--network",
+            "random",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+        ]
+    )
     result = bench_train._worker(args)
     assert result["variant"] == "cl" and result["step_s"] > 0
     assert len(steps) == 3  # the first (timed alone) and the two timed steps

@@ -184,7 +184,10 @@ def test_prepare_is_idempotent_and_guards_its_settings(tmp_path: Path) -> None:
     src, dst = tmp_path / "src", tmp_path / "out"
     _dataset(src)
     assert prepare_dataset.prepare(src, dst, short_side=40, workers=1) == {
-        "written": 3, "current": 0, "skipped": 1, "total": 4
+        "written": 3,
+        "current": 0,
+        "skipped": 1,
+        "total": 4,
     }
     mtimes = {p: p.stat().st_mtime_ns for p in dst.rglob("*.jp*g")}
     again = prepare_dataset.prepare(src, dst, short_side=40, workers=1)
@@ -247,8 +250,22 @@ def test_bench_data_help_runs_directly_and_through_bench_py(capsys: pytest.Captu
 @pytest.mark.slow
 def test_bench_data_tiny_run_prints_the_table(tmp_path: Path) -> None:
     result = _run(
-        [sys.executable, *BENCH, "--images", "8", "--width", "96", "--height", "64", "--image-size", "32",
-         "--workers", "0,1", "--train-images-per-s", "1.0"]  # fmt: skip
+        [
+            sys.executable,
+            *BENCH,
+            "--images",
+            "8",
+            "--width",
+            "96",
+            "--height",
+            "64",
+            "--image-size",
+            "32",
+            "--workers",
+            "0,1",
+            "--train-images-per-s",
+            "1.0",
+        ]  # fmt: skip
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()

@@ -120,8 +120,11 @@ def test_glob_and_recursive_inputs(model_file: Path, tmp_path: Path) -> None:
     assert [p.name for p in globbed.written] == ["a_wave.png"]
     out = tmp_path / "in" / "stylized"  # inside the input tree: earlier results must not be picked up again
     first = run(model_file, tmp_path / "in", output=out, recursive="true")
-    assert sorted(p.relative_to(out).as_posix() for p in first.written) == ["a_wave.png", "b_wave.jpg",
-                                                                          "sub/c_wave.png"]
+    assert sorted(p.relative_to(out).as_posix() for p in first.written) == [
+        "a_wave.png",
+        "b_wave.jpg",
+        "sub/c_wave.png",
+    ]
     again = run(model_file, tmp_path / "in", output=out, recursive="true")
     assert len(again.skipped) == 3 and not again.written
 
@@ -242,8 +245,9 @@ def test_cli_errors_exit_2(model_file: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("signum", "code", "label"), [(2, 130, "Ctrl-C"), (15, 143, "SIGTERM")])
-def test_ctrl_c_and_sigterm_stop_after_complete_files(model_file: Path, tmp_path: Path, signum: int, code: int,
-                                                     label: str) -> None:
+def test_ctrl_c_and_sigterm_stop_after_complete_files(
+    model_file: Path, tmp_path: Path, signum: int, code: int, label: str
+) -> None:
     """A real stylize.py is stopped once its first output exists: one line, exit 130/143, every output complete,
     no temporary file left, and the same command then finishes the rest."""
     import signal
@@ -253,10 +257,24 @@ def test_ctrl_c_and_sigterm_stop_after_complete_files(model_file: Path, tmp_path
     src.mkdir()
     for i in range(6):
         photo(64, 48, seed=i).save(src / f"p{i:02d}.png")
-    command = [sys.executable, "stylize.py", f"model={model_file}", f"input={src}", f"output={out}", "scale=24",
-               "batch_size=1", "io_threads=1"]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    command = [
+        sys.executable,
+        "stylize.py",
+        f"model={model_file}",
+        f"input={src}",
+        f"output={out}",
+        "scale=24",
+        "batch_size=1",
+        "io_threads=1",
+    ]
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 120
     while not (out.is_dir() and any(p.suffix == ".png" for p in out.iterdir())) and time.monotonic() < deadline:
         time.sleep(0.05)

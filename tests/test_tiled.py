@@ -140,8 +140,10 @@ def test_source_store_reads_the_padded_canvas_exactly(size: tuple[int, int]) -> 
     pixels = torch.randint(0, 256, (height, width, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     image = pixels[..., :3].permute(2, 0, 1).float().div(255.0)[None]
     want = pad_to_multiple(image, SIZE_MULTIPLE)[0].permute(1, 2, 0)  # (H_canvas, W_canvas, 3)
-    for source in (SourceStore(lambda lo, hi: pixels[lo:hi], height, width),
-                   SourceStore(lambda lo, hi: image[0].permute(1, 2, 0)[lo:hi], height, width)):
+    for source in (
+        SourceStore(lambda lo, hi: pixels[lo:hi], height, width),
+        SourceStore(lambda lo, hi: image[0].permute(1, 2, 0)[lo:hi], height, width),
+    ):
         assert source.shape == (3, *want.shape[:2])
         for rows in (1, 3, want.shape[0]):
             got = torch.cat([source.read(lo, min(lo + rows, want.shape[0])) for lo in range(0, want.shape[0], rows)])
@@ -191,8 +193,7 @@ def test_stylize_8bit_strips_equal_the_float_path(tmp_path: Path, norm: str, mod
     net = load_model(model, device="cpu")[0].eval()
     content = pil_to_tensor(Image.fromarray(pixels[..., :3], "RGB"))
     stylized = TiledExecutor(net, budget_mb=0.02)(content)[0]
-    want = tensor_to_pil(finish_colors(stylized, content, "preserve_color=true" in options,
-                                       0.6 if options else 1.0))
+    want = tensor_to_pil(finish_colors(stylized, content, "preserve_color=true" in options, 0.6 if options else 1.0))
     if mode == "RGBA":
         want.putalpha(Image.fromarray(pixels[..., 3], "L"))
     assert got.shape == (70, 91, len(mode)) and got.std() > 10
@@ -208,8 +209,9 @@ def test_untileable_image_is_one_failed_file(tmp_path: Path, monkeypatch: pytest
     Image.fromarray(np.full((20, 300, 3), 120, np.uint8)).save(tmp_path / "wide.png")
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")
-    summary = _stylize(model, tmp_path / "wide.png", tmp_path / "o.png", "max_memory_mb=0.01",
-                       f"tmp_dir={not_a_folder}")
+    summary = _stylize(
+        model, tmp_path / "wide.png", tmp_path / "o.png", "max_memory_mb=0.01", f"tmp_dir={not_a_folder}"
+    )
     assert not summary.written and len(summary.failed) == 1
     assert "Not a directory" in summary.failed[0][1] and "\n" not in summary.failed[0][1]
     monkeypatch.setattr(inference.tiled, "MIN_STRIP_MB", 0)
@@ -258,10 +260,17 @@ def test_peak_memory_is_budget_plus_8bit_images_plus_fixed_overhead(tmp_path: Pa
     photo.resize((64, 48)).save(tmp_path / "tiny.jpg", quality=90)
 
     def peak_rss(name: str, budget_mb: float) -> int:
-        args = [f"model={model}", f"input={tmp_path / name}", f"output={tmp_path / 'out' / name}",
-                f"max_memory_mb={budget_mb}", "preserve_color=true", "strength=0.6"]
-        proc = subprocess.run([sys.executable, "-c", _PEAK_RSS_CHILD, *args], cwd=REPO, capture_output=True,
-                              text=True, timeout=300)
+        args = [
+            f"model={model}",
+            f"input={tmp_path / name}",
+            f"output={tmp_path / 'out' / name}",
+            f"max_memory_mb={budget_mb}",
+            "preserve_color=true",
+            "strength=0.6",
+        ]
+        proc = subprocess.run(
+            [sys.executable, "-c", _PEAK_RSS_CHILD, *args], cwd=REPO, capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         return int(proc.stdout.split()[-1])
 

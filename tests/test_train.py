@@ -118,8 +118,9 @@ def test_resume_continues_with_the_same_losses_and_weights(tmp_path: Path) -> No
 def test_resume_refuses_a_different_model(tmp_path: Path) -> None:
     run_training(compose_train([*SMALL, "train.steps=2"]), run_dir=tmp_path / "a")
     with pytest.raises(FaststyleError, match="same model"):
-        run_training(compose_train([*SMALL, "model.base_width=16", f"train.resume={tmp_path / 'a'}"]),
-                    run_dir=tmp_path / "b")
+        run_training(
+            compose_train([*SMALL, "model.base_width=16", f"train.resume={tmp_path / 'a'}"]), run_dir=tmp_path / "b"
+        )
 
 
 @pytest.mark.slow
@@ -133,13 +134,29 @@ def test_loss_decreases_with_real_vgg19_weights(tmp_path: Path) -> None:
 
     style = pil_to_tensor(resize_short_side(load_image(STYLE), 64)).unsqueeze(0)
     loss_fn.set_style(style)
-    photos = torch.stack([pil_to_tensor(resize_short_side(load_image(CONTENT / name), 64).crop((0, 0, 64, 64)))
-                          for name in ("chelsea.jpg", "coffee.jpg")])
-    options = TrainOptions(steps=30, lr=float(cfg.train.lr), log_interval_steps=1, image_interval_steps=30,
-                           checkpoint_interval_steps=30)
+    photos = torch.stack(
+        [
+            pil_to_tensor(resize_short_side(load_image(CONTENT / name), 64).crop((0, 0, 64, 64)))
+            for name in ("chelsea.jpg", "coffee.jpg")
+        ]
+    )
+    options = TrainOptions(
+        steps=30, lr=float(cfg.train.lr), log_interval_steps=1, image_interval_steps=30, checkpoint_interval_steps=30
+    )
     outputs = RunOutputs(tmp_path, options.steps, 0)
-    fit(model, loss_fn, itertools.repeat(photos), options, torch.device("cpu"), outputs, style, photos,
-        checkpoint_extra={}, meta={}, hparams={"lr": options.lr})
+    fit(
+        model,
+        loss_fn,
+        itertools.repeat(photos),
+        options,
+        torch.device("cpu"),
+        outputs,
+        style,
+        photos,
+        checkpoint_extra={},
+        meta={},
+        hparams={"lr": options.lr},
+    )
     outputs.close()
     losses = scalar_values(read_events(tmp_path), "loss/total")
     first, last = losses[1], sum(losses[s] for s in range(26, 31)) / 5
@@ -170,8 +187,19 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     options = TrainOptions(steps=6, log_interval_steps=4, image_interval_steps=100, checkpoint_interval_steps=2)
     outputs = RunOutputs(tmp_path, options.steps, 0)
     with pytest.raises(NonFiniteLossError, match=r"loss became nan between steps 5 and 6.*checkpoints/last\.pt"):
-        fit(model, _NaNAfter(loss, bad_call=5), itertools.repeat(photos), options, torch.device("cpu"), outputs,
-            photos[:1], photos, checkpoint_extra={}, meta={}, hparams={})
+        fit(
+            model,
+            _NaNAfter(loss, bad_call=5),
+            itertools.repeat(photos),
+            options,
+            torch.device("cpu"),
+            outputs,
+            photos[:1],
+            photos,
+            checkpoint_extra={},
+            meta={},
+            hparams={},
+        )
     outputs.close()
     last = load_checkpoint(tmp_path)
     assert last["step"] == 4
@@ -203,9 +231,9 @@ def test_corrupt_image_is_skipped_with_a_warning(tmp_path: Path, caplog: pytest.
         shutil.copy(CONTENT / name, photos / name)
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
     with caplog.at_level(logging.WARNING):
-        model_path = run_training(compose_train([*SMALL, f"data.root={photos}", "train.steps=2",
-                                                 "style_size=null"]),
-                                 run_dir=tmp_path / "run")
+        model_path = run_training(
+            compose_train([*SMALL, f"data.root={photos}", "train.steps=2", "style_size=null"]), run_dir=tmp_path / "run"
+        )
     assert model_path.is_file()
     assert any("broken.jpg" in record.getMessage() for record in caplog.records)
 
@@ -216,7 +244,11 @@ def test_cli_reports_user_errors_in_one_line(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(
         [sys.executable, "train.py", f"style={tmp_path / 'missing.jpg'}", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=REPO, capture_output=True, text=True, env=env, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "error: image not found" in result.stderr
@@ -239,9 +271,13 @@ def test_lr_schedules_are_pure_functions_of_the_step() -> None:
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("train.precision=fp16", "needs a CUDA device"), ("train.lr_schedule=step", "lr_schedule"),
-     ("train.steps=0", "the minimum is 1"), ("device=tpu", "unknown device"),
-     ("model.norm=layer", "not one of instance, batch, none")],
+    [
+        ("train.precision=fp16", "needs a CUDA device"),
+        ("train.lr_schedule=step", "lr_schedule"),
+        ("train.steps=0", "the minimum is 1"),
+        ("device=tpu", "unknown device"),
+        ("model.norm=layer", "not one of instance, batch, none"),
+    ],
 )
 def test_bad_train_values_fail_with_one_line(tmp_path: Path, override: str, message: str) -> None:
     with pytest.raises(FaststyleError, match=message):

@@ -50,8 +50,13 @@ def test_paper_size_parameter_count() -> None:
 def test_config_round_trip_rebuilds_identical_network() -> None:
     net = TransformerNet(norm="batch", base_width=8, residual_blocks=3, upsample="transpose", output="linear")
     config = net.config()
-    assert config == {"norm": "batch", "base_width": 8, "residual_blocks": 3, "upsample": "transpose",
-                      "output": "linear"}
+    assert config == {
+        "norm": "batch",
+        "base_width": 8,
+        "residual_blocks": 3,
+        "upsample": "transpose",
+        "output": "linear",
+    }
     assert all(isinstance(v, (str, int)) for v in config.values())
     config["norm"] = "none"  # config() returns a copy
     assert net.config()["norm"] == "batch"
@@ -101,8 +106,10 @@ def test_channels_last_input_gives_same_result() -> None:
     torch.testing.assert_close(net(x.contiguous(memory_format=torch.channels_last)), net(x), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kwargs", [{"norm": "layer"}, {"upsample": "bilinear"}, {"output": "tanh"},
-                                    {"base_width": 0}, {"residual_blocks": -1}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"norm": "layer"}, {"upsample": "bilinear"}, {"output": "tanh"}, {"base_width": 0}, {"residual_blocks": -1}],
+)
 def test_bad_arguments_raise_value_error(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         TransformerNet(**kwargs)

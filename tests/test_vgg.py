@@ -99,12 +99,15 @@ def test_random_network_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
     assert net(torch.rand(1, 3, 8, 8))["relu1_1"].shape == (1, 64, 8, 8)
 
 
-@pytest.mark.parametrize(("name", "taps", "match"), [
-    ("vgg11", ["relu1_1"], "unknown loss network"),
-    ("vgg19", ["relu6_1"], "no layer"),
-    ("vgg16", ["relu3_4"], "no layer"),
-    ("vgg19", [], "no layers"),
-])
+@pytest.mark.parametrize(
+    ("name", "taps", "match"),
+    [
+        ("vgg11", ["relu1_1"], "unknown loss network"),
+        ("vgg19", ["relu6_1"], "no layer"),
+        ("vgg16", ["relu3_4"], "no layer"),
+        ("vgg19", [], "no layers"),
+    ],
+)
 def test_bad_names_raise_faststyle_error(name: str, taps: list[str], match: str, tmp_path) -> None:
     with pytest.raises(FaststyleError, match=match):
         build_loss_network(name, taps, weights_path=str(tmp_path / "unused.pth") if name == "vgg16" else None)

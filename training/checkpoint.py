@@ -69,8 +69,13 @@ def capture_rng_state() -> dict:
     except ImportError:  # numpy is optional for torch; without it there is no numpy state to keep
         return state
     name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    state["numpy"] = {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+    state["numpy"] = {
+        "name": str(name),
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached_gaussian),
+    }
     return state
 
 
@@ -84,11 +89,15 @@ def restore_rng_state(state: dict) -> None:
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
         else:
-            log.warning("checkpoint has %d CUDA RNG states but %d devices are visible: CUDA RNG not restored",
-                        len(cuda_states), torch.cuda.device_count())
+            log.warning(
+                "checkpoint has %d CUDA RNG states but %d devices are visible: CUDA RNG not restored",
+                len(cuda_states),
+                torch.cuda.device_count(),
+            )
     if "numpy" in state:
         import numpy as np
 
         nps = state["numpy"]
-        np.random.set_state((nps["name"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"],
-                             nps["cached_gaussian"]))
+        np.random.set_state(
+            (nps["name"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["cached_gaussian"])
+        )

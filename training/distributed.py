@@ -151,8 +151,14 @@ def init_distributed(device_name: str = "auto", timeout_s: float = 1800.0) -> Di
     # Also under gloo, where the default group would do, so that CPU runs (and tests) use the code NCCL runs use.
     control_group = dist.new_group(backend="gloo") if world_size > 1 else None
     logger.info("distributed: rank %d/%d (local %d) on %s, backend %s", rank, world_size, local_rank, device, backend)
-    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend,
-                       control_group=control_group)
+    return DistContext(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        device=device,
+        backend=backend,
+        control_group=control_group,
+    )
 
 
 def worker_hydra_overrides(environ: Mapping[str, str] | None = None) -> list[str]:

@@ -128,11 +128,15 @@ class StopSignals:
 
     def _exit_now(self, signum: int) -> None:
         if self.announce:
-            last = f"last checkpoint: {self.checkpoint} (step {self.saved_step})" if self.checkpoint else (
-                "no checkpoint saved")
+            last = (
+                f"last checkpoint: {self.checkpoint} (step {self.saved_step})"
+                if self.checkpoint
+                else ("no checkpoint saved")
+            )
             # os.write, not print: a handler may run in the middle of a print to the same buffered stream.
-            os.write(2, f"\ninterrupted again ({signal_label(signum)}): exited at once without saving; {last}\n"
-                     .encode())
+            os.write(
+                2, f"\ninterrupted again ({signal_label(signum)}): exited at once without saving; {last}\n".encode()
+            )
         os._exit(128 + signum)
 
 
@@ -154,8 +158,10 @@ def stop_signals() -> Iterator[StopSignals]:
         yield _active
         return
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
-    stop = StopSignals(announce=int(os.environ.get("RANK", "0") or 0) == 0,
-                       repeat_grace_s=TORCHRUN_REPEAT_GRACE_S if under_torchrun else 0.0)
+    stop = StopSignals(
+        announce=int(os.environ.get("RANK", "0") or 0) == 0,
+        repeat_grace_s=TORCHRUN_REPEAT_GRACE_S if under_torchrun else 0.0,
+    )
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return

@@ -293,10 +293,15 @@ class Trainer:
     def checkpoint_state(self, step: int, extra: Mapping[str, Any]) -> dict:
         """Everything a resume needs after ``step``, with ``extra`` (config, data order, ...) alongside."""
         net = unwrap_model(self.model)
-        return {**extra, "step": step, "model_config": net.config(), "model": net.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                "rng": capture_rng_state()}
+        return {
+            **extra,
+            "step": step,
+            "model_config": net.config(),
+            "model": net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "rng": capture_rng_state(),
+        }
 
 
 class LossWindow:
@@ -348,8 +353,15 @@ class _StepLoop:
     """The steps of one :func:`fit` call, with what each step may write (losses, images, checkpoints) and the
     Ctrl-C/SIGTERM stop agreed by every rank."""
 
-    def __init__(self, trainer: Trainer, outputs: RunOutputs, val_images: torch.Tensor,
-                 checkpoint_extra: Mapping[str, Any], stop: StopSignals, dist_ctx: DistContext | None) -> None:
+    def __init__(
+        self,
+        trainer: Trainer,
+        outputs: RunOutputs,
+        val_images: torch.Tensor,
+        checkpoint_extra: Mapping[str, Any],
+        stop: StopSignals,
+        dist_ctx: DistContext | None,
+    ) -> None:
         self.trainer, self.outputs, self.val_images = trainer, outputs, val_images
         self.checkpoint_extra, self.stop, self.dist_ctx = checkpoint_extra, stop, dist_ctx
         self.window = LossWindow(outputs, trainer.start_step)
@@ -448,7 +460,9 @@ def fit(
             outputs.image("style", style_image[0], start_step)
             loop.run(batches)
         if start_step >= options.steps:
-            log.warning("checkpoint is already at step %d >= train.steps=%d: nothing to train", start_step,
-                        options.steps)
-        return outputs.final(trainer.model, {**meta, "steps": max(start_step, options.steps)}, hparams,
-                             loop.window.final_metrics())
+            log.warning(
+                "checkpoint is already at step %d >= train.steps=%d: nothing to train", start_step, options.steps
+            )
+        return outputs.final(
+            trainer.model, {**meta, "steps": max(start_step, options.steps)}, hparams, loop.window.final_metrics()
+        )

@@ -75,9 +75,16 @@ def load_style_image(path: Path, style_size: int | None, min_side: int) -> Any:
             f"its short side would be {short * scale:.0f} px, and the style layers need {min_side}; crop it"
         )
     if capped:
-        log.warning("style image %s is %dx%d: scaled to %dx%d for its Gram targets (the long side is capped at %d "
-                    "px); crop it to a less elongated shape to keep more of it", path.name, width, height,
-                    max(1, round(width * scale)), max(1, round(height * scale)), long_cap)
+        log.warning(
+            "style image %s is %dx%d: scaled to %dx%d for its Gram targets (the long side is capped at %d "
+            "px); crop it to a less elongated shape to keep more of it",
+            path.name,
+            width,
+            height,
+            max(1, round(width * scale)),
+            max(1, round(height * scale)),
+            long_cap,
+        )
     return resize_to(img, max(1, round(width * scale)), max(1, round(height * scale)))
 
 
@@ -175,35 +182,72 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path) -> Path:
     torch.manual_seed(int(cfg.seed))  # model initialisation; the data order has its own seeded sampler
     model = build_model(cfg)
     if resume is not None and resume.get("model_config") != model.config():
-        raise FaststyleError(f"train.resume checkpoint was trained with model {resume.get('model_config')}, but the "
-                             f"config asks for {model.config()}: pass the same model.* options")
+        raise FaststyleError(
+            f"train.resume checkpoint was trained with model {resume.get('model_config')}, but the "
+            f"config asks for {model.config()}: pass the same model.* options"
+        )
     if resume is not None:
         check_state_dict(model.state_dict(), resume.get("model") or {}, resume_path)
     loss_fn = build_loss(cfg, style_image, device)
 
     start_step = int(resume["step"]) if resume is not None else 0
-    loader = make_train_loader(dataset, int(cfg.train.batch_size), int(cfg.data.num_workers), int(cfg.seed),
-                               pin_memory=device.type == "cuda", rank=ctx.rank, world_size=ctx.world_size,
-                               start_step=start_step)
+    loader = make_train_loader(
+        dataset,
+        int(cfg.train.batch_size),
+        int(cfg.data.num_workers),
+        int(cfg.seed),
+        pin_memory=device.type == "cuda",
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        start_step=start_step,
+    )
     # The loader is a pure function of (seed, step, batch size): storing them reproduces the exact batches.
-    data_state = {"seed": int(cfg.seed), "batch_size": int(cfg.train.batch_size), "world_size": ctx.world_size,
-                  "dataset_size": len(dataset)}
+    data_state = {
+        "seed": int(cfg.seed),
+        "batch_size": int(cfg.train.batch_size),
+        "world_size": ctx.world_size,
+        "dataset_size": len(dataset),
+    }
     if resume is not None and resume.get("data") != data_state:
-        log.warning("data order differs from the checkpoint's (%s vs now %s): batches after resume will differ "
-                    "from an uninterrupted run", resume.get("data"), data_state)
+        log.warning(
+            "data order differs from the checkpoint's (%s vs now %s): batches after resume will differ "
+            "from an uninterrupted run",
+            resume.get("data"),
+            data_state,
+        )
     if resume is not None and resume.get("style_path") != str(style_path):
-        log.warning("resuming a run trained on style %s with style %s: pass style=... to keep the original",
-                    resume.get("style_path"), style_path)
+        log.warning(
+            "resuming a run trained on style %s with style %s: pass style=... to keep the original",
+            resume.get("style_path"),
+            style_path,
+        )
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    log.info("training %s on %d images from %s, device %s, run dir %s", style_path.name, len(dataset), data_root,
-             device, run_dir)
+    log.info(
+        "training %s on %d images from %s, device %s, run dir %s",
+        style_path.name,
+        len(dataset),
+        data_root,
+        device,
+        run_dir,
+    )
     outputs = RunOutputs(run_dir, options.steps, start_step, enabled=ctx.is_main)  # rank 0 alone writes
     try:
         model_path = fit(
-            model, loss_fn, loader, options, device, outputs, style_image, val_images,
+            model,
+            loss_fn,
+            loader,
+            options,
+            device,
+            outputs,
+            style_image,
+            val_images,
             checkpoint_extra={"config": resolved, "data": data_state, "style_path": str(style_path)},
-            meta={"style": style_path.name, "style_stem": style_stem(cfg.style), "source": "faststyle train.py",
-                  "image_size": int(cfg.data.image_size)},
+            meta={
+                "style": style_path.name,
+                "style_stem": style_stem(cfg.style),
+                "source": "faststyle train.py",
+                "image_size": int(cfg.data.image_size),
+            },
             hparams=_flat_hparams(cfg),
             resume=resume,
             dist_ctx=ctx,
@@ -214,5 +258,3 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path) -> Path:
     if dataset.skipped or loader.skipped:
         log.warning("%d unreadable images were skipped", max(dataset.skipped, loader.skipped))
     return model_path
-
-
