@@ -150,13 +150,48 @@ def _remove_stale_temp_files(run_dir: Path, resume_path: Path | None) -> None:
         remove_stale_temp_files(folder)
 
 
+def _check_resume(resume: dict, resume_path: Path, model: Any, data_state: dict, style_path: Path) -> None:
+    """Refuse a checkpoint whose network differs from the config's; warn when the data order or the style differ
+    (the run continues, but not as the interrupted one would have)."""
+    from models.modelfile import check_state_dict
+
+    if resume.get("model_config") != model.config():
+        raise FaststyleError(
+            f"train.resume checkpoint was trained with model {resume.get('model_config')}, but the "
+            f"config asks for {model.config()}: pass the same model.* options"
+        )
+    check_state_dict(model.state_dict(), resume.get("model") or {}, resume_path)
+    if resume.get("data") != data_state:
+        log.warning(
+            "data order differs from the checkpoint's (%s vs now %s): batches after resume will differ "
+            "from an uninterrupted run",
+            resume.get("data"),
+            data_state,
+        )
+    if resume.get("style_path") != str(style_path):
+        log.warning(
+            "resuming a run trained on style %s with style %s: pass style=... to keep the original",
+            resume.get("style_path"),
+            style_path,
+        )
+
+
+def _model_meta(cfg: DictConfig, style_path: Path) -> dict[str, Any]:
+    """What ``model.pth`` records about its training besides the network (plain primitives)."""
+    return {
+        "style": style_path.name,
+        "style_stem": style_stem(cfg.style),
+        "source": "faststyle train.py",
+        "image_size": int(cfg.data.image_size),
+    }
+
+
 def _train(cfg: DictConfig, ctx: Any, run_dir: Path) -> Path:
     """The body of :func:`train` on one process (``ctx``: training.distributed.DistContext)."""
     import torch
 
     from core.device import reuse_freed_memory
     from data.images import ImageFolderDataset, make_train_loader
-    from models.modelfile import check_state_dict
     from training.checkpoint import load_checkpoint
     from training.loop import RunOutputs, TrainOptions, fit
 
@@ -181,13 +216,15 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path) -> Path:
 
     torch.manual_seed(int(cfg.seed))  # model initialisation; the data order has its own seeded sampler
     model = build_model(cfg)
-    if resume is not None and resume.get("model_config") != model.config():
-        raise FaststyleError(
-            f"train.resume checkpoint was trained with model {resume.get('model_config')}, but the "
-            f"config asks for {model.config()}: pass the same model.* options"
-        )
+    # The loader is a pure function of (seed, step, batch size): storing them reproduces the exact batches.
+    data_state = {
+        "seed": int(cfg.seed),
+        "batch_size": int(cfg.train.batch_size),
+        "world_size": ctx.world_size,
+        "dataset_size": len(dataset),
+    }
     if resume is not None:
-        check_state_dict(model.state_dict(), resume.get("model") or {}, resume_path)
+        _check_resume(resume, resume_path, model, data_state, style_path)
     loss_fn = build_loss(cfg, style_image, device)
 
     start_step = int(resume["step"]) if resume is not None else 0
@@ -201,26 +238,6 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path) -> Path:
         world_size=ctx.world_size,
         start_step=start_step,
     )
-    # The loader is a pure function of (seed, step, batch size): storing them reproduces the exact batches.
-    data_state = {
-        "seed": int(cfg.seed),
-        "batch_size": int(cfg.train.batch_size),
-        "world_size": ctx.world_size,
-        "dataset_size": len(dataset),
-    }
-    if resume is not None and resume.get("data") != data_state:
-        log.warning(
-            "data order differs from the checkpoint's (%s vs now %s): batches after resume will differ "
-            "from an uninterrupted run",
-            resume.get("data"),
-            data_state,
-        )
-    if resume is not None and resume.get("style_path") != str(style_path):
-        log.warning(
-            "resuming a run trained on style %s with style %s: pass style=... to keep the original",
-            resume.get("style_path"),
-            style_path,
-        )
     resolved = OmegaConf.to_container(cfg, resolve=True)
     log.info(
         "training %s on %d images from %s, device %s, run dir %s",
@@ -242,12 +259,7 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path) -> Path:
             style_image,
             val_images,
             checkpoint_extra={"config": resolved, "data": data_state, "style_path": str(style_path)},
-            meta={
-                "style": style_path.name,
-                "style_stem": style_stem(cfg.style),
-                "source": "faststyle train.py",
-                "image_size": int(cfg.data.image_size),
-            },
+            meta=_model_meta(cfg, style_path),
             hparams=_flat_hparams(cfg),
             resume=resume,
             dist_ctx=ctx,
