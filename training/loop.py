@@ -1,4 +1,4 @@
-"""The training loop, with plain arguments (no Hydra: train.py turns the config into these and calls ``fit``).
+"""The training loop, with plain arguments (no Hydra: training/run.py turns the config into these and calls ``fit``).
 
 One step: a (B, 3, S, S) batch of photos in [0, 1] -> TransformerNet -> PerceptualLoss(output, photos) ->
 backward -> Adam (Johnson et al. 2016, section 4: Adam, lr 1e-3, batch 4, 256 px crops, 40k iterations).
