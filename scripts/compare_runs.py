@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import hashlib
 import io
 import logging
 import os
@@ -55,7 +54,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from core.errors import FaststyleError, exit_with_error
-from core.fileio import atomic_write_bytes, atomic_write_text
+from core.fileio import atomic_write_bytes, atomic_write_text, file_sha256
 from data.io import is_image_file, load_image, pil_to_tensor, resize_max_side, resize_to, tensor_to_pil
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -320,14 +319,6 @@ def collect_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return unique
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _image_files(root: Path) -> Iterable[Path]:
     for dirpath, _dirnames, filenames in os.walk(root):
         for filename in filenames:
@@ -354,9 +345,9 @@ def check_held_out(held_out: Sequence[Path], training_roots: Sequence[Path]) -> 
             same_size = by_size.get(candidate.stat().st_size)
             if not same_size:
                 continue
-            digest = _sha256(candidate)
+            digest = file_sha256(candidate)
             for path in same_size:
-                if hashes.setdefault(path, _sha256(path)) == digest:
+                if hashes.setdefault(path, file_sha256(path)) == digest:
                     raise FaststyleError(
                         f"held-out image {path} is the training image {candidate}: pick held-out photos "
                         f"that are not under the training data root {root}"
