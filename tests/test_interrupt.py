@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM during training (training/interrupt.py, models/training.fit, train.py's main): the current step
+"""Ctrl-C and SIGTERM during training (training/interrupt.py, training.loop.fit, train.py's main): the current step
 is finished and saved to checkpoints/last.pt, one line gives the resume command, the exit status is 130 / 143, a
 second Ctrl-C exits at once, and torchrun ranks all stop after the same step.
 
