@@ -29,7 +29,7 @@ from models.loss import PerceptualLoss
 from models.transformer import TransformerNet
 from training import interrupt
 from training.checkpoint import load_checkpoint
-from training.loop import RunOutputs, TrainingInterrupted, TrainOptions, fit
+from training.loop import RunOutputs, RunRecord, TrainingInterrupted, TrainOptions, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -407,11 +407,7 @@ def _fit(options: TrainOptions, outputs: RunOutputs, loss_wrapper=None) -> Path:
             options,
             torch.device("cpu"),
             outputs,
-            photos[:1],
-            photos,
-            checkpoint_extra={},
-            meta={},
-            hparams={},
+            RunRecord(photos[:1], photos),
         )
     finally:
         outputs.close()
@@ -503,11 +499,7 @@ def _rank(rank: int, world_size: int, run_dir: str, port: int) -> None:
             options,
             ctx.device,
             outputs,
-            photos[:1],
-            photos,
-            checkpoint_extra={},
-            meta={},
-            hparams={},
+            RunRecord(photos[:1], photos),
             dist_ctx=ctx,
         )
     except TrainingInterrupted as stop:

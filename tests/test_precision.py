@@ -16,7 +16,7 @@ from core import precision as P
 from core.errors import FaststyleError
 from models.loss import PerceptualLoss, gram_matrix
 from models.transformer import TransformerNet
-from training.loop import RunOutputs, Trainer, TrainOptions, fit
+from training.loop import RunOutputs, RunRecord, Trainer, TrainOptions, fit
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
@@ -180,11 +180,7 @@ def test_fit_takes_its_settings_from_the_policy(tmp_path: Path, monkeypatch: pyt
             options,
             CPU,
             outputs,
-            photos[:1],
-            photos,
-            checkpoint_extra={},
-            meta={},
-            hparams={},
+            RunRecord(photos[:1], photos),
         )
     finally:
         outputs.close()

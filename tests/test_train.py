@@ -26,7 +26,7 @@ from models.loss import PerceptualLoss
 from models.modelfile import load_model
 from models.transformer import TransformerNet
 from training.checkpoint import load_checkpoint
-from training.loop import NonFiniteLossError, RunOutputs, TrainOptions, fit
+from training.loop import NonFiniteLossError, RunOutputs, RunRecord, TrainOptions, fit
 from training.run import train as run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,11 +151,7 @@ def test_loss_decreases_with_real_vgg19_weights(tmp_path: Path) -> None:
         options,
         torch.device("cpu"),
         outputs,
-        style,
-        photos,
-        checkpoint_extra={},
-        meta={},
-        hparams={"lr": options.lr},
+        RunRecord(style, photos, hparams={"lr": options.lr}),
     )
     outputs.close()
     losses = scalar_values(read_events(tmp_path), "loss/total")
@@ -194,11 +190,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
             options,
             torch.device("cpu"),
             outputs,
-            photos[:1],
-            photos,
-            checkpoint_extra={},
-            meta={},
-            hparams={},
+            RunRecord(photos[:1], photos),
         )
     outputs.close()
     last = load_checkpoint(tmp_path)

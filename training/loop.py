@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,23 @@ LR_SCHEDULES = ("none", "cosine", "linear")
 MODEL_FILE_NAME = "model.pth"
 NOT_LOOP_KEYS = ("batch_size", "resume", "malloc_reuse")
 """Keys of the config's ``train:`` block that the data loader or the process set-up use, not :func:`fit`."""
+
+
+@dataclass
+class RunRecord:
+    """What a run records about itself besides the weights: the images TensorBoard shows and the plain values its
+    files carry."""
+
+    style_image: torch.Tensor
+    """(1, 3, H, W) in [0, 1], logged once to TensorBoard."""
+    val_images: torch.Tensor
+    """(N, 3, S, S) in [0, 1]: fixed photos stylised into a grid every ``image_interval_steps`` (N = 0: none)."""
+    checkpoint_extra: dict[str, Any] = field(default_factory=dict)
+    """Plain values stored in every checkpoint (resolved config, data order state, ...)."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Plain values for ``model.pth`` (style name, ...); ``steps`` is added by :func:`fit`."""
+    hparams: dict[str, Any] = field(default_factory=dict)
+    """Flat {name: int | float | str | bool} for the TensorBoard hparams summary."""
 
 
 class NonFiniteLossError(FaststyleError):
@@ -420,11 +437,7 @@ def fit(
     options: TrainOptions,
     device: torch.device,
     outputs: RunOutputs,
-    style_image: torch.Tensor,
-    val_images: torch.Tensor,
-    checkpoint_extra: dict[str, Any],
-    meta: dict[str, Any],
-    hparams: dict[str, Any],
+    record: RunRecord,
     resume: dict | None = None,
     dist_ctx: DistContext | None = None,
 ) -> Path:
@@ -435,11 +448,8 @@ def fit(
         loss_fn: PerceptualLoss whose ``set_style`` was already called (style Grams computed once per run).
         batches: endless iterator of (B, 3, S, S) float32 [0, 1] CPU batches, already positioned at the first
             step to run (``make_train_loader(..., start_step=resume step)``).
-        style_image: (1, 3, H, W) in [0, 1], logged once to TensorBoard.
-        val_images: (N, 3, S, S) in [0, 1], fixed photos stylised into a grid every ``image_interval_steps``.
-        checkpoint_extra: plain values stored in every checkpoint (resolved config, data order state, ...).
-        meta: plain values for ``model.pth`` (style name, ...); ``steps`` is added here.
-        hparams: flat {name: int|float|str|bool} for the TensorBoard hparams summary.
+        outputs: where the run writes (disabled on ranks > 0).
+        record: the style image, validation photos, and the values stored in checkpoints, model.pth and hparams.
         resume: a checkpoint dict (``training.checkpoint.load_checkpoint``) to continue from, or None.
         dist_ctx: torchrun context (training.distributed.init_distributed); with more than one process the network
             is wrapped in DDP here (after ``resume`` is loaded, identically on every rank) and logged losses are
@@ -455,14 +465,17 @@ def fit(
     trainer = Trainer(model, loss_fn, options, device, resume=resume, dist_ctx=dist_ctx)
     start_step = trainer.start_step
     with stop_signals() as stop:
-        loop = _StepLoop(trainer, outputs, val_images, checkpoint_extra, stop, dist_ctx)
+        loop = _StepLoop(trainer, outputs, record.val_images, record.checkpoint_extra, stop, dist_ctx)
         with stop.deferred():
-            outputs.image("style", style_image[0], start_step)
+            outputs.image("style", record.style_image[0], start_step)
             loop.run(batches)
         if start_step >= options.steps:
             log.warning(
                 "checkpoint is already at step %d >= train.steps=%d: nothing to train", start_step, options.steps
             )
         return outputs.final(
-            trainer.model, {**meta, "steps": max(start_step, options.steps)}, hparams, loop.window.final_metrics()
+            trainer.model,
+            {**record.meta, "steps": max(start_step, options.steps)},
+            record.hparams,
+            loop.window.final_metrics(),
         )

@@ -193,7 +193,7 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path) -> Path:
     from core.device import reuse_freed_memory
     from data.images import ImageFolderDataset, make_train_loader
     from training.checkpoint import load_checkpoint
-    from training.loop import RunOutputs, TrainOptions, fit
+    from training.loop import RunOutputs, RunRecord, TrainOptions, fit
 
     if OmegaConf.is_missing(cfg.data, "root"):
         raise FaststyleError("data.root is required: pass data.root=<folder of photos, e.g. data/coco/train2014>")
@@ -256,11 +256,13 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path) -> Path:
             options,
             device,
             outputs,
-            style_image,
-            val_images,
-            checkpoint_extra={"config": resolved, "data": data_state, "style_path": str(style_path)},
-            meta=_model_meta(cfg, style_path),
-            hparams=_flat_hparams(cfg),
+            RunRecord(
+                style_image,
+                val_images,
+                checkpoint_extra={"config": resolved, "data": data_state, "style_path": str(style_path)},
+                meta=_model_meta(cfg, style_path),
+                hparams=_flat_hparams(cfg),
+            ),
             resume=resume,
             dist_ctx=ctx,
         )
