@@ -112,49 +112,56 @@ def stylize(cfg: DictConfig) -> Summary:
     return summary
 
 
-def _run(todo: list[Job], runner: Runner, cfg: DictConfig, summary: Summary) -> None:
-    """Decode, stylize and write ``todo``, recording every result in ``summary``."""
+def _decoded(pool: ThreadPoolExecutor, todo: list[Job], cfg: DictConfig) -> Iterator[Loaded]:
+    """``todo`` decoded in ``pool``, in order, with at most ``io_threads + 1`` decoded images waiting."""
     max_side = int(cfg.max_side_px) if cfg.max_side_px is not None else None
     scale = float(cfg.scale) if cfg.scale is not None else None
+    ahead = int(cfg.io_threads) + 1
+    futures: list[Future[Loaded]] = []
+    for job in todo:
+        futures.append(pool.submit(load_job, job, max_side, scale))
+        if len(futures) > ahead:
+            yield futures.pop(0).result()
+    for future in futures:
+        yield future.result()
+
+
+def _stylize_batch(batch: list[Loaded], runner: Runner, summary: Summary) -> list[tuple[Loaded, object]]:
+    """Run one batch; failures go into ``summary``, the results to write are returned with their inputs."""
+    if batch[0].error is not None:  # a file that could not be decoded travels alone
+        summary.failed.append((batch[0].job.source, batch[0].error))
+        logger.error("skipping: %s", batch[0].error)
+        return []
+    try:
+        outputs = runner(batch)
+    except (RuntimeError, OSError) as err:  # e.g. out of memory on one huge image: report, go on
+        for item in batch:
+            summary.failed.append((item.job.source, f"stylizing failed: {err}"))
+        logger.error("stylizing %d image(s) failed: %s", len(batch), err)
+        return []
+    results = []
+    for item, out in zip(batch, outputs, strict=True):
+        problem = _non_finite_error(out) if isinstance(out, torch.Tensor) else None  # tiled: checked already
+        if problem is not None:
+            summary.failed.append((item.job.source, problem))
+            logger.error("%s: %s", item.job.source, problem)
+        else:
+            results.append((item, out))
+    return results
+
+
+def _run(todo: list[Job], runner: Runner, cfg: DictConfig, summary: Summary) -> None:
+    """Decode, stylize and write ``todo``, recording every result in ``summary``."""
     # Decoding and encoding run in a small thread pool (PIL releases the GIL while it decodes/encodes), so the
-    # network is rarely idle waiting for files; at most io_threads + 1 decoded images wait in memory. Leaving the
-    # pool's block (also on Ctrl-C) waits for the writes in flight, which are atomic: no file is left half-written.
+    # network is rarely idle waiting for files. Leaving the pool's block (also on Ctrl-C) waits for the writes in
+    # flight, which are atomic: no file is left half-written.
     with ThreadPoolExecutor(max_workers=int(cfg.io_threads), thread_name_prefix="stylize-io") as pool:
-        ahead = int(cfg.io_threads) + 1
-
-        def decoded() -> Iterator[Loaded]:
-            futures: list[Future[Loaded]] = []
-            for job in todo:
-                futures.append(pool.submit(load_job, job, max_side, scale))
-                if len(futures) > ahead:
-                    yield futures.pop(0).result()
-            for future in futures:
-                yield future.result()
-
         writes: list[tuple[Loaded, Future[Path]]] = []
         progress = tqdm(total=len(todo), unit="img", desc="stylize", disable=None)
         try:
-            for batch in batches(decoded(), runner, int(cfg.batch_size)):
-                if batch[0].error is not None:
-                    summary.failed.append((batch[0].job.source, batch[0].error))
-                    logger.error("skipping: %s", batch[0].error)
-                    progress.update(1)
-                    continue
-                try:
-                    outputs = runner(batch)
-                except (RuntimeError, OSError) as err:  # e.g. out of memory on one huge image: report, go on
-                    for item in batch:
-                        summary.failed.append((item.job.source, f"stylizing failed: {err}"))
-                    logger.error("stylizing %d image(s) failed: %s", len(batch), err)
-                    progress.update(len(batch))
-                    continue
-                for item, out in zip(batch, outputs, strict=True):
-                    problem = _non_finite_error(out) if isinstance(out, torch.Tensor) else None  # tiled: checked
-                    if problem is not None:
-                        summary.failed.append((item.job.source, problem))
-                        logger.error("%s: %s", item.job.source, problem)
-                    else:
-                        writes.append((item, pool.submit(save_result, item, out, cfg)))
+            for batch in batches(_decoded(pool, todo, cfg), runner, int(cfg.batch_size)):
+                for item, out in _stylize_batch(batch, runner, summary):
+                    writes.append((item, pool.submit(save_result, item, out, cfg)))
                 progress.update(len(batch))
                 writes = _collect(writes, summary, wait=False)
         except BaseException:  # Ctrl-C: drop the writes not started yet; those started finish (atomically)
