@@ -86,6 +86,22 @@ def cuda_supports_bf16(device: torch.device) -> bool:
     return major >= 8
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU computes bf16 in hardware (AMX-BF16 or AVX512-BF16), from the kernel's CPU flags on Linux.
+
+    Without either, oneDNN emulates bf16 and it runs far slower than fp32; with them bf16 matmuls run several times
+    faster than fp32. The vendor does not decide it: recent AMD CPUs have AVX512-BF16 too.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return bool(set(line.split(":", 1)[1].split()) & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False  # unknown (not Linux): assume emulated, the safe side
+
+
 def cpu_bf16_is_faster() -> bool:
     """Whether bf16 beats fp32 on this CPU, which decides CPU ``auto``.
 
@@ -247,6 +263,9 @@ def configure_backends(policy: PrecisionPolicy) -> None:
     """
     if policy.device_type == "cuda":
         torch.backends.cudnn.benchmark = policy.training
-    if policy.name == "bf16" and policy.device_type == "cpu" and not cpu_bf16_is_faster():
-        logger.warning("precision=bf16 on this CPU is much slower than fp32; precision=auto uses fp32")
+    if policy.name == "bf16" and policy.device_type == "cpu" and not cpu_has_native_bf16():
+        logger.warning(
+            "precision=bf16: this CPU has no native bf16 (AMX or AVX512-BF16), so it runs emulated and much slower "
+            "than fp32; precision=auto uses fp32"
+        )
     logger.info("%s", policy.describe())

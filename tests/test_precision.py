@@ -70,7 +70,9 @@ def test_cpu_bf16_is_one_capability_switch(monkeypatch: pytest.MonkeyPatch) -> N
         assert P.resolve_precision(CPU, "auto", training=training).name == "bf16"
 
 
-def test_explicit_requests_are_honoured_or_refused(fake_gpu: dict, caplog: pytest.LogCaptureFixture) -> None:
+def test_explicit_requests_are_honoured_or_refused(
+    fake_gpu: dict, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for training in (True, False):
         assert P.resolve_precision(CPU, "fp32", training=training).dtype is None
         with pytest.raises(FaststyleError, match=r"^precision=fp16 needs a CUDA device \(device is cpu\)"):
@@ -88,11 +90,29 @@ def test_explicit_requests_are_honoured_or_refused(fake_gpu: dict, caplog: pytes
             P.resolve_precision(CUDA, "bf16", training=training)
         fake_gpu["bf16"] = True
         assert P.resolve_precision(CUDA, "bf16", training=training).dtype is torch.bfloat16
-    bf16 = P.resolve_precision(CPU, "bf16", training=True)  # allowed when asked for, but it warns: slow on CPUs
+    bf16 = P.resolve_precision(CPU, "bf16", training=True)  # allowed when asked for; warns where it is emulated
     assert bf16.dtype is torch.bfloat16 and not bf16.use_grad_scaler
-    with caplog.at_level(logging.WARNING, logger="core.precision"):
-        P.configure_backends(bf16)
-    assert "slower" in caplog.text
+    for native in (False, True):
+        monkeypatch.setattr(P, "cpu_has_native_bf16", lambda native=native: native)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="core.precision"):
+            P.configure_backends(bf16)
+        assert ("slower" in caplog.text) is not native
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import builtins
+
+    real_open = builtins.open
+    for flags, native in (("fpu avx2 fma", False), ("fpu avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True)):
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+
+        def fake_open(path, *args, cpuinfo=cpuinfo, **kwargs):
+            return real_open(cpuinfo if str(path) == "/proc/cpuinfo" else path, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", fake_open)
+        assert P.cpu_has_native_bf16() is native, flags
 
 
 @pytest.mark.parametrize("training", [True, False])
