@@ -178,6 +178,12 @@ def claim_fresh_dir(path: Path) -> Path:
     raise AssertionError("unreachable")
 
 
+def absolute_user_path(path: str | os.PathLike) -> Path:
+    """A user path made absolute against the directory the command was started from (Hydra never changes the
+    working directory here); ``~`` expanded, symbolic links kept, so names derived from it stay the user's."""
+    return Path(os.path.abspath(os.path.expanduser(str(path))))
+
+
 def resolve_user_path(path: str) -> Path:
     """A path as the user meant it: ``~`` expanded, relative to the current folder, symlinks resolved."""
     return Path(os.path.realpath(os.path.expanduser(path)))

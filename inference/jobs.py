@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from core.cli import absolute_user_path
 from core.errors import FaststyleError
 from data.io import ALPHA_FORMATS, OUTPUT_FORMATS, WRITE_FORMATS, file_has_alpha, is_image_file, walk_images
 
@@ -29,11 +30,6 @@ class Job:
     target: Path
 
 
-def absolute(path: str | os.PathLike) -> Path:
-    """User paths are relative to the directory the command was started from (Hydra does not chdir)."""
-    return Path(os.path.abspath(os.path.expanduser(str(path))))
-
-
 def find_inputs(input_spec: str, recursive: bool) -> tuple[list[Path], Path, list[tuple[Path, str]]]:
     """The files named by ``input_spec`` (file, folder, or glob), the base folder output names mirror, and the
     entries that were passed over, with the reason (folders named like images, broken links, ...).
@@ -42,7 +38,7 @@ def find_inputs(input_spec: str, recursive: bool) -> tuple[list[Path], Path, lis
     single file is read in); a file that turns out to be corrupt or in an unsupported format fails later, when it
     is decoded, and is reported. A single file is taken whatever its name.
     """
-    path = absolute(input_spec)
+    path = absolute_user_path(input_spec)
     if path.is_file():
         return [path], path.parent, []
     if path.is_dir():
@@ -56,7 +52,7 @@ def find_inputs(input_spec: str, recursive: bool) -> tuple[list[Path], Path, lis
     if glob.has_magic(str(input_spec)):
         files, skipped = [], []
         for match in sorted(glob.glob(str(path), recursive=recursive)):
-            entry = absolute(match)
+            entry = absolute_user_path(match)
             if not is_image_file(entry):
                 continue
             if entry.is_file():
@@ -102,7 +98,7 @@ def plan_jobs(cfg: DictConfig, model_path: Path, meta: dict) -> tuple[list[Job],
         ext = source.suffix.lower()
         return OUTPUT_FORMATS.get(ext.lstrip("."), ".png")
 
-    output = absolute(cfg.output) if cfg.output else model_path.parent / "stylized"
+    output = absolute_user_path(cfg.output) if cfg.output else model_path.parent / "stylized"
     real_output = Path(os.path.realpath(output))
     # Earlier results inside an input tree must not be stylized again (recursive folders, broad globs).
     real_base = Path(os.path.realpath(base))

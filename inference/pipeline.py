@@ -16,10 +16,11 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from configs.schema import check_stylize_config
+from core.cli import absolute_user_path
 from core.device import reuse_freed_memory
 from core.errors import FaststyleError
 from core.fileio import remove_stale_temp_files
-from inference.jobs import Job, absolute, plan_jobs
+from inference.jobs import Job, plan_jobs
 from inference.runner import Loaded, Runner, batches, load_job, save_result
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def stylize(cfg: DictConfig) -> Summary:
     check_stylize_config(cfg)
     if cfg.malloc_reuse:
         reuse_freed_memory()
-    model_path = absolute(cfg.model)
+    model_path = absolute_user_path(cfg.model)
     if model_path.is_dir():
         raise FaststyleError(f"model={model_path} is a folder: pass the model file, e.g. model=<run dir>/model.pth")
     if not model_path.is_file():

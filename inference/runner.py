@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from core import precision
+from core.cli import absolute_user_path
 from core.errors import FaststyleError
 from data.io import (
     ALPHA_FORMATS,
@@ -30,7 +31,7 @@ from data.io import (
     to_uint8,
 )
 from inference.colour import finish_colors
-from inference.jobs import Job, absolute
+from inference.jobs import Job
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class Runner:
         self.budget_mb = float(cfg.max_memory_mb)
         if self.budget_mb <= 0:
             raise FaststyleError("max_memory_mb must be positive")
-        self.tmp_dir = str(absolute(cfg.tmp_dir)) if cfg.tmp_dir else None
+        self.tmp_dir = str(absolute_user_path(cfg.tmp_dir)) if cfg.tmp_dir else None
         self.preserve_color, self.strength = bool(cfg.preserve_color), float(cfg.strength)
         self._estimate = untiled_bytes_estimate
         self._tiled = None

@@ -7,7 +7,6 @@ functions with a config from ``hydra.compose`` (the loss and style-target set-up
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from configs.schema import check_train_config, min_image_size
+from core.cli import absolute_user_path
 from core.errors import FaststyleError
 from core.fileio import remove_stale_temp_files
 
@@ -27,11 +27,8 @@ def style_stem(path: str) -> str:
 
 
 def absolute(path: str | None) -> Path | None:
-    """A user path made absolute against the directory the command was started from (Hydra never changes the
-    working directory here); symbolic links are kept, so names (the style's, in the model's meta) stay the user's."""
-    if path is None or str(path) == "":
-        return None
-    return Path(os.path.abspath(os.path.expanduser(str(path))))
+    """An optional user path (None or "" for none) made absolute: :func:`core.cli.absolute_user_path`."""
+    return None if path is None or str(path) == "" else absolute_user_path(path)
 
 
 def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
