@@ -39,7 +39,7 @@ import logging
 import os
 import re
 import textwrap
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from core.errors import FaststyleError, exit_with_error
 from core.fileio import atomic_write_bytes, atomic_write_text, file_sha256
-from data.io import is_image_file, load_image, pil_to_tensor, resize_max_side, resize_to, tensor_to_pil
+from data.io import is_image_file, load_image, pil_to_tensor, resize_max_side, resize_to, tensor_to_pil, walk_images
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -305,7 +305,7 @@ def collect_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p)))
+            files.extend(walk_images(path)[0])
         elif path.is_file():
             if not is_image_file(path):
                 raise FaststyleError(f"{path} is not an image file (use .jpg, .png, .webp or .bmp)")
@@ -317,14 +317,6 @@ def collect_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
         named = ", ".join(map(str, paths))
         raise FaststyleError(f"no held-out images in {named}: pass files or folders with --content")
     return unique
-
-
-def _image_files(root: Path) -> Iterable[Path]:
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for filename in filenames:
-            candidate = Path(dirpath) / filename
-            if is_image_file(candidate):
-                yield candidate
 
 
 def check_held_out(held_out: Sequence[Path], training_roots: Sequence[Path]) -> None:
@@ -341,7 +333,7 @@ def check_held_out(held_out: Sequence[Path], training_roots: Sequence[Path]) -> 
     for root in training_roots:
         if not root.is_dir():
             raise FaststyleError(f"training data root {root} is not a folder: cannot check the held-out images")
-        for candidate in _image_files(root):
+        for candidate in walk_images(root)[0]:  # the files training reads
             same_size = by_size.get(candidate.stat().st_size)
             if not same_size:
                 continue
