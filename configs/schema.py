@@ -102,7 +102,7 @@ class StylizeSchema:
     preserve_color: bool
     strength: float = field(metadata={"min": 0.0, "max": 1.0})
     device: str
-    precision: str = field(metadata=_choices("auto", "fp32", "fp16"))
+    precision: str = field(metadata=_choices("auto", "fp32", "fp16", "bf16"))
     onnx_pixel_range: Any = field(metadata=_choices("auto", "0-1", "0-255", 1, 255))
     channels_last: Any = field(metadata=SWITCH)
     batch_size: int = field(metadata={"min": 1})

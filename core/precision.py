@@ -8,8 +8,9 @@ Settings (config keys ``train.precision`` / ``precision``, ``train.channels_last
 ``train.compile``; stylize has no compile key and never compiles):
 
 - precision ``fp32``: no reduced precision; the reference every other setting is compared with.
-- precision ``bf16``: bfloat16 has fp32's exponent range, so training needs no loss scaling. Needs native bf16
-  (NVIDIA Ampere or newer); allowed on CPU when asked for, with a warning, because most CPUs emulate it slowly.
+- precision ``bf16``: bfloat16 has fp32's exponent range, so training needs no loss scaling. Needs native bf16:
+  NVIDIA Ampere or newer, or a CPU with AMX-BF16 or AVX512-BF16 (:func:`cpu_bf16_hardware`). Allowed on other
+  CPUs when asked for, with a warning, because they emulate it many times slower than fp32.
 - precision ``fp16``: float16 (CUDA only). Training scales the loss with a GradScaler, because fp16 gradients of
   small losses underflow to zero otherwise (Micikevicius et al. 2018, "Mixed Precision Training").
 - channels_last ``true``: NHWC memory layout for the network and its inputs; compile ``true``: ``torch.compile``.
@@ -18,17 +19,21 @@ Settings (config keys ``train.precision`` / ``precision``, ``train.channels_last
 
 What ``auto`` resolves to (train = ``train.py``; stylize = ``stylize.py``):
 
-==========================  =======================================  ==============  =======
-device                      precision                                channels_last   compile
-==========================  =======================================  ==============  =======
-cpu, train                  fp32                                     off             off
-cpu, stylize                fp32                                     on              off
-cuda (Ampere+), train       bf16 autocast                            on              on
-cuda (older), train         fp16 autocast + GradScaler               on              on
-cuda (any), stylize         fp16 (network and inputs cast to fp16)   on              off
-mps, train                  fp32                                     off             off
-mps, stylize                fp32                                     on              off
-==========================  =======================================  ==============  =======
+=============================  =======================================  ==============  =======
+device                         precision                                channels_last   compile
+=============================  =======================================  ==============  =======
+cpu with native bf16, train    bf16 autocast                            off             off
+cpu with native bf16, stylize  bf16 (network and inputs cast to bf16)   on              off
+other cpu, train               fp32                                     off             off
+other cpu, stylize             fp32                                     on              off
+cuda (Ampere+), train          bf16 autocast                            on              on
+cuda (older), train            fp16 autocast + GradScaler               on              on
+cuda (any), stylize            fp16 (network and inputs cast to fp16)   on              off
+mps, train                     fp32                                     off             off
+mps, stylize                   fp32                                     on              off
+=============================  =======================================  ==============  =======
+
+"Native bf16" on a CPU: AMX-BF16 or AVX512-BF16, read from the CPU flags at run time (:func:`cpu_bf16_hardware`).
 
 Why training and inference differ where they do:
 
@@ -37,6 +42,8 @@ Why training and inference differ where they do:
 - On CUDA, inference picks fp16 even where bf16 is native: a forward pass of an instance-normalised network stays
   far inside fp16's range, and fp16 keeps 3 more mantissa bits for the 8-bit output. Training picks bf16 there
   because gradients need the range and then no loss scaling is needed.
+- On a CPU the 16-bit type is bf16, for inference too: CPU fp16 matmuls run no faster than fp32, native bf16 ones
+  several times faster.
 - channels_last on CPU: oneDNN's NHWC kernels are faster for the forward pass alone but slower for the whole
   training step (README, "Speed and memory"); compile did not speed up CPU training and its first step takes
   minutes, and stylize meets a new input shape per image size, so it does not compile.
@@ -44,7 +51,9 @@ Why training and inference differ where they do:
 The defaults are ``auto`` except ``train.channels_last`` and ``train.compile``, which default to false
 (configs/train.yaml): turning compilation on is the user's choice, since its first step compiles for a while.
 
-CPU bf16 stays off until it is measured faster: :func:`cpu_bf16_is_faster` is the one place that changes.
+On the CPU the precision follows the hardware detected at run time (:func:`cpu_auto_precision`), never a constant
+written for one machine: the same code base runs on CPUs with AMX, with AVX512-BF16 only, and with AVX2 only.
+The log line names the reason, e.g. ``precision: bf16 (auto: AMX detected), channels_last: on, ...``.
 
 Whatever the precision, our code keeps the numerically fragile parts in fp32: Gram matrices and loss reductions
 (models/loss.py) and instance-norm statistics (models/norm.py).
@@ -54,6 +63,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -86,29 +96,62 @@ def cuda_supports_bf16(device: torch.device) -> bool:
     return major >= 8
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether the CPU computes bf16 in hardware (AMX-BF16 or AVX512-BF16), from the kernel's CPU flags on Linux.
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA, docs "CPU Dispatcher Control") below which its bf16 kernels are emulated, and
+# below which AMX is off. A cap above these, or none, leaves what the CPU flags say.
+_ONEDNN_ISAS_WITHOUT_BF16 = frozenset(
+    {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+)
+_ONEDNN_ISAS_WITHOUT_AMX = _ONEDNN_ISAS_WITHOUT_BF16 | {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512"}
 
-    Without either, oneDNN emulates bf16 and it runs far slower than fp32; with them bf16 matmuls run several times
-    faster than fp32. The vendor does not decide it: recent AMD CPUs have AVX512-BF16 too.
-    """
+
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (Linux), or None where they cannot be read."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
             for line in cpuinfo:
                 if line.startswith("flags"):
-                    return bool(set(line.split(":", 1)[1].split()) & {"amx_bf16", "avx512_bf16"})
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False  # unknown (not Linux): assume emulated, the safe side
+    return None
 
 
-def cpu_bf16_is_faster() -> bool:
-    """Whether bf16 beats fp32 on this CPU, which decides CPU ``auto``.
+def cpu_bf16_hardware() -> str | None:
+    """The instructions that compute bf16 natively on this CPU, as oneDNN will use them: "AMX" (AMX-BF16),
+    "AVX512-BF16", or None where bf16 is emulated.
 
-    False everywhere for now: on CPUs without AMX or AVX512-BF16 bf16 is emulated and much slower. A
-    later change may return True on CPUs with those instructions once a benchmark shows a gain there.
+    Read from the kernel's CPU flags, not the vendor (recent AMD CPUs have AVX512-BF16 too), and capped by the
+    ``ONEDNN_MAX_CPU_ISA`` (or older ``DNNL_MAX_CPU_ISA``) environment variable, which limits the instructions
+    oneDNN's convolutions and matmuls may use. Emulated bf16 runs far slower than fp32; native bf16 matmuls run
+    several times faster. Unknown (not Linux, or a torch without oneDNN): None, the safe side.
     """
-    return False
+    flags = _cpu_flags()
+    if not flags or not torch.backends.mkldnn.is_available():
+        return None
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    if "amx_bf16" in flags and cap not in _ONEDNN_ISAS_WITHOUT_AMX:
+        return "AMX"
+    if flags & {"amx_bf16", "avx512_bf16"} and cap not in _ONEDNN_ISAS_WITHOUT_BF16:
+        return "AVX512-BF16"
+    return None
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (:func:`cpu_bf16_hardware` names the instructions)."""
+    return cpu_bf16_hardware() is not None
+
+
+def cpu_auto_precision(training: bool) -> tuple[str, str]:
+    """What ``auto`` picks on this CPU, and why (for the log line): bf16 where the CPU computes it natively, fp32
+    elsewhere.
+
+    bf16 was measured faster than fp32 on CPUs with native bf16, for the training step and for stylize, and within
+    the quality gates (README, "Speed and memory"); without native bf16 it is emulated and many times slower.
+    """
+    hardware = cpu_bf16_hardware()
+    if hardware is None:
+        return "fp32", "no native bf16 on this CPU"
+    return "bf16", f"{hardware} detected"
 
 
 @dataclass(frozen=True)
@@ -127,6 +170,7 @@ class PrecisionPolicy:
     compile: bool
     device_type: str
     training: bool
+    reason: str = ""
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -146,6 +190,8 @@ class PrecisionPolicy:
     def describe(self) -> str:
         """One line for the log, e.g. ``precision: fp32, channels_last: on, compile: off (cpu, stylize)``."""
         name = f"{self.name} + loss scaling" if self.use_grad_scaler else self.name
+        if self.reason:
+            name = f"{name} (auto: {self.reason})"
         on = {True: "on", False: "off"}
         return (
             f"precision: {name}, channels_last: {on[self.channels_last]}, compile: {on[self.compile]} "
@@ -190,18 +236,23 @@ class PrecisionPolicy:
         return torch.compile(module) if self.compile else module
 
 
-def _precision_name(name: str, device: torch.device, training: bool) -> str:
-    """``name`` checked against ``device``, with ``auto`` replaced by the table's choice (FaststyleError if the
-    device cannot run it). Explicit requests are honoured or refused, never silently replaced."""
+def _precision_name(name: str, device: torch.device, training: bool) -> tuple[str, str]:
+    """``name`` checked against ``device``, with ``auto`` replaced by the table's choice, and the reason for that
+    choice ("" when asked for); FaststyleError if the device cannot run it. Explicit requests are honoured or
+    refused, never silently replaced."""
     if name not in PRECISIONS:
         raise FaststyleError(f"unknown precision {name!r}: use one of {', '.join(PRECISIONS)}")
     kind = device.type
     if name == "auto":
         if kind == "cuda":
-            return "bf16" if training and cuda_supports_bf16(device) else "fp16"
-        if kind == "cpu" and cpu_bf16_is_faster():
-            return "bf16"
-        return "fp32"
+            if not training:
+                return "fp16", "CUDA inference"
+            if cuda_supports_bf16(device):
+                return "bf16", "GPU with native bf16"
+            return "fp16", "GPU without native bf16"
+        if kind == "cpu":
+            return cpu_auto_precision(training)
+        return "fp32", f"{kind} default"
     if name == "fp16" and kind != "cuda":
         raise FaststyleError(
             f"precision=fp16 needs a CUDA device (device is {kind}): use precision=fp32 or auto, or device=cuda"
@@ -213,7 +264,7 @@ def _precision_name(name: str, device: torch.device, training: bool) -> str:
         )
     if name == "bf16" and kind == "mps":
         raise FaststyleError("precision=bf16 is not supported on MPS here: use precision=fp32 or auto")
-    return name
+    return name, ""
 
 
 def resolve_switch(value: bool | str, setting: str, device: torch.device, training: bool) -> bool:
@@ -241,7 +292,7 @@ def resolve_precision(
 
     Pure: no logging and no process-wide state; :func:`configure_backends` applies and logs the result.
     """
-    name = _precision_name(str(precision), device, training)
+    name, reason = _precision_name(str(precision), device, training)
     return PrecisionPolicy(
         name=name,
         dtype=_DTYPES[name],
@@ -250,6 +301,7 @@ def resolve_precision(
         compile=resolve_switch(compile, "compile", device, training),
         device_type=device.type,
         training=training,
+        reason=reason,
     )
 
 

@@ -35,10 +35,6 @@ from inference.jobs import Job
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "fp16")
-"""stylize's precision values: core.precision's, without bf16 (fp16 is the more accurate 16-bit type for a forward
-pass)."""
-
 
 @dataclass
 class Loaded:
@@ -117,8 +113,13 @@ class Runner:
         from inference.tiled import untiled_bytes_estimate
 
         name = str(cfg.precision)
-        if name not in PRECISIONS:
-            raise FaststyleError(f"precision={name} is not one of {', '.join(PRECISIONS)}")
+        if not isinstance(net, torch.nn.Module):  # an .onnx model: onnxruntime computes in float32 whatever we ask
+            if name not in ("auto", "fp32"):
+                raise FaststyleError(
+                    f"precision={name}: .onnx models run in fp32 through onnxruntime: use precision=auto or fp32, "
+                    "or the .pth model"
+                )
+            name = "fp32"  # a 16-bit input would only round the photo before onnxruntime converts it back
         # Precision, memory format and the cast of the network: core.precision's policy (stylize never compiles:
         # each image size would compile again).
         self.policy = precision.resolve_precision(device, name, cfg.channels_last, False, training=False)

@@ -23,10 +23,13 @@ CUDA = torch.device("cuda")
 MPS = torch.device("mps")
 has_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-# device, training, native bf16 on the GPU -> (precision, grad scaler, channels_last, compile): the module's table.
+# device, training, native bf16 (on the GPU; on the CPU the instructions detected) -> (precision, grad scaler,
+# channels_last, compile): the module's table.
 AUTO_TABLE = [
     (CPU, True, None, ("fp32", False, False, False)),
     (CPU, False, None, ("fp32", False, True, False)),
+    (CPU, True, "AMX", ("bf16", False, False, False)),
+    (CPU, False, "AVX512-BF16", ("bf16", False, True, False)),
     (CUDA, True, True, ("bf16", False, True, True)),
     (CUDA, True, False, ("fp16", True, True, True)),
     (CUDA, False, True, ("fp16", False, True, False)),
@@ -38,9 +41,11 @@ AUTO_TABLE = [
 
 @pytest.fixture
 def fake_gpu(monkeypatch: pytest.MonkeyPatch):
-    """Decide the CUDA rows without a GPU: the capability probe answers what the test sets."""
-    state = {"bf16": True}
+    """Decide the CUDA rows without a GPU, and the CPU rows whatever this machine's CPU: the capability probes
+    answer what the test sets ("cpu": the bf16 instructions the CPU detection reports, None by default)."""
+    state = {"bf16": True, "cpu": None}
     monkeypatch.setattr(P, "cuda_supports_bf16", lambda device: state["bf16"])
+    monkeypatch.setattr(P, "cpu_bf16_hardware", lambda: state["cpu"])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
     return state
 
@@ -51,23 +56,28 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch):
     ids=[f"{d.type}-{'train' if t else 'stylize'}-{b}" for d, t, b, _ in AUTO_TABLE],
 )
 def test_auto_per_device_and_mode(
-    fake_gpu: dict, device: torch.device, training: bool, bf16: bool | None, expected: tuple
+    fake_gpu: dict, device: torch.device, training: bool, bf16: bool | str | None, expected: tuple
 ) -> None:
     fake_gpu["bf16"] = bool(bf16)
+    fake_gpu["cpu"] = bf16 if isinstance(bf16, str) else None
     policy = P.resolve_precision(device, "auto", "auto", "auto", training=training)
     assert (policy.name, policy.use_grad_scaler, policy.channels_last, policy.compile) == expected
     assert policy.dtype is {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[policy.name]
     assert (policy.device_type, policy.training) == (device.type, training)
     # Training keeps fp32 weights (autocast); inference casts the network, so its activations shrink.
     assert policy.tensor_dtype is (torch.float32 if training or policy.dtype is None else policy.dtype)
-    assert policy.activation_bytes_factor == (0.5 if policy.tensor_dtype is torch.float16 else 1.0)
+    assert policy.activation_bytes_factor == (1.0 if policy.tensor_dtype is torch.float32 else 0.5)
 
 
-def test_cpu_bf16_is_one_capability_switch(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert P.cpu_bf16_is_faster() is False  # not enabled until measured faster
-    monkeypatch.setattr(P, "cpu_bf16_is_faster", lambda: True)
-    for training in (True, False):
-        assert P.resolve_precision(CPU, "auto", training=training).name == "bf16"
+def test_cpu_auto_follows_the_detected_hardware_and_says_why(fake_gpu: dict) -> None:
+    for hardware, name, reason in ((None, "fp32", "no native bf16 on this CPU"), ("AMX", "bf16", "AMX detected")):
+        fake_gpu["cpu"] = hardware
+        for training in (True, False):
+            policy = P.resolve_precision(CPU, "auto", training=training)
+            assert (policy.name, policy.reason) == (name, reason)
+            assert policy.describe().startswith(f"precision: {name} (auto: {reason}), channels_last: ")
+            # An explicit request is the user's: no "auto" reason, and fp32 stays available everywhere.
+            assert P.resolve_precision(CPU, "fp32", training=training).describe().startswith("precision: fp32, ")
 
 
 def test_explicit_requests_are_honoured_or_refused(
@@ -100,11 +110,24 @@ def test_explicit_requests_are_honoured_or_refused(
         assert ("slower" in caplog.text) is not native
 
 
-def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_native_bf16_is_read_from_the_cpu_flags_and_the_onednn_cap(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     import builtins
 
     real_open = builtins.open
-    for flags, native in (("fpu avx2 fma", False), ("fpu avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True)):
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    cases = (
+        ("fpu avx2 fma", None, None),
+        ("fpu avx512f avx512_bf16", None, "AVX512-BF16"),
+        ("fpu avx512f avx512_bf16 amx_bf16 amx_tile", None, "AMX"),
+        # ONEDNN_MAX_CPU_ISA limits what oneDNN may use: below AVX512_CORE_BF16 its bf16 is emulated.
+        ("fpu avx512f avx512_bf16 amx_bf16 amx_tile", "AVX2", None),
+        ("fpu avx512f avx512_bf16", "avx512_core", None),
+        ("fpu avx512f avx512_bf16 amx_bf16 amx_tile", "AVX512_CORE_BF16", "AVX512-BF16"),
+        ("fpu avx512f avx512_bf16 amx_bf16 amx_tile", "AVX512_CORE_AMX", "AMX"),
+    )
+    for flags, cap, expected in cases:
         cpuinfo = tmp_path / "cpuinfo"
         cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
 
@@ -112,7 +135,15 @@ def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch: pytest.MonkeyPatch,
             return real_open(cpuinfo if str(path) == "/proc/cpuinfo" else path, *args, **kwargs)
 
         monkeypatch.setattr(builtins, "open", fake_open)
-        assert P.cpu_has_native_bf16() is native, flags
+        monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+        if cap is None:
+            monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        else:
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert P.cpu_bf16_hardware() == expected, (flags, cap)
+        assert P.cpu_has_native_bf16() is (expected is not None)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)  # no oneDNN: nothing is native
+    assert P.cpu_bf16_hardware() is None
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -136,11 +167,14 @@ def test_train_options_take_auto_from_the_policy() -> None:
     assert policy.training and (policy.channels_last, policy.compile) == (False, False)  # CPU training row
 
 
-def test_configure_backends_and_the_log_line(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_configure_backends_and_the_log_line(
+    fake_gpu: dict, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    fake_gpu["cpu"] = "AMX"
     with caplog.at_level(logging.INFO, logger="core.precision"):
         P.configure_backends(P.resolve_precision(CPU, "auto", "auto", "auto", training=False))
-    assert caplog.messages == ["precision: fp32, channels_last: on, compile: off (cpu, stylize)"]
+    assert caplog.messages == ["precision: bf16 (auto: AMX detected), channels_last: on, compile: off (cpu, stylize)"]
     assert torch.backends.cudnn.benchmark is False  # CPU: nothing to configure
     gpu = P.PrecisionPolicy("fp16", torch.float16, True, True, False, "cuda", training=True)
     assert gpu.describe() == "precision: fp16 + loss scaling, channels_last: on, compile: off (cuda, train)"
@@ -223,7 +257,7 @@ def _stylize_cfg(**values: object):
     return OmegaConf.create({**base, **values})
 
 
-def test_runner_takes_its_settings_from_the_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_runner_takes_its_settings_from_the_policy(fake_gpu: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     from inference.runner import Runner
 
     reference = Runner(TransformerNet(base_width=8, residual_blocks=1), CPU, _stylize_cfg())
@@ -245,9 +279,27 @@ def test_runner_refuses_what_stylize_cannot_run() -> None:
     net = TransformerNet(base_width=8, residual_blocks=1)
     with pytest.raises(FaststyleError, match=r"^precision=fp16 needs a CUDA device \(device is cpu\)"):
         Runner(net, CPU, _stylize_cfg(precision="fp16"))
-    with pytest.raises(FaststyleError, match="precision=bf16 is not one of auto, fp32, fp16"):
-        Runner(net, CPU, _stylize_cfg(precision="bf16"))
     assert Runner(net, CPU, _stylize_cfg(channels_last="false")).policy.channels_last is False  # not truthy
+    bf16 = Runner(net, CPU, _stylize_cfg(precision="bf16"))  # the network is cast: inference has no autocast
+    assert bf16.policy.name == "bf16" and bf16.net.encoder[0].conv.weight.dtype is torch.bfloat16
+
+
+def test_runner_runs_onnx_models_in_fp32(fake_gpu: dict) -> None:
+    """onnxruntime computes in float32: a 16-bit input would only round the photo. auto gives fp32 even where the
+    CPU has native bf16; an explicit 16-bit request is refused."""
+    from inference.runner import Runner
+
+    class OnnxLike:  # what inference.onnx_runner.OnnxStyleModel offers the Runner: not an nn.Module
+        def eval(self) -> OnnxLike:
+            return self
+
+        def to(self, *args: object, **kwargs: object) -> OnnxLike:
+            return self
+
+    fake_gpu["cpu"] = "AMX"
+    assert Runner(OnnxLike(), CPU, _stylize_cfg()).policy.name == "fp32"
+    with pytest.raises(FaststyleError, match=r"^precision=bf16: \.onnx models run in fp32"):
+        Runner(OnnxLike(), CPU, _stylize_cfg(precision="bf16"))
 
 
 def test_bench_train_times_the_trainers_step(monkeypatch: pytest.MonkeyPatch) -> None:
