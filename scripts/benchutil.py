@@ -6,6 +6,7 @@ README's speed table quotes it with the command that produced it.
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import time
@@ -37,25 +38,75 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 1, r
     return sorted(times)[len(times) // 2]
 
 
-def matmul_peak_gflops(device: torch.device, size: int = 2048, seconds: float = 2.0) -> float:
-    """Measured fp32 matmul throughput (GFLOP/s) on ``device``: the practical peak other figures are compared to.
+def matmul_peak_gflops(
+    device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048, seconds: float = 2.0
+) -> float:
+    """Measured matmul throughput (GFLOP/s) of ``dtype`` on ``device``: the practical peak other figures are compared
+    to (fp32, and bf16/fp16 for reduced-precision variants, measured in the same run).
 
-    A square fp32 matmul of ``size`` is the best case for the BLAS library (2*size^3 flops per call); the best of
-    several timed calls is taken, for about ``seconds`` of work.
+    A square matmul of ``size`` is the best case for the BLAS library (2*n^3 flops per call); the best of several
+    timed calls is taken, for about ``seconds`` of work. Where the dtype is emulated (bf16 on CPUs without AMX or
+    AVX512-BF16 runs a reference kernel: a 2048^2 call can take a minute) the size is halved until one call fits a
+    quarter of ``seconds``, so the peak costs seconds, not minutes, and is still a (slightly pessimistic) peak.
     """
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    flops = 2.0 * size**3
-    torch.mm(a, b)
-    synchronize(device)
-    best = float("inf")
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
+    generator = torch.Generator().manual_seed(0)
+
+    def timed(a: torch.Tensor, b: torch.Tensor) -> float:
         start = time.perf_counter()
         torch.mm(a, b)
         synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return flops / best / 1e9
+        return time.perf_counter() - start
+
+    def operands(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(torch.randn(n, n, generator=generator).to(device, dtype) for _ in range(2))
+
+    n = min(256, size)
+    timed(*operands(n))  # library initialisation, not counted
+    while n < size and timed(*operands(n)) * 8 <= seconds / 4:  # the next size costs ~8x this one
+        n *= 2
+    a, b = operands(n)
+    best = timed(a, b)
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        best = min(best, timed(a, b))
+    return 2.0 * n**3 / best / 1e9
+
+
+def reduced_dtype(device: torch.device) -> torch.dtype:
+    """The 16-bit type whose peak the benchmarks print beside fp32's: fp16 on CUDA (what stylize runs there), bf16
+    elsewhere (the only 16-bit type CPU training and stylize use)."""
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def dtype_label(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def precision_line(device: torch.device) -> str:
+    """One line saying whether this CPU has native bf16 and what ``auto`` resolves to (core.precision) for stylize
+    and for training, with the ISA-capping variables when set, so a table says which policy it was measured under
+    (on a CPU without native bf16, auto must stay fp32)."""
+    from core.precision import cpu_has_native_bf16, resolve_precision
+
+    stylize = resolve_precision(device, "auto", "auto", False, training=False).describe()
+    train = resolve_precision(device, "auto", "auto", "auto", training=True).describe()
+    caps = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ]
+    lines = [f"# auto = {stylize}", f"# auto = {train}"]
+    if device.type == "cpu":
+        native = "yes" if cpu_has_native_bf16() else "no (bf16 is emulated)"
+        lines.insert(0, f"# native bf16: {native}" + (f", ISA capped by {' '.join(caps)}" if caps else ""))
+    return "\n".join(lines)
+
+
+def torch_instance_norms(net: torch.nn.Module) -> torch.nn.Module:
+    """``net`` (in place) with each of our InstanceNorms replaced by torch's nn.InstanceNorm2d: the TransformerNet of
+    the plain configuration, the way pytorch/examples runs it. The swap is interop/export.py's (the ONNX export
+    needs the same form); a network left with none of torch's norms would measure ours, so that is an error."""
+    from interop.export import _swap_instance_norms
+
+    if _swap_instance_norms(net) == 0:
+        raise ValueError("no InstanceNorm to replace with nn.InstanceNorm2d: the plain variants need norm=instance")
+    return net
 
 
 def peak_rss_mb() -> float:
