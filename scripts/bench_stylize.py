@@ -1,10 +1,22 @@
-"""Stylize benchmark: folder images/s, 1920x1080 latency / peak memory / GFLOP/s vs a measured matmul peak,
-exact tiled inference (PSNR vs untiled at 1920x1080, peak RSS at 3840x2160, 7680x4320 completion).
+"""Stylize benchmark: folder images/s, 1920x1080 latency / peak memory / GFLOP/s vs the fp32 and bf16 matmul peaks
+measured in the same run, exact tiled inference (PSNR vs untiled at 1920x1080, peak RSS at 3840x2160, 7680x4320
+completion).
 
     python -m scripts.bench stylize                       # everything (~5-10 min on a 2-core CPU)
     python -m scripts.bench stylize --only speed          # folder + 1080p variants only
     python -m scripts.bench stylize --only tiled --sizes 3840x2160
+    python -m scripts.bench stylize --only speed --variants plain,best --base-width 16
     python -m scripts.bench_stylize --help                # also runnable on its own
+
+1920x1080 variants are names of ``_``-joined options (order free): ``plain`` = the plain configuration the way
+pytorch/examples runs it (torch's nn.InstanceNorm2d swapped in for ours, eager, fp32, NCHW, no malloc reuse);
+``tnorm`` (torch's InstanceNorm2d), ``cl`` / ``channels_last`` (NHWC), ``executor`` (inference/tiled.py, one
+strip per layer), ``compile``, ``malloc`` (core.device.reuse_freed_memory), ``eager`` (no option: fp32 NCHW);
+``bf16`` / ``fp16`` cast the network and the input the way stylize runs a 16-bit precision (core.precision's
+``prepare_module`` / ``batch_to``), ``bf16ac`` / ``fp16ac`` keep the fp32 network under torch.autocast instead.
+``best`` = what stylize.py precision=auto channels_last=auto does on this device (malloc_reuse is on by default;
+1920x1080 fits the default max_memory_mb, so it runs untiled). The summary gives every variant's speed-up over
+``plain`` and over the fastest fp32 variant of our own network measured in the same run.
 
 Every memory figure comes from a fresh subprocess (peak RSS = ru_maxrss of that process, which includes the
 ~0.3 GB of torch itself), so one measurement's allocations never inflate the next one's. Weights do not change
@@ -26,9 +38,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from scripts.benchutil import REPO_ROOT, environment_line, matmul_peak_gflops, peak_rss_mb
+from scripts.benchutil import (
+    REPO_ROOT,
+    dtype_label,
+    environment_line,
+    matmul_peak_gflops,
+    peak_rss_mb,
+    precision_line,
+    reduced_dtype,
+    torch_instance_norms,
+)
 
 CONTENT = Path("/work/shared/content/astronaut.jpg")
+# The set that answers issue #13's targets: the plain configuration, our fastest fp32 ones, the bf16 ways to run
+# stylize, and what precision=auto does.
+DEFAULT_VARIANTS = (
+    "plain,channels_last_malloc,executor_malloc,bf16_cl_malloc,bf16_malloc,bf16_executor_malloc,bf16ac_cl_malloc,best"
+)
+VARIANT_OPTIONS = ("eager", "plain", "tnorm", "cl", "malloc", "executor", "compile", "bf16", "fp16", "bf16ac", "fp16ac")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,10 +67,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats at 1920x1080 (median)")
     parser.add_argument(
         "--variants",
-        default="eager,channels_last,channels_last_malloc,executor_malloc,compile_cl_malloc",
-        help="1080p variants: eager, channels_last, executor (inference/tiled.py, one strip per "
-        "layer), compile, compile_cl; a _malloc suffix turns on "
-        "stylize.reuse_freed_memory (glibc keeps freed blocks: no page faults on reuse)",
+        default=DEFAULT_VARIANTS,
+        help=f"1920x1080 variants, comma separated (see above; default {DEFAULT_VARIANTS})",
+    )
+    parser.add_argument("--base-width", type=int, default=32, help="TransformerNet base_width (random weights only)")
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="device of the folder run and the 1920x1080 variants (the tiled and PSNR runs stay on the CPU)",
     )
     parser.add_argument("--malloc-reuse", action="store_true", help="reuse_freed_memory() in the tiled runs")
     parser.add_argument("--sizes", default="3840x2160,7680x4320", help="tiled sizes WxH, comma separated")
@@ -54,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def _net(model: str | None, perturb: bool = False, norm: str = "instance") -> nn.Module:
+def _net(model: str | None, perturb: bool = False, norm: str = "instance", base_width: int = 32) -> nn.Module:
     from models.transformer import TransformerNet
 
     if model:
@@ -62,7 +94,7 @@ def _net(model: str | None, perturb: bool = False, norm: str = "instance") -> nn
 
         return load_model(model)[0].eval()
     torch.manual_seed(0)
-    net = TransformerNet(norm=norm).eval()
+    net = TransformerNet(norm=norm, base_width=base_width).eval()
     if perturb:
         with torch.no_grad():
             for p in net.parameters():
@@ -72,6 +104,52 @@ def _net(model: str | None, perturb: bool = False, norm: str = "instance") -> nn
                     m.running_mean.normal_(0, 0.2)
                     m.running_var.uniform_(0.5, 2.0)
     return net
+
+
+def parse_variant(name: str, device: torch.device) -> dict:
+    """A 1920x1080 variant name (module docstring) as the settings the measuring process applies.
+
+    Returns {"tnorm", "channels_last", "compile", "executor", "malloc", "autocast": bool, "precision": str}.
+    Raises ValueError for an unknown option or a combination stylize never runs. ``best`` is resolved here by
+    core.precision, so it follows whatever ``auto`` means on this device.
+    """
+    if name == "best":
+        from core.precision import resolve_precision
+
+        policy = resolve_precision(device, "auto", "auto", False, training=False)
+        return {
+            "tnorm": False,
+            "channels_last": policy.channels_last,
+            "compile": False,
+            "executor": False,
+            "malloc": True,  # stylize's malloc_reuse defaults to true (configs/stylize.yaml)
+            "autocast": False,
+            "precision": policy.name,
+        }
+    parts = name.replace("channels_last", "cl").split("_")
+    unknown = [p for p in parts if p not in VARIANT_OPTIONS]
+    if unknown:
+        raise ValueError(f"variant {name!r}: unknown option(s) {', '.join(unknown)}: use best or {VARIANT_OPTIONS}")
+    precisions = [p for p in parts if p in ("bf16", "fp16", "bf16ac", "fp16ac")]
+    if len(precisions) > 1:
+        raise ValueError(f"variant {name!r}: more than one precision ({', '.join(precisions)})")
+    precision = precisions[0] if precisions else "fp32"
+    settings = {
+        "tnorm": "plain" in parts or "tnorm" in parts,
+        "channels_last": "cl" in parts,
+        "compile": "compile" in parts,
+        "executor": "executor" in parts,
+        "malloc": "malloc" in parts,
+        "autocast": precision.endswith("ac"),
+        "precision": precision.removesuffix("ac"),
+    }
+    # The executor runs our own layers strip by strip, in the network's dtype: it has no compiled, autocast or
+    # nn.InstanceNorm2d form.
+    if settings["executor"] and (settings["compile"] or settings["autocast"] or settings["tnorm"]):
+        raise ValueError(f"variant {name!r}: the executor runs neither compiled, under autocast nor with tnorm")
+    if settings["precision"] == "fp16" and device.type != "cuda":
+        raise ValueError(f"variant {name!r}: fp16 needs --device cuda")
+    return settings
 
 
 def network_gflop(net: nn.Module, height: int, width: int) -> float:
@@ -101,54 +179,70 @@ def _child(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     kind = spec["kind"]
     base_rss = peak_rss_mb()
-    if spec.get("malloc_reuse") or spec.get("variant", "").endswith("_malloc"):
+    settings = spec.get("settings") or {}
+    if spec.get("malloc_reuse") or settings.get("malloc"):
         from core.device import reuse_freed_memory
 
         reuse_freed_memory()
         base_rss = peak_rss_mb()
     if kind == "forward":
+        import contextlib
+
         from core.precision import resolve_precision
+        from scripts.benchutil import synchronize
 
         height, width = spec["height"], spec["width"]
-        variant = spec["variant"].removesuffix("_malloc")
-        # The layout, cast and compilation stylize's Runner would apply (core.precision), per variant.
-        cpu = torch.device("cpu")
-        policy = resolve_precision(
-            cpu, "fp32", variant in ("channels_last", "compile_cl"), variant.startswith("compile"), training=False
-        )
-        net = policy.prepare_module(_net(spec["model"]), cpu)
-        x = policy.batch_to(torch.rand(1, 3, height, width), cpu)
+        device = torch.device(spec.get("device", "cpu"))
+        # The layout, cast and compilation stylize's Runner would apply (core.precision), per variant; an autocast
+        # variant keeps the fp32 network and converts per op instead.
+        precision = "fp32" if settings["autocast"] else settings["precision"]
+        policy = resolve_precision(device, precision, settings["channels_last"], settings["compile"], training=False)
+        net = _net(spec["model"], base_width=spec.get("base_width", 32))
+        if settings["tnorm"]:
+            torch_instance_norms(net)
+        net = policy.prepare_module(net, device)
+        x = policy.batch_to(torch.rand(1, 3, height, width), device)
         fn = policy.maybe_compile(net)
-        if variant == "executor":  # inference/tiled.py with one strip per layer (what stylize runs when it fits)
+        if settings["executor"]:  # inference/tiled.py with one strip per layer (what stylize runs when it fits)
             from inference.tiled import TiledExecutor
 
             fn = TiledExecutor(net, budget_mb=spec.get("budget_mb") or 1e6)
+        autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings["precision"])
+
+        def call() -> None:
+            context = torch.autocast(device.type, autocast_dtype) if settings["autocast"] else contextlib.nullcontext()
+            with torch.inference_mode(), context:
+                fn(x)
+            synchronize(device)
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         compile_s = 0.0
         if policy.compile:
             start = time.perf_counter()
-            with torch.inference_mode():
-                fn(x)
+            call()
             compile_s = time.perf_counter() - start
         base_rss = peak_rss_mb()
         times = []
-        with torch.inference_mode():
-            if not policy.compile:
-                fn(x)  # warm-up (oneDNN primitive creation)
-            for _ in range(spec["repeats"]):
-                start = time.perf_counter()
-                fn(x)
-                times.append(time.perf_counter() - start)
+        if not policy.compile:
+            call()  # warm-up (oneDNN primitive creation)
+        for _ in range(spec["repeats"]):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        cuda = device.type == "cuda"
         return {
             "seconds": sorted(times)[len(times) // 2],
             "compile_s": compile_s,
-            "peak_rss_mb": peak_rss_mb(),
+            "peak_rss_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else peak_rss_mb(),
             "base_rss_mb": base_rss,
-            "gflop": network_gflop(_net(spec["model"]), height, width),
+            "gflop": network_gflop(_net(spec["model"], base_width=spec.get("base_width", 32)), height, width),
+            "policy": policy.describe(),
         }
     if kind == "tiled":
         from inference.tiled import TiledExecutor
 
-        net = _net(spec["model"])
+        net = _net(spec["model"], base_width=spec.get("base_width", 32))
         executor = TiledExecutor(net, budget_mb=spec["budget_mb"])
         x = torch.rand(1, 3, spec["height"], spec["width"])
         base_rss = peak_rss_mb()
@@ -197,7 +291,7 @@ def bench_folder(args: argparse.Namespace, tmp: Path) -> None:
 
     model = Path(args.model) if args.model else tmp / "model.pth"
     if not args.model:
-        save_model(model, _net(None), {"style_stem": "random"})
+        save_model(model, _net(None, base_width=args.base_width), {"style_stem": "random"})
     src = tmp / "folder"
     src.mkdir()
     generator = torch.Generator().manual_seed(0)
@@ -214,7 +308,7 @@ def bench_folder(args: argparse.Namespace, tmp: Path) -> None:
                     f"input={src}",
                     f"output={tmp / f'out{batch_size}'}",
                     f"batch_size={batch_size}",
-                    "device=cpu",
+                    f"device={args.device}",
                 ],
             }
         )
@@ -228,13 +322,27 @@ def bench_folder(args: argparse.Namespace, tmp: Path) -> None:
         )
 
 
-def bench_1080p(args: argparse.Namespace, peak: float) -> None:
+def bench_1080p(args: argparse.Namespace, peaks: dict[str, float]) -> None:
+    """Each variant in a fresh process, then a summary of speed-ups over ``plain`` and over our fastest fp32.
+
+    ``peaks``: measured matmul GFLOP/s by dtype label ("fp32" and the 16-bit one), printed as percentages.
+    """
+    device = torch.device(args.device)
+    results: dict[str, dict] = {}
     for variant in args.variants.split(","):
+        try:
+            settings = parse_variant(variant, device)
+        except ValueError as err:
+            print(f"1920x1080 {variant:22s}: error {err}")
+            continue
         res = _spawn(
             {
                 "kind": "forward",
                 "variant": variant,
+                "settings": settings,
+                "device": args.device,
                 "model": args.model,
+                "base_width": args.base_width,
                 "height": 1080,
                 "width": 1920,
                 "repeats": args.repeats,
@@ -242,15 +350,40 @@ def bench_1080p(args: argparse.Namespace, peak: float) -> None:
             }
         )
         if "error" in res:
-            print(f"1920x1080 {variant:14s}: error {res['error']}")
+            print(f"1920x1080 {variant:22s}: error {res['error']}")
             continue
+        res["settings"] = settings
+        results[variant] = res
         gflops = res["gflop"] / res["seconds"]
+        of_peaks = ", ".join(f"{100 * gflops / peak:.0f}% of {label} peak" for label, peak in peaks.items())
         extra = f", compile {res['compile_s']:.1f} s (first call)" if res["compile_s"] else ""
+        memory = "peak alloc" if device.type == "cuda" else "peak RSS"
+        described = f" [{res['policy']}{', autocast' if settings['autocast'] else ''}]" if variant == "best" else ""
         print(
-            f"1920x1080 {variant:14s}: {res['seconds']:.2f} s/image, {gflops:.1f} GFLOP/s "
-            f"= {100 * gflops / peak:.0f}% of matmul peak ({res['gflop']:.0f} GFLOP/image), "
-            f"peak RSS {res['peak_rss_mb']:.0f} MiB (before forward {res['base_rss_mb']:.0f}){extra}"
+            f"1920x1080 {variant:22s}: {res['seconds']:.3f} s/image, {gflops:.1f} GFLOP/s = {of_peaks} "
+            f"({res['gflop']:.0f} GFLOP/image), {memory} {res['peak_rss_mb']:.0f} MiB "
+            f"(before forward {res['base_rss_mb']:.0f}){extra}{described}"
         )
+    _summary(results)
+
+
+def _summary(results: dict[str, dict]) -> None:
+    """Speed-up of every variant over ``plain`` and over the fastest fp32 variant of our own network."""
+    if not results:
+        return
+    ours_fp32 = {
+        name: r for name, r in results.items() if r["settings"]["precision"] == "fp32" and not r["settings"]["tnorm"]
+    }
+    fp32_best = min(ours_fp32, key=lambda name: ours_fp32[name]["seconds"]) if ours_fp32 else None
+    plain = results.get("plain")
+    print(
+        "summary 1920x1080: speed-up = reference s/image / variant s/image; "
+        f"vs plain{'' if plain else ' (not measured)'}, vs our fp32 best = {fp32_best or '(none measured)'}"
+    )
+    for name, r in results.items():
+        vs_plain = f"{plain['seconds'] / r['seconds']:6.2f}x" if plain else "      -"
+        vs_fp32 = f"{results[fp32_best]['seconds'] / r['seconds']:6.2f}x" if fp32_best else "      -"
+        print(f"  {name:22s} {r['seconds']:8.3f} s/image  vs plain {vs_plain}  vs fp32 best {vs_fp32}")
 
 
 def bench_tiled(args: argparse.Namespace) -> None:
@@ -265,6 +398,7 @@ def bench_tiled(args: argparse.Namespace) -> None:
                 "budget_mb": args.budget_mb,
                 "threads": args.threads,
                 "malloc_reuse": args.malloc_reuse,
+                "base_width": args.base_width,
             }
         )
         if "error" in res:
@@ -287,7 +421,7 @@ def bench_psnr(args: argparse.Namespace) -> None:
     x = pil_to_tensor(resize_to(load_image(args.image), 1920, 1080))[None]
     out = Path(args.out)
     for norm in ("instance", "batch"):
-        net = _net(args.model if norm == "instance" else None, perturb=not args.model, norm=norm)
+        net = _net(args.model if norm == "instance" else None, not args.model, norm, args.base_width)
         with torch.inference_mode():
             want = net(x)
         executor = TiledExecutor(net, budget_mb=256)
@@ -313,15 +447,24 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     print(environment_line(device))
+    print(precision_line(device))
     print(f"# load average {os.getloadavg()[0]:.2f} (other processes share this CPU: figures are noisy above ~0.5)")
+    print(f"# TransformerNet base_width {args.base_width}" if not args.model else f"# model {args.model}")
     if args.only in ("all", "speed"):
-        peak = matmul_peak_gflops(device)
-        print(f"fp32 matmul peak (2048^2, best of ~2 s): {peak:.1f} GFLOP/s")
+        reduced = reduced_dtype(device)
+        peaks = {
+            "fp32": matmul_peak_gflops(device),
+            dtype_label(reduced): matmul_peak_gflops(device, reduced),
+        }
+        print(
+            "matmul peaks (up to 2048^2, best of ~2 s each; smaller where one call is slow): "
+            + ", ".join(f"{label} {peak:.1f} GFLOP/s" for label, peak in peaks.items())
+        )
         with tempfile.TemporaryDirectory() as tmp:
             bench_folder(args, Path(tmp))
-        bench_1080p(args, peak)
+        bench_1080p(args, peaks)
     if args.only in ("all", "psnr"):
         bench_psnr(args)
     if args.only in ("all", "tiled"):
