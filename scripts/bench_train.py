@@ -1,6 +1,7 @@
 """Training-step benchmark: the plain configuration (eager, fp32, NCHW) side by side with the best one for the device.
 
-    python -m scripts.bench train                              # plain vs best ("auto" settings of train.*)
+    python -m scripts.bench train                              # examples vs plain vs best ("auto" of train.*)
+    python -m scripts.bench train --network vgg16 --steps 3    # the loss network pytorch/examples uses
     python -m scripts.bench train --variants all               # every combination worth trying on the device
     python -m scripts.bench train --variants plain,cl,compile,cl+compile --batch-size 4 --image-size 256
     flock /tmp/faststyle-cpu.lock python -m scripts.bench_train  # standalone, serialised with other benchmarks
@@ -10,22 +11,31 @@ frozen VGG-19 and Johnson et al.'s layers, backward, Adam step), set up by the s
 fixed random batch (data loading is measured by ``bench.py data``). A variant is a string of ``+``-joined
 options: ``plain``, ``cl`` (train.channels_last), ``compile`` (train.compile), ``bf16``/``fp16``
 (train.precision), ``malloc`` (core.device.reuse_freed_memory: glibc keeps freed blocks, so the large VGG
-activations of each step do not page-fault afresh); ``best`` = ``train.malloc_reuse=true`` with what
-``train.precision/channels_last/compile=auto`` resolve to on the device (core.precision).
+activations of each step do not page-fault afresh), ``tnorm`` (torch's nn.InstanceNorm2d in the TransformerNet
+instead of ours); ``examples`` = ``tnorm`` alone: the plain configuration the way pytorch/examples trains (torch's
+InstanceNorm2d, eager, fp32, NCHW, no malloc reuse), the speed-up base when measured (else ``plain``); ``best`` =
+``train.malloc_reuse=true`` with what ``train.precision/channels_last/compile=auto`` resolve to on the device
+(core.precision), so it follows the policy wherever it changes.
+
+VGG-16 (``--network vgg16``) loads torchvision's weights from ``--weights-path`` or the torch hub cache and never
+downloads: without them it runs VGG-16's shapes with random weights (speed does not depend on the weights) and
+says so in its output.
 
 Each variant runs in a fresh subprocess so its peak memory (RSS on CPU, allocator peak on CUDA) is its own and
 compiled code or allocator caches of one variant cannot help another. Compilation time is measured separately
 (the first calls) and amortised over a 40k-step run in the summary. GFLOP/s uses the step's FLOPs counted once by
-torch.utils.flop_counter and is compared with the fp32 matmul peak measured in the same run
-(scripts/benchutil.py). Figures are printed, never asserted.
+torch.utils.flop_counter and is compared with the fp32 and the bf16 (fp16 on CUDA) matmul peaks measured in the
+same run (scripts/benchutil.py). Figures are printed, never asserted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +43,7 @@ import torch
 
 from scripts import benchutil
 
-OPTIONS = ("plain", "cl", "compile", "bf16", "fp16", "malloc")
+OPTIONS = ("plain", "examples", "tnorm", "cl", "compile", "bf16", "fp16", "malloc")
 RUN_STEPS = 40_000
 # Johnson et al.'s layers (content relu2_2), as in configs/loss/vgg19.yaml; the same names exist in VGG-16 and -19.
 STYLE_LAYERS = {"relu1_2": 1.0, "relu2_2": 1.0, "relu3_3": 1.0, "relu4_3": 1.0}
@@ -43,37 +53,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Command-line options (shared by ``bench.py train`` and standalone use)."""
     parser.add_argument(
         "--variants",
-        default="plain,best",
-        help="comma-separated variants (plain, best, cl, compile, cl+compile, bf16+cl, ...) or 'all'",
+        default="examples,plain,best",
+        help="comma-separated variants (examples, plain, best, cl, compile, cl+compile, bf16+cl, tnorm+malloc, "
+        "...) or 'all'",
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--base-width", type=int, default=32)
     parser.add_argument("--network", default="vgg19", help="loss network: vgg19 | vgg16 | random")
+    parser.add_argument(
+        "--weights-path",
+        default=None,
+        help="loss network weights (loss.weights_path); vgg16 without them and without the torch hub cache runs "
+        "random weights of VGG-16's shapes",
+    )
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in workers (0 = default)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one variant, print JSON
 
 
-def _expand(variants: str, device: torch.device) -> list[str]:
+def best_variant(device: torch.device) -> str:
+    """``best`` as options: train.malloc_reuse=true with what train.precision/channels_last/compile=auto resolve to
+    (core.precision), so it follows the policy wherever that changes."""
     from core.precision import resolve_precision
 
+    auto = resolve_precision(device, "auto", "auto", "auto", training=True)
+    parts = [p for p, on in (("cl", auto.channels_last), ("compile", auto.compile)) if on]
+    parts.append("malloc")  # train.malloc_reuse defaults to true
+    if auto.name != "fp32":
+        parts.insert(0, auto.name)
+    return "+".join(parts)
+
+
+def _expand(variants: str, device: torch.device) -> list[str]:
+    from core.precision import cpu_has_native_bf16
+
     if variants == "all":
-        names = ["plain", "malloc", "cl+malloc", "compile", "cl+compile"]
+        names = ["examples", "plain", "malloc", "cl+malloc", "compile", "cl+compile"]
+        if device.type == "cpu" and cpu_has_native_bf16():  # emulated bf16 is many times slower: not worth trying
+            names += ["bf16+malloc", "bf16+cl+malloc"]
         if device.type == "cuda":
             names += ["bf16", "bf16+cl", "bf16+cl+compile", "fp16+cl+compile"]
         return names
     out = []
     for name in variants.split(","):
         if name == "best":
-            auto = resolve_precision(device, "auto", "auto", "auto", training=True)
-            parts = [p for p, on in (("cl", auto.channels_last), ("compile", auto.compile)) if on]
-            parts.append("malloc")  # train.malloc_reuse defaults to true
-            if auto.name != "fp32":
-                parts.insert(0, auto.name)
-            name = "+".join(parts) or "plain"
+            name = best_variant(device)
         for part in name.split("+"):
             if part not in OPTIONS:
                 raise SystemExit(f"error: unknown variant option {part!r}: use {', '.join(OPTIONS)}")
@@ -82,10 +109,43 @@ def _expand(variants: str, device: torch.device) -> list[str]:
     return out
 
 
+def _loss_fn(args: argparse.Namespace) -> torch.nn.Module:
+    """The PerceptualLoss every variant trains against (Johnson et al.'s layers on ``--network``)."""
+    from models.loss import PerceptualLoss
+
+    return PerceptualLoss(args.network, ["relu2_2"], STYLE_LAYERS, 1.0, 1.0, 1.0, weights_path=args.weights_path)
+
+
+def vgg16_weights_offline() -> str | None:
+    """Where torchvision's VGG-16 weights are without a download (the torch hub cache models/vgg.py reads), or
+    None: a benchmark must not start a 528 MB download, nor hang on a machine without network."""
+    from models.vgg import VGG16_FILE
+
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_FILE)
+    return cached if os.path.isfile(cached) else None
+
+
+def write_random_vgg16(path: Path) -> Path:
+    """A torchvision-format VGG-16 state dict (``features.{i}.weight/bias``) with Kaiming-random weights of the
+    real shapes, for timing where the trained weights are not on the machine: convolution speed does not depend on
+    the weight values, and Kaiming scaling keeps activations in a normal range (no overflow or denormals)."""
+    from models.vgg import IMAGENET_MEAN, IMAGENET_STD, VGG16_BLOCKS, LossNetwork, _init_random, layer_names
+
+    names = layer_names(VGG16_BLOCKS)
+    net = LossNetwork("vgg16", VGG16_BLOCKS, [names[-1]], IMAGENET_MEAN, IMAGENET_STD)
+    _init_random(net)
+    state = {}
+    for name, module in net.layers.named_children():
+        if isinstance(module, torch.nn.Conv2d):
+            state[f"features.{names.index(name)}.weight"] = module.weight.detach().clone()
+            state[f"features.{names.index(name)}.bias"] = module.bias.detach().clone()
+    torch.save(state, path)
+    return path
+
+
 def _worker(args: argparse.Namespace) -> dict:
     """Run one variant in this process and return its figures."""
     from core.device import resolve_device, reuse_freed_memory
-    from models.loss import PerceptualLoss
     from models.transformer import TransformerNet
     from training.loop import Trainer, TrainOptions
 
@@ -93,6 +153,8 @@ def _worker(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     parts = set(args.worker.split("+"))
+    if "examples" in parts:
+        parts.add("tnorm")
     if "malloc" in parts:
         reuse_freed_memory()  # before the first large allocation
     options = TrainOptions(
@@ -103,7 +165,9 @@ def _worker(args: argparse.Namespace) -> dict:
     )
     torch.manual_seed(0)
     net = TransformerNet(base_width=args.base_width)
-    loss_fn = PerceptualLoss(args.network, ["relu2_2"], STYLE_LAYERS, 1.0, 1.0, 1.0).to(device)
+    if "tnorm" in parts:
+        benchutil.torch_instance_norms(net)
+    loss_fn = _loss_fn(args).to(device)
     gen = torch.Generator().manual_seed(1)
     size = args.image_size
     loss_fn.set_style(torch.rand(1, 3, size, size, generator=gen).to(device))
@@ -130,11 +194,10 @@ def _step_flops(args: argparse.Namespace, device: torch.device) -> float:
     """FLOPs of one fp32 training step (forward + backward of network and loss), counted by the flop counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from models.loss import PerceptualLoss
     from models.transformer import TransformerNet
 
     net = TransformerNet(base_width=args.base_width).to(device)
-    loss_fn = PerceptualLoss(args.network, ["relu2_2"], STYLE_LAYERS, 1.0, 1.0, 1.0).to(device)
+    loss_fn = _loss_fn(args).to(device)
     loss_fn.set_style(torch.rand(1, 3, args.image_size, args.image_size, device=device))
     batch = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device)
     with FlopCounterMode(display=False) as counter:
@@ -147,18 +210,44 @@ def run(args: argparse.Namespace) -> int:
     if args.worker:
         print(json.dumps(_worker(args)))
         return 0
+    with tempfile.TemporaryDirectory(prefix="faststyle-bench-train-") as tmp:
+        if args.network == "vgg16" and args.weights_path is None:
+            args.weights_path = vgg16_weights_offline()
+            if args.weights_path is None:
+                args.weights_path = str(write_random_vgg16(Path(tmp) / "vgg16-random.pth"))
+                print(
+                    "# !!! VGG-16: torchvision's weights are not on this machine (torch hub cache; --weights-path): "
+                    "RANDOM weights of VGG-16's shapes. Speed does not depend on the weights; the losses are "
+                    "meaningless. !!!"
+                )
+        return _run_variants(args)
+
+
+def _run_variants(args: argparse.Namespace) -> int:
     from core.device import resolve_device
 
     device = resolve_device(args.device)
     variants = _expand(args.variants, device)
     print(benchutil.environment_line(device))
+    print(benchutil.precision_line(device))
+    if "best" in args.variants.split(","):
+        print(f"# best = {best_variant(device)}")
+    weights = f" (weights {args.weights_path})" if args.weights_path else ""
     print(
-        f"# batch {args.batch_size} x {args.image_size}px, base_width {args.base_width}, loss {args.network}, "
+        f"# batch {args.batch_size} x {args.image_size}px, base_width {args.base_width}, loss {args.network}{weights}, "
         f"median of {args.steps} steps after {args.warmup} warm-up; each variant in a fresh process"
     )
-    peak = benchutil.matmul_peak_gflops(device)
+    reduced = benchutil.reduced_dtype(device)
+    peaks = {
+        "fp32": benchutil.matmul_peak_gflops(device),
+        benchutil.dtype_label(reduced): benchutil.matmul_peak_gflops(device, reduced),
+    }
     flops = _step_flops(args, device)
-    print(f"# fp32 matmul peak (measured now): {peak:.1f} GFLOP/s; one step = {flops / 1e9:.1f} GFLOP (fp32 count)")
+    print(
+        "# matmul peaks (measured now): "
+        + ", ".join(f"{label} {peak:.1f} GFLOP/s" for label, peak in peaks.items())
+        + f"; one step = {flops / 1e9:.1f} GFLOP (fp32 count)"
+    )
     results = []
     for variant in variants:
         cmd = [
@@ -183,6 +272,8 @@ def run(args: argparse.Namespace) -> int:
             "--threads",
             str(args.threads),
         ]
+        if args.weights_path:
+            cmd += ["--weights-path", args.weights_path]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{variant}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -190,20 +281,26 @@ def run(args: argparse.Namespace) -> int:
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     if not results:
         return 1
-    base = next((r for r in results if r["variant"] == "plain"), results[0])
+    by_name = {r["variant"]: r for r in results}
+    # pytorch/examples' configuration is what the issue's speed-ups are measured against; without it, ours.
+    base = by_name.get("examples") or by_name.get("plain") or results[0]
+    plain = by_name.get("plain") if base["variant"] != "plain" else None
     mem = "peak alloc MiB" if device.type == "cuda" else "peak RSS MiB"
+    pct = "".join(f"{'% ' + label:>8}" for label in peaks)
     print(
-        f"{'variant':<18}{'s/step':>9}{'images/s':>10}{'GFLOP/s':>9}{'% peak':>8}{mem:>16}{'first step s':>14}"
-        f"{'speed-up':>10}{'amortised':>11}"
+        f"{'variant':<18}{'s/step':>9}{'images/s':>10}{'GFLOP/s':>9}{pct}{mem:>16}{'first step s':>14}"
+        f"{'vs ' + base['variant']:>14}{'amortised':>11}{'vs plain' if plain else '':>10}"
     )
     for r in results:
         # Amortised: the extra cost of the first (compiling) step spread over a 40k-step run.
         amortised = r["step_s"] + max(r["first_s"] - r["step_s"], 0.0) / RUN_STEPS
         gflops = flops / r["step_s"] / 1e9
+        of_peaks = "".join(f"{100 * gflops / peak:>7.0f}%" for peak in peaks.values())
+        vs_plain = f"{plain['step_s'] / r['step_s']:>9.2f}x" if plain else ""
         print(
-            f"{r['variant']:<18}{r['step_s']:>9.3f}{args.batch_size / r['step_s']:>10.2f}{gflops:>9.1f}"
-            f"{100 * gflops / peak:>7.0f}%{r['peak_mb']:>16.0f}{r['first_s']:>14.1f}"
-            f"{base['step_s'] / r['step_s']:>9.2f}x{base['step_s'] / amortised:>10.2f}x"
+            f"{r['variant']:<18}{r['step_s']:>9.3f}{args.batch_size / r['step_s']:>10.2f}{gflops:>9.1f}{of_peaks}"
+            f"{r['peak_mb']:>16.0f}{r['first_s']:>14.1f}"
+            f"{base['step_s'] / r['step_s']:>13.2f}x{base['step_s'] / amortised:>10.2f}x{vs_plain}"
         )
     return 0
 
