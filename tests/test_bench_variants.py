@@ -1,0 +1,87 @@
+"""The benchmark scripts' variant parsing and reference networks (scripts/bench_stylize.py, scripts/bench_train.py,
+scripts/benchutil.py): the parts whose mistakes would not show in the printed figures, only in what they mean.
+Speed itself is never asserted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from core import precision
+from models.norm import InstanceNorm
+from models.transformer import TransformerNet
+from scripts import bench_stylize, bench_train, benchutil
+
+CPU = torch.device("cpu")
+
+
+def test_plain_network_has_only_torch_instance_norms_and_the_same_output() -> None:
+    torch.manual_seed(0)
+    net = TransformerNet(base_width=4, residual_blocks=1).eval()
+    x = torch.rand(1, 3, 24, 32)
+    with torch.inference_mode():
+        want = net(x)
+    benchutil.torch_instance_norms(net)
+    assert not any(isinstance(m, InstanceNorm) for m in net.modules())
+    assert sum(isinstance(m, nn.InstanceNorm2d) for m in net.modules()) == 7  # 5 + 2 per residual block
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x), want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="no InstanceNorm"):
+        benchutil.torch_instance_norms(TransformerNet(norm="batch", base_width=4, residual_blocks=1))
+
+
+def test_stylize_variant_names() -> None:
+    parse = bench_stylize.parse_variant
+    assert parse("plain", CPU) == {
+        "tnorm": True,
+        "channels_last": False,
+        "compile": False,
+        "executor": False,
+        "malloc": False,
+        "autocast": False,
+        "precision": "fp32",
+    }
+    # The names of earlier tables keep their meaning.
+    assert parse("eager", CPU) == {**parse("plain", CPU), "tnorm": False}
+    assert parse("channels_last_malloc", CPU) == {**parse("eager", CPU), "channels_last": True, "malloc": True}
+    assert parse("compile_cl", CPU)["compile"] and parse("compile_cl", CPU)["channels_last"]
+    assert parse("bf16_executor_malloc", CPU)["executor"] and parse("bf16_executor_malloc", CPU)["precision"] == "bf16"
+    autocast = parse("bf16ac_cl_malloc", CPU)
+    assert autocast["autocast"] and autocast["precision"] == "bf16" and autocast["channels_last"]
+    for bad in ("fast", "bf16_fp16", "executor_compile", "plain_executor", "fp16_cl"):
+        with pytest.raises(ValueError, match="variant"):
+            parse(bad, CPU)
+    for name in bench_stylize.DEFAULT_VARIANTS.split(","):
+        parse(name, CPU)
+
+
+@pytest.mark.parametrize("auto", ["fp32", "bf16"])
+def test_best_variants_follow_the_precision_policy(monkeypatch: pytest.MonkeyPatch, auto: str) -> None:
+    """``best`` is whatever ``auto`` resolves to, so the benchmarks follow core.precision when it changes."""
+    real = precision.resolve_precision
+
+    def resolve(device: torch.device, name: str = "auto", *args: object, **kwargs: object) -> precision.PrecisionPolicy:
+        return real(device, auto if name == "auto" else name, *args, **kwargs)
+
+    monkeypatch.setattr(precision, "resolve_precision", resolve)
+    best = bench_stylize.parse_variant("best", CPU)
+    assert best["precision"] == auto and not best["autocast"] and best["malloc"] and not best["tnorm"]
+    assert best["channels_last"] == real(CPU, "fp32", "auto", False, training=False).channels_last
+    assert bench_train.best_variant(CPU) == ("bf16+malloc" if auto == "bf16" else "malloc")
+    assert bench_train._expand("examples,plain,best", CPU) == ["examples", "plain", bench_train.best_variant(CPU)]
+
+
+def test_random_vgg16_weights_load_as_vgg16(tmp_path: Path) -> None:
+    """The stand-in for missing VGG-16 weights has exactly the shapes models/vgg.py's VGG-16 loader expects."""
+    from models.vgg import build_loss_network
+
+    path = bench_train.write_random_vgg16(tmp_path / "vgg16.pth")
+    net = build_loss_network("vgg16", ["relu1_2"], weights_path=str(path))
+    assert net.name == "vgg16" and torch.isfinite(net(torch.rand(1, 3, 16, 16))["relu1_2"]).all()
+
+
+def test_matmul_peak_measures_bf16() -> None:
+    assert benchutil.matmul_peak_gflops(CPU, torch.bfloat16, size=64, seconds=0.01) > 0
