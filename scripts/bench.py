@@ -1,8 +1,10 @@
 """faststyle benchmarks: each prints figures measured side by side in one run.
 
     python -m scripts.bench data      # decode + resize + crop images/s with 0/1/2 workers (data pipeline)
-    python -m scripts.bench train     # s/step, images/s, peak memory, GFLOP/s vs measured matmul peak
-    python -m scripts.bench stylize   # images/s, 1080p latency/memory, GFLOP/s, tiled 4K/8K peak memory
+    python -m scripts.bench train     # s/step, images/s, peak memory, GFLOP/s vs measured fp32 and bf16 matmul peaks;
+                                      # pytorch/examples' configuration vs ours vs precision=auto
+    python -m scripts.bench stylize   # images/s, 1080p latency/memory/GFLOP/s (plain, fp32, bf16, auto) with
+                                      # speed-ups, tiled 4K/8K peak memory
     python -m scripts.bench huge      # peak RSS of stylize.py on a 12000 x 12000 image against its memory bound
     python -m scripts.bench <name> --help
 
