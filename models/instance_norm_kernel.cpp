@@ -1,5 +1,5 @@
-// Fused CPU kernels for models/norm.py's InstanceNorm (float32 and float64), compiled on first use by
-// torch.utils.cpp_extension.load and registered as torch.ops.faststyle_norm.{forward,backward}.
+// Fused CPU kernels for models/norm.py's InstanceNorm (float32, float64, bfloat16 and float16), compiled on first use
+// by torch.utils.cpp_extension.load and registered as torch.ops.faststyle_norm.{forward,backward}.
 //
 // Memory layouts (the Python side passes 3-D contiguous views, see models/norm.py `_to_3d`):
 //   rows  (NCHW):          x is (N, C, M), one row of M spatial positions per (n, c); rows run in parallel and each
@@ -14,16 +14,24 @@
 // Forward : y  = (x - m) * scale + shift, scale = gamma * rstd (m = the mean rounded to the input type; shift
 //           carries the rounding error m - mean in double).
 // Large float32 NCHW outputs are written with streaming stores (see kStreamBytes).
+// bfloat16 / float16 (storage types): x, y, grad and dx stay 16-bit in memory; each chunk is widened into a float
+// buffer on the stack (in L1), every sum and product is taken in float on it exactly as for float32 inputs, and the
+// output chunk is rounded back to 16 bits (round to nearest even). Weight and bias are taken in float32 and the
+// weight/bias gradients returned in float32, which keeps them from being rounded to 8 mantissa bits. So a 16-bit
+// tensor is read and written in 16 bits only, without the float32 copies an upcast would make.
 // Backward: with S = sum(g * (x - mean)), sg = sum(g), a = gamma * rstd (Ioffe & Szegedy 2015, per instance):
 //           dx = a * g - a * sg / M - a * rstd^2 * S / M * (x - mean).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
@@ -48,6 +56,97 @@ struct Stat {
     n = tot;
   }
 };
+
+// Storage type S -> the type the arithmetic runs in: float/double compute in themselves, the 16-bit types in float.
+template <typename S>
+struct ComputeOf {
+  using type = S;
+};
+template <>
+struct ComputeOf<c10::BFloat16> {
+  using type = float;
+};
+template <>
+struct ComputeOf<c10::Half> {
+  using type = float;
+};
+template <typename S>
+using acc_t = typename ComputeOf<S>::type;
+template <typename S>
+inline constexpr bool kNarrow = !std::is_same_v<S, acc_t<S>>;
+
+// bf16 -> float is exact: the 16 bits are the float's upper half. Plain shifts and masks (here and below) so that
+// the loops using them vectorise on any instruction set.
+inline float to_float(c10::BFloat16 v) {
+  const uint32_t u = uint32_t(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// float16 is rare on CPUs: c10's conversions (correct rounding, subnormals, inf/NaN) are enough.
+inline float to_float(c10::Half v) { return float(v); }
+
+// float -> S, rounded to nearest even; for bf16 a NaN stays a (quiet) NaN instead of rounding into an infinity.
+template <typename S>
+inline S from_float(float f);
+
+template <>
+inline c10::BFloat16 from_float<c10::BFloat16>(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+  return c10::BFloat16(uint16_t(nan ? (u >> 16) | 0x40u : rounded), c10::BFloat16::from_bits());
+}
+
+template <>
+inline c10::Half from_float<c10::Half>(float f) {
+  return c10::Half(f);
+}
+
+template <typename S>
+inline void widen(const S* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+template <typename S>
+inline void narrow(const float* src, S* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = from_float<S>(src[i]);
+}
+
+// Independent partial sums per reduction in the 16-bit row loops: a single vector accumulator makes every add wait
+// for the previous one (latency-bound); this many lanes fill several vector registers and keep the adders busy.
+#ifdef __AVX512F__
+constexpr int64_t kLanes = 64;
+#else
+constexpr int64_t kLanes = 32;
+#endif
+
+// The total of kLanes partial sums, added pairwise in halving vector steps (kLanes dependent scalar adds would cost
+// as much as a sweep over a short row).
+inline float lane_sum(float* v) {
+  for (int64_t w = kLanes / 2; w > 0; w /= 2) {
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) v[j] += v[j + w];
+  }
+  return v[0];
+}
+
+// The values src[0, n) in the compute type: src itself for float/double, else widened into buf.
+template <typename S>
+inline const acc_t<S>* as_compute(const S* src, int64_t n, acc_t<S>* buf) {
+  if constexpr (kNarrow<S>) {
+    widen(src, buf, n);
+    return buf;
+  } else {
+    (void)n;
+    (void)buf;
+    return src;
+  }
+}
 
 // Streaming (non-temporal) stores for the output sweeps of large float32 NCHW tensors: a normal store first reads
 // the destination cache line from memory (read-for-ownership), a third of the traffic of these sweeps, and an output
@@ -115,16 +214,85 @@ Stat row_stats(const T* x, int64_t m) {
   return s;
 }
 
-template <typename T>
-void forward_rows(const T* x, T* y, const T* w, const T* b, int64_t N, int64_t C, int64_t M, double eps,
+// row_stats for a 16-bit row: the same chunked corrected two-pass sums in float, each value converted as it is read
+// (the chunk stays in L1 between the two passes), with kLanes partial sums per reduction.
+template <typename S>
+Stat row_stats_narrow(const S* x, int64_t m) {
+  Stat s;
+  for (int64_t i0 = 0; i0 < m; i0 += kChunk) {
+    const int64_t len = std::min(kChunk, m - i0), full = len / kLanes * kLanes;
+    const S* p = x + i0;
+    float acc[kLanes] = {};
+    for (int64_t i = 0; i < full; i += kLanes) {
+#pragma omp simd
+      for (int64_t j = 0; j < kLanes; ++j) acc[j] += to_float(p[i + j]);
+    }
+    float sum = lane_sum(acc);
+    for (int64_t i = full; i < len; ++i) sum += to_float(p[i]);
+    const float cm = sum / float(len);
+    float vd[kLanes] = {}, vq[kLanes] = {};
+    for (int64_t i = 0; i < full; i += kLanes) {
+#pragma omp simd
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const float d = to_float(p[i + j]) - cm;
+        vd[j] += d;
+        vq[j] += d * d;
+      }
+    }
+    float sd = lane_sum(vd), sq = lane_sum(vq);
+    for (int64_t i = full; i < len; ++i) {
+      const float d = to_float(p[i]) - cm;
+      sd += d;
+      sq += d * d;
+    }
+    const double dsd = double(sd), dlen = double(len);
+    s.merge(dlen, double(cm) + dsd / dlen, std::max(double(sq) - dsd * dsd / dlen, 0.0));
+  }
+  return s;
+}
+
+// Chunk sums sg = sum(g), sgx = sum(g * (x - mf)) of a 16-bit row (backward_rows' first sweep), added in double.
+template <typename S>
+void grad_sums_narrow(const S* g, const S* x, int64_t m, float mf, double& sg, double& sgx) {
+  for (int64_t i0 = 0; i0 < m; i0 += kChunk) {
+    const int64_t len = std::min(kChunk, m - i0), full = len / kLanes * kLanes;
+    const S* gp = g + i0;
+    const S* xp = x + i0;
+    float v1[kLanes] = {}, v2[kLanes] = {};
+    for (int64_t i = 0; i < full; i += kLanes) {
+#pragma omp simd
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const float gv = to_float(gp[i + j]);
+        v1[j] += gv;
+        v2[j] += gv * (to_float(xp[i + j]) - mf);
+      }
+    }
+    float a1 = lane_sum(v1), a2 = lane_sum(v2);
+    for (int64_t i = full; i < len; ++i) {
+      const float gv = to_float(gp[i]);
+      a1 += gv;
+      a2 += gv * (to_float(xp[i]) - mf);
+    }
+    sg += double(a1);
+    sgx += double(a2);
+  }
+}
+
+template <typename S, typename T = acc_t<S>>
+void forward_rows(const S* x, S* y, const T* w, const T* b, int64_t N, int64_t C, int64_t M, double eps,
                   double* mean, double* var, double* rstd) {
   const int64_t grain = std::max<int64_t>(1, kBlock / std::max<int64_t>(M, 1));
-  [[maybe_unused]] const bool stream = use_stream<T>(N * C * M);
+  [[maybe_unused]] const bool stream = use_stream<S>(N * C * M);
   at::parallel_for(0, N * C, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const T* xr = x + r * M;
-      T* yr = y + r * M;
-      const Stat s = row_stats(xr, M);
+      const S* xr = x + r * M;
+      S* yr = y + r * M;
+      Stat s;
+      if constexpr (kNarrow<S>) {
+        s = row_stats_narrow(xr, M);
+      } else {
+        s = row_stats(xr, M);
+      }
       const double v = s.m2 / double(M);
       const double rs = 1.0 / std::sqrt(v + eps);
       const int64_t c = r % C;
@@ -135,16 +303,21 @@ void forward_rows(const T* x, T* y, const T* w, const T* b, int64_t N, int64_t C
       mean[r] = s.mean;
       var[r] = v;
       rstd[r] = rs;
+      if constexpr (kNarrow<S>) {
+#pragma omp simd
+        for (int64_t i = 0; i < M; ++i) yr[i] = from_float<S>((to_float(xr[i]) - mf) * sc + sh);
+      } else {
 #ifdef FASTSTYLE_STREAM
-      if constexpr (std::is_same_v<T, float>) {
-        if (stream) {
-          affine_row_stream(xr, yr, M, mf, sc, sh);
-          continue;
+        if constexpr (std::is_same_v<T, float>) {
+          if (stream) {
+            affine_row_stream(xr, yr, M, mf, sc, sh);
+            continue;
+          }
         }
-      }
 #endif
 #pragma omp simd
-      for (int64_t i = 0; i < M; ++i) yr[i] = (xr[i] - mf) * sc + sh;
+        for (int64_t i = 0; i < M; ++i) yr[i] = (xr[i] - mf) * sc + sh;
+      }
     }
 #ifdef FASTSTYLE_STREAM
     if (stream) _mm_sfence();
@@ -152,47 +325,57 @@ void forward_rows(const T* x, T* y, const T* w, const T* b, int64_t N, int64_t C
   });
 }
 
-template <typename T>
-void backward_rows(const T* g, const T* x, T* dx, const double* mean, const double* rstd, const T* w, int64_t N,
+template <typename S, typename T = acc_t<S>>
+void backward_rows(const S* g, const S* x, S* dx, const double* mean, const double* rstd, const T* w, int64_t N,
                    int64_t C, int64_t M, double* sg_out, double* sgxhat_out) {
   const int64_t grain = std::max<int64_t>(1, kBlock / std::max<int64_t>(M, 1));
-  [[maybe_unused]] const bool stream = use_stream<T>(N * C * M);
+  [[maybe_unused]] const bool stream = use_stream<S>(N * C * M);
   at::parallel_for(0, N * C, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const T* gr = g + r * M;
-      const T* xr = x + r * M;
-      T* dr = dx + r * M;
+      const S* gr = g + r * M;
+      const S* xr = x + r * M;
+      S* dr = dx + r * M;
       const T mf = T(mean[r]);
       double sg = 0.0, sgx = 0.0;
-      for (int64_t i0 = 0; i0 < M; i0 += kChunk) {
-        const int64_t len = std::min(kChunk, M - i0);
-        T a1 = 0, a2 = 0;
+      if constexpr (kNarrow<S>) {
+        grad_sums_narrow(gr, xr, M, mf, sg, sgx);
+      } else {
+        for (int64_t i0 = 0; i0 < M; i0 += kChunk) {
+          const int64_t len = std::min(kChunk, M - i0);
+          T a1 = 0, a2 = 0;
 #pragma omp simd reduction(+ : a1, a2)
-        for (int64_t i = i0; i < i0 + len; ++i) {
-          a1 += gr[i];
-          a2 += gr[i] * (xr[i] - mf);
+          for (int64_t i = i0; i < i0 + len; ++i) {
+            a1 += gr[i];
+            a2 += gr[i] * (xr[i] - mf);
+          }
+          sg += double(a1);
+          sgx += double(a2);
         }
-        sg += double(a1);
-        sgx += double(a2);
       }
       const double rs = rstd[r];
-      const double S = sgx + sg * (double(mf) - mean[r]);  // sum(g * (x - mean))
+      const double Sx = sgx + sg * (double(mf) - mean[r]);  // sum(g * (x - mean))
       const double a = rs * (w ? double(w[r % C]) : 1.0);
-      const double c1 = -a * rs * rs * S / double(M);
+      const double c1 = -a * rs * rs * Sx / double(M);
       const double c0 = -a * sg / double(M) + c1 * (double(mf) - mean[r]);
       const T ta = T(a), tc1 = T(c1), tc0 = T(c0);
       sg_out[r] = sg;
-      sgxhat_out[r] = S * rs;
+      sgxhat_out[r] = Sx * rs;
+      if constexpr (kNarrow<S>) {
+#pragma omp simd
+        for (int64_t i = 0; i < M; ++i)
+          dr[i] = from_float<S>(ta * to_float(gr[i]) + tc1 * (to_float(xr[i]) - mf) + tc0);
+      } else {
 #ifdef FASTSTYLE_STREAM
-      if constexpr (std::is_same_v<T, float>) {
-        if (stream) {
-          grad_row_stream(gr, xr, dr, M, mf, ta, tc1, tc0);
-          continue;
+        if constexpr (std::is_same_v<T, float>) {
+          if (stream) {
+            grad_row_stream(gr, xr, dr, M, mf, ta, tc1, tc0);
+            continue;
+          }
         }
-      }
 #endif
 #pragma omp simd
-      for (int64_t i = 0; i < M; ++i) dr[i] = ta * gr[i] + tc1 * (xr[i] - mf) + tc0;
+        for (int64_t i = 0; i < M; ++i) dr[i] = ta * gr[i] + tc1 * (xr[i] - mf) + tc0;
+      }
     }
 #ifdef FASTSTYLE_STREAM
     if (stream) _mm_sfence();  // streaming stores are weakly ordered: make them visible before the region ends
@@ -205,8 +388,14 @@ void backward_rows(const T* g, const T* x, T* dx, const double* mean, const doub
 inline int64_t block_positions(int64_t C) { return std::max<int64_t>(1, kBlock / C); }
 inline int64_t chunk_positions(int64_t C) { return std::max<int64_t>(1, kChunk / C); }
 
-template <typename T>
-void forward_chans(const T* x, T* y, const T* w, const T* b, int64_t N, int64_t C, int64_t M, double eps,
+// The chunks of Q positions (Q * C values, contiguous) that the 16-bit paths widen: at most max(kChunk, C) floats.
+template <typename S>
+std::vector<acc_t<S>> chunk_buffer(int64_t C) {
+  return std::vector<acc_t<S>>(kNarrow<S> ? chunk_positions(C) * C : 0);
+}
+
+template <typename S, typename T = acc_t<S>>
+void forward_chans(const S* x, S* y, const T* w, const T* b, int64_t N, int64_t C, int64_t M, double eps,
                    double* mean, double* var, double* rstd) {
   const int64_t P = block_positions(C), Q = chunk_positions(C);
   const int64_t nb = (M + P - 1) / P;
@@ -214,6 +403,7 @@ void forward_chans(const T* x, T* y, const T* w, const T* b, int64_t N, int64_t 
   std::vector<double> pn(N * nb * C), pm(N * nb * C), pq(N * nb * C);
   at::parallel_for(0, N * nb, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> sum(C), cm(C), sd(C), sq(C);
+    std::vector<T> buf = chunk_buffer<S>(C);
     std::vector<Stat> st(C);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / nb, blk = t % nb;
@@ -221,10 +411,10 @@ void forward_chans(const T* x, T* y, const T* w, const T* b, int64_t N, int64_t 
       std::fill(st.begin(), st.end(), Stat{});
       for (int64_t q0 = m0; q0 < m1; q0 += Q) {
         const int64_t q1 = std::min(m1, q0 + Q);
-        const T* xb = x + (n * M) * C;
+        const T* xq = as_compute(x + (n * M + q0) * C, (q1 - q0) * C, buf.data());  // the chunk's positions
         std::fill(sum.begin(), sum.end(), T(0));
-        for (int64_t m = q0; m < q1; ++m) {
-          const T* xm = xb + m * C;
+        for (int64_t m = 0; m < q1 - q0; ++m) {
+          const T* xm = xq + m * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) sum[c] += xm[c];
         }
@@ -235,8 +425,8 @@ void forward_chans(const T* x, T* y, const T* w, const T* b, int64_t N, int64_t 
           sd[c] = 0;
           sq[c] = 0;
         }
-        for (int64_t m = q0; m < q1; ++m) {
-          const T* xm = xb + m * C;
+        for (int64_t m = 0; m < q1 - q0; ++m) {
+          const T* xm = xq + m * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             const T d = xm[c] - cm[c];
@@ -280,15 +470,30 @@ void forward_chans(const T* x, T* y, const T* w, const T* b, int64_t N, int64_t 
     }
   }
   at::parallel_for(0, N * nb, 1, [&](int64_t t0, int64_t t1) {
+    [[maybe_unused]] std::vector<T> buf = chunk_buffer<S>(C);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / nb, blk = t % nb;
       const int64_t m0 = blk * P, m1 = std::min(M, m0 + P);
       const T* mfn = mf.data() + n * C;
       const T* scn = sc.data() + n * C;
       const T* shn = sh.data() + n * C;
+      if constexpr (kNarrow<S>) {
+        // a chunk of Q positions at a time: widen, normalise in the float buffer, round back
+        for (int64_t q0 = m0; q0 < m1; q0 += Q) {
+          const int64_t q1 = std::min(m1, q0 + Q), off = (n * M + q0) * C;
+          widen(x + off, buf.data(), (q1 - q0) * C);
+          for (int64_t m = 0; m < q1 - q0; ++m) {
+            T* bm = buf.data() + m * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) bm[c] = (bm[c] - mfn[c]) * scn[c] + shn[c];
+          }
+          narrow(buf.data(), y + off, (q1 - q0) * C);
+        }
+        continue;
+      }
       for (int64_t m = m0; m < m1; ++m) {
-        const T* xm = x + (n * M + m) * C;
-        T* ym = y + (n * M + m) * C;
+        const S* xm = x + (n * M + m) * C;
+        S* ym = y + (n * M + m) * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) ym[c] = (xm[c] - mfn[c]) * scn[c] + shn[c];
       }
@@ -296,8 +501,8 @@ void forward_chans(const T* x, T* y, const T* w, const T* b, int64_t N, int64_t 
   });
 }
 
-template <typename T>
-void backward_chans(const T* g, const T* x, T* dx, const double* mean, const double* rstd, const T* w, int64_t N,
+template <typename S, typename T = acc_t<S>>
+void backward_chans(const S* g, const S* x, S* dx, const double* mean, const double* rstd, const T* w, int64_t N,
                     int64_t C, int64_t M, double* sg_out, double* sgxhat_out) {
   const int64_t P = block_positions(C), Q = chunk_positions(C);
   const int64_t nb = (M + P - 1) / P;
@@ -306,6 +511,7 @@ void backward_chans(const T* g, const T* x, T* dx, const double* mean, const dou
   std::vector<double> p1(N * nb * C), p2(N * nb * C);
   at::parallel_for(0, N * nb, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> a1(C), a2(C);
+    std::vector<T> gbuf = chunk_buffer<S>(C), xbuf = chunk_buffer<S>(C);
     std::vector<double> d1(C), d2(C);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / nb, blk = t % nb;
@@ -317,9 +523,11 @@ void backward_chans(const T* g, const T* x, T* dx, const double* mean, const dou
         const int64_t q1 = std::min(m1, q0 + Q);
         std::fill(a1.begin(), a1.end(), T(0));
         std::fill(a2.begin(), a2.end(), T(0));
-        for (int64_t m = q0; m < q1; ++m) {
-          const T* gm = g + (n * M + m) * C;
-          const T* xm = x + (n * M + m) * C;
+        const T* gq = as_compute(g + (n * M + q0) * C, (q1 - q0) * C, gbuf.data());
+        const T* xq = as_compute(x + (n * M + q0) * C, (q1 - q0) * C, xbuf.data());
+        for (int64_t m = 0; m < q1 - q0; ++m) {
+          const T* gm = gq + m * C;
+          const T* xm = xq + m * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             a1[c] += gm[c];
@@ -348,17 +556,18 @@ void backward_chans(const T* g, const T* x, T* dx, const double* mean, const dou
       const int64_t r = n * C + c;
       const double rs = rstd[r];
       const double off = double(mf[r]) - mean[r];
-      const double S = sgx + sg * off;
+      const double Sx = sgx + sg * off;
       const double a = rs * (w ? double(w[c]) : 1.0);
-      const double c1 = -a * rs * rs * S / double(M);
+      const double c1 = -a * rs * rs * Sx / double(M);
       ca[r] = T(a);
       c1v[r] = T(c1);
       c0v[r] = T(-a * sg / double(M) + c1 * off);
       sg_out[r] = sg;
-      sgxhat_out[r] = S * rs;
+      sgxhat_out[r] = Sx * rs;
     }
   }
   at::parallel_for(0, N * nb, 1, [&](int64_t t0, int64_t t1) {
+    [[maybe_unused]] std::vector<T> gbuf = chunk_buffer<S>(C), xbuf = chunk_buffer<S>(C);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / nb, blk = t % nb;
       const int64_t m0 = blk * P, m1 = std::min(M, m0 + P);
@@ -366,11 +575,27 @@ void backward_chans(const T* g, const T* x, T* dx, const double* mean, const dou
       const T* an = ca.data() + n * C;
       const T* c1n = c1v.data() + n * C;
       const T* c0n = c0v.data() + n * C;
+      if constexpr (kNarrow<S>) {
+        // a chunk of Q positions at a time, as in forward_chans; dx is computed into gbuf
+        for (int64_t q0 = m0; q0 < m1; q0 += Q) {
+          const int64_t q1 = std::min(m1, q0 + Q), off = (n * M + q0) * C;
+          widen(g + off, gbuf.data(), (q1 - q0) * C);
+          widen(x + off, xbuf.data(), (q1 - q0) * C);
+          for (int64_t m = 0; m < q1 - q0; ++m) {
+            T* gm = gbuf.data() + m * C;
+            const T* xm = xbuf.data() + m * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) gm[c] = an[c] * gm[c] + c1n[c] * (xm[c] - mfn[c]) + c0n[c];
+          }
+          narrow(gbuf.data(), dx + off, (q1 - q0) * C);
+        }
+        continue;
+      }
       for (int64_t m = m0; m < m1; ++m) {
         const int64_t off = (n * M + m) * C;
-        const T* gm = g + off;
-        const T* xm = x + off;
-        T* dm = dx + off;
+        const S* gm = g + off;
+        const S* xm = x + off;
+        S* dm = dx + off;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) dm[c] = an[c] * gm[c] + c1n[c] * (xm[c] - mfn[c]) + c0n[c];
       }
@@ -382,11 +607,35 @@ void backward_chans(const T* g, const T* x, T* dx, const double* mean, const dou
 void check_input(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "faststyle_norm: ", name, " must be on the CPU");
   TORCH_CHECK(t.dim() == 3 && t.is_contiguous(), "faststyle_norm: ", name, " must be a contiguous 3-D view");
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
-              "faststyle_norm: ", name, " must be float32 or float64");
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, "faststyle_norm: ",
+              name, " must be float32, float64, bfloat16 or float16");
 }
 
-// x: (N, C, M) when channels_last is false, else (N, M, C); y: a tensor of the same shape/dtype written in place.
+// The dtype of weight and bias (and of their gradients) for an input of dtype st: float32 for the 16-bit types.
+at::ScalarType param_dtype(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+
+// weight or bias: absent, or C values on the CPU in param_dtype(x); returned contiguous.
+at::Tensor checked_param(const std::optional<at::Tensor>& p, const char* name, at::ScalarType dtype, int64_t C) {
+  if (!p.has_value() || !p->defined()) return at::Tensor();
+  TORCH_CHECK(p->device().is_cpu() && p->numel() == C && p->scalar_type() == dtype, "faststyle_norm: ", name,
+              " must be ", C, " values on the CPU in ", dtype, " (float32 for bfloat16/float16 inputs)");
+  return p->contiguous();
+}
+
+// Calls run(S{}) with the storage type of dtype st (checked by check_input).
+template <typename F>
+void dispatch(at::ScalarType st, F&& run) {
+  switch (st) {
+    case at::kFloat: run(float{}); break;
+    case at::kDouble: run(double{}); break;
+    case at::kBFloat16: run(c10::BFloat16{}); break;
+    default: run(c10::Half{}); break;
+  }
+}
+
+// x: (N, C, M) when channels_last is false, else (N, M, C); y: a tensor of the same shape/dtype written in place;
+// weight, bias: (C,) in param_dtype(x) (float32 for bfloat16/float16 x).
 // Returns (mean, biased var, rstd), each (N, C) float64.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                                           const std::optional<at::Tensor>& bias, double eps,
@@ -399,22 +648,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& x, c
   const int64_t M = channels_last ? x.size(1) : x.size(2);
   auto opts = x.options().dtype(at::kDouble);
   at::Tensor mean = at::empty({N, C}, opts), var = at::empty({N, C}, opts), rstd = at::empty({N, C}, opts);
-  auto run = [&](auto tag) {
-    using T = decltype(tag);
-    at::Tensor wc = weight.has_value() ? weight->contiguous() : at::Tensor();
-    at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor wc = checked_param(weight, "weight", param_dtype(x.scalar_type()), C);
+  const at::Tensor bc = checked_param(bias, "bias", param_dtype(x.scalar_type()), C);
+  dispatch(x.scalar_type(), [&](auto tag) {
+    using S = decltype(tag);
+    using T = acc_t<S>;
     const T* w = wc.defined() ? wc.data_ptr<T>() : nullptr;
     const T* b = bc.defined() ? bc.data_ptr<T>() : nullptr;
-    auto f = channels_last ? forward_chans<T> : forward_rows<T>;
-    f(x.data_ptr<T>(), y.data_ptr<T>(), w, b, N, C, M, eps, mean.data_ptr<double>(), var.data_ptr<double>(),
+    auto f = channels_last ? forward_chans<S> : forward_rows<S>;
+    f(x.data_ptr<S>(), y.data_ptr<S>(), w, b, N, C, M, eps, mean.data_ptr<double>(), var.data_ptr<double>(),
       rstd.data_ptr<double>());
-  };
-  if (x.scalar_type() == at::kFloat) run(float{}); else run(double{});
+  });
   return {mean, var, rstd};
 }
 
 // g, x: same 3-D layout as in forward_op; mean, rstd: (N, C) float64 from forward_op; dx written in place.
-// Returns (grad_weight, grad_bias) = (sum over N, HW of g * xhat, of g), each (C,) in x's dtype.
+// Returns (grad_weight, grad_bias) = (sum over N, HW of g * xhat, of g), each (C,) in param_dtype(x).
 std::tuple<at::Tensor, at::Tensor> backward_op(const at::Tensor& g, const at::Tensor& x, const at::Tensor& mean,
                                                const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
                                                bool channels_last, at::Tensor dx) {
@@ -431,16 +680,17 @@ std::tuple<at::Tensor, at::Tensor> backward_op(const at::Tensor& g, const at::Te
               "faststyle_norm: mean/rstd must be contiguous (N, C) float64");
   auto opts = x.options().dtype(at::kDouble);
   at::Tensor sg = at::empty({N, C}, opts), sgxhat = at::empty({N, C}, opts);
-  auto run = [&](auto tag) {
-    using T = decltype(tag);
-    at::Tensor wc = weight.has_value() ? weight->contiguous() : at::Tensor();
+  const at::Tensor wc = checked_param(weight, "weight", param_dtype(x.scalar_type()), C);
+  dispatch(x.scalar_type(), [&](auto tag) {
+    using S = decltype(tag);
+    using T = acc_t<S>;
     const T* w = wc.defined() ? wc.data_ptr<T>() : nullptr;
-    auto f = channels_last ? backward_chans<T> : backward_rows<T>;
-    f(g.data_ptr<T>(), x.data_ptr<T>(), dx.data_ptr<T>(), mean.data_ptr<double>(), rstd.data_ptr<double>(), w, N, C,
+    auto f = channels_last ? backward_chans<S> : backward_rows<S>;
+    f(g.data_ptr<S>(), x.data_ptr<S>(), dx.data_ptr<S>(), mean.data_ptr<double>(), rstd.data_ptr<double>(), w, N, C,
       M, sg.data_ptr<double>(), sgxhat.data_ptr<double>());
-  };
-  if (x.scalar_type() == at::kFloat) run(float{}); else run(double{});
-  // weight / bias gradients: the per-instance sums added over the batch in double, returned in x's dtype
+  });
+  // weight / bias gradients: the per-instance sums added over the batch in double, returned in the weight's dtype
+  // (param_dtype: float32 for 16-bit inputs)
   at::Tensor gw = at::empty({C}, opts), gb = at::empty({C}, opts);
   const double* psg = sg.data_ptr<double>();
   const double* psx = sgxhat.data_ptr<double>();
@@ -455,7 +705,7 @@ std::tuple<at::Tensor, at::Tensor> backward_op(const at::Tensor& g, const at::Te
     pgw[c] = w_acc;
     pgb[c] = b_acc;
   }
-  return {gw.to(x.scalar_type()), gb.to(x.scalar_type())};
+  return {gw.to(param_dtype(x.scalar_type())), gb.to(param_dtype(x.scalar_type()))};
 }
 
 }  // namespace

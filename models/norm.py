@@ -9,14 +9,17 @@ with the biased variance, exactly like ``torch.nn.InstanceNorm2d``.
 
 Three implementations of that formula, chosen per call:
 
-* CPU, float32/float64: a fused C++ kernel (``models/instance_norm_kernel.cpp``, ``_FusedInstanceNormFunction``),
-  compiled on first use with torch.utils.cpp_extension and cached in torch's extension directory. It reads each
-  tensor from memory about once per pass, which is what lets it beat ``nn.InstanceNorm2d`` (README, "Speed and
-  memory"; ``python -m scripts.bench_norm`` measures both). When it cannot be built, ONE warning names the cause
-  and the eager path below runs instead.
+* CPU, float32/float64/bfloat16/float16: a fused C++ kernel (``models/instance_norm_kernel.cpp``,
+  ``_FusedInstanceNormFunction``), compiled on first use with torch.utils.cpp_extension and cached in torch's
+  extension directory. It reads each tensor from memory about once per pass, which is what lets it beat
+  ``nn.InstanceNorm2d`` (README, "Speed and memory"; ``python -m scripts.bench_norm`` measures both). A 16-bit
+  tensor stays 16-bit in memory: the kernel widens it chunk by chunk and does all its arithmetic in float32, with
+  weight and bias (and their gradients) in float32. When it cannot be built, ONE warning names the cause and the
+  eager path below runs instead.
 * Otherwise (CUDA and other devices, or no kernel): ``_InstanceNormFunction``, torch ops with a hand-written
   closed-form backward, so that autograd keeps no intermediates, and every large result written into a buffer we
-  own, because fresh large allocations page-fault on CPU and cost as much as the op itself.
+  own, because fresh large allocations page-fault on CPU and cost as much as the op itself. It takes float16/bfloat16
+  inputs as a float32 copy and rounds the output back.
 * While a tracer, exporter or compiler records the graph: ``_plain_instance_norm``, the same maths in plain
   differentiable ops that they understand. ``InstanceNorm.to_torch()`` gives the equivalent ``nn.InstanceNorm2d``,
   which interop/export.py swaps in so that ONNX gets a single ``InstanceNormalization`` node.
@@ -84,7 +87,8 @@ def _channel_shape(rd: int, c: int) -> tuple[int, int, int]:
 
 
 class _InstanceNormFunction(torch.autograd.Function):
-    """Instance norm with owned buffers and a closed-form backward, on a float32/float64 (N, C, *spatial) tensor.
+    """Instance norm with owned buffers and a closed-form backward, on a float32/float64 (N, C, *spatial) tensor
+    (``InstanceNorm`` hands it 16-bit inputs as float32 copies).
 
     forward(x, weight|None, bias|None, eps) -> (y, mean (N, C), biased var (N, C)); mean and var are not
     differentiable outputs (they only feed the running statistics). Not twice differentiable.
@@ -167,7 +171,7 @@ class _InstanceNormFunction(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# The fused C++ kernel (CPU, float32/float64): models/instance_norm_kernel.cpp, compiled on first use.
+# The fused C++ kernel (CPU; float32/float64/bfloat16/float16): models/instance_norm_kernel.cpp, compiled on first use.
 # ------------------------------------------------------------------------------------------------------------------
 
 _KERNEL_SOURCE = Path(__file__).with_name("instance_norm_kernel.cpp")
@@ -275,10 +279,15 @@ def _load_kernels() -> bool:
     return False
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def _use_fused_kernel(x: Tensor) -> bool:
-    """True when the fused C++ kernel handles ``x`` (CPU float32/float64), building it on first use."""
+    """True when the fused C++ kernel handles ``x`` (CPU float32/float64/bfloat16/float16), building it on first
+    use."""
     global _kernel_state
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+    if x.device.type != "cpu" or x.dtype not in _KERNEL_DTYPES:
         return False
     if _kernel_state is None:
         _kernel_state = _load_kernels()
@@ -286,8 +295,9 @@ def _use_fused_kernel(x: Tensor) -> bool:
 
 
 class _FusedInstanceNormFunction(torch.autograd.Function):
-    """Instance norm by the fused C++ kernel: same contract as ``_InstanceNormFunction`` (CPU float32/float64),
-    except that mean and var come back in float64.
+    """Instance norm by the fused C++ kernel: same contract as ``_InstanceNormFunction``, on the CPU, except that
+    mean and var come back in float64 and that x may also be bfloat16/float16 (read and written in 16 bits, computed
+    in float32); weight and bias are then float32, and so are their gradients.
 
     Forward is one statistics sweep plus one normalising sweep over x; backward one sweep for sum(g) and
     sum(g * (x - mean)) plus one sweep writing dx. Only x itself and (N, C) float64 statistics are saved.
@@ -371,9 +381,11 @@ class InstanceNorm(nn.Module):
             momentum is None (its running stats then never move); we implement the documented cumulative average.
 
     Input/output: float tensor (N, C, *spatial) or (C, *spatial), any value range; output has the input's shape,
-    dtype and memory format (channels-last stays channels-last). float16/bfloat16 statistics are computed in
-    float32. A 3-D+ input whose dim 1 is not C but whose dim 0 is C is taken as unbatched; a 2-D input is always
-    (C, L) unbatched. An input matching neither raises ValueError naming the expected and the received shape.
+    dtype and memory format (channels-last stays channels-last). float16/bfloat16 inputs are normalised in float32
+    arithmetic (the CPU kernel reads and writes them in 16 bits; the other paths work on a float32 copy), with
+    weight and bias applied in float32 whatever their own dtype. A 3-D+ input whose dim 1 is not C but whose dim 0
+    is C is taken as unbatched; a 2-D input is always (C, L) unbatched. An input matching neither raises ValueError
+    naming the expected and the received shape.
 
     State-dict keys are those of nn.InstanceNorm2d (``weight``, ``bias``, and ``running_mean``, ``running_var``,
     ``num_batches_tracked`` when tracking), so weights load both ways.
@@ -444,11 +456,13 @@ class InstanceNorm(nn.Module):
             raise TypeError(f"InstanceNorm expects a floating-point tensor, got {x.dtype}")
         use_input_stats = self.training or not self.track_running_stats
         in_dtype = x.dtype
-        # Statistics in float32 for half types (fp16 overflows sums of squares; bf16 has 8 mantissa bits).
-        xf = x.float() if in_dtype in (torch.float16, torch.bfloat16) else x
+        # Arithmetic in float32 for half types (fp16 overflows sums of squares; bf16 has 8 mantissa bits): the
+        # fused kernel does that itself on the 16-bit tensor, every other path gets a float32 copy.
+        compute_dtype = torch.float32 if in_dtype in _HALF_DTYPES else in_dtype
         weight, bias = self.weight, self.bias
-        if weight is not None and weight.dtype != xf.dtype:
-            weight, bias = weight.to(xf.dtype), bias.to(xf.dtype)
+        if weight is not None and weight.dtype != compute_dtype:
+            # (C,) vectors: cheap; autograd takes their gradients back to the parameters' own dtype
+            weight, bias = weight.to(compute_dtype), bias.to(compute_dtype)
         if use_input_stats:
             spatial = math.prod(x.shape[2:])
             if spatial <= 1:
@@ -457,22 +471,22 @@ class InstanceNorm(nn.Module):
                     f"InstanceNorm expects more than 1 spatial element when training, got {tuple(x.shape)}"
                 )
             if capturing_graph() or x.shape[0] == 0:
-                y, mean, var = _plain_instance_norm(xf, weight, bias, self.eps)
-            elif _use_fused_kernel(xf):
-                y, mean, var = _FusedInstanceNormFunction.apply(xf, weight, bias, self.eps)
+                y, mean, var = _plain_instance_norm(x.to(compute_dtype), weight, bias, self.eps)
+            elif _use_fused_kernel(x):
+                y, mean, var = _FusedInstanceNormFunction.apply(x, weight, bias, self.eps)
             else:
-                y, mean, var = _InstanceNormFunction.apply(xf, weight, bias, self.eps)
+                y, mean, var = _InstanceNormFunction.apply(x.to(compute_dtype), weight, bias, self.eps)
             if self.training and self.track_running_stats:
                 self._update_running_stats(mean, var, spatial)
         else:
             cshape = (1, self.num_features) + (1,) * (x.dim() - 2)
-            scale = torch.rsqrt(self.running_var.to(xf.dtype) + self.eps)
+            scale = torch.rsqrt(self.running_var.to(compute_dtype) + self.eps)
             if weight is not None:
                 scale = scale * weight
-            shift = -self.running_mean.to(xf.dtype) * scale
+            shift = -self.running_mean.to(compute_dtype) * scale
             if bias is not None:
                 shift = shift + bias
-            y = torch.addcmul(shift.view(cshape), xf, scale.view(cshape))
+            y = torch.addcmul(shift.view(cshape), x.to(compute_dtype), scale.view(cshape))
         return y if y.dtype == in_dtype else y.to(in_dtype)
 
     @torch.no_grad()
