@@ -332,3 +332,134 @@ def test_kernel_build_failure_warns_once_and_falls_back(
     assert norm._kernel_state is False
     torch.testing.assert_close(y1, ref(x), atol=1e-5, rtol=0)
     torch.testing.assert_close(y2, y1, atol=0, rtol=0)
+
+
+# ----------------------------------------------- 16-bit inputs in the fused kernel (bf16 / fp16 storage, fp32 maths)
+# Half an ulp, relative, of each 16-bit type (bf16: 8 significant bits, fp16: 11): the kernel computes in float32,
+# whose error is ~1e-7 relative, and rounds once to the 16-bit output, so each output value is off from the float64
+# result of the same (16-bit) input by at most this fraction of itself, plus float32 rounding of the terms.
+_HALF_ULP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def _memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@pytest.mark.skipif(not _HAS_COMPILER, reason="no C++ compiler")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("affine", [False, True])
+# 48 * 50 = 2400 positions: two statistics chunks and a tail that is no multiple of the vector lanes; C = 2100 is more
+# channels than one chunk holds (channels-last).
+@pytest.mark.parametrize("shape", [(2, 5, 48, 50), (1, 2100, 3, 3)])
+def test_fused_kernel_half_matches_float64_of_same_input(
+    shape: tuple[int, ...], affine: bool, channels_last: bool, dtype: torch.dtype
+) -> None:
+    from models import norm
+
+    gen = torch.Generator().manual_seed(14)
+    c = shape[1]
+    x = _memory_format((torch.randn(shape, generator=gen) * 3 + 2).to(dtype), channels_last)
+    g = _memory_format(torch.randn(shape, generator=gen).to(dtype), channels_last)
+    assert norm._use_fused_kernel(x)
+    m = InstanceNorm(c, affine=affine)
+    if affine:
+        with torch.no_grad():
+            m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.bias.copy_(torch.randn(c, generator=gen))
+    xr = x.clone().requires_grad_(True)
+    y = m(xr)
+    y.backward(g)
+    # float64 reference on the very same 16-bit values, in contiguous memory: torch's own CPU instance_norm backward on
+    # channels-last input disagrees with its contiguous one here (at C = 64 already), and the contiguous one is right
+    # (it matches the float32 tests above and gradcheck)
+    x64 = x.double().contiguous().requires_grad_(True)
+    w64 = m.weight.detach().double().requires_grad_(True) if affine else None
+    b64 = m.bias.detach().double().requires_grad_(True) if affine else None
+    y64 = F.instance_norm(x64, weight=w64, bias=b64, eps=m.eps)
+    y64.backward(g.double().contiguous())
+    assert y.dtype == dtype and xr.grad.dtype == dtype
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt) and xr.grad.is_contiguous(memory_format=fmt)
+    ulp = _HALF_ULP[dtype]
+    for got, want in ((y, y64), (xr.grad, x64.grad)):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.double(), want.detach(), rtol=ulp, atol=1e-4 * scale)
+    if affine:
+        # weight/bias gradients stay float32 (sums over N * HW values: no 16-bit rounding at all)
+        assert m.weight.grad.dtype == torch.float32 and m.bias.grad.dtype == torch.float32
+        for got, want in ((m.weight.grad, w64.grad), (m.bias.grad, b64.grad)):
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.skipif(not _HAS_COMPILER, reason="no C++ compiler")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_kernel_half_stable_at_large_offset(dtype: torch.dtype, channels_last: bool) -> None:
+    from models import norm
+
+    torch.manual_seed(15)
+    # bf16 holds 1e4 on a grid of 64 (fp16: 8): a spread of 64 keeps a representable variance around the offset
+    x = _memory_format((torch.randn(2, 4, 64, 64) * 64 + 1e4).to(dtype), channels_last)
+    assert norm._use_fused_kernel(x)
+    y, mean, var = norm._FusedInstanceNormFunction.apply(x, None, None, 1e-5)
+    x64 = x.double()
+    var64 = x64.var(dim=(2, 3), correction=0)
+    assert torch.isfinite(var).all() and (var > 0).all()
+    torch.testing.assert_close(var, var64, rtol=1e-5, atol=0)
+    torch.testing.assert_close(mean, x64.mean(dim=(2, 3)), rtol=1e-7, atol=0)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    torch.testing.assert_close(y.double(), F.instance_norm(x64), rtol=_HALF_ULP[dtype], atol=1e-4)
+    torch.testing.assert_close(
+        y.double().std(dim=(2, 3), correction=0), torch.ones(2, 4, dtype=torch.float64), rtol=0, atol=1e-2
+    )
+
+
+@pytest.mark.skipif(not _HAS_COMPILER, reason="no C++ compiler")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bf16_autocast_gradients_reach_float32_parameters(channels_last: bool) -> None:
+    from models import norm
+
+    torch.manual_seed(16)
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    ours = InstanceNorm(8, affine=True)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.normal_()
+    x = _memory_format(torch.randn(2, 3, 20, 24), channels_last)
+    with torch.autocast("cpu", torch.bfloat16):
+        h = conv(x)
+        assert h.dtype == torch.bfloat16 and norm._use_fused_kernel(h)
+        y = ours(h)
+    assert y.dtype == torch.bfloat16
+    h.retain_grad()
+    r = torch.randn(y.shape)
+    (y.float() * r).sum().backward()  # y's gradient is r rounded to bf16
+    assert ours.weight.grad.dtype == torch.float32 and ours.bias.grad.dtype == torch.float32
+    assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all()
+    # the same backward in float64 from the same bf16 activations and gradient (contiguous: see above)
+    ref = InstanceNorm(8, affine=True).double()
+    ref.load_state_dict(ours.state_dict())
+    h64 = h.detach().double().contiguous().requires_grad_(True)
+    ref(h64).backward(r.bfloat16().double())
+    for got, want in ((ours.weight.grad, ref.weight.grad), (ours.bias.grad, ref.bias.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    # h's gradient is rounded to bf16 once
+    scale = h64.grad.abs().max().item()
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=_HALF_ULP[torch.bfloat16], atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_input_eager_fallback_upcasts(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    from models import norm
+
+    monkeypatch.setattr(norm, "_kernel_state", False)  # as if the kernel could not be built
+    torch.manual_seed(17)
+    ours, _ = _affine_pair(4)
+    x = _memory_format((torch.randn(2, 4, 9, 10) * 3 + 2).to(dtype), True).requires_grad_(True)
+    y = ours(x)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    want = F.instance_norm(x.detach().double(), weight=ours.weight.double(), bias=ours.bias.double())
+    torch.testing.assert_close(y.double(), want.detach(), rtol=_HALF_ULP[dtype], atol=1e-4 * want.abs().max().item())
+    y.sum().backward()
+    assert x.grad.dtype == dtype and ours.weight.grad.dtype == torch.float32
