@@ -1,12 +1,15 @@
 """Benchmark our InstanceNorm against nn.InstanceNorm2d: forward + backward time, side by side, with the ratio.
 
-Both modules are affine (gamma, beta), fp32, train mode, no running stats (the configuration TransformerNet uses).
-Each repetition runs forward, then backward with a fixed upstream gradient; ours and torch's alternate inside
-the loop so that load from other processes hits both alike. The figure is the median over the repetitions.
+Both modules are affine (gamma, beta), train mode, no running stats (the configuration TransformerNet uses), with
+input, gradient and parameters in the --dtype (fp32 by default; bf16/fp16 as in a network cast to that dtype).
+Each repetition runs forward, then backward with a fixed upstream gradient (--forward-only: forward alone, under
+no_grad, as in inference); ours and torch's alternate inside the loop so that load from other processes hits both
+alike. The figure is the median over the repetitions.
 
 Usage:
     flock /tmp/faststyle-cpu.lock .venv/bin/python -m scripts.bench_norm            # CPU (+ CUDA if present)
     .venv/bin/python -m scripts.bench_norm --device cpu --reps 5 --channels-last
+    .venv/bin/python -m scripts.bench_norm --device cpu --dtype bf16 --forward-only
 
 Both sides run with glibc malloc reuse (core.device.reuse_freed_memory, as train.py and stylize.py do);
 --no-malloc-reuse turns it off. The first run in a fresh environment also builds our fused C++ kernel (~13 s, see
@@ -30,6 +33,7 @@ from core.device import reuse_freed_memory
 from models.norm import InstanceNorm
 
 DEFAULT_SHAPES = ((4, 128, 64, 64), (4, 32, 256, 256), (1, 32, 1080, 1920))
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -48,25 +52,35 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_shape(
-    shape: tuple[int, ...], device: torch.device, reps: int, warmup: int, channels_last: bool
+    shape: tuple[int, ...],
+    device: torch.device,
+    reps: int,
+    warmup: int,
+    channels_last: bool,
+    dtype: torch.dtype = torch.float32,
+    forward_only: bool = False,
 ) -> tuple[float, float]:
-    """Median seconds of forward+backward for (ours, nn.InstanceNorm2d/1d/3d) at ``shape``."""
+    """Median seconds of forward+backward (or forward alone) for (ours, nn.InstanceNorm2d/1d/3d) at ``shape``."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(shape, generator=gen).to(device)
-    grad = torch.randn(shape, generator=gen).to(device)
+    x = torch.randn(shape, generator=gen).to(device, dtype)
+    grad = torch.randn(shape, generator=gen).to(device, dtype)
     if channels_last and x.dim() in (4, 5):
         fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
         x, grad = x.contiguous(memory_format=fmt), grad.contiguous(memory_format=fmt)
-    x.requires_grad_(True)
+    x.requires_grad_(not forward_only)
     c = shape[1]
     ref_cls = {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}[len(shape)]
-    ours = InstanceNorm(c, affine=True).to(device)
-    ref = ref_cls(c, affine=True).to(device)
+    ours = InstanceNorm(c, affine=True).to(device, dtype)
+    ref = ref_cls(c, affine=True).to(device, dtype)
 
     def step(module: nn.Module) -> float:
         _sync(device)
         start = time.perf_counter()
-        module(x).backward(grad)
+        if forward_only:
+            with torch.no_grad():
+                module(x)
+        else:
+            module(x).backward(grad)
         _sync(device)
         elapsed = time.perf_counter() - start
         x.grad = None
@@ -96,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--channels-last", action="store_true", help="NHWC input and gradient")
     parser.add_argument(
+        "--dtype", choices=tuple(DTYPES), default="fp32", help="input, gradient and parameter dtype (default fp32)"
+    )
+    parser.add_argument("--forward-only", action="store_true", help="time forward alone, under no_grad (inference)")
+    parser.add_argument(
         "--no-malloc-reuse",
         action="store_true",
         help="leave glibc malloc at its defaults (by default both sides run with core.device.reuse_freed_memory, "
@@ -120,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     shapes = args.shape or list(DEFAULT_SHAPES)
 
     print(
-        f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, channels_last={args.channels_last}, "
+        f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, dtype={args.dtype}, "
+        f"{'forward only' if args.forward_only else 'forward+backward'}, channels_last={args.channels_last}, "
         f"malloc reuse (both sides)={malloc_reuse}"
     )
     print(f"{'device':<7}{'shape':<22}{'ours ms':>10}{'torch ms':>10}{'speed-up':>10}")
@@ -130,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             for s in shape:
                 numel *= s
             reps = args.reps or (5 if numel > 50_000_000 else 15)
-            ours_s, ref_s = bench_shape(shape, device, reps, args.warmup, args.channels_last)
+            ours_s, ref_s = bench_shape(
+                shape, device, reps, args.warmup, args.channels_last, DTYPES[args.dtype], args.forward_only
+            )
             print(
                 f"{device.type:<7}{str(shape):<22}{ours_s * 1e3:>10.2f}{ref_s * 1e3:>10.2f}{ref_s / ours_s:>9.2f}x",
                 flush=True,
