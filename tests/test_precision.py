@@ -433,3 +433,28 @@ def test_cuda_mixed_precision_step_close_to_fp32(name: str) -> None:
         assert all(torch.isfinite(p).all() for p in net.parameters())
     for key, value in results["fp32"].items():
         assert results[name][key] == pytest.approx(value, rel=0.05, abs=1e-6), key
+
+
+def test_precision_check_script_compares_through_the_runner(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """scripts/precision_check.py runs stylize's Runner in fp32 and bf16 (also through pytorch/examples' format) and
+    prints PSNRs: finite and high for a small network, and the images it says it wrote exist."""
+    import re
+
+    from interop.legacy import legacy_config
+    from models.modelfile import save_model
+    from scripts import precision_check
+
+    torch.manual_seed(0)
+    model = tmp_path / "run" / "model.pth"
+    save_model(model, TransformerNet(**legacy_config(8, 1)).eval(), {"style_stem": "x"})
+    args = [str(model), "--width", "64", "--height", "48", "--tiled-budget-mb", "4", "--out", str(tmp_path / "o")]
+    assert precision_check.main([*args, "--as-examples"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert "as pytorch/examples file" in line, line
+    values = [float(v) for v in re.findall(r"([\d.]+) dB", line)]
+    assert len(values) == 3 and all(30 < v < 200 for v in values), line
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        "run_model_bf16.png",
+        "run_model_diff_x20.png",
+        "run_model_fp32.png",
+    ]
