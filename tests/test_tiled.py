@@ -172,12 +172,15 @@ def _stylize(model: Path, source: Path, target: Path, *options: str):
 
 
 @pytest.mark.parametrize("norm", ["instance", "batch"])
-@pytest.mark.parametrize(("mode", "options"), [("RGB", ()), ("RGBA", ("preserve_color=true", "strength=0.6"))])
+@pytest.mark.parametrize(
+    ("mode", "options"),
+    [("RGB", ("precision=fp32",)), ("RGBA", ("preserve_color=true", "strength=0.6", "precision=bf16"))],
+)
 def test_stylize_8bit_strips_equal_the_float_path(tmp_path: Path, norm: str, mode: str, options: tuple) -> None:
     """stylize.py's tiled path (uint8 strips in, finish_colors and 8-bit rounding per output strip, alpha kept) writes
     exactly the image of the float path: the executor's whole float output, finish_colors on the whole image,
     data.io.tensor_to_pil, alpha re-attached. Bit-exact, because the same strips give the same network values and
-    every later step is pointwise."""
+    every later step is pointwise; in bf16 too (the network cast to bf16, as stylize's precision policy casts it)."""
     from data.io import pil_to_tensor, tensor_to_pil
     from inference.colour import finish_colors
     from models.modelfile import load_model
@@ -191,9 +194,12 @@ def test_stylize_8bit_strips_equal_the_float_path(tmp_path: Path, norm: str, mod
     got = np.asarray(Image.open(tmp_path / "out.png"))
 
     net = load_model(model, device="cpu")[0].eval()
+    if "precision=bf16" in options:
+        net = net.to(torch.bfloat16)
     content = pil_to_tensor(Image.fromarray(pixels[..., :3], "RGB"))
     stylized = TiledExecutor(net, budget_mb=0.02)(content)[0]
-    want = tensor_to_pil(finish_colors(stylized, content, "preserve_color=true" in options, 0.6 if options else 1.0))
+    colour = ("preserve_color=true" in options, 0.6 if "strength=0.6" in options else 1.0)
+    want = tensor_to_pil(finish_colors(stylized, content, *colour))
     if mode == "RGBA":
         want.putalpha(Image.fromarray(pixels[..., 3], "L"))
     assert got.shape == (70, 91, len(mode)) and got.std() > 10
