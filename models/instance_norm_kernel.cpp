@@ -32,11 +32,14 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define FASTSTYLE_STREAM 1
+#elif defined(__AVX512BF16__)
+#include <immintrin.h>
 #endif
 
 namespace {
@@ -115,6 +118,68 @@ template <typename S>
 inline void narrow(const float* src, S* dst, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) dst[i] = from_float<S>(src[i]);
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+#define FASTSTYLE_BF16_CVT 1
+// 32 floats (lo: the first 16) rounded to bf16 and stored at dst. With AVX512-BF16 one vcvtne2ps2bf16 does it (round
+// to nearest even, NaN quieted as in from_float) where the integer rounding takes about a dozen instructions; but it
+// flushes subnormal inputs to zero, so a block holding one is rounded by from_float instead (same results).
+inline void store_bf16x32(__m512 lo, __m512 hi, c10::BFloat16* dst) {
+  constexpr int kSubnormal = 0x20;  // vfpclassps category: denormal
+  if ((_mm512_fpclass_ps_mask(lo, kSubnormal) | _mm512_fpclass_ps_mask(hi, kSubnormal)) == 0) {
+    _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    return;
+  }
+  alignas(64) float tmp[32];
+  _mm512_store_ps(tmp, lo);
+  _mm512_store_ps(tmp + 16, hi);
+  for (int k = 0; k < 32; ++k) dst[k] = from_float<c10::BFloat16>(tmp[k]);
+}
+
+template <>
+inline void narrow<c10::BFloat16>(const float* src, c10::BFloat16* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) store_bf16x32(_mm512_loadu_ps(src + i), _mm512_loadu_ps(src + i + 16), dst + i);
+  for (; i < n; ++i) dst[i] = from_float<c10::BFloat16>(src[i]);
+}
+#endif
+
+// y[i] = (x[i] - mf) * sc + sh rounded to S: forward_rows' 16-bit output sweep, from the widened row.
+template <typename S>
+inline void affine_narrow(const float* x, S* y, int64_t n, float mf, float sc, float sh) {
+  int64_t i = 0;
+#ifdef FASTSTYLE_BF16_CVT
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    const __m512 vm = _mm512_set1_ps(mf), vs = _mm512_set1_ps(sc), vh = _mm512_set1_ps(sh);
+    for (; i + 32 <= n; i += 32) {
+      store_bf16x32(_mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vm), vs, vh),
+                    _mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i + 16), vm), vs, vh), y + i);
+    }
+  }
+#endif
+#pragma omp simd
+  for (int64_t j = i; j < n; ++j) y[j] = from_float<S>((x[j] - mf) * sc + sh);
+}
+
+// dx[i] = a * g[i] + (c1 * (x[i] - mf) + c0) rounded to S: backward_rows' 16-bit dx sweep, from the widened row.
+template <typename S>
+inline void grad_narrow(const float* g, const float* x, S* dx, int64_t n, float mf, float a, float c1, float c0) {
+  int64_t i = 0;
+#ifdef FASTSTYLE_BF16_CVT
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    const __m512 vm = _mm512_set1_ps(mf), va = _mm512_set1_ps(a), v1 = _mm512_set1_ps(c1), v0 = _mm512_set1_ps(c0);
+    for (; i + 32 <= n; i += 32) {
+      const __m512 lo = _mm512_fmadd_ps(va, _mm512_loadu_ps(g + i),
+                                        _mm512_fmadd_ps(v1, _mm512_sub_ps(_mm512_loadu_ps(x + i), vm), v0));
+      const __m512 hi = _mm512_fmadd_ps(va, _mm512_loadu_ps(g + i + 16),
+                                        _mm512_fmadd_ps(v1, _mm512_sub_ps(_mm512_loadu_ps(x + i + 16), vm), v0));
+      store_bf16x32(lo, hi, dx + i);
+    }
+  }
+#endif
+#pragma omp simd
+  for (int64_t j = i; j < n; ++j) dx[j] = from_float<S>(a * g[j] + (c1 * (x[j] - mf) + c0));
 }
 
 // Independent partial sums per reduction in the 16-bit row loops: a single vector accumulator makes every add wait
@@ -214,34 +279,53 @@ Stat row_stats(const T* x, int64_t m) {
   return s;
 }
 
-// row_stats for a 16-bit row: the same chunked corrected two-pass sums in float, each value converted as it is read
-// (the chunk stays in L1 between the two passes), with kLanes partial sums per reduction.
+// Longest 16-bit row that the row sweeps keep whole in float between their two sweeps: 64K floats (256 KB) per
+// buffer stay in a core's L2, so the second sweep reads floats instead of converting the row again. A longer row is
+// widened again chunk by chunk in the second sweep (into a one-chunk buffer).
+constexpr int64_t kRowBuf = int64_t(1) << 16;
+
+// Float scratch for one parallel task of a 16-bit row sweep: the whole row when `whole`, else one chunk.
+inline std::unique_ptr<float[]> row_buffer(int64_t M, bool whole) {
+  return std::unique_ptr<float[]>(new float[whole ? M : std::min(M, kChunk)]);
+}
+
+// row_stats for a 16-bit row: the same chunked corrected two-pass sums in float, with kLanes partial sums per
+// reduction. Each chunk is widened once, as the first pass reads it, into buf (at its offset in the row when
+// `whole`, else at buf[0]); the second pass reads the floats from there (in L1), and so can the output sweep.
 template <typename S>
-Stat row_stats_narrow(const S* x, int64_t m) {
+Stat row_stats_narrow(const S* x, int64_t m, float* buf, bool whole) {
   Stat s;
   for (int64_t i0 = 0; i0 < m; i0 += kChunk) {
     const int64_t len = std::min(kChunk, m - i0), full = len / kLanes * kLanes;
     const S* p = x + i0;
+    float* c = whole ? buf + i0 : buf;
     float acc[kLanes] = {};
     for (int64_t i = 0; i < full; i += kLanes) {
 #pragma omp simd
-      for (int64_t j = 0; j < kLanes; ++j) acc[j] += to_float(p[i + j]);
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const float v = to_float(p[i + j]);
+        c[i + j] = v;
+        acc[j] += v;
+      }
     }
     float sum = lane_sum(acc);
-    for (int64_t i = full; i < len; ++i) sum += to_float(p[i]);
+    for (int64_t i = full; i < len; ++i) {
+      c[i] = to_float(p[i]);
+      sum += c[i];
+    }
     const float cm = sum / float(len);
     float vd[kLanes] = {}, vq[kLanes] = {};
     for (int64_t i = 0; i < full; i += kLanes) {
 #pragma omp simd
       for (int64_t j = 0; j < kLanes; ++j) {
-        const float d = to_float(p[i + j]) - cm;
+        const float d = c[i + j] - cm;
         vd[j] += d;
         vq[j] += d * d;
       }
     }
     float sd = lane_sum(vd), sq = lane_sum(vq);
     for (int64_t i = full; i < len; ++i) {
-      const float d = to_float(p[i]) - cm;
+      const float d = c[i] - cm;
       sd += d;
       sq += d * d;
     }
@@ -252,26 +336,33 @@ Stat row_stats_narrow(const S* x, int64_t m) {
 }
 
 // Chunk sums sg = sum(g), sgx = sum(g * (x - mf)) of a 16-bit row (backward_rows' first sweep), added in double.
+// Like row_stats_narrow it leaves the widened chunks of g and x in gbuf and xbuf for the dx sweep.
 template <typename S>
-void grad_sums_narrow(const S* g, const S* x, int64_t m, float mf, double& sg, double& sgx) {
+void grad_sums_narrow(const S* g, const S* x, int64_t m, float mf, float* gbuf, float* xbuf, bool whole, double& sg,
+                      double& sgx) {
   for (int64_t i0 = 0; i0 < m; i0 += kChunk) {
     const int64_t len = std::min(kChunk, m - i0), full = len / kLanes * kLanes;
     const S* gp = g + i0;
     const S* xp = x + i0;
+    float* gc = whole ? gbuf + i0 : gbuf;
+    float* xc = whole ? xbuf + i0 : xbuf;
     float v1[kLanes] = {}, v2[kLanes] = {};
     for (int64_t i = 0; i < full; i += kLanes) {
 #pragma omp simd
       for (int64_t j = 0; j < kLanes; ++j) {
-        const float gv = to_float(gp[i + j]);
+        const float gv = to_float(gp[i + j]), xv = to_float(xp[i + j]);
+        gc[i + j] = gv;
+        xc[i + j] = xv;
         v1[j] += gv;
-        v2[j] += gv * (to_float(xp[i + j]) - mf);
+        v2[j] += gv * (xv - mf);
       }
     }
     float a1 = lane_sum(v1), a2 = lane_sum(v2);
     for (int64_t i = full; i < len; ++i) {
-      const float gv = to_float(gp[i]);
-      a1 += gv;
-      a2 += gv * (to_float(xp[i]) - mf);
+      gc[i] = to_float(gp[i]);
+      xc[i] = to_float(xp[i]);
+      a1 += gc[i];
+      a2 += gc[i] * (xc[i] - mf);
     }
     sg += double(a1);
     sgx += double(a2);
@@ -283,13 +374,16 @@ void forward_rows(const S* x, S* y, const T* w, const T* b, int64_t N, int64_t C
                   double* mean, double* var, double* rstd) {
   const int64_t grain = std::max<int64_t>(1, kBlock / std::max<int64_t>(M, 1));
   [[maybe_unused]] const bool stream = use_stream<S>(N * C * M);
+  [[maybe_unused]] const bool whole = M <= kRowBuf;
   at::parallel_for(0, N * C, grain, [&](int64_t r0, int64_t r1) {
+    [[maybe_unused]] std::unique_ptr<float[]> buf;
+    if constexpr (kNarrow<S>) buf = row_buffer(M, whole);
     for (int64_t r = r0; r < r1; ++r) {
       const S* xr = x + r * M;
       S* yr = y + r * M;
       Stat s;
       if constexpr (kNarrow<S>) {
-        s = row_stats_narrow(xr, M);
+        s = row_stats_narrow(xr, M, buf.get(), whole);
       } else {
         s = row_stats(xr, M);
       }
@@ -304,8 +398,13 @@ void forward_rows(const S* x, S* y, const T* w, const T* b, int64_t N, int64_t C
       var[r] = v;
       rstd[r] = rs;
       if constexpr (kNarrow<S>) {
-#pragma omp simd
-        for (int64_t i = 0; i < M; ++i) yr[i] = from_float<S>((to_float(xr[i]) - mf) * sc + sh);
+        // chunk by chunk from the floats (widened again when the row was too long to keep)
+        for (int64_t i0 = 0; i0 < M; i0 += kChunk) {
+          const int64_t len = std::min(kChunk, M - i0);
+          float* c = whole ? buf.get() + i0 : buf.get();
+          if (!whole) widen(xr + i0, c, len);
+          affine_narrow(c, yr + i0, len, mf, sc, sh);
+        }
       } else {
 #ifdef FASTSTYLE_STREAM
         if constexpr (std::is_same_v<T, float>) {
@@ -330,7 +429,13 @@ void backward_rows(const S* g, const S* x, S* dx, const double* mean, const doub
                    int64_t C, int64_t M, double* sg_out, double* sgxhat_out) {
   const int64_t grain = std::max<int64_t>(1, kBlock / std::max<int64_t>(M, 1));
   [[maybe_unused]] const bool stream = use_stream<S>(N * C * M);
+  [[maybe_unused]] const bool whole = M <= kRowBuf;
   at::parallel_for(0, N * C, grain, [&](int64_t r0, int64_t r1) {
+    [[maybe_unused]] std::unique_ptr<float[]> gbuf, xbuf;
+    if constexpr (kNarrow<S>) {
+      gbuf = row_buffer(M, whole);
+      xbuf = row_buffer(M, whole);
+    }
     for (int64_t r = r0; r < r1; ++r) {
       const S* gr = g + r * M;
       const S* xr = x + r * M;
@@ -338,7 +443,7 @@ void backward_rows(const S* g, const S* x, S* dx, const double* mean, const doub
       const T mf = T(mean[r]);
       double sg = 0.0, sgx = 0.0;
       if constexpr (kNarrow<S>) {
-        grad_sums_narrow(gr, xr, M, mf, sg, sgx);
+        grad_sums_narrow(gr, xr, M, mf, gbuf.get(), xbuf.get(), whole, sg, sgx);
       } else {
         for (int64_t i0 = 0; i0 < M; i0 += kChunk) {
           const int64_t len = std::min(kChunk, M - i0);
@@ -361,9 +466,17 @@ void backward_rows(const S* g, const S* x, S* dx, const double* mean, const doub
       sg_out[r] = sg;
       sgxhat_out[r] = Sx * rs;
       if constexpr (kNarrow<S>) {
-#pragma omp simd
-        for (int64_t i = 0; i < M; ++i)
-          dr[i] = from_float<S>(ta * to_float(gr[i]) + tc1 * (to_float(xr[i]) - mf) + tc0);
+        // as in forward_rows: from the floats, chunk by chunk
+        for (int64_t i0 = 0; i0 < M; i0 += kChunk) {
+          const int64_t len = std::min(kChunk, M - i0);
+          float* gc = whole ? gbuf.get() + i0 : gbuf.get();
+          float* xc = whole ? xbuf.get() + i0 : xbuf.get();
+          if (!whole) {
+            widen(gr + i0, gc, len);
+            widen(xr + i0, xc, len);
+          }
+          grad_narrow(gc, xc, dr + i0, len, mf, ta, tc1, tc0);
+        }
       } else {
 #ifdef FASTSTYLE_STREAM
         if constexpr (std::is_same_v<T, float>) {

@@ -350,8 +350,9 @@ def _memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("affine", [False, True])
 # 48 * 50 = 2400 positions: two statistics chunks and a tail that is no multiple of the vector lanes; C = 2100 is more
-# channels than one chunk holds (channels-last).
-@pytest.mark.parametrize("shape", [(2, 5, 48, 50), (1, 2100, 3, 3)])
+# channels than one chunk holds (channels-last); 260 * 260 = 67600 positions: a row longer than the kernel keeps whole
+# in float between its two sweeps (64K values), so it is widened again chunk by chunk (NCHW).
+@pytest.mark.parametrize("shape", [(2, 5, 48, 50), (1, 2100, 3, 3), (1, 2, 260, 260)])
 def test_fused_kernel_half_matches_float64_of_same_input(
     shape: tuple[int, ...], affine: bool, channels_last: bool, dtype: torch.dtype
 ) -> None:
@@ -413,6 +414,33 @@ def test_fused_kernel_half_stable_at_large_offset(dtype: torch.dtype, channels_l
     torch.testing.assert_close(
         y.double().std(dim=(2, 3), correction=0), torch.ones(2, 4, dtype=torch.float64), rtol=0, atol=1e-2
     )
+
+
+@pytest.mark.skipif(not _HAS_COMPILER, reason="no C++ compiler")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_kernel_bf16_subnormal_outputs_not_flushed(channels_last: bool) -> None:
+    from models import norm
+
+    # A weight of 1e-38 makes outputs below float32's smallest normal (1.2e-38): bf16 has subnormals there too, and
+    # the kernel must round to them (hardware bf16 conversion flushes such inputs to zero). Gradients likewise.
+    gen = torch.Generator().manual_seed(18)
+    shape = (2, 3, 40, 41)
+    x = _memory_format(torch.randn(shape, generator=gen).bfloat16(), channels_last)
+    g = _memory_format(torch.randn(shape, generator=gen).bfloat16(), channels_last)
+    assert norm._use_fused_kernel(x)
+    w = torch.full((3,), 1e-38)
+    b = torch.zeros(3)
+    xr = x.clone().requires_grad_(True)
+    y, _, _ = norm._FusedInstanceNormFunction.apply(xr, w, b, 1e-5)
+    y.backward(g)
+    x64 = x.double().contiguous().requires_grad_(True)
+    y64 = F.instance_norm(x64, weight=w.double(), bias=b.double(), eps=1e-5)
+    y64.backward(g.double().contiguous())
+    tiny = 2.0**-133  # bf16's smallest subnormal: its spacing below 2^-126
+    for got, want in ((y, y64.detach()), (xr.grad, x64.grad)):
+        assert (want.abs() < 2.0**-126).any()
+        torch.testing.assert_close(got.double(), want, rtol=_HALF_ULP[torch.bfloat16], atol=tiny)
+        assert ((got != 0) | (want.abs() < tiny)).all()
 
 
 @pytest.mark.skipif(not _HAS_COMPILER, reason="no C++ compiler")
