@@ -1,9 +1,10 @@
 // Fused CPU kernels for models/norm.py's InstanceNorm (float32, float64, bfloat16 and float16), compiled on first use
 // by torch.utils.cpp_extension.load and registered as torch.ops.faststyle_norm.{forward,backward}.
 //
-// Memory layouts (the Python side passes 3-D contiguous views, see models/norm.py `_to_3d`):
+// Memory layouts (the ops take (N, C, *spatial) tensors whole, see check_input; M = the spatial positions):
 //   rows  (NCHW):          x is (N, C, M), one row of M spatial positions per (n, c); rows run in parallel and each
-//                          row is read for its statistics and then again for the output while it is still in cache.
+//                          row is read for its statistics and then again for the output while it is still in cache
+//                          (16-bit rows: kept in float, see kRowBuf).
 //   chans (channels-last): x is (N, M, C); work is split into blocks of positions (parallel), the inner loops run
 //                          over the contiguous channels (vectorised), per-block partial sums are combined afterwards.
 //
@@ -15,15 +16,17 @@
 //           carries the rounding error m - mean in double).
 // Large float32 NCHW outputs are written with streaming stores (see kStreamBytes).
 // bfloat16 / float16 (storage types): x, y, grad and dx stay 16-bit in memory; each chunk is widened into a float
-// buffer on the stack (in L1), every sum and product is taken in float on it exactly as for float32 inputs, and the
-// output chunk is rounded back to 16 bits (round to nearest even). Weight and bias are taken in float32 and the
-// weight/bias gradients returned in float32, which keeps them from being rounded to 8 mantissa bits. So a 16-bit
-// tensor is read and written in 16 bits only, without the float32 copies an upcast would make.
+// buffer (in L1; the NCHW rows keep their whole row there for the second sweep), every sum and product is taken in
+// float on it exactly as for float32 inputs, and the output chunk is rounded back to 16 bits (round to nearest even).
+// Weight and bias are taken in float32 (converted if they come in the 16-bit type) and the weight/bias gradients
+// returned in float32, which keeps them from being rounded to 8 mantissa bits. So a 16-bit tensor is read and
+// written in 16 bits only, without the float32 copies an upcast would make.
 // Backward: with S = sum(g * (x - mean)), sg = sum(g), a = gamma * rstd (Ioffe & Szegedy 2015, per instance):
 //           dx = a * g - a * sg / M - a * rstd^2 * S / M * (x - mean).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -717,23 +720,40 @@ void backward_chans(const S* g, const S* x, S* dx, const double* mean, const dou
 }
 
 // ------------------------------------------------------------------ op entry points ------------------------------
-void check_input(const at::Tensor& t, const char* name) {
+// x, grad (N, C, *spatial), at least one spatial dim, in one of two layouts: contiguous (channels_last false: the rows
+// kernels see (N, C, M)) or channels-last contiguous, 4-D or 5-D (the chans kernels see (N, M, C)). Taking them
+// whole, and allocating y / dx here in the same layout, saves the Python side a view and an allocation per tensor.
+void check_input(const at::Tensor& t, const char* name, bool channels_last) {
   TORCH_CHECK(t.device().is_cpu(), "faststyle_norm: ", name, " must be on the CPU");
-  TORCH_CHECK(t.dim() == 3 && t.is_contiguous(), "faststyle_norm: ", name, " must be a contiguous 3-D view");
+  const bool layout = channels_last ? (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+                                          (t.dim() == 5 && t.is_contiguous(at::MemoryFormat::ChannelsLast3d))
+                                    : t.dim() >= 3 && t.is_contiguous();
+  TORCH_CHECK(layout, "faststyle_norm: ", name, " must be (N, C, *spatial) and ",
+              channels_last ? "channels-last contiguous (4-D or 5-D)" : "contiguous");
   const auto st = t.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, "faststyle_norm: ",
               name, " must be float32, float64, bfloat16 or float16");
 }
 
+// (N, C, M) of x: M is the number of spatial positions.
+std::tuple<int64_t, int64_t, int64_t> ncm(const at::Tensor& x) {
+  int64_t M = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) M *= x.size(d);
+  return {x.size(0), x.size(1), M};
+}
+
 // The dtype of weight and bias (and of their gradients) for an input of dtype st: float32 for the 16-bit types.
 at::ScalarType param_dtype(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
 
-// weight or bias: absent, or C values on the CPU in param_dtype(x); returned contiguous.
-at::Tensor checked_param(const std::optional<at::Tensor>& p, const char* name, at::ScalarType dtype, int64_t C) {
+// weight or bias: absent, or C values on the CPU in param_dtype(xt) or in xt itself (a network cast to bf16 / fp16);
+// returned contiguous in param_dtype(xt). Converting C values here costs less than an op (and its autograd node) in
+// Python; their gradients come back in param_dtype(xt), and autograd rounds them to the parameter's dtype.
+at::Tensor checked_param(const std::optional<at::Tensor>& p, const char* name, at::ScalarType xt, int64_t C) {
   if (!p.has_value() || !p->defined()) return at::Tensor();
-  TORCH_CHECK(p->device().is_cpu() && p->numel() == C && p->scalar_type() == dtype, "faststyle_norm: ", name,
-              " must be ", C, " values on the CPU in ", dtype, " (float32 for bfloat16/float16 inputs)");
-  return p->contiguous();
+  const at::ScalarType pt = param_dtype(xt);
+  TORCH_CHECK(p->device().is_cpu() && p->numel() == C && (p->scalar_type() == pt || p->scalar_type() == xt),
+              "faststyle_norm: ", name, " must be ", C, " values on the CPU in ", pt, " or in x's dtype ", xt);
+  return p->to(pt).contiguous();
 }
 
 // Calls run(S{}) with the storage type of dtype st (checked by check_input).
@@ -747,22 +767,19 @@ void dispatch(at::ScalarType st, F&& run) {
   }
 }
 
-// x: (N, C, M) when channels_last is false, else (N, M, C); y: a tensor of the same shape/dtype written in place;
-// weight, bias: (C,) in param_dtype(x) (float32 for bfloat16/float16 x).
-// Returns (mean, biased var, rstd), each (N, C) float64.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                                                          const std::optional<at::Tensor>& bias, double eps,
-                                                          bool channels_last, at::Tensor y) {
-  check_input(x, "x");
-  check_input(y, "y");
-  TORCH_CHECK(y.sizes() == x.sizes() && y.scalar_type() == x.scalar_type(), "faststyle_norm: y must match x");
-  const int64_t N = x.size(0);
-  const int64_t C = channels_last ? x.size(2) : x.size(1);
-  const int64_t M = channels_last ? x.size(1) : x.size(2);
+// x: see check_input; weight, bias: (C,) in param_dtype(x) (float32 for bfloat16/float16 x) or in x's dtype.
+// Returns (y, mean, biased var, rstd): y like x (shape, dtype, layout), the statistics (N, C) float64.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& x,
+                                                                      const std::optional<at::Tensor>& weight,
+                                                                      const std::optional<at::Tensor>& bias,
+                                                                      double eps, bool channels_last) {
+  check_input(x, "x", channels_last);
+  const auto [N, C, M] = ncm(x);
+  at::Tensor y = at::empty_like(x);  // x is dense: y gets its strides, so its layout
   auto opts = x.options().dtype(at::kDouble);
   at::Tensor mean = at::empty({N, C}, opts), var = at::empty({N, C}, opts), rstd = at::empty({N, C}, opts);
-  const at::Tensor wc = checked_param(weight, "weight", param_dtype(x.scalar_type()), C);
-  const at::Tensor bc = checked_param(bias, "bias", param_dtype(x.scalar_type()), C);
+  const at::Tensor wc = checked_param(weight, "weight", x.scalar_type(), C);
+  const at::Tensor bc = checked_param(bias, "bias", x.scalar_type(), C);
   dispatch(x.scalar_type(), [&](auto tag) {
     using S = decltype(tag);
     using T = acc_t<S>;
@@ -772,28 +789,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& x, c
     f(x.data_ptr<S>(), y.data_ptr<S>(), w, b, N, C, M, eps, mean.data_ptr<double>(), var.data_ptr<double>(),
       rstd.data_ptr<double>());
   });
-  return {mean, var, rstd};
+  return {y, mean, var, rstd};
 }
 
-// g, x: same 3-D layout as in forward_op; mean, rstd: (N, C) float64 from forward_op; dx written in place.
-// Returns (grad_weight, grad_bias) = (sum over N, HW of g * xhat, of g), each (C,) in param_dtype(x).
-std::tuple<at::Tensor, at::Tensor> backward_op(const at::Tensor& g, const at::Tensor& x, const at::Tensor& mean,
-                                               const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
-                                               bool channels_last, at::Tensor dx) {
-  check_input(g, "grad");
-  check_input(x, "x");
-  check_input(dx, "dx");
-  TORCH_CHECK(g.sizes() == x.sizes() && dx.sizes() == x.sizes() && g.scalar_type() == x.scalar_type() &&
-                  dx.scalar_type() == x.scalar_type(), "faststyle_norm: grad, x and dx must match");
-  const int64_t N = x.size(0);
-  const int64_t C = channels_last ? x.size(2) : x.size(1);
-  const int64_t M = channels_last ? x.size(1) : x.size(2);
+// g, x: same shape, dtype and layout (see check_input); mean, rstd: (N, C) float64 from forward_op.
+// Returns (dx, grad_weight, grad_bias): dx like x; the (C,) sums over N, HW of g * xhat and of g in param_dtype(x).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& g, const at::Tensor& x,
+                                                           const at::Tensor& mean, const at::Tensor& rstd,
+                                                           const std::optional<at::Tensor>& weight,
+                                                           bool channels_last) {
+  check_input(g, "grad", channels_last);
+  check_input(x, "x", channels_last);
+  TORCH_CHECK(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type(), "faststyle_norm: grad and x must match");
+  const auto [N, C, M] = ncm(x);
   TORCH_CHECK(mean.scalar_type() == at::kDouble && rstd.scalar_type() == at::kDouble && mean.numel() == N * C &&
                   rstd.numel() == N * C && mean.is_contiguous() && rstd.is_contiguous(),
               "faststyle_norm: mean/rstd must be contiguous (N, C) float64");
+  at::Tensor dx = at::empty_like(x);
   auto opts = x.options().dtype(at::kDouble);
   at::Tensor sg = at::empty({N, C}, opts), sgxhat = at::empty({N, C}, opts);
-  const at::Tensor wc = checked_param(weight, "weight", param_dtype(x.scalar_type()), C);
+  const at::Tensor wc = checked_param(weight, "weight", x.scalar_type(), C);
   dispatch(x.scalar_type(), [&](auto tag) {
     using S = decltype(tag);
     using T = acc_t<S>;
@@ -818,16 +833,16 @@ std::tuple<at::Tensor, at::Tensor> backward_op(const at::Tensor& g, const at::Te
     pgw[c] = w_acc;
     pgb[c] = b_acc;
   }
-  return {gw.to(param_dtype(x.scalar_type())), gb.to(param_dtype(x.scalar_type()))};
+  return {dx, gw.to(param_dtype(x.scalar_type())), gb.to(param_dtype(x.scalar_type()))};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(faststyle_norm, m) {
-  m.def("forward(Tensor x, Tensor? weight, Tensor? bias, float eps, bool channels_last, Tensor(a!) y)"
+  m.def("forward(Tensor x, Tensor? weight, Tensor? bias, float eps, bool channels_last)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, bool channels_last)"
         " -> (Tensor, Tensor, Tensor)");
-  m.def("backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, bool channels_last,"
-        " Tensor(a!) dx) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(faststyle_norm, CPU, m) {

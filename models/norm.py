@@ -297,7 +297,8 @@ def _use_fused_kernel(x: Tensor) -> bool:
 class _FusedInstanceNormFunction(torch.autograd.Function):
     """Instance norm by the fused C++ kernel: same contract as ``_InstanceNormFunction``, on the CPU, except that
     mean and var come back in float64 and that x may also be bfloat16/float16 (read and written in 16 bits, computed
-    in float32); weight and bias are then float32, and so are their gradients.
+    in float32); weight and bias are then float32 or x's dtype (the kernel reads them in float32), and their
+    gradients come back in float32 (autograd rounds them to a 16-bit parameter's dtype).
 
     Forward is one statistics sweep plus one normalising sweep over x; backward one sweep for sum(g) and
     sum(g * (x - mean)) plus one sweep writing dx. Only x itself and (N, C) float64 statistics are saved.
@@ -305,34 +306,31 @@ class _FusedInstanceNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):  # type: ignore[override]
-        n, c = x.shape[0], x.shape[1]
+        # The kernel takes x whole in either layout and allocates y like it (no views or allocations here: small ops
+        # per call are a visible share of the time at training sizes).
         channels_last = _is_channels_last(x)
-        rd = 1 if channels_last else 2
-        xs = _to_3d(x, rd)
-        y = _empty_in_layout(x.shape, rd, x)
-        mean, var, rstd = torch.ops.faststyle_norm.forward(xs, weight, bias, float(eps), channels_last, _to_3d(y, rd))
-        ctx.save_for_backward(xs, mean, rstd, weight)
+        if not channels_last:
+            x = x.contiguous()
+        y, mean, var, rstd = torch.ops.faststyle_norm.forward(x, weight, bias, float(eps), channels_last)
+        ctx.save_for_backward(x, mean, rstd, weight)
         ctx.channels_last = channels_last
-        ctx.x_shape = x.shape
         ctx.has_bias = bias is not None
-        # mean/var stay float64 (only the running statistics read them, and convert), and no zero gradients are
-        # made for them in backward: small ops per call are a visible share of the time at training sizes.
+        # mean/var ((N, C)) stay float64 (only the running statistics read them, and convert), and no zero gradients
+        # are made for them in backward.
         ctx.mark_non_differentiable(mean, var)
         ctx.set_materialize_grads(False)
-        return y, mean.view(n, c), var.view(n, c)
+        return y, mean, var
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: Tensor, _grad_mean: Tensor, _grad_var: Tensor):  # type: ignore[override]
         if grad_y is None:  # grads are not materialised (see forward): nothing flowed back into y
             return None, None, None, None
-        xs, mean, rstd, weight = ctx.saved_tensors
-        rd = 1 if ctx.channels_last else 2
+        x, mean, rstd, weight = ctx.saved_tensors
         # grad_y has the layout of whatever produced it: bring it to ours (a copy only when it differs).
-        gs = _to_3d(grad_y.to(xs.dtype), rd)
-        grad_x = _empty_in_layout(ctx.x_shape, rd, xs)
-        grad_w, grad_b = torch.ops.faststyle_norm.backward(
-            gs, xs, mean, rstd, weight, ctx.channels_last, _to_3d(grad_x, rd)
+        fmt = _cl_format(x.dim()) if ctx.channels_last else torch.contiguous_format
+        grad_x, grad_w, grad_b = torch.ops.faststyle_norm.backward(
+            grad_y.to(x.dtype).contiguous(memory_format=fmt), x, mean, rstd, weight, ctx.channels_last
         )
         if weight is None or not ctx.needs_input_grad[1]:
             grad_w = None
@@ -460,7 +458,11 @@ class InstanceNorm(nn.Module):
         # fused kernel does that itself on the 16-bit tensor, every other path gets a float32 copy.
         compute_dtype = torch.float32 if in_dtype in _HALF_DTYPES else in_dtype
         weight, bias = self.weight, self.bias
-        if weight is not None and weight.dtype != compute_dtype:
+        fused = use_input_stats and not capturing_graph() and x.shape[0] > 0 and _use_fused_kernel(x)
+        # The fused kernel takes weight and bias in float32 or in the input's own 16-bit dtype (a network cast to
+        # bf16) and converts them itself, cheaper than an op here; the other paths get them in compute_dtype.
+        params_ok = weight is None or (weight.dtype in (compute_dtype, in_dtype) and bias.dtype == weight.dtype)
+        if weight is not None and weight.dtype != compute_dtype and not (fused and params_ok):
             # (C,) vectors: cheap; autograd takes their gradients back to the parameters' own dtype
             weight, bias = weight.to(compute_dtype), bias.to(compute_dtype)
         if use_input_stats:
@@ -470,10 +472,10 @@ class InstanceNorm(nn.Module):
                 raise ValueError(
                     f"InstanceNorm expects more than 1 spatial element when training, got {tuple(x.shape)}"
                 )
-            if capturing_graph() or x.shape[0] == 0:
-                y, mean, var = _plain_instance_norm(x.to(compute_dtype), weight, bias, self.eps)
-            elif _use_fused_kernel(x):
+            if fused:
                 y, mean, var = _FusedInstanceNormFunction.apply(x, weight, bias, self.eps)
+            elif capturing_graph() or x.shape[0] == 0:
+                y, mean, var = _plain_instance_norm(x.to(compute_dtype), weight, bias, self.eps)
             else:
                 y, mean, var = _InstanceNormFunction.apply(x.to(compute_dtype), weight, bias, self.eps)
             if self.training and self.track_running_stats:

@@ -417,6 +417,34 @@ def test_fused_kernel_half_stable_at_large_offset(dtype: torch.dtype, channels_l
 
 
 @pytest.mark.skipif(not _HAS_COMPILER, reason="no C++ compiler")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_kernel_takes_16bit_parameters_as_float32_copies(channels_last: bool, dtype: torch.dtype) -> None:
+    from models import norm
+
+    # A network cast to bf16 hands the kernel 16-bit weight/bias, which it reads in float32 itself: the same output as
+    # float32 copies of them, and their gradients are the float32 ones rounded to the parameters' dtype.
+    gen = torch.Generator().manual_seed(19)
+    x = _memory_format((torch.randn(2, 6, 20, 21, generator=gen) * 3 + 2).to(dtype), channels_last)
+    g = _memory_format(torch.randn(2, 6, 20, 21, generator=gen).to(dtype), channels_last)
+    assert norm._use_fused_kernel(x)
+    m16, _ = _affine_pair(6, seed=19)
+    m16 = m16.to(dtype)
+    m32 = InstanceNorm(6, affine=True)
+    m32.load_state_dict({k: v.float() for k, v in m16.state_dict().items()})
+    outs = []
+    for m in (m16, m32):
+        xr = x.clone().requires_grad_(True)
+        y = m(xr)
+        y.backward(g)
+        outs.append((y, xr.grad, m.weight.grad, m.bias.grad))
+    (y16, dx16, gw16, gb16), (y32, dx32, gw32, gb32) = outs
+    assert gw16.dtype == dtype and gb16.dtype == dtype
+    assert torch.equal(y16, y32) and torch.equal(dx16, dx32)
+    assert torch.equal(gw16, gw32.to(dtype)) and torch.equal(gb16, gb32.to(dtype))
+
+
+@pytest.mark.skipif(not _HAS_COMPILER, reason="no C++ compiler")
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fused_kernel_bf16_subnormal_outputs_not_flushed(channels_last: bool) -> None:
     from models import norm
