@@ -1,7 +1,8 @@
 """Benchmark our InstanceNorm against nn.InstanceNorm2d: forward + backward time, side by side, with the ratio.
 
 Both modules are affine (gamma, beta), train mode, no running stats (the configuration TransformerNet uses), with
-input, gradient and parameters in the --dtype (fp32 by default; bf16/fp16 as in a network cast to that dtype).
+input, gradient and parameters in the --dtype (fp32 by default; bf16/fp16 as in a network cast to that dtype; with
+--autocast the parameters stay float32 and the forward runs under torch.autocast, as mixed-precision training does).
 Each repetition runs forward, then backward with a fixed upstream gradient (--forward-only: forward alone, under
 no_grad, as in inference); ours and torch's alternate inside the loop so that load from other processes hits both
 alike. The figure is the median over the repetitions.
@@ -10,6 +11,7 @@ Usage:
     flock /tmp/faststyle-cpu.lock .venv/bin/python -m scripts.bench_norm            # CPU (+ CUDA if present)
     .venv/bin/python -m scripts.bench_norm --device cpu --reps 5 --channels-last
     .venv/bin/python -m scripts.bench_norm --device cpu --dtype bf16 --forward-only
+    .venv/bin/python -m scripts.bench_norm --device cpu --dtype bf16 --autocast      # bf16 training's configuration
 
 Both sides run with glibc malloc reuse (core.device.reuse_freed_memory, as train.py and stylize.py do);
 --no-malloc-reuse turns it off. The first run in a fresh environment also builds our fused C++ kernel (~13 s, see
@@ -59,6 +61,7 @@ def bench_shape(
     channels_last: bool,
     dtype: torch.dtype = torch.float32,
     forward_only: bool = False,
+    autocast: bool = False,
 ) -> tuple[float, float]:
     """Median seconds of forward+backward (or forward alone) for (ours, nn.InstanceNorm2d/1d/3d) at ``shape``."""
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -70,17 +73,21 @@ def bench_shape(
     x.requires_grad_(not forward_only)
     c = shape[1]
     ref_cls = {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}[len(shape)]
-    ours = InstanceNorm(c, affine=True).to(device, dtype)
-    ref = ref_cls(c, affine=True).to(device, dtype)
+    param_dtype = torch.float32 if autocast else dtype
+    ours = InstanceNorm(c, affine=True).to(device, param_dtype)
+    ref = ref_cls(c, affine=True).to(device, param_dtype)
+    amp = torch.autocast(device.type, dtype=dtype, enabled=autocast)
 
     def step(module: nn.Module) -> float:
         _sync(device)
         start = time.perf_counter()
         if forward_only:
-            with torch.no_grad():
+            with torch.no_grad(), amp:
                 module(x)
         else:
-            module(x).backward(grad)
+            with amp:
+                y = module(x)
+            y.backward(grad)
         _sync(device)
         elapsed = time.perf_counter() - start
         x.grad = None
@@ -114,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--forward-only", action="store_true", help="time forward alone, under no_grad (inference)")
     parser.add_argument(
+        "--autocast",
+        action="store_true",
+        help="parameters in float32, forward under torch.autocast to --dtype (mixed-precision training); "
+        "by default the parameters are in --dtype",
+    )
+    parser.add_argument(
         "--no-malloc-reuse",
         action="store_true",
         help="leave glibc malloc at its defaults (by default both sides run with core.device.reuse_freed_memory, "
@@ -140,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, dtype={args.dtype}, "
         f"{'forward only' if args.forward_only else 'forward+backward'}, channels_last={args.channels_last}, "
+        f"params={'fp32 (autocast)' if args.autocast else args.dtype}, "
         f"malloc reuse (both sides)={malloc_reuse}"
     )
     print(f"{'device':<7}{'shape':<22}{'ours ms':>10}{'torch ms':>10}{'speed-up':>10}")
@@ -150,7 +164,14 @@ def main(argv: list[str] | None = None) -> int:
                 numel *= s
             reps = args.reps or (5 if numel > 50_000_000 else 15)
             ours_s, ref_s = bench_shape(
-                shape, device, reps, args.warmup, args.channels_last, DTYPES[args.dtype], args.forward_only
+                shape,
+                device,
+                reps,
+                args.warmup,
+                args.channels_last,
+                DTYPES[args.dtype],
+                args.forward_only,
+                args.autocast,
             )
             print(
                 f"{device.type:<7}{str(shape):<22}{ours_s * 1e3:>10.2f}{ref_s * 1e3:>10.2f}{ref_s / ours_s:>9.2f}x",
