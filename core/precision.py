@@ -22,7 +22,7 @@ What ``auto`` resolves to (train = ``train.py``; stylize = ``stylize.py``):
 =============================  =======================================  ==============  =======
 device                         precision                                channels_last   compile
 =============================  =======================================  ==============  =======
-cpu with native bf16, train    bf16 autocast                            off             off
+cpu with native bf16, train    bf16 autocast                            on              off
 cpu with native bf16, stylize  bf16 (network and inputs cast to bf16)   on              off
 other cpu, train               fp32                                     off             off
 other cpu, stylize             fp32                                     on              off
@@ -44,12 +44,12 @@ Why training and inference differ where they do:
   because gradients need the range and then no loss scaling is needed.
 - On a CPU the 16-bit type is bf16, for inference too: CPU fp16 matmuls run no faster than fp32, native bf16 ones
   several times faster.
-- channels_last on CPU: oneDNN's NHWC kernels are faster for the forward pass alone but slower for the whole
-  training step (README, "Speed and memory"); compile did not speed up CPU training and its first step takes
-  minutes, and stylize meets a new input shape per image size, so it does not compile.
+- channels_last on CPU: oneDNN's NHWC kernels are faster for the forward pass alone, and for the whole bf16
+  training step, but slower for the whole fp32 training step (README, "Speed and memory"); compile did not speed up
+  CPU training, in fp32 or bf16, and stylize meets a new input shape per image size, so it does not compile.
 
-The defaults are ``auto`` except ``train.channels_last`` and ``train.compile``, which default to false
-(configs/train.yaml): turning compilation on is the user's choice, since its first step compiles for a while.
+The defaults are ``auto`` except ``train.compile``, which defaults to false (configs/train.yaml): turning
+compilation on is the user's choice, since its first step compiles for a while.
 
 On the CPU the precision follows the hardware detected at run time (:func:`cpu_auto_precision`), never a constant
 written for one machine: the same code base runs on CPUs with AMX, with AVX512-BF16 only, and with AVX2 only.
@@ -78,16 +78,26 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SWITCH_VALUES = ("auto", True, False)
 _DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# channels_last / compile under "auto", per device type and mode; a device type not listed gets the CPU's.
-# CUDA training: with bf16, channels_last + compile gave the fastest step measured (README, "Speed and memory").
-AUTO_SWITCHES: dict[tuple[str, bool], dict[str, bool]] = {
-    ("cpu", True): {"channels_last": False, "compile": False},
-    ("cpu", False): {"channels_last": True, "compile": False},
-    ("mps", True): {"channels_last": False, "compile": False},
-    ("mps", False): {"channels_last": True, "compile": False},
-    ("cuda", True): {"channels_last": True, "compile": True},
-    ("cuda", False): {"channels_last": True, "compile": False},
+# channels_last / compile under "auto", per device type, mode (training?) and precision ("any": every precision);
+# a device type not listed gets the CPU's. CPU training: NHWC made the fp32 step slower but the bf16 step faster;
+# CUDA training: with bf16, channels_last + compile gave the fastest step (README, "Speed and memory").
+AUTO_SWITCHES: dict[tuple[str, bool, str], dict[str, bool]] = {
+    ("cpu", True, "fp32"): {"channels_last": False, "compile": False},
+    ("cpu", True, "bf16"): {"channels_last": True, "compile": False},
+    ("cpu", False, "any"): {"channels_last": True, "compile": False},
+    ("mps", True, "any"): {"channels_last": False, "compile": False},
+    ("mps", False, "any"): {"channels_last": True, "compile": False},
+    ("cuda", True, "any"): {"channels_last": True, "compile": True},
+    ("cuda", False, "any"): {"channels_last": True, "compile": False},
 }
+
+
+def auto_switches(device_type: str, training: bool, precision: str) -> dict[str, bool]:
+    """The ``auto`` row of :data:`AUTO_SWITCHES` for a device type, mode and (resolved) precision."""
+    for key in ((device_type, training, precision), (device_type, training, "any")):
+        if key in AUTO_SWITCHES:
+            return AUTO_SWITCHES[key]
+    return auto_switches("cpu", training, precision if precision in ("fp32", "bf16") else "fp32")
 
 
 def cuda_supports_bf16(device: torch.device) -> bool:
@@ -267,16 +277,18 @@ def _precision_name(name: str, device: torch.device, training: bool) -> tuple[st
     return name, ""
 
 
-def resolve_switch(value: bool | str, setting: str, device: torch.device, training: bool) -> bool:
+def resolve_switch(
+    value: bool | str, setting: str, device: torch.device, training: bool, precision: str = "fp32"
+) -> bool:
     """A channels_last / compile value: a bool, "true"/"false" (command-line overrides sometimes arrive quoted) or
-    "auto" (see :data:`AUTO_SWITCHES`)."""
+    "auto" (see :data:`AUTO_SWITCHES`; ``precision`` is the resolved one)."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
     if text in ("true", "false"):
         return text == "true"
     if text == "auto":
-        return AUTO_SWITCHES.get((device.type, training), AUTO_SWITCHES[("cpu", training)])[setting]
+        return auto_switches(device.type, training, precision)[setting]
     raise FaststyleError(f"{setting}={value!r} is not valid: use auto, true or false")
 
 
@@ -297,8 +309,8 @@ def resolve_precision(
         name=name,
         dtype=_DTYPES[name],
         use_grad_scaler=training and name == "fp16",
-        channels_last=resolve_switch(channels_last, "channels_last", device, training),
-        compile=resolve_switch(compile, "compile", device, training),
+        channels_last=resolve_switch(channels_last, "channels_last", device, training, name),
+        compile=resolve_switch(compile, "compile", device, training, name),
         device_type=device.type,
         training=training,
         reason=reason,

@@ -28,7 +28,7 @@ has_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUD
 AUTO_TABLE = [
     (CPU, True, None, ("fp32", False, False, False)),
     (CPU, False, None, ("fp32", False, True, False)),
-    (CPU, True, "AMX", ("bf16", False, False, False)),
+    (CPU, True, "AMX", ("bf16", False, True, False)),
     (CPU, False, "AVX512-BF16", ("bf16", False, True, False)),
     (CUDA, True, True, ("bf16", False, True, True)),
     (CUDA, True, False, ("fp16", True, True, True)),
@@ -151,7 +151,7 @@ def test_switch_strings_are_resolved_not_truthy(training: bool) -> None:
     """ "auto" (a non-empty string, so truthy) must become the table's bool; quoted "true"/"false" count as bools."""
     for device in (CPU, CUDA, MPS):
         policy = P.resolve_precision(device, "fp32", "auto", "auto", training=training)
-        auto = P.AUTO_SWITCHES[(device.type, training)]
+        auto = P.auto_switches(device.type, training, "fp32")
         assert (policy.channels_last, policy.compile) == (auto["channels_last"], auto["compile"])
     policy = P.resolve_precision(CPU, "fp32", "false", "False", training=training)
     assert (policy.channels_last, policy.compile) == (False, False)
@@ -160,11 +160,14 @@ def test_switch_strings_are_resolved_not_truthy(training: bool) -> None:
         P.resolve_precision(CPU, "fp32", False, "sometimes", training=training)
 
 
-def test_train_options_take_auto_from_the_policy() -> None:
+def test_train_options_take_auto_from_the_policy(fake_gpu: dict) -> None:
     options = TrainOptions(steps=1, channels_last="auto", compile="auto")
     options.validate()
-    policy = options.precision_policy(CPU)
-    assert policy.training and (policy.channels_last, policy.compile) == (False, False)  # CPU training row
+    # CPU training rows: NHWC only in bf16 (it slows the fp32 step down); never compiled
+    for hardware, expected in ((None, ("fp32", False, False)), ("AVX512-BF16", ("bf16", True, False))):
+        fake_gpu["cpu"] = hardware
+        policy = options.precision_policy(CPU)
+        assert policy.training and (policy.name, policy.channels_last, policy.compile) == expected
 
 
 def test_configure_backends_and_the_log_line(

@@ -93,7 +93,7 @@ class TrainOptions:
     image_interval_steps: int = 500
     checkpoint_interval_steps: int = 1000
     precision: str = "auto"
-    channels_last: bool | str = False
+    channels_last: bool | str = "auto"
     compile: bool | str = False
 
     @classmethod
