@@ -155,8 +155,9 @@ def cpu_auto_precision(training: bool) -> tuple[str, str]:
     """What ``auto`` picks on this CPU, and why (for the log line): bf16 where the CPU computes it natively, fp32
     elsewhere.
 
-    bf16 was measured faster than fp32 on CPUs with native bf16, for the training step and for stylize, and within
-    the quality gates (README, "Speed and memory"); without native bf16 it is emulated and many times slower.
+    bf16 was measured faster than fp32 on CPUs with native bf16, for the training step and for stylize, with the
+    quality figures in the README ("Speed and memory"); without native bf16 it is emulated and many times slower.
+    Training and stylize were measured and are decided separately (``training``); today both pick bf16.
     """
     hardware = cpu_bf16_hardware()
     if hardware is None:
