@@ -157,7 +157,7 @@ def cpu_auto_precision(training: bool) -> tuple[str, str]:
 
     bf16 was measured faster than fp32 on CPUs with native bf16, for the training step and for stylize, with the
     quality figures in the README ("Speed and memory"); without native bf16 it is emulated and many times slower.
-    Training and stylize were measured and are decided separately (``training``); today both pick bf16.
+    ``training`` lets the two modes differ (their gates were measured separately); today both pick bf16.
     """
     hardware = cpu_bf16_hardware()
     if hardware is None:
