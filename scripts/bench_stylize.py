@@ -50,7 +50,7 @@ from scripts.benchutil import (
 )
 
 CONTENT = Path("/work/shared/content/astronaut.jpg")
-# The set that answers issue #13's targets: the plain configuration, our fastest fp32 ones, the bf16 ways to run
+# The set the README's speed targets are read from: the plain configuration, our fastest fp32 ones, the bf16 ways to run
 # stylize, and what precision=auto does.
 DEFAULT_VARIANTS = (
     "plain,channels_last_malloc,executor_malloc,bf16_cl_malloc,bf16_malloc,bf16_executor_malloc,bf16ac_cl_malloc,best"
