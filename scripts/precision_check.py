@@ -84,7 +84,7 @@ def check(path: Path, args: argparse.Namespace, device: torch.device, tmp: Path)
 
     source = _as_examples(path, tmp) if args.as_examples else path
     net, _meta = load_any_model(source, device="cpu")
-    width = net.config().get("base_width", "?") if hasattr(net, "config") else "?"
+    width = net.config()["base_width"]  # load_any_model always gives a TransformerNet
     img = resize_to(load_image(args.image), args.width, args.height)
     job = Job(source=Path(args.image), target=tmp / "unused.png")
 
@@ -93,7 +93,7 @@ def check(path: Path, args: argparse.Namespace, device: torch.device, tmp: Path)
 
     ref, ref8 = _stylized(net, loaded(), device, "fp32", 1e6)
     low, low8 = _stylized(net, loaded(), device, args.precision, 1e6)
-    _tiled, tiled8 = _stylized(net, loaded(), device, args.precision, args.tiled_budget_mb)
+    _, tiled8 = _stylized(net, loaded(), device, args.precision, args.tiled_budget_mb)
     label = f"{path.parent.name}/{path.name}" + (" (as pytorch/examples file)" if args.as_examples else "")
     print(
         f"{label}, width {width}, {args.width}x{args.height}: {args.precision} vs fp32: "
