@@ -527,13 +527,82 @@ class InstanceNorm(nn.Module):
         )
 
 
-def make_norm(kind: str, num_features: int) -> nn.Module:
+class ConditionalInstanceNorm(nn.Module):
+    """Conditional instance norm (Dumoulin, Shlens & Kudlur 2017, "A Learned Representation for Artistic Style",
+    ICLR 2017): one network for ``num_styles`` styles, each norm keeping a (gamma, beta) pair per style.
+
+    ``forward(x, mix)``: x (N, C, *spatial) float; mix (N, num_styles) float32, row n the convex weights of the styles
+    for sample n (one-hot selects one style). Each sample is normalised by our InstanceNorm (fused kernel, no affine),
+    then scaled and shifted by its own ``gamma = mix @ weight`` and ``beta = mix @ bias`` (rows (C,)), computed in
+    float32 with autocast off: a bf16 matmul would round the selected gamma. Output: x's shape, dtype and memory
+    format.
+
+    State-dict keys are InstanceNorm's (``weight``, ``bias``), with shape (num_styles, C) instead of (C,).
+    :meth:`single_style` gives the plain InstanceNorm of one mix, which inference runs (same numbers up to float
+    rounding, at no extra cost per image).
+    """
+
+    takes_style = True
+    """TransformerNet passes the style mix to modules that declare this (see TransformerNet.forward)."""
+
+    def __init__(self, num_features: int, num_styles: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        if int(num_styles) != num_styles or num_styles < 1:
+            raise ValueError(f"num_styles must be a positive int, got {num_styles!r}")
+        self.num_features, self.num_styles, self.eps = int(num_features), int(num_styles), eps
+        self.norm = InstanceNorm(num_features, eps=eps, affine=False)
+        self.weight = nn.Parameter(torch.ones(self.num_styles, self.num_features))
+        self.bias = nn.Parameter(torch.zeros(self.num_styles, self.num_features))
+
+    def style_affine(self, mix: Tensor) -> tuple[Tensor, Tensor]:
+        """(gamma, beta), each (N, C) float32, for an (N, num_styles) mix."""
+        with torch.autocast(device_type=mix.device.type, enabled=False):
+            mix = mix.float()
+            return mix @ self.weight.float(), mix @ self.bias.float()
+
+    def forward(self, x: Tensor, mix: Tensor) -> Tensor:
+        if mix.dim() != 2 or mix.shape[1] != self.num_styles or mix.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"ConditionalInstanceNorm expects a ({x.shape[0]}, {self.num_styles}) style mix, got {tuple(mix.shape)}"
+            )
+        normalised = self.norm(x)
+        gamma, beta = self.style_affine(mix)
+        shape = (x.shape[0], self.num_features) + (1,) * (x.dim() - 2)
+        compute_dtype = torch.float32 if x.dtype in _HALF_DTYPES else x.dtype
+        y = torch.addcmul(
+            beta.to(compute_dtype).view(shape), normalised.to(compute_dtype), gamma.to(compute_dtype).view(shape)
+        )
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    @torch.no_grad()
+    def single_style(self, mix: Tensor) -> InstanceNorm:
+        """The affine InstanceNorm that this layer computes for the (num_styles,) mix ``mix`` (a one-hot mix gives
+        that style's row exactly), on the same device and dtype as the tables."""
+        norm = InstanceNorm(self.num_features, eps=self.eps, affine=True).to(self.weight.device, self.weight.dtype)
+        gamma, beta = self.style_affine(mix.reshape(1, -1).to(self.weight.device))
+        norm.weight.copy_(gamma[0])
+        norm.bias.copy_(beta[0])
+        return norm.train(self.training)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, num_styles={self.num_styles}, eps={self.eps}"
+
+
+def make_norm(kind: str, num_features: int, num_styles: int = 1) -> nn.Module:
     """Return the normalisation layer named ``kind`` for ``num_features`` channels (one of NORM_KINDS).
 
-    "instance" -> our InstanceNorm (affine, no running stats: Ulyanov et al. 2016), "batch" -> nn.BatchNorm2d,
-    "none" -> nn.Identity. Any other kind raises ValueError listing the valid kinds.
+    "instance" -> our InstanceNorm (affine, no running stats: Ulyanov et al. 2016), or with ``num_styles`` > 1 our
+    ConditionalInstanceNorm (Dumoulin et al. 2017); "batch" -> nn.BatchNorm2d, "none" -> nn.Identity (one style
+    only: there is no per-style affine to condition). Any other kind raises ValueError listing the valid kinds.
     """
+    if num_styles != 1 and kind != "instance":
+        raise ValueError(
+            f"norm {kind!r} cannot hold several styles: conditional normalisation is instance norm "
+            "(Dumoulin et al. 2017); use norm 'instance' for a multi-style network"
+        )
     if kind == "instance":
+        if num_styles != 1:
+            return ConditionalInstanceNorm(num_features, num_styles)
         return InstanceNorm(num_features, affine=True)
     if kind == "batch":
         return nn.BatchNorm2d(num_features)

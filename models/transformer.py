@@ -22,6 +22,13 @@ Structure (stable: tiling, export and import code walk it)::
 
 with ``w = base_width`` (32 in the paper: 1.68 M parameters).
 
+Several styles in one network (Dumoulin, Shlens & Kudlur 2017, "A Learned Representation for Artistic Style"):
+with ``num_styles`` > 1 every norm is a ``ConditionalInstanceNorm`` holding a (gamma, beta) row per style and
+everything else is shared; ``forward(x, style)`` takes the style per sample (an index, or convex weights that mix
+styles). ``for_style(mix)`` gives the plain one-style network of a style or a mix (what inference runs: the same
+cost per image as a one-style model) and ``with_added_style`` appends a style trained on a frozen copy. One style
+(the default) is exactly the network above: same modules, same state-dict keys and shapes, same file.
+
 Input size: the encoder halves the resolution twice, so an input whose height or width is not a multiple of 4 is
 first padded at the bottom/right edge (reflection; replication for inputs too small to reflect) up to the next
 multiple of 4, and the output is cropped back. Any H, W >= 1 works and the output always has the input's H and W.
@@ -39,6 +46,7 @@ output (pytorch/examples: fold its 0-255 scale into the first and last convs).
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -46,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.norm import NORM_KINDS, capturing_graph, make_norm
+from models.norm import NORM_KINDS, ConditionalInstanceNorm, InstanceNorm, capturing_graph, make_norm
 
 logger = logging.getLogger(__name__)
 
@@ -119,17 +127,21 @@ class ResidualBlock(nn.Module):
     to represent the identity; He et al. 2016 found the same for this ordering.
     """
 
-    def __init__(self, channels: int, norm: str) -> None:
+    def __init__(self, channels: int, norm: str, num_styles: int = 1) -> None:
         super().__init__()
         self.conv1 = ConvLayer(channels, channels, 3)
-        self.norm1 = make_norm(norm, channels)
+        self.norm1 = make_norm(norm, channels, num_styles)
         self.conv2 = ConvLayer(channels, channels, 3)
-        self.norm2 = make_norm(norm, channels)
+        self.norm2 = make_norm(norm, channels, num_styles)
+        self.takes_style = num_styles > 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> (N, C, H, W)."""
-        y = F.relu(self.norm1(self.conv1(x)))
-        return x + self.norm2(self.conv2(y))
+    def forward(self, x: torch.Tensor, mix: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, H, W); ``mix`` (N, num_styles) for a multi-style block."""
+        if mix is None:
+            y = F.relu(self.norm1(self.conv1(x)))
+            return x + self.norm2(self.conv2(y))
+        y = F.relu(self.norm1(self.conv1(x), mix))
+        return x + self.norm2(self.conv2(y), mix)
 
 
 def _upsampling_layer(in_channels: int, out_channels: int, upsample: str) -> nn.Module:
@@ -150,6 +162,7 @@ class TransformerNet(nn.Module):
         residual_blocks: number of residual blocks at 4w channels (5 in the paper).
         upsample: "nearest" (default, no checkerboard artifacts) or "transpose" (the paper's transposed convs).
         output: "sigmoid" (default) or "linear" (see the module docstring, "Output mapping").
+        num_styles: styles held by the network (conditional instance norm when > 1; norm must be "instance").
     """
 
     def __init__(
@@ -159,6 +172,7 @@ class TransformerNet(nn.Module):
         residual_blocks: int = 5,
         upsample: str = "nearest",
         output: str = "sigmoid",
+        num_styles: int = 1,
     ) -> None:
         super().__init__()
         if norm not in NORM_KINDS:
@@ -171,6 +185,10 @@ class TransformerNet(nn.Module):
             raise ValueError(f"base_width must be a positive integer, got {base_width!r}")
         if int(residual_blocks) != residual_blocks or residual_blocks < 0:
             raise ValueError(f"residual_blocks must be a non-negative integer, got {residual_blocks!r}")
+        if int(num_styles) != num_styles or num_styles < 1:
+            raise ValueError(f"num_styles must be a positive integer, got {num_styles!r}")
+        if num_styles > 1 and norm != "instance":
+            raise ValueError(f"a network with {num_styles} styles needs norm 'instance' (conditional), not {norm!r}")
         self._config: dict[str, Any] = {
             "norm": str(norm),
             "base_width": int(base_width),
@@ -178,25 +196,28 @@ class TransformerNet(nn.Module):
             "upsample": str(upsample),
             "output": str(output),
         }
-        w = int(base_width)
+        self.num_styles = int(num_styles)
+        if self.num_styles > 1:  # left out for one style, so one-style files stay as they were
+            self._config["num_styles"] = self.num_styles
+        w, s = int(base_width), self.num_styles
         self.encoder = nn.Sequential(
             ConvLayer(3, w, 9),
-            make_norm(norm, w),
+            make_norm(norm, w, s),
             nn.ReLU(),
             ConvLayer(w, 2 * w, 3, stride=2),
-            make_norm(norm, 2 * w),
+            make_norm(norm, 2 * w, s),
             nn.ReLU(),
             ConvLayer(2 * w, 4 * w, 3, stride=2),
-            make_norm(norm, 4 * w),
+            make_norm(norm, 4 * w, s),
             nn.ReLU(),
         )
-        self.residuals = nn.Sequential(*[ResidualBlock(4 * w, norm) for _ in range(int(residual_blocks))])
+        self.residuals = nn.Sequential(*[ResidualBlock(4 * w, norm, s) for _ in range(int(residual_blocks))])
         self.decoder = nn.Sequential(
             _upsampling_layer(4 * w, 2 * w, upsample),
-            make_norm(norm, 2 * w),
+            make_norm(norm, 2 * w, s),
             nn.ReLU(),
             _upsampling_layer(2 * w, w, upsample),
-            make_norm(norm, w),
+            make_norm(norm, w, s),
             nn.ReLU(),
             ConvLayer(w, 3, 9),
         )
@@ -212,21 +233,118 @@ class TransformerNet(nn.Module):
             return torch.sigmoid(z)
         return z if self.training else z.clamp(0.0, 1.0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, style: torch.Tensor | int | None = None) -> torch.Tensor:
         """Stylise a batch.
 
         Args:
             x: (N, 3, H, W) float RGB in [0, 1], any H, W >= 1.
+            style: multi-style networks only (see :meth:`style_mix`): a style index, (N,) indices, or style
+                weights (num_styles,) or (N, num_styles).
 
         Returns:
             (N, 3, H, W) RGB in [0, 1] (in (0, 1) for the sigmoid output), same dtype as the network computes in.
         """
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected an (N, 3, H, W) batch, got shape {tuple(x.shape)}")
+        mix = self.style_mix(style, x.shape[0], x.device)
         height, width = x.shape[-2:]
-        x = pad_to_multiple(x, SIZE_MULTIPLE)
-        y = self.decoder(self.residuals(self.encoder(x)))
+        y = self.body(pad_to_multiple(x, SIZE_MULTIPLE), mix)
         return self.map_output(y[..., :height, :width])
+
+    def body(self, canvas: torch.Tensor, mix: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder, residual blocks and decoder on a canvas whose sides are multiples of 4; ``mix`` (N, num_styles)
+        float32 rows summing to 1 for a multi-style network, None for one style. Returns the unmapped output."""
+        if mix is None:
+            return self.decoder(self.residuals(self.encoder(canvas)))
+        y = canvas
+        for layer in (*self.encoder, *self.residuals, *self.decoder):
+            y = layer(y, mix) if getattr(layer, "takes_style", False) else layer(y)
+        return y
+
+    def style_mix(self, style: torch.Tensor | int | None, batch: int, device: torch.device) -> torch.Tensor | None:
+        """The (batch, num_styles) float32 style weights of ``style`` (None for a one-style network).
+
+        ``style``: an int or an integer tensor of shape () or (batch,) selects styles by index; a float tensor of
+        shape (num_styles,) or (batch, num_styles) holds weights >= 0, normalised here to sum to 1 per row
+        (a convex combination of the styles' (gamma, beta), Dumoulin et al. 2017, section 4). Raises ValueError
+        for a missing style, an index out of range or weights that cannot be normalised.
+        """
+        if self.num_styles == 1:
+            if style is not None:
+                raise ValueError("this network holds one style: call it without a style")
+            return None
+        if style is None:
+            raise ValueError(f"this network holds {self.num_styles} styles: pass style= (an index or weights)")
+        style = torch.as_tensor(style, device=device)
+        if not style.is_floating_point():
+            index = style.reshape(-1).long().expand(batch) if style.numel() == 1 else style.long()
+            if index.shape != (batch,):
+                raise ValueError(f"expected {batch} style indices, got shape {tuple(style.shape)}")
+            if not capturing_graph() and bool(((index < 0) | (index >= self.num_styles)).any()):
+                raise ValueError(f"style index out of range: this network holds styles 0..{self.num_styles - 1}")
+            return F.one_hot(index, self.num_styles).float()
+        weights = style.float()
+        if weights.dim() == 1:
+            weights = weights.expand(batch, -1)
+        if weights.shape != (batch, self.num_styles):
+            raise ValueError(f"expected ({batch}, {self.num_styles}) style weights, got shape {tuple(style.shape)}")
+        if not capturing_graph():
+            total = weights.sum(dim=1)
+            if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or not bool((total > 0).all()):
+                raise ValueError("style weights must be finite, >= 0 and not all 0")
+        return weights / weights.sum(dim=1, keepdim=True)
+
+    @torch.no_grad()
+    def for_style(self, style: torch.Tensor | int) -> TransformerNet:
+        """The one-style network that computes this network's output for ``style`` (an index, or (num_styles,)
+        weights, normalised): every ConditionalInstanceNorm becomes an InstanceNorm holding gamma, beta of that
+        style or mix. A copy, on the same device, in the same mode; a one-style network is copied as it is."""
+        net = copy.deepcopy(self)
+        if self.num_styles == 1:
+            return net
+        device = next(self.parameters()).device
+        mix = self.style_mix(torch.as_tensor(style, device=device), 1, device)[0]
+        _replace_norms(net, lambda norm: norm.single_style(mix))
+        net.num_styles = 1
+        net._config.pop("num_styles")
+        return net
+
+    @torch.no_grad()
+    def with_added_style(self, style_net: TransformerNet) -> TransformerNet:
+        """A network holding this network's styles plus one more: ``style_net``'s (gamma, beta), taken from its
+        norms. ``style_net`` must be a one-style network with the same convolutions (trained with them frozen:
+        training/extend.py); ValueError otherwise. The existing styles' rows are copied unchanged."""
+        base = {key: value for key, value in self.config().items() if key != "num_styles"}
+        if style_net.config() != base:
+            raise ValueError(f"the new style's network {style_net.config()} differs from this one's {base}")
+        own, new = self.state_dict(), style_net.state_dict()
+        norm_keys = {f"{name}.{p}" for name, m in self.named_modules() if _is_norm(m) for p in ("weight", "bias")}
+        changed = [k for k in own if k not in norm_keys and not torch.equal(own[k].cpu(), new[k].cpu())]
+        if changed:
+            raise ValueError(f"the new style's network changed shared weights ({changed[0]}, ...): train it frozen")
+        merged = {}
+        for key, value in own.items():
+            if key in norm_keys:
+                rows = value if value.dim() == 2 else value[None]
+                merged[key] = torch.cat([rows, new[key].to(value)[None]])
+            else:
+                merged[key] = value
+        net = TransformerNet(**{**self.config(), "num_styles": self.num_styles + 1})
+        net.load_state_dict(merged)
+        return net.to(next(self.parameters()).device).train(self.training)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, ConditionalInstanceNorm) or (isinstance(module, InstanceNorm) and module.affine)
+
+
+def _replace_norms(module: nn.Module, make: Any) -> None:
+    """Replace, in place, every ConditionalInstanceNorm below ``module`` by ``make(norm)``."""
+    for name, child in module.named_children():
+        if isinstance(child, ConditionalInstanceNorm):
+            setattr(module, name, make(child))
+        else:
+            _replace_norms(child, make)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
