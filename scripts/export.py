@@ -3,14 +3,18 @@
     python -m scripts.export run/model.pth --format onnx -o mosaic.onnx                  # dynamic N, H, W
     python -m scripts.export run/model.pth --format onnx --height 720 --width 1280 -o mosaic_720p.onnx
     python -m scripts.export run/model.pth --format torchscript -o mosaic.ts
+    python -m scripts.export styles/model.pth --format onnx --verify -o styles.onnx     # multi-style: 2 inputs
     python stylize.py model=mosaic.onnx input=photo.jpg                                   # runs via onnxruntime
 
 Input: anything ``interop.legacy.load_any_model`` reads (our model.pth, or a pytorch/examples state dict).
 Both formats take ``image`` (N, 3, H, W) float32 RGB in [0, 1], H, W >= 8, and return the stylized (N, 3, H, W)
-in [0, 1]. ONNX: opset 18 by default, torch.export-based exporter (needs onnx + onnxscript), one
-InstanceNormalization node per instance norm; the model config and meta are stored in the ONNX metadata
-(key "faststyle"). ``--verify`` runs the export (onnxruntime / torch.jit.load) against PyTorch on a few sizes and
-fails if any output differs by more than 1e-4. Details: interop/export.py.
+in [0, 1]. A multi-style model (num_styles S > 1) takes a second input ``style_weights``: (S,) float32 weights
+>= 0, not all 0, in the order of meta["styles"], normalised to sum 1 inside the graph (so raw slider values work;
+one-hot picks one style), applied to the whole batch. ONNX: opset 18 by default, torch.export-based exporter
+(needs onnx + onnxscript), one InstanceNormalization node per instance norm; the model config and meta (and the
+style names, key "styles") are stored in the ONNX metadata (key "faststyle"). ``--verify`` runs the export
+(onnxruntime / torch.jit.load) against PyTorch on a few sizes, for a multi-style model with each style alone and
+one mix, and fails if any output differs by more than 1e-4. Details: interop/export.py.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from pathlib import Path
 import torch
 
 from core.errors import FaststyleError, exit_with_error
-from interop.export import DEFAULT_OPSET, export_onnx, export_torchscript
+from interop.export import DEFAULT_OPSET, ONNX_STYLE_INPUT_NAME, export_onnx, export_torchscript
 from interop.legacy import load_any_model
+from models.styles import style_names
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,21 +53,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def verify_mixes(num_styles: int) -> list[torch.Tensor | None]:
+    """The style inputs --verify checks: None for a one-style model; else each style alone (one-hot) and one
+    uneven, un-normalised mix of all of them (the graph must normalise it as TransformerNet does)."""
+    if num_styles == 1:
+        return [None]
+    return [*torch.eye(num_styles), torch.arange(1, num_styles + 1, dtype=torch.float32)]
+
+
 def verify(net: torch.nn.Module, path: Path, fmt: str, sizes: list[tuple[int, int]]) -> float:
-    """Max |export - PyTorch| over random (2, 3, H, W) batches of the given sizes; raises FaststyleError above
-    VERIFY_TOLERANCE."""
+    """Max |export - PyTorch| over random (2, 3, H, W) batches of the given sizes (and, for a multi-style model,
+    over verify_mixes); raises FaststyleError above VERIFY_TOLERANCE."""
     if fmt == "onnx":
         from inference.onnx_runner import OnnxStyleModel
 
-        exported = OnnxStyleModel(path)
+        onnx_model = OnnxStyleModel(path)
+
+        def exported(x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+            return onnx_model(x) if weights is None else onnx_model.for_style(weights)(x)
     else:
-        exported = torch.jit.load(str(path))
+        script = torch.jit.load(str(path))
+
+        def exported(x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+            return script(x) if weights is None else script(x, weights)
+
     worst = 0.0
     generator = torch.Generator().manual_seed(0)
     for height, width in sizes:
         x = torch.rand(2, 3, height, width, generator=generator)
-        with torch.no_grad():
-            worst = max(worst, float((exported(x) - net(x)).abs().max()))
+        for weights in verify_mixes(getattr(net, "num_styles", 1)):
+            with torch.no_grad():
+                expected = net(x) if weights is None else net(x, weights)
+                worst = max(worst, float((exported(x, weights) - expected).abs().max()))
     if worst > VERIFY_TOLERANCE:
         raise FaststyleError(f"exported {fmt} differs from PyTorch by {worst:.2e} (> {VERIFY_TOLERANCE}): report a bug")
     return worst
@@ -81,6 +103,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             export_torchscript(net, output, height=args.height, width=args.width, meta=meta)
         summary = f"wrote {output} ({args.format})"
+        if net.num_styles > 1:
+            names = style_names(meta, net.num_styles)
+            summary += f", second input {ONNX_STYLE_INPUT_NAME} ({net.num_styles},): {', '.join(names)}"
         if args.verify:
             fixed = args.height is not None
             sizes = [(args.height, args.width)] if fixed else list(VERIFY_SIZES)
