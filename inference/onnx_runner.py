@@ -5,6 +5,11 @@ same range promise as the torch model it was exported from), so ``stylize.py`` c
 inference. Files written by ``scripts/export.py`` carry the model's config and meta as JSON in the ONNX
 ``metadata_props`` (key ``faststyle``) and take and give [0, 1]; they run exactly as exported.
 
+A multi-style export (``model_config["num_styles"]`` S > 1 in that metadata) has a second input, ``style_weights``
+(S,) float32 (interop/export.py). ``num_styles`` says so (1 for every other file); ``model.for_style(weights)``
+returns a one-style callable that feeds those weights, like ``TransformerNet.for_style``; calling the model itself
+without choosing a style raises FaststyleError.
+
 Any other ONNX file with one float (N, 3, H, W) input and output is *foreign*: nothing in it says its pixel range,
 and the common ones (pytorch/examples ``fast_neural_style --export_onnx``, the ONNX model zoo's fast-neural-style
 files) take and give RGB in 0-255, often at a fixed 1x3xHxW size. For those the runner
@@ -27,8 +32,10 @@ FaststyleError saying what to install.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +48,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from core.errors import FaststyleError
+from interop.export import ONNX_STYLE_INPUT_NAME
 from models.modelfile import ONNX_METADATA_KEY
+from models.styles import style_names
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +193,9 @@ class OnnxStyleModel:
     docstring): "auto" runs ``detect_pixel_range`` at load time. Files with faststyle metadata take 0-1 and refuse
     "0-255". After loading, ``pixel_range`` holds the range used, ``pixel_range_fits`` the detection's evidence
     ({} unless detected) and ``foreign`` whether the file lacks faststyle metadata.
+
+    A faststyle multi-style file has ``num_styles`` > 1 and ``style_names``; pick a style or mix with
+    :meth:`for_style` before calling (module docstring). Other files have ``num_styles`` 1.
     """
 
     def __init__(
@@ -213,11 +225,14 @@ class OnnxStyleModel:
         except Exception as err:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
             raise FaststyleError(f"{path} is not a usable ONNX model ({_first_line(err)}): re-export it") from err
         self.path = path
-        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        info = self._read_metadata()
+        all_inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        # Only a file whose faststyle metadata declares several styles may have a second (style) input.
+        inputs = self._split_style_input(all_inputs, info)
         if len(inputs) != 1 or len(outputs) < 1 or len(inputs[0].shape) != 4 or inputs[0].shape[1] != 3:
             raise FaststyleError(
                 f"{path} is not a style network: expected one (N, 3, H, W) input, got "
-                f"{[(i.name, i.shape) for i in inputs]}"
+                f"{[(i.name, i.shape) for i in all_inputs]}"
             )
         self.input_name = inputs[0].name
         self.output_name = outputs[0].name
@@ -226,7 +241,6 @@ class OnnxStyleModel:
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
         self.fixed_hw = tuple(d if isinstance(d, int) else None for d in shape[2:])
         self.device = torch.device("cpu") if device == "auto" else torch.device(device)
-        info = self._read_metadata()
         self._config: dict[str, Any] = dict(info.get("model_config") or {})
         self.meta: dict[str, Any] = dict(info.get("meta") or {})
         self.min_side = int(info.get("min_side") or 1)
@@ -251,6 +265,79 @@ class OnnxStyleModel:
             list(shape),
             self.pixel_range,
         )
+
+    def _split_style_input(self, inputs: list, info: dict[str, Any]) -> list:
+        """Set ``num_styles``, ``style_names`` and ``style_input_name`` from the metadata and return the inputs
+        other than the style input. A file declaring several styles without a (num_styles,) float style input is
+        refused."""
+        config = info.get("model_config")
+        declared = config.get("num_styles", 1) if isinstance(config, dict) else 1
+        self.num_styles = declared if isinstance(declared, int) and declared > 1 else 1
+        self.style_names: list[str] = []
+        self.style_input_name: str | None = None
+        self._style_feed: np.ndarray | None = None
+        if self.num_styles == 1:
+            return inputs
+        name = str(info.get("style_input") or ONNX_STYLE_INPUT_NAME)
+        style = [i for i in inputs if i.name == name]
+        if len(inputs) != 2 or len(style) != 1 or list(style[0].shape) != [self.num_styles]:
+            raise FaststyleError(
+                f"{self.path} declares {self.num_styles} styles but has no ({self.num_styles},) input {name!r} "
+                f"(inputs {[(i.name, i.shape) for i in inputs]}): re-export it with scripts/export.py"
+            )
+        self.style_input_name = name
+        # The export stores the names it used; without them (hand-edited metadata) meta["styles"], then style_<i>.
+        names = info.get("styles")
+        if not (isinstance(names, list) and len(names) == self.num_styles):
+            meta = info.get("meta")
+            names = meta.get("styles") if isinstance(meta, dict) else None
+        self.style_names = style_names({"styles": names}, self.num_styles)
+        return [i for i in inputs if i.name != name]
+
+    def for_style(self, weights: Any) -> OnnxStyleModel:
+        """A callable with this model's contract that runs the style mix ``weights`` (a sequence or tensor of
+        ``num_styles`` numbers >= 0, not all 0; normalised to sum 1), like ``TransformerNet.for_style``: it shares
+        this model's session, has ``num_styles`` 1 and a config without ``num_styles``. A one-style model (or one
+        already chosen) is returned as a copy, unchanged. Bad weights raise FaststyleError."""
+        chosen = copy.copy(self)
+        if self.num_styles == 1:
+            return chosen
+        values = [float(v) for v in torch.as_tensor(weights, dtype=torch.float64).detach().cpu().reshape(-1)]
+        if len(values) != self.num_styles:
+            raise FaststyleError(
+                f"{self.path.name} holds {self.num_styles} styles ({', '.join(self.style_names)}): "
+                f"got {len(values)} style weights"
+            )
+        total = sum(values)
+        if not all(math.isfinite(v) and v >= 0 for v in values) or total <= 0:
+            raise FaststyleError(f"style weights must be finite, >= 0 and not all 0, got {values}")
+        # Normalised here too (the graph does it again), so ``style_weights`` reads as the mix that runs.
+        chosen._style_feed = np.asarray([v / total for v in values], dtype=np.float32)
+        chosen.num_styles = 1
+        chosen._config = {k: v for k, v in self._config.items() if k != "num_styles"}
+        return chosen
+
+    @property
+    def style_weights(self) -> tuple[float, ...] | None:
+        """The style mix this callable runs (sums to 1); None unless made by :meth:`for_style` of a multi-style
+        model."""
+        return None if self._style_feed is None else tuple(float(v) for v in self._style_feed)
+
+    def _require_style(self) -> None:
+        """Raise FaststyleError (one line) for a multi-style file whose style has not been chosen."""
+        if self.style_input_name is not None and self._style_feed is None:
+            names = self.style_names
+            raise FaststyleError(
+                f"{self.path.name} holds {len(names)} styles ({', '.join(names)}): pick one, e.g. style={names[0]}, "
+                f"or a mix, e.g. style={names[0]}:0.5,{names[1]}:0.5 (in Python: model.for_style(weights))"
+            )
+
+    def _feed(self, array: np.ndarray) -> dict[str, np.ndarray]:
+        """The session inputs for an image batch: the image, plus the chosen style weights for a multi-style file."""
+        self._require_style()
+        if self.style_input_name is None:
+            return {self.input_name: array}
+        return {self.input_name: array, self.style_input_name: self._style_feed}
 
     def _prepare_foreign(self, input_type: str, output_type: str, requested_range: str) -> None:
         """Check a file without faststyle metadata, find its size multiple and pixel range (module docstring)."""
@@ -353,6 +440,7 @@ class OnnxStyleModel:
         """Stylize a batch: x (N, 3, H, W) float in [0, 1] -> (N, 3, H, W) float32 on x's device."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected an (N, 3, H, W) batch, got shape {tuple(x.shape)}")
+        self._require_style()  # before any size complaint: without a style nothing can run
         h, w = int(x.shape[2]), int(x.shape[3])
         if min(h, w) < self.min_side:
             raise FaststyleError(
@@ -376,7 +464,7 @@ class OnnxStyleModel:
                 return torch.cat([self(x[i : i + 1]) for i in range(x.shape[0])], dim=0)
             raise FaststyleError(f"{self.path.name} needs batches of {self.fixed_batch}: re-export with --dynamic")
         array = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-        (out,) = self.session.run([self.output_name], {self.input_name: array})
+        (out,) = self.session.run([self.output_name], self._feed(array))
         return torch.from_numpy(out).to(x.device)
 
     forward = __call__
@@ -441,7 +529,8 @@ class OnnxStyleModel:
             self._noted_crop = True
 
     def __repr__(self) -> str:
-        return f"OnnxStyleModel({str(self.path)!r}, providers={self.session.get_providers()})"
+        style = "" if self._style_feed is None else f", style_weights={list(self.style_weights)}"
+        return f"OnnxStyleModel({str(self.path)!r}, providers={self.session.get_providers()}{style})"
 
 
 def load_onnx_model(
