@@ -69,6 +69,7 @@ class TrainLoopSchema:
     image_interval_steps: int = field(metadata={"min": 1})
     checkpoint_interval_steps: int = field(metadata={"min": 1})
     resume: str | None
+    extend: str | None
     precision: str = field(metadata=_choices("auto", "fp32", "fp16", "bf16"))
     channels_last: Any = field(metadata=SWITCH)
     compile: Any = field(metadata=SWITCH)
@@ -80,7 +81,7 @@ class TrainSchema:
     model: ModelSchema
     loss: LossSchema
     data: DataSchema
-    style: str
+    style: Any  # one path, or a list of paths (a multi-style network): check_train_config
     style_size: int | None = field(metadata={"min": 16, "max": 4096})
     seed: int = field(metadata={"min": 0})
     device: str
@@ -97,6 +98,7 @@ class StylizeSchema:
     format: str | None
     jpeg_quality: int = field(metadata={"min": 1, "max": 100})
     suffix: str | None
+    style: str | None  # a name, an index or a mix (models/styles.py parse_style)
     max_side_px: int | None = field(metadata={"min": 1})
     scale: float | None = field(metadata={"min_exclusive": 0.0})
     preserve_color: bool
@@ -243,6 +245,25 @@ def check_train_config(cfg: DictConfig) -> None:
             f"data.image_size={data['image_size']} is too small for the loss layers "
             f"({', '.join(layers)}): the minimum is {smallest}"
         )
+    styles = node["style"]
+    if isinstance(styles, list | tuple):
+        if not styles or not all(isinstance(s, str) and s for s in styles):
+            raise FaststyleError(f"style={_show(styles)} must be a path or a list of paths, e.g. 'style=[a.jpg,b.jpg]'")
+        stems = [s.replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0] for s in styles]
+        repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
+        if repeated:
+            raise FaststyleError(
+                f"style lists {repeated[0]} twice: each style is named after its file, so give distinct files"
+            )
+        if len(styles) > 1 and node["model"]["norm"] != "instance":
+            raise FaststyleError(
+                f"model.norm={node['model']['norm']} cannot hold {len(styles)} styles: a multi-style network uses "
+                "conditional instance norm (Dumoulin et al. 2017); use model.norm=instance"
+            )
+        if len(styles) > 1 and node["train"]["extend"]:
+            raise FaststyleError("train.extend adds one style: pass one style=<new painting>, not a list")
+    elif styles is not None and styles != "???" and not isinstance(styles, str | int | float):
+        raise FaststyleError(f"style={_show(styles)} must be a path or a list of paths")
     betas = node["train"]["betas"]
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise FaststyleError(f"train.betas={betas} must be two numbers in [0, 1), e.g. train.betas=[0.9,0.999]")

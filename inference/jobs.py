@@ -24,10 +24,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Job:
-    """One input image and where its result goes."""
+    """One input image and where its result goes; ``style``: which of the run's style choices (multi-style models,
+    see inference.pipeline) it is stylized in."""
 
     source: Path
     target: Path
+    style: int = 0
 
 
 def find_inputs(input_spec: str, recursive: bool) -> tuple[list[Path], Path, list[tuple[Path, str]]]:
@@ -70,7 +72,12 @@ def style_name(model_path: Path, meta: dict) -> str:
     stem = meta.get("style_stem") or (Path(str(meta["style"])).stem if meta.get("style") else "")
     if not stem:
         stem = model_path.parent.name if model_path.stem == "model" else model_path.stem
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(stem)).strip(".") or "stylized"
+    return file_name_part(stem)
+
+
+def file_name_part(text: str) -> str:
+    """``text`` made safe inside a file name: characters other than letters, digits, ``-_.`` become ``_``."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text)).strip(".") or "stylized"
 
 
 def _output_is_file(output: Path) -> bool:
@@ -78,14 +85,25 @@ def _output_is_file(output: Path) -> bool:
     return (output.suffix.lower() in WRITE_FORMATS or is_image_file(output)) and not output.is_dir()
 
 
-def plan_jobs(cfg: DictConfig, model_path: Path, meta: dict) -> tuple[list[Job], list[tuple[Path, str]]]:
+def plan_jobs(
+    cfg: DictConfig, model_path: Path, meta: dict, style_labels: list[str] | None = None
+) -> tuple[list[Job], list[tuple[Path, str]]]:
     """Match every input to its output path and return the jobs and the passed-over entries (see find_inputs).
+
+    ``style_labels``: the styles or mixes of a multi-style model to write, each input once per label (style by
+    style: ``<stem>_<label>.<ext>``, or ``<stem>_<suffix>_<label>.<ext>`` with a suffix); None for one style.
 
     Refuses, before anything is written, any output that is an input or sits among the inputs, comparing real
     paths (symbolic links resolved) and file identities (hard links): ``overwrite=true`` never applies to an input.
     """
     files, base, skipped = find_inputs(str(cfg.input), bool(cfg.recursive))
-    suffix = str(cfg.suffix) if cfg.suffix else style_name(model_path, meta)
+    if style_labels is None:
+        names = [str(cfg.suffix) if cfg.suffix else style_name(model_path, meta)]
+    elif len(style_labels) == 1 and cfg.suffix:
+        names = [str(cfg.suffix)]
+    else:
+        labels = [file_name_part(label) for label in style_labels]
+        names = [f"{cfg.suffix}_{label}" if cfg.suffix else label for label in labels]
     forced_ext = None
     if cfg.format:
         forced_ext = OUTPUT_FORMATS.get(str(cfg.format).lower().lstrip("."))
@@ -109,13 +127,22 @@ def plan_jobs(cfg: DictConfig, model_path: Path, meta: dict) -> tuple[list[Job],
     if single_file:
         if len(files) != 1:
             raise FaststyleError(f"output={cfg.output} is a file but {len(files)} images were found: give a folder")
+        if len(names) != 1:
+            raise FaststyleError(
+                f"output={cfg.output} is a file but the model writes {len(names)} styles: pick one with "
+                "style=<name> or give an output folder"
+            )
         if output.suffix.lower() not in WRITE_FORMATS:
             raise FaststyleError(
                 f"cannot write {output.name}: use a {', '.join(sorted(set(OUTPUT_FORMATS.values())))} output"
             )
         jobs = [Job(files[0], output)]
     else:
-        jobs = [Job(f, output / f.relative_to(base).parent / f"{f.stem}_{suffix}{ext_for(f)}") for f in files]
+        jobs = [
+            Job(f, output / f.relative_to(base).parent / f"{f.stem}_{name}{ext_for(f)}", style=index)
+            for index, name in enumerate(names)
+            for f in files
+        ]
     for job in jobs:
         if WRITE_FORMATS[job.target.suffix.lower()] not in ALPHA_FORMATS and file_has_alpha(job.source):
             # JPEG cannot hold transparency: keep it (the user's data) in a PNG rather than flatten it, and say so.

@@ -76,8 +76,9 @@ class PerceptualLoss(nn.Module):
         weights_path: passed to build_loss_network.
 
     Use: ``set_style(style)`` once, then ``losses = loss(output, content)``; back-propagate ``losses["total"]``.
-    The style targets are buffers (non-persistent: recompute them with set_style after loading), so
-    ``.to(device)`` moves them with the network.
+    Several styles (a multi-style network): ``set_styles([style_0, style_1, ...])`` once, then
+    ``loss(output, content, style_index)`` with each sample's style index. The style targets are buffers
+    (non-persistent: recompute them with set_style after loading), so ``.to(device)`` moves them with the network.
     """
 
     def __init__(
@@ -123,6 +124,27 @@ class PerceptualLoss(nn.Module):
         """True once set_style has been called (or when there are no style layers)."""
         return all(getattr(self, self._target_name(layer)) is not None for layer in self.style_layers)
 
+    @property
+    def num_styles(self) -> int:
+        """How many style images the targets hold (1 after set_style)."""
+        if not self.style_layers or not self.has_style:
+            return 1
+        return int(getattr(self, self._target_name(next(iter(self.style_layers)))).shape[0])
+
+    @torch.no_grad()
+    def set_styles(self, styles: Sequence[torch.Tensor]) -> None:
+        """Gram targets of several style images, one (1, 3, H, W) image per style (sizes may differ), stacked in
+        the given order: style index i of :meth:`forward` selects ``styles[i]``."""
+        if not styles:
+            raise ValueError("set_styles needs at least one style image")
+        grams: dict[str, list[torch.Tensor]] = {layer: [] for layer in self.style_layers}
+        for style in styles:
+            self.set_style(style)
+            for layer in self.style_layers:
+                grams[layer].append(getattr(self, self._target_name(layer)))
+        for layer, targets in grams.items():
+            setattr(self, self._target_name(layer), torch.cat(targets))
+
     @torch.no_grad()
     def set_style(self, style: torch.Tensor) -> None:
         """Compute and store the Gram targets of the style image.
@@ -141,22 +163,28 @@ class PerceptualLoss(nn.Module):
         for layer, feature in features.items():
             setattr(self, self._target_name(layer), gram_matrix(feature))
 
-    def forward(self, output: torch.Tensor, content: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, output: torch.Tensor, content: torch.Tensor, style: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Loss of a stylised batch.
 
         Args:
             output: (N, 3, H, W) RGB in [0, 1], the network's output (gradients flow through it).
             content: (N, 3, H, W) RGB in [0, 1], the input photos (no gradient is computed for them).
+            style: (N,) integer style index of each sample, after ``set_styles``; None with one style.
 
         Returns:
             float32 scalars: ``total`` (= content + style + tv, the value to back-propagate), ``content``,
             ``style``, ``tv`` and ``style/<layer>`` for each style layer; all already multiplied by their
-            weights (``style`` is the sum of the ``style/<layer>`` values).
+            weights (``style`` is the sum of the ``style/<layer>`` values). With ``style`` given, also
+            ``style_per_sample``: the (N,) style term of each sample (``style`` is its mean), for per-style logs.
         """
         if output.shape != content.shape:
             raise ValueError(f"output {tuple(output.shape)} and content {tuple(content.shape)} shapes differ")
         if not self.has_style:
             raise RuntimeError("PerceptualLoss.set_style(style_image) must be called before computing the loss")
+        if style is None and self.num_styles > 1:
+            raise ValueError(f"the loss holds {self.num_styles} styles: pass each sample's style index")
         losses: dict[str, torch.Tensor] = {}
         features = self.network(output)
         zero = output.new_zeros((), dtype=torch.promote_types(output.dtype, torch.float32))
@@ -171,13 +199,21 @@ class PerceptualLoss(nn.Module):
             losses["content"] = self.content_weight * content_loss
 
             style_loss = zero
+            per_sample = output.new_zeros(output.shape[0], dtype=zero.dtype) if style is not None else None
             for layer, layer_weight in self.style_layers.items():
                 gram = gram_matrix(features[layer])
                 target = getattr(self, self._target_name(layer))
-                term = self.style_weight * layer_weight * (gram - target).pow(2).mean()  # target broadcasts over N
+                if style is None:
+                    term = self.style_weight * layer_weight * (gram - target).pow(2).mean()  # target broadcasts
+                else:  # each sample against its own style's Gram; the mean over samples is the batch's term
+                    sample_terms = self.style_weight * layer_weight * (gram - target[style]).pow(2).mean(dim=(1, 2))
+                    per_sample = per_sample + sample_terms
+                    term = sample_terms.mean()
                 losses[f"style/{layer}"] = term
                 style_loss = style_loss + term
             losses["style"] = style_loss
+            if per_sample is not None:
+                losses["style_per_sample"] = per_sample
 
             losses["tv"] = self.tv_weight * total_variation(output)
             losses["total"] = losses["content"] + losses["style"] + losses["tv"]

@@ -7,6 +7,12 @@ Pieces: ``Trainer`` sets a run up (precision, memory format and compilation from
 the resumed state, DDP) and runs one step; ``LossWindow`` sums the losses between log points; ``_StepLoop`` decides
 per step what to log, draw, save or stop; ``fit`` ties them together for train.py.
 
+Several styles (a multi-style network, Dumoulin et al. 2017): every sample of a batch gets a style by
+:func:`style_indices`, a pure function of the step (so resumed and distributed runs see the same assignment): the
+global sample sequence cycles through the styles, so any ``num_styles`` consecutive steps give every style exactly
+``batch_size`` samples per rank. The loss compares each sample with its own style's Grams; TensorBoard gets the
+style loss per style (``loss/per_style/<name>``) and one image grid per style.
+
 Host syncs: the loss components are summed on the device every step and read back (``.item()``) only at log
 points (every ``log_interval_steps``, before every checkpoint and at the end), so the GPU is never stalled waiting
 for the Python loop. A non-finite total found at such a point stops the run with ``NonFiniteLossError`` before any
@@ -26,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +57,7 @@ log = logging.getLogger(__name__)
 
 LR_SCHEDULES = ("none", "cosine", "linear")
 MODEL_FILE_NAME = "model.pth"
-NOT_LOOP_KEYS = ("batch_size", "resume", "malloc_reuse")
+NOT_LOOP_KEYS = ("batch_size", "resume", "extend", "malloc_reuse")
 """Keys of the config's ``train:`` block that the data loader or the process set-up use, not :func:`fit`."""
 
 
@@ -60,8 +66,8 @@ class RunRecord:
     """What a run records about itself besides the weights: the images TensorBoard shows and the plain values its
     files carry."""
 
-    style_image: torch.Tensor
-    """(1, 3, H, W) in [0, 1], logged once to TensorBoard."""
+    style_image: torch.Tensor | list[torch.Tensor]
+    """(1, 3, H, W) in [0, 1], logged once to TensorBoard; a list of them, one per style, for several styles."""
     val_images: torch.Tensor
     """(N, 3, S, S) in [0, 1]: fixed photos stylised into a grid every ``image_interval_steps`` (N = 0: none)."""
     checkpoint_extra: dict[str, Any] = field(default_factory=dict)
@@ -70,6 +76,11 @@ class RunRecord:
     """Plain values for ``model.pth`` (style name, ...); ``steps`` is added by :func:`fit`."""
     hparams: dict[str, Any] = field(default_factory=dict)
     """Flat {name: int | float | str | bool} for the TensorBoard hparams summary."""
+    style_names: list[str] = field(default_factory=list)
+    """The styles of a multi-style network, in table order (TensorBoard tags); empty for one style."""
+    final_model: Callable[[nn.Module], nn.Module] | None = None
+    """Maps the trained network to the one ``model.pth`` holds (adding a style: the frozen copy -> the network
+    with one more style); None writes the trained network itself."""
 
 
 class NonFiniteLossError(FaststyleError):
@@ -150,6 +161,22 @@ def image_grid(content: torch.Tensor, stylised: torch.Tensor) -> torch.Tensor:
     return make_grid(pairs.clamp(0, 1), nrow=2, padding=2, pad_value=1.0)
 
 
+def style_indices(step: int, batch_size: int, num_styles: int, rank: int = 0, world_size: int = 1) -> range:
+    """The style of each sample of rank ``rank``'s batch at optimizer step ``step`` (1-based), as a range of global
+    sample numbers to take modulo ``num_styles``: sample k of the whole run (all ranks) gets style k mod num_styles,
+    so every style gets the same number of samples, and each batch holds min(batch_size, num_styles) styles."""
+    first = ((step - 1) * world_size + rank) * batch_size
+    return range(first, first + batch_size)
+
+
+def style_counts(step: int, batch_size: int, num_styles: int, world_size: int = 1) -> list[int]:
+    """How many samples of each style step ``step`` trains on, over all ranks (see :func:`style_indices`)."""
+    counts = [0] * num_styles
+    for k in range((step - 1) * world_size * batch_size, step * world_size * batch_size):
+        counts[k % num_styles] += 1
+    return counts
+
+
 def train_step(
     model: nn.Module | Any,
     loss_fn: nn.Module,
@@ -157,16 +184,21 @@ def train_step(
     scaler: torch.amp.GradScaler,
     content: torch.Tensor,
     policy: precision.PrecisionPolicy,
+    style: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """One optimizer step on a (B, 3, S, S) batch in [0, 1]; returns the loss components (device tensors, no sync).
 
     The network and the loss network run under the policy's autocast (the loss network is most of the step's
     FLOPs); PerceptualLoss keeps its Grams and reductions in fp32 itself. ``scaler`` is a disabled pass-through
-    except for fp16.
+    except for fp16. ``style``: (B,) style indices for a multi-style network, None for one style.
     """
     with policy.autocast():
-        stylised = model(content)
-        losses = loss_fn(stylised, content)
+        if style is None:
+            stylised = model(content)
+            losses = loss_fn(stylised, content)
+        else:
+            stylised = model(content, style)
+            losses = loss_fn(stylised, content, style)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses["total"]).backward()
     scaler.step(optimizer)
@@ -262,13 +294,18 @@ class Trainer:
         device: torch.device,
         resume: dict | None = None,
         dist_ctx: DistContext | None = None,
+        style_names: list[str] | None = None,
     ) -> None:
         self.options, self.device = options, device
+        self.style_names = list(style_names or [])
+        self.rank, self.world_size = (dist_ctx.rank, dist_ctx.world_size) if dist_ctx is not None else (0, 1)
         self.policy = options.precision_policy(device)
         precision.configure_backends(self.policy)
         self.model = self.policy.prepare_module(model, device)
         self.loss_fn = self.policy.prepare_module(loss_fn, device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=options.lr, betas=tuple(options.betas))
+        # Frozen parameters (adding a style trains only its (gamma, beta)) stay out of the optimizer.
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(trainable, lr=options.lr, betas=tuple(options.betas))
         self.scaler = self.policy.grad_scaler()
         self.start_step = self._restore(resume) if resume is not None else 0
         train_model = wrap_ddp(self.model, dist_ctx) if dist_ctx is not None else self.model
@@ -296,14 +333,33 @@ class Trainer:
         self.lr = self.options.lr * lr_factor(step, self.options)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        return train_step(self.step_model, self.loss_fn, self.optimizer, self.scaler, content, self.policy)
+        styles = len(self.style_names)
+        if styles <= 1:
+            return train_step(self.step_model, self.loss_fn, self.optimizer, self.scaler, content, self.policy)
+        numbers = style_indices(step, content.shape[0], styles, self.rank, self.world_size)
+        # Made on the device from the step alone: no host-to-device copy, which would wait for the GPU.
+        index = torch.arange(numbers.start, numbers.stop, device=content.device) % styles
+        losses = train_step(self.step_model, self.loss_fn, self.optimizer, self.scaler, content, self.policy, index)
+        per_sample = losses.pop("style_per_sample").detach()
+        sums = torch.zeros(styles, device=per_sample.device, dtype=per_sample.dtype).index_add_(0, index, per_sample)
+        for i, name in enumerate(self.style_names):
+            losses[f"per_style/{name}"] = sums[i]
+        return losses
 
-    def stylise(self, images: torch.Tensor) -> torch.Tensor:
-        """The plain network's output for (N, 3, H, W) CPU images, in eval mode and without gradients (no DDP
-        collective runs, so one rank may call it alone)."""
+    def style_counts(self, step: int, batch_size: int) -> dict[str, int] | None:
+        """Samples per style at ``step`` over all ranks, keyed like the per-style losses (None for one style)."""
+        if len(self.style_names) <= 1:
+            return None
+        counts = style_counts(step, batch_size, len(self.style_names), self.world_size)
+        return {f"per_style/{name}": count for name, count in zip(self.style_names, counts, strict=True)}
+
+    def stylise(self, images: torch.Tensor, style: int | None = None) -> torch.Tensor:
+        """The plain network's output for (N, 3, H, W) CPU images (in style ``style`` of a multi-style network), in
+        eval mode and without gradients (no DDP collective runs, so one rank may call it alone)."""
         self.model.eval()
         with torch.no_grad(), self.policy.autocast():
-            stylised = self.model(self.to_device(images))
+            x = self.to_device(images)
+            stylised = self.model(x) if style is None else self.model(x, style)
         self.model.train()
         return stylised
 
@@ -325,18 +381,25 @@ class LossWindow:
     """Loss sums since the last log point, kept on the device; :meth:`flush` is the window's one host sync (and,
     under DDP, its one collective)."""
 
-    def __init__(self, outputs: RunOutputs, start_step: int) -> None:
+    def __init__(self, outputs: RunOutputs, start_step: int, world_size: int = 1) -> None:
         self.outputs = outputs
+        self.world_size = world_size
         self.sums: dict[str, torch.Tensor] = {}
+        self.style_counts: dict[str, int] = {}  # samples per style in the window, all ranks (host ints: no sync)
         self.start = start_step
         self.started_at = time.perf_counter()
         self.batch_size = 0
         self.last: dict[str, float] = {}  # the means of the last flushed window, tagged "loss/<name>"
 
-    def add(self, losses: Mapping[str, torch.Tensor], batch_size: int) -> None:
+    def add(
+        self, losses: Mapping[str, torch.Tensor], batch_size: int, style_counts: dict[str, int] | None = None
+    ) -> None:
+        """One step's losses; ``style_counts``: samples per style over all ranks, for the ``per_style/*`` sums."""
         self.batch_size = batch_size
         for name, value in losses.items():
             self.sums[name] = self.sums[name] + value.detach() if name in self.sums else value.detach().clone()
+        for name, count in (style_counts or {}).items():
+            self.style_counts[name] = self.style_counts.get(name, 0) + count
 
     def flush(self, step: int, lr: float) -> dict[str, str]:
         """Means over the window's steps and the ranks to TensorBoard; returns the progress bar's postfix.
@@ -345,6 +408,10 @@ class LossWindow:
         """
         count = step - self.start
         means = {name: value / count for name, value in all_reduce_mean(self.sums).items()}
+        # A per-style sum covers that style's samples only: its mean divides by their number (summed over ranks,
+        # while all_reduce_mean averaged the ranks' sums).
+        for name, samples in self.style_counts.items():
+            means[name] = means[name] * count * self.world_size / samples if samples else float("nan")
         if not math.isfinite(means["total"]):
             raise NonFiniteLossError(
                 f"loss became {means['total']} between steps {self.start + 1} and {step}; stopped. Last good "
@@ -355,7 +422,7 @@ class LossWindow:
         images_per_s = count * self.batch_size / elapsed if elapsed > 0 else float("nan")
         self.last = {f"loss/{name}": value for name, value in means.items()}
         self.outputs.scalars({**self.last, "lr": lr, "perf/images_per_s": images_per_s}, step)
-        self.sums, self.start = {}, step
+        self.sums, self.start, self.style_counts = {}, step, {}
         return {"loss": f"{means['total']:.4g}", "img/s": f"{images_per_s:.1f}"}
 
     def restart_clock(self) -> None:
@@ -381,7 +448,7 @@ class _StepLoop:
     ) -> None:
         self.trainer, self.outputs, self.val_images = trainer, outputs, val_images
         self.checkpoint_extra, self.stop, self.dist_ctx = checkpoint_extra, stop, dist_ctx
-        self.window = LossWindow(outputs, trainer.start_step)
+        self.window = LossWindow(outputs, trainer.start_step, trainer.world_size)
 
     def run(self, batches: Iterator[torch.Tensor]) -> None:
         options = self.trainer.options
@@ -389,7 +456,7 @@ class _StepLoop:
         for step in range(self.trainer.start_step + 1, options.steps + 1):
             content = self.trainer.to_device(next(batches))
             losses = self.trainer.step(step, content)
-            self.window.add(losses, content.shape[0])
+            self.window.add(losses, content.shape[0], self.trainer.style_counts(step, content.shape[0]))
 
             at_checkpoint = step % options.checkpoint_interval_steps == 0 or step == options.steps
             postfix = None
@@ -413,8 +480,13 @@ class _StepLoop:
         # Rank 0 only (the plain module runs, no DDP collective); data.val_images=0 asks for no image grid.
         if not self.outputs.enabled or len(self.val_images) == 0:
             return
-        stylised = self.trainer.stylise(self.val_images)
-        self.outputs.image("val/content_stylised", image_grid(self.val_images, stylised), step)
+        if len(self.trainer.style_names) <= 1:
+            stylised = self.trainer.stylise(self.val_images)
+            self.outputs.image("val/content_stylised", image_grid(self.val_images, stylised), step)
+            return
+        for index, name in enumerate(self.trainer.style_names):
+            stylised = self.trainer.stylise(self.val_images, style=index)
+            self.outputs.image(f"val/{name}", image_grid(self.val_images, stylised), step)
 
     def _save(self, step: int, periodic: bool) -> None:
         self.outputs.checkpoint(self.trainer.checkpoint_state(step, self.checkpoint_extra), step, periodic=periodic)
@@ -462,19 +534,24 @@ def fit(
         NonFiniteLossError: the loss became NaN/inf (found at a log point); nothing of it is saved.
     """
     options.validate()
-    trainer = Trainer(model, loss_fn, options, device, resume=resume, dist_ctx=dist_ctx)
+    trainer = Trainer(model, loss_fn, options, device, resume=resume, dist_ctx=dist_ctx, style_names=record.style_names)
     start_step = trainer.start_step
     with stop_signals() as stop:
         loop = _StepLoop(trainer, outputs, record.val_images, record.checkpoint_extra, stop, dist_ctx)
         with stop.deferred():
-            outputs.image("style", record.style_image[0], start_step)
+            if isinstance(record.style_image, torch.Tensor):
+                outputs.image("style", record.style_image[0], start_step)
+            else:
+                for name, image in zip(record.style_names, record.style_image, strict=True):
+                    outputs.image(f"style/{name}", image[0], start_step)
             loop.run(batches)
         if start_step >= options.steps:
             log.warning(
                 "checkpoint is already at step %d >= train.steps=%d: nothing to train", start_step, options.steps
             )
+        final = record.final_model(unwrap_model(trainer.model)) if record.final_model else trainer.model
         return outputs.final(
-            trainer.model,
+            final,
             {**record.meta, "steps": max(start_step, options.steps)},
             record.hparams,
             loop.window.final_metrics(),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,22 @@ from core.fileio import remove_stale_temp_files
 log = logging.getLogger(__name__)
 
 
-def style_stem(path: str) -> str:
-    """Run-dir suffix from the style image path: its file stem with characters other than [A-Za-z0-9_-] dropped."""
+def style_stem(path: Any) -> str:
+    """Run-dir suffix from the style image path: its file stem with characters other than [A-Za-z0-9_-] dropped;
+    ``<n>styles`` for a list of several paths (a multi-style run)."""
+    if not isinstance(path, str) and isinstance(path, Sequence):
+        if len(path) != 1:
+            return f"{len(path)}styles"
+        path = path[0]
     return re.sub(r"[^A-Za-z0-9_-]+", "", Path(str(path)).stem)[:40] or "style"
+
+
+def style_paths(cfg: DictConfig) -> list[Path]:
+    """The style images of the run, absolute: ``style`` as one path or a list of paths."""
+    if OmegaConf.is_missing(cfg, "style") or not cfg.style:
+        raise FaststyleError("style is required: pass style=<path to the style image>")
+    styles = OmegaConf.to_container(cfg.style) if OmegaConf.is_config(cfg.style) else [cfg.style]
+    return [absolute(str(path)) for path in styles]
 
 
 def absolute(path: str | None) -> Path | None:
@@ -33,10 +47,14 @@ def absolute(path: str | None) -> Path | None:
 
 def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     """The knobs worth comparing across runs, flattened for TensorBoard's hparams tab (primitives only)."""
-    flat: dict[str, Any] = {"style": style_stem(cfg.style), "style_size": cfg.style_size, "seed": cfg.seed}
+    flat: dict[str, Any] = {
+        "style": ",".join(style_stem(p) for p in style_paths(cfg)),
+        "style_size": cfg.style_size,
+        "seed": cfg.seed,
+    }
     for group in ("model", "loss", "data", "train"):
         for key, value in OmegaConf.to_container(cfg[group], resolve=True).items():
-            if key not in ("root", "resume", "weights_path"):
+            if key not in ("root", "resume", "extend", "weights_path"):
                 flat[f"{group}.{key}"] = value
     # TensorBoard's hparams accept only int/float/str/bool: lists, mappings and None become their text.
     return {key: value if isinstance(value, int | float | str | bool) else str(value) for key, value in flat.items()}
@@ -106,34 +124,37 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
 
 def style_target(cfg: DictConfig) -> Any:
     """The style image as the loss network sees it: a (1, 3, H, W) float32 tensor in [0, 1] at ``cfg.style_size``
-    (see :func:`load_style_image`)."""
+    (see :func:`load_style_image`); a list of them, one per style, when ``style`` lists several."""
     from data.io import pil_to_tensor
 
-    if OmegaConf.is_missing(cfg, "style") or not cfg.style:
-        raise FaststyleError("style is required: pass style=<path to the style image>")
     min_side = min_image_size(list(cfg.loss.style_layers))
-    return pil_to_tensor(load_style_image(absolute(cfg.style), cfg.style_size, min_side))[None]
+    images = [pil_to_tensor(load_style_image(path, cfg.style_size, min_side))[None] for path in style_paths(cfg)]
+    return images[0] if len(images) == 1 else images
 
 
 def build_loss(cfg: DictConfig, style_image: Any, device: Any) -> Any:
     """``cfg.loss``'s PerceptualLoss on ``device``, with the Gram targets of ``style_image`` (from
-    :func:`style_target`) computed once."""
+    :func:`style_target`: one image, or a list for several styles) computed once."""
     from models.loss import PerceptualLoss
 
     loss_options = OmegaConf.to_container(cfg.loss, resolve=True)
     weights_path = absolute(loss_options.get("weights_path"))
     loss_options["weights_path"] = str(weights_path) if weights_path else None
     loss_fn = PerceptualLoss(**loss_options).to(device)
-    loss_fn.set_style(style_image.to(device))
+    if isinstance(style_image, list):
+        loss_fn.set_styles([image.to(device) for image in style_image])
+    else:
+        loss_fn.set_style(style_image.to(device))
     return loss_fn
 
 
-def build_model(cfg: DictConfig) -> Any:
-    """A freshly initialised TransformerNet from ``cfg.model`` (seed it first for a reproducible start)."""
+def build_model(cfg: DictConfig, num_styles: int = 1) -> Any:
+    """A freshly initialised TransformerNet from ``cfg.model`` holding ``num_styles`` styles (seed it first for a
+    reproducible start)."""
     from models.transformer import TransformerNet
 
     try:
-        return TransformerNet(**OmegaConf.to_container(cfg.model, resolve=True))
+        return TransformerNet(**OmegaConf.to_container(cfg.model, resolve=True), num_styles=num_styles)
     except (TypeError, ValueError) as err:  # an unknown norm/upsample name or a bad width in model.*
         raise FaststyleError(f"bad model config: {err}") from err
 
@@ -147,7 +168,7 @@ def _remove_stale_temp_files(run_dir: Path, resume_path: Path | None) -> None:
         remove_stale_temp_files(folder)
 
 
-def _check_resume(resume: dict, resume_path: Path, model: Any, data_state: dict, style_path: Path) -> None:
+def _check_resume(resume: dict, resume_path: Path, model: Any, data_state: dict, style_record: Any) -> None:
     """Refuse a checkpoint whose network differs from the config's; warn when the data order or the style differ
     (the run continues, but not as the interrupted one would have)."""
     from models.modelfile import check_state_dict
@@ -165,22 +186,50 @@ def _check_resume(resume: dict, resume_path: Path, model: Any, data_state: dict,
             resume.get("data"),
             data_state,
         )
-    if resume.get("style_path") != str(style_path):
+    if resume.get("style_path") != style_record:
         log.warning(
             "resuming a run trained on style %s with style %s: pass style=... to keep the original",
             resume.get("style_path"),
-            style_path,
+            style_record,
         )
 
 
-def _model_meta(cfg: DictConfig, style_path: Path) -> dict[str, Any]:
-    """What ``model.pth`` records about its training besides the network (plain primitives)."""
-    return {
-        "style": style_path.name,
-        "style_stem": style_stem(cfg.style),
-        "source": "faststyle train.py",
-        "image_size": int(cfg.data.image_size),
+def _model_meta(cfg: DictConfig, paths: list[Path], names: list[str]) -> dict[str, Any]:
+    """What ``model.pth`` records about its training besides the network (plain primitives); a multi-style model
+    lists its style names in table order (``styles``, models/styles.py)."""
+    common = {"source": "faststyle train.py", "image_size": int(cfg.data.image_size)}
+    if len(names) == 1:
+        return {"style": paths[0].name, "style_stem": names[0], **common}
+    return {"styles": names, "style_files": [path.name for path in paths], **common}
+
+
+def _style_setup(cfg: DictConfig, paths: list[Path]) -> tuple[Any, list[str], Any, dict]:
+    """For ``train.extend``: (base network, all style names with the new one last, the network to train, meta);
+    otherwise (None, the run's style names, a fresh network, meta)."""
+    names = [style_stem(path) for path in paths]
+    extend_path = absolute(cfg.train.extend)
+    if extend_path is None:
+        return None, names, build_model(cfg, len(paths)), _model_meta(cfg, paths, names)
+    from training.extend import extension_network, load_base
+
+    base, base_meta, base_names = load_base(extend_path)
+    if names[0] in base_names:
+        raise FaststyleError(
+            f"{extend_path.name} already holds a style named {names[0]} (its styles: {', '.join(base_names)}): "
+            "rename the new style image"
+        )
+    if OmegaConf.to_container(cfg.model, resolve=True) != {k: v for k, v in base.config().items() if k != "num_styles"}:
+        log.info(
+            "train.extend: the network is %s's (%s); model.* options are not used", extend_path.name, base.config()
+        )
+    meta = {
+        **{k: v for k, v in base_meta.items() if k not in ("style", "style_stem", "steps")},
+        "styles": [*base_names, names[0]],
+        "style_files": [*base_meta.get("style_files", [base_meta.get("style", base_names[0])]), paths[0].name],
+        "extended_from": str(extend_path),
+        "base_steps": base_meta.get("steps"),
     }
+    return base, [*base_names, names[0]], extension_network(base), meta
 
 
 def _train(cfg: DictConfig, ctx: Any, run_dir: Path) -> Path:
@@ -190,11 +239,12 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path) -> Path:
     from core.device import reuse_freed_memory
     from data.images import ImageFolderDataset, make_train_loader
     from training.checkpoint import load_checkpoint
+    from training.extend import add_trained_style
     from training.loop import RunOutputs, RunRecord, TrainOptions, fit
 
     if OmegaConf.is_missing(cfg.data, "root"):
         raise FaststyleError("data.root is required: pass data.root=<folder of photos, e.g. data/coco/train2014>")
-    style_path, data_root = absolute(cfg.style), absolute(cfg.data.root)
+    paths, data_root = style_paths(cfg), absolute(cfg.data.root)
     resume_path = absolute(cfg.train.resume)
     options = TrainOptions.from_config(OmegaConf.to_container(cfg.train, resolve=True))
     if cfg.train.malloc_reuse:
@@ -212,7 +262,8 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path) -> Path:
         _remove_stale_temp_files(run_dir, resume_path)
 
     torch.manual_seed(int(cfg.seed))  # model initialisation; the data order has its own seeded sampler
-    model = build_model(cfg)
+    base, names, model, meta = _style_setup(cfg, paths)
+    style_record = str(paths[0]) if len(paths) == 1 else [str(path) for path in paths]
     # The loader is a pure function of (seed, step, batch size): storing them reproduces the exact batches.
     data_state = {
         "seed": int(cfg.seed),
@@ -221,7 +272,7 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path) -> Path:
         "dataset_size": len(dataset),
     }
     if resume is not None:
-        _check_resume(resume, resume_path, model, data_state, style_path)
+        _check_resume(resume, resume_path, model, data_state, style_record)
     loss_fn = build_loss(cfg, style_image, device)
 
     start_step = int(resume["step"]) if resume is not None else 0
@@ -238,7 +289,7 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path) -> Path:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     log.info(
         "training %s on %d images from %s, device %s, run dir %s",
-        style_path.name,
+        ", ".join(path.name for path in paths) if len(paths) < 4 else f"{len(paths)} styles",
         len(dataset),
         data_root,
         device,
@@ -256,9 +307,11 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path) -> Path:
             RunRecord(
                 style_image,
                 val_images,
-                checkpoint_extra={"config": resolved, "data": data_state, "style_path": str(style_path)},
-                meta=_model_meta(cfg, style_path),
+                checkpoint_extra={"config": resolved, "data": data_state, "style_path": style_record},
+                meta=meta,
                 hparams=_flat_hparams(cfg),
+                style_names=names if len(paths) > 1 else [],
+                final_model=add_trained_style(base) if base is not None else None,
             ),
             resume=resume,
             dist_ctx=ctx,
