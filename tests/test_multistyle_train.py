@@ -93,7 +93,7 @@ def _base_model(tmp_path: Path, styles: int) -> Path:
     torch.manual_seed(3)
     net = TransformerNet(base_width=8, residual_blocks=1, num_styles=styles)
     with torch.no_grad():
-        for name, param in net.named_parameters():
+        for param in net.parameters():
             if param.dim() == 2:  # the (styles, C) tables: distinct styles
                 param.copy_(torch.rand_like(param) + 0.5)
     path = tmp_path / "base.pth"
