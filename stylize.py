@@ -4,8 +4,11 @@
     python stylize.py model=run/model.pth input=photos/ recursive=true output=stylized/
     python stylize.py model=run/model.pth 'input=photos/*.png' preserve_color=true strength=0.7 format=webp
     python stylize.py model=run/model.pth input=huge.tif.png max_memory_mb=1500    # any size, exact tiling
+    python stylize.py model=multi/model.pth input=photo.jpg                        # every style of a multi-style model
+    python stylize.py model=multi/model.pth input=photos/ style=hokusai_great_wave:0.3,arcimboldo_spring:0.7  # a mix
 
-Options and defaults: configs/stylize.yaml. Outputs are named ``<input stem>_<style>.<ext>`` and go to
+Options and defaults: configs/stylize.yaml. A multi-style model writes every style (``style=`` picks one by name or
+index, or mixes several: weights >= 0, normalised). Outputs are named ``<input stem>_<style>.<ext>`` and go to
 ``<model dir>/stylized/`` unless ``output`` says otherwise; they never replace an input. Images whose untiled
 forward pass would exceed ``max_memory_mb`` run through the exact tiled executor (inference/tiled.py), which
 reproduces the untiled result (global instance-norm statistics) with bounded memory. The work itself is
@@ -90,6 +93,15 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(1)
 
 
+def quote_style_mix(arg: str) -> str:
+    """``style=a:0.3,b:0.7`` (a style mix, as users type it) quoted for Hydra, whose grammar would otherwise read
+    the comma as a sweep over two values; every other argument unchanged."""
+    key, sep, value = arg.partition("=")
+    if key.strip() != "style" or not sep or "," not in value or value[:1] in ("'", '"') or '"' in value:
+        return arg
+    return f'{key}="{value}"'
+
+
 def compose_with_hydra(overrides: list[str]) -> DictConfig:
     """The config ``python stylize.py <overrides>`` runs with, including the ``hydra`` node (cli.preflight)."""
     register_config()
@@ -99,6 +111,7 @@ def compose_with_hydra(overrides: list[str]) -> DictConfig:
 
 if __name__ == "__main__":
     register_config()  # before main(): @hydra.main looks the config up by name when it runs
+    sys.argv[1:] = [quote_style_mix(arg) for arg in sys.argv[1:]]
     try:
         sys.argv += preflight(sys.argv[1:], compose_with_hydra, check_stylize_config)
     except KeyboardInterrupt:

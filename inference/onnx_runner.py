@@ -48,8 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from core.errors import FaststyleError
-from interop.export import ONNX_STYLE_INPUT_NAME
-from models.modelfile import ONNX_METADATA_KEY
+from models.modelfile import ONNX_METADATA_KEY, ONNX_STYLE_INPUT_NAME
 from models.styles import style_names
 
 log = logging.getLogger(__name__)

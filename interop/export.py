@@ -47,7 +47,7 @@ from torch import nn
 
 from core.errors import FaststyleError
 from core.fileio import atomic_output
-from models.modelfile import ONNX_FORMAT, ONNX_METADATA_KEY
+from models.modelfile import ONNX_FORMAT, ONNX_METADATA_KEY, ONNX_STYLE_INPUT_NAME
 from models.norm import InstanceNorm
 from models.styles import style_names
 from models.transformer import SIZE_MULTIPLE, TransformerNet
@@ -59,7 +59,6 @@ MIN_SIDE = 2 * SIZE_MULTIPLE
 """Smallest height/width the exported graphs accept (TransformerNet pads smaller inputs differently)."""
 MAX_SIDE = 16384
 ONNX_INPUT_NAME = "image"
-ONNX_STYLE_INPUT_NAME = "style_weights"
 """Second input of multi-style exports: (num_styles,) float32 weights >= 0, normalised to sum 1 inside the graph."""
 ONNX_OUTPUT_NAME = "stylized"
 

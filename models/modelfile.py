@@ -31,6 +31,8 @@ FORMAT_VERSION = 1
 ONNX_FORMAT = "faststyle-onnx"
 ONNX_METADATA_KEY = "faststyle"
 """Key in an exported ONNX file's ``metadata_props`` holding {"format", "model_config", "meta", ...} as JSON."""
+ONNX_STYLE_INPUT_NAME = "style_weights"
+"""The second input of an exported multi-style network: (num_styles,) float32 weights (interop/export.py)."""
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -266,3 +266,20 @@ def test_stylize_one_style_model_refuses_a_style(tmp_path: Path) -> None:
     save_model(path, TransformerNet(base_width=4, residual_blocks=1), {"style_stem": "wave"})
     with pytest.raises(FaststyleError, match="holds one style"):
         _stylize(path, _photos(tmp_path / "in"), style="wave")
+
+
+def test_stylize_cli_takes_a_mix_as_users_type_it(multi_model: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from stylize import quote_style_mix
+
+    assert quote_style_mix("style=a:1,b:2") == 'style="a:1,b:2"'
+    for unchanged in ("style=a", "input=a,b.jpg", "style='a:1,b:2'", 'style="a:1,b:2"'):
+        assert quote_style_mix(unchanged) == unchanged
+    inputs = _photos(tmp_path / "in")
+    args = [f"model={multi_model}", f"input={inputs / 'a.png'}", f"output={tmp_path / 'out'}", "style=wave:1,street:1"]
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "stylize.py", *args], cwd=repo, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a_wave-50_street-50.png"]
