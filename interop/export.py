@@ -59,7 +59,6 @@ MIN_SIDE = 2 * SIZE_MULTIPLE
 """Smallest height/width the exported graphs accept (TransformerNet pads smaller inputs differently)."""
 MAX_SIDE = 16384
 ONNX_INPUT_NAME = "image"
-"""Second input of multi-style exports: (num_styles,) float32 weights >= 0, normalised to sum 1 inside the graph."""
 ONNX_OUTPUT_NAME = "stylized"
 
 

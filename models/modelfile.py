@@ -32,7 +32,8 @@ ONNX_FORMAT = "faststyle-onnx"
 ONNX_METADATA_KEY = "faststyle"
 """Key in an exported ONNX file's ``metadata_props`` holding {"format", "model_config", "meta", ...} as JSON."""
 ONNX_STYLE_INPUT_NAME = "style_weights"
-"""The second input of an exported multi-style network: (num_styles,) float32 weights (interop/export.py)."""
+"""The second input of an exported multi-style network: (num_styles,) float32 weights >= 0, normalised to sum 1
+inside the graph (interop/export.py)."""
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -19,8 +19,9 @@ it) against that single, alternated over --reps runs each after a warm-up, with 
 
 ``--added RUN --alone RUN``: ``RUN`` of ``train.extend`` (a style added to a trained network, only its (gamma, beta)
 trained) against a one-style run of the same style with the same batches: the first logged step at which the added
-style's training style loss (``loss/style``, the mean over each log window) reaches the final one of the run trained
-alone, read back from both runs' TensorBoard events.
+style's training style loss (``loss/style``, the mean over each log window), and then its total loss, reach the final
+ones of the run trained alone, read back from both runs' TensorBoard events. (Give the ``train.extend`` run as the
+multi-style run and the alone run as its single to compare their held-out losses.)
 """
 
 from __future__ import annotations
@@ -86,15 +87,29 @@ def compare_styles(multi: Run, singles: list[Run], images: list[torch.Tensor], d
     return rows
 
 
-def steps_to_reach(added: Path, alone: Path) -> tuple[int | None, float, list[tuple[int, float]]]:
-    """(first step of ``added`` whose logged style loss is <= ``alone``'s final one, that target, added's curve)."""
-    target_curve = read_scalars(alone / "tb").get("loss/style")
-    curve = read_scalars(added / "tb").get("loss/style")
+def steps_to_reach(added: Path, alone: Path, tag: str) -> tuple[int | None, float, list[tuple[int, float]]]:
+    """(first step of ``added`` whose logged ``tag`` is <= ``alone``'s final one, that target, added's curve)."""
+    target_curve = read_scalars(alone / "tb").get(tag)
+    curve = read_scalars(added / "tb").get(tag)
     if not target_curve or not curve:
-        raise FaststyleError(f"no loss/style curve in {alone / 'tb'} or {added / 'tb'}")
+        raise FaststyleError(f"no {tag} curve in {alone / 'tb'} or {added / 'tb'}")
     target = target_curve[-1][1]
     reached = next((step for step, value in curve if value <= target), None)
     return reached, target, curve
+
+
+def added_style_text(added: Path, alone: Path) -> str:
+    """When the added style's training losses reach those of the style trained alone (module docstring)."""
+    lines = []
+    for tag in ("loss/style", "loss/total"):
+        reached, target, curve = steps_to_reach(added, alone, tag)
+        where = f"step {reached}" if reached is not None else f"not within its {curve[-1][0]} steps"
+        lines.append(
+            f"Added style `{added.name}`: its training {tag} reaches the final one of `{alone.name}` trained alone "
+            f"({target:.4g}) at {where} (logged windows: "
+            f"{', '.join(f'{step}: {value:.4g}' for step, value in curve[:: max(1, len(curve) // 8)])})."
+        )
+    return "\n" + "\n".join(lines) + "\n"
 
 
 def stylize_speed(multi: Run, single: Run, photo: Path, reps: int) -> str:
@@ -180,13 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise FaststyleError("--speed compares the multi-style network with a single: give one")
             text += stylize_speed(multi, singles[0], args.photo, args.reps)
         if args.added is not None:
-            reached, target, curve = steps_to_reach(args.added, args.alone)
-            where = f"step {reached}" if reached is not None else f"not within its {curve[-1][0]} steps"
-            text += (
-                f"\nAdded style `{args.added.name}`: its training style loss reaches the final one of "
-                f"`{args.alone.name}` trained alone ({target:.4g}) at {where} (logged windows: "
-                f"{', '.join(f'{step}: {value:.4g}' for step, value in curve[:: max(1, len(curve) // 8)])}).\n"
-            )
+            text += added_style_text(args.added, args.alone)
         print(text, end="")
         if args.out is not None:
             from core.fileio import atomic_write_text

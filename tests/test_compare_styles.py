@@ -51,7 +51,7 @@ def test_compare_styles_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     text = out.read_text()
     assert "| hokusai_great_wave |" in text and "| arcimboldo_spring |" in text
     assert "2 styles" in text and "2 one-style networks" in text
-    assert "Added style `added`" in text and "Stylize speed, 1920x1080" in text
+    assert "Added style `added`: its training loss/total" in text and "Stylize speed, 1920x1080" in text
     assert text == capsys.readouterr().out
     # a one-style run given as the multi-style one is refused with one line
     with pytest.raises(SystemExit) as stop:

@@ -250,3 +250,28 @@ def test_two_input_onnx_files_are_refused_unless_faststyle_multistyle(tmp_path: 
     x = torch.rand(1, 3, 12, 16)
     assert torch.equal(fine.for_style([1, 0, 0])(x), x)  # the image input found by name, the weights fed
     np.testing.assert_allclose(fine.for_style([1, 1, 2]).style_weights, [0.25, 0.25, 0.5])
+
+
+@needs_onnx
+def test_stylize_runs_a_multi_style_onnx_file_like_its_pth(onnx_file: Path, model_file: Path, tmp_path: Path) -> None:
+    """stylize.py with an exported multi-style .onnx: every style (named from the file's metadata) and a mix, the
+    same images as the .pth gives in fp32 (8-bit rounding apart)."""
+    from PIL import Image
+
+    from data.io import load_image, pil_to_tensor
+    from inference.pipeline import stylize
+    from stylize import compose_config
+
+    photo = tmp_path / "photo.png"
+    pixels = (torch.rand(37, 45, 3, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(photo)
+    for model, out in ((onnx_file, tmp_path / "onnx"), (model_file, tmp_path / "pth")):
+        for style in ("null", "'night:1,scream:3'"):
+            overrides = [f"model={model}", f"input={photo}", f"output={out}", f"style={style}", "precision=fp32"]
+            stylize(compose_config(overrides))
+    names = sorted(p.name for p in (tmp_path / "onnx").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "pth").iterdir())
+    assert names == sorted([*(f"photo_{s}.png" for s in STYLES), "photo_night-25_scream-75.png"])
+    for name in names:
+        a, b = (pil_to_tensor(load_image(tmp_path / kind / name)) for kind in ("onnx", "pth"))
+        assert (a - b).abs().max() <= 1 / 255 + 1e-6, name
