@@ -208,6 +208,11 @@ def to_legacy_state_dict(net: TransformerNet) -> dict[str, Tensor]:
     no equivalent there). The tests build files in their layout with it; no command writes that format.
     """
     config = net.config()
+    if net.num_styles > 1:
+        raise FaststyleError(
+            f"a network with {net.num_styles} styles has no pytorch/examples equivalent: pick one style first "
+            "(TransformerNet.for_style)"
+        )
     if (config["norm"], config["upsample"], config["output"]) != ("instance", "nearest", "linear"):
         raise FaststyleError(
             "only norm=instance, upsample=nearest, output=linear networks have a pytorch/examples equivalent, "

@@ -268,6 +268,11 @@ def default_out_dir(run_dirs: Sequence[Path], inputs: Sequence[Path]) -> Path:
 def load_runs(run_dirs: Sequence[Path], out: Path, device: torch.device) -> list[Run]:
     """Every run, named by its path relative to ``out`` and labelled by its config differences."""
     runs = [load_run(p, os.path.relpath(p.resolve(), out.resolve()), device) for p in run_dirs]
+    several = [run.path for run in runs if getattr(run.model, "num_styles", 1) > 1]
+    if several:
+        raise FaststyleError(
+            f"{several[0]} is a multi-style run: compare it with its one-style runs by python -m scripts.compare_styles"
+        )
     labels = config_labels([r.saved for r in runs], [r.name for r in runs])
     for run, parts in zip(runs, labels, strict=True):
         run.label_parts = parts

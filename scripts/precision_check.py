@@ -66,11 +66,23 @@ def _stylized(net: torch.nn.Module, loaded, device: torch.device, precision: str
     return None, as_uint8
 
 
-def _as_examples(path: Path, tmp: Path) -> Path:
+def _one_style(net: torch.nn.Module, meta: dict, style: str | None) -> torch.nn.Module:
+    """A multi-style network folded into one style (--style; the first by default), as stylize runs it."""
+    if net.num_styles == 1:
+        return net
+    from models.styles import parse_style, style_names
+
+    choice = parse_style(style if style is not None else 0, style_names(meta, net.num_styles))
+    print(f"multi-style model: checking style {choice.label}", flush=True)
+    return net.for_style(choice.weights)
+
+
+def _as_examples(path: Path, tmp: Path, style: str | None) -> Path:
     """``path`` written in pytorch/examples' format (a bare state dict) into ``tmp``; refuses other architectures."""
     from interop.legacy import load_any_model, to_legacy_state_dict
 
-    net, _meta = load_any_model(path, device="cpu")
+    net, meta = load_any_model(path, device="cpu")
+    net = _one_style(net, meta, style)
     target = tmp / f"{path.parent.name}_{path.stem}_examples.pth"
     torch.save(to_legacy_state_dict(net), target)
     return target
@@ -82,8 +94,9 @@ def check(path: Path, args: argparse.Namespace, device: torch.device, tmp: Path)
     from inference.runner import Loaded
     from interop.legacy import load_any_model
 
-    source = _as_examples(path, tmp) if args.as_examples else path
-    net, _meta = load_any_model(source, device="cpu")
+    source = _as_examples(path, tmp, args.style) if args.as_examples else path
+    net, meta = load_any_model(source, device="cpu")
+    net = _one_style(net, meta, args.style)
     width = net.config()["base_width"]  # load_any_model always gives a TransformerNet
     img = resize_to(load_image(args.image), args.width, args.height)
     job = Job(source=Path(args.image), target=tmp / "unused.png")
@@ -121,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--height", type=int, default=1080)
     parser.add_argument("--tiled-budget-mb", type=float, default=256, help="memory budget that forces tiling")
     parser.add_argument("--as-examples", action="store_true", help="round-trip through pytorch/examples' format")
+    parser.add_argument("--style", default=None, help="multi-style models: the style or mix to check (default: first)")
     parser.add_argument("--out", default="bench_out/precision", help="where the PNGs go")
     args = parser.parse_args(argv)
     from core.device import resolve_device

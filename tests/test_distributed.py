@@ -96,15 +96,19 @@ def _make_images(root: Path, count: int) -> None:
         Image.fromarray(array).save(root / f"img{i:02d}.jpg", quality=90)
 
 
-def _train(rank: int, world_size: int, batch_size: int, data_root: str, out_path: str, port: int) -> None:
+def _train(
+    rank: int, world_size: int, batch_size: int, data_root: str, out_path: str, port: int, styles: int = 1
+) -> None:
     """A few training steps of a tiny TransformerNet against the random loss network, in float64 (see
     ``test_ddp_two_cpu_processes_match_single_process`` for why); rank 0 writes the loss trajectory (all-reduced
     means), the trained network's output on a fixed probe batch and every rank's parameters. Used in one process
-    or as an mp.spawn target."""
+    or as an mp.spawn target. ``styles`` > 1 trains a multi-style network, each sample in the style that
+    training.loop.style_indices gives it (a function of the step, the rank and the global sample order)."""
     import os
 
     from data.images import ImageFolderDataset, make_train_loader
     from models.loss import PerceptualLoss
+    from training.loop import style_indices
 
     torch.set_num_threads(1)
     if world_size > 1:
@@ -121,18 +125,23 @@ def _train(rank: int, world_size: int, batch_size: int, data_root: str, out_path
         assert ctx.backend == ("gloo" if world_size > 1 else None)
         # Different seeds per rank on purpose: DDP must broadcast rank 0's initial parameters.
         torch.manual_seed(0 + 100 * rank)
-        net = TransformerNet(base_width=8, residual_blocks=2).double()
+        net = TransformerNet(base_width=8, residual_blocks=2, num_styles=styles).double()
         model = D.wrap_ddp(net, ctx)
         loss_fn = PerceptualLoss("random", ["relu2_2"], {"relu1_2": 1.0, "relu2_2": 1.0}, 1.0, 10.0, 1.0).double()
-        style = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(7))
-        loss_fn.set_style(style.double())
+        gen = torch.Generator().manual_seed(7)
+        loss_fn.set_styles([torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen).double() for _ in range(styles)])
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         dataset = ImageFolderDataset(data_root, IMAGE_SIZE)
         loader = make_train_loader(dataset, batch_size, num_workers=0, seed=5, rank=rank, world_size=world_size)
         trajectory = []
-        for _ in range(STEPS):
+        for step in range(1, STEPS + 1):
             batch = next(loader).double()
-            losses = loss_fn(model(batch), batch)
+            if styles == 1:
+                losses = loss_fn(model(batch), batch)
+            else:
+                numbers = style_indices(step, batch.shape[0], styles, rank, world_size)
+                index = torch.arange(numbers.start, numbers.stop) % styles
+                losses = loss_fn(model(batch, index), batch, index)
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             optimizer.step()
@@ -146,7 +155,7 @@ def _train(rank: int, world_size: int, batch_size: int, data_root: str, out_path
         if ctx.is_main:
             probe = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(11)).double()
             with torch.no_grad():
-                output = unwrap_model(model).eval()(probe)
+                output = unwrap_model(model).eval()(probe, *([0] if styles > 1 else []))
             torch.save({"trajectory": trajectory, "output": output, "params": every_rank}, out_path)
     except BaseException:
         D.teardown_distributed()
@@ -155,8 +164,10 @@ def _train(rank: int, world_size: int, batch_size: int, data_root: str, out_path
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_match_single_process(tmp_path: Path, no_torchrun_env: None) -> None:
-    """Two gloo processes with batch B train exactly as one process with batch 2B.
+@pytest.mark.parametrize("styles", [1, 3])
+def test_ddp_two_cpu_processes_match_single_process(tmp_path: Path, no_torchrun_env: None, styles: int) -> None:
+    """Two gloo processes with batch B train exactly as one process with batch 2B; with 3 styles, each sample gets
+    the same style in both (the ranks' slices of the global batch).
 
     Why float64: in float32 this comparison measures rounding noise, not DDP. The two runs add the same numbers
     in a different order (batch 2 + all-reduce vs batch 4), so activations differ in the last bit; a ReLU input
@@ -173,8 +184,9 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path: Path, no_torchrun_
     _make_images(data_root, 12)
     single, multi = tmp_path / "single.pt", tmp_path / "ddp.pt"
 
-    _train(0, 1, PER_RANK_BATCH * WORLD, str(data_root), str(single), 0)
-    mp.spawn(_train, args=(WORLD, PER_RANK_BATCH, str(data_root), str(multi), _free_port()), nprocs=WORLD, join=True)
+    _train(0, 1, PER_RANK_BATCH * WORLD, str(data_root), str(single), 0, styles)
+    args = (WORLD, PER_RANK_BATCH, str(data_root), str(multi), _free_port(), styles)
+    mp.spawn(_train, args=args, nprocs=WORLD, join=True)
 
     a, b = torch.load(single, weights_only=True), torch.load(multi, weights_only=True)
     assert len(a["trajectory"]) == len(b["trajectory"]) == STEPS
@@ -192,7 +204,7 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path: Path, no_torchrun_
     # with the single process's parameters, except the inert biases: a per-channel constant that the next
     # instance norm subtracts again (the bias of every conv but the last, and norm2's bias, which the residual
     # stream carries into the next conv + norm) has a true gradient of 0, so Adam moves it by noise / eps.
-    net = TransformerNet(base_width=8, residual_blocks=2)
+    net = TransformerNet(base_width=8, residual_blocks=2, num_styles=styles)
     inert = [
         name.endswith("conv.bias")
         and not name.startswith(f"decoder.{len(net.decoder) - 1}.")

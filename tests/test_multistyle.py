@@ -283,3 +283,29 @@ def test_stylize_cli_takes_a_mix_as_users_type_it(multi_model: Path, tmp_path: P
     proc = subprocess.run([sys.executable, "stylize.py", *args], cwd=repo, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["a_wave-50_street-50.png"]
+
+
+def test_other_tools_take_one_style_of_a_multi_style_model(multi_model: Path, tmp_path: Path, capsys) -> None:
+    from interop.legacy import legacy_config, to_legacy_state_dict
+    from scripts import precision_check
+
+    # pytorch/examples' format holds one style: refused with one line
+    with pytest.raises(FaststyleError, match="pick one style"):
+        to_legacy_state_dict(TransformerNet(**legacy_config(8, 1), num_styles=2))
+    # precision_check folds the style it is given (the first by default), as stylize runs it
+    args = [str(multi_model), "--width", "40", "--height", "32", "--tiled-budget-mb", "4", "--out", str(tmp_path)]
+    assert precision_check.main([*args, "--style", "street"]) == 0
+    out = capsys.readouterr().out
+    assert "checking style street" in out and "dB (8-bit)" in out
+
+
+def test_compare_runs_points_multi_style_runs_to_compare_styles(multi_model: Path, tmp_path: Path) -> None:
+    import scripts.compare_runs as cr
+    from tests.test_compare_runs import _compose, _save_hydra_files
+
+    run = tmp_path / "multi"
+    run.mkdir()
+    (run / "model.pth").write_bytes(multi_model.read_bytes())
+    _save_hydra_files(run, _compose(["experiment=multistyle_demo"]), Path(__file__).resolve().parents[1])
+    with pytest.raises(FaststyleError, match="compare_styles"):
+        cr.load_runs([run], tmp_path, torch.device("cpu"))

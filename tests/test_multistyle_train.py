@@ -64,6 +64,30 @@ def test_two_style_training_moves_both_styles_losses(tmp_path: Path) -> None:
     assert load_checkpoint(tmp_path)["style_path"] == [str(p) for p in TWO]
 
 
+def test_multi_style_resume_continues_with_the_same_styles_losses_and_weights(tmp_path: Path) -> None:
+    three = [*TWO, NEW]  # 3 styles at batch 2: the styles of a step depend on the step
+    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
+    run_training(compose_train(_overrides(three)), run_dir=full_dir)
+    checkpoint = full_dir / "checkpoints" / "step_0000002.pt"
+    run_training(compose_train(_overrides(three, f"train.resume={checkpoint}")), run_dir=resumed_dir)
+    full, resumed = read_events(full_dir), read_events(resumed_dir)
+    logged = {}
+    for name in ("hokusai_great_wave", "van_gogh_village_street_auvers", "kandinsky_composition_8"):
+        a, b = (scalar_values(events, f"loss/per_style/{name}") for events in (full, resumed))
+        assert sorted(b) == [step for step in sorted(a) if step > 2]  # logged where the style had samples
+        assert all(b[step] == pytest.approx(a[step], rel=1e-5) for step in b)
+        logged[name] = sorted(b)
+    # steps 3 and 4 train samples 4-7: styles 1, 2 then 0, 1 (style k mod 3)
+    assert logged == {
+        "hokusai_great_wave": [4],
+        "van_gogh_village_street_auvers": [3, 4],
+        "kandinsky_composition_8": [3],
+    }
+    a, b = load_model(full_dir / "model.pth")[0], load_model(resumed_dir / "model.pth")[0]
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        torch.testing.assert_close(x, y, msg=name)
+
+
 def test_one_style_in_a_list_trains_the_one_style_network(tmp_path: Path) -> None:
     model_path = run_training(compose_train(_overrides(TWO[:1])), run_dir=tmp_path)
     model, meta = load_model(model_path)

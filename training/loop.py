@@ -410,8 +410,12 @@ class LossWindow:
         means = {name: value / count for name, value in all_reduce_mean(self.sums).items()}
         # A per-style sum covers that style's samples only: its mean divides by their number (summed over ranks,
         # while all_reduce_mean averaged the ranks' sums).
+        # A style with no sample in the window (fewer samples than styles) has no value to log.
         for name, samples in self.style_counts.items():
-            means[name] = means[name] * count * self.world_size / samples if samples else float("nan")
+            if samples:
+                means[name] = means[name] * count * self.world_size / samples
+            else:
+                del means[name]
         if not math.isfinite(means["total"]):
             raise NonFiniteLossError(
                 f"loss became {means['total']} between steps {self.start + 1} and {step}; stopped. Last good "
