@@ -1,4 +1,5 @@
-"""Train a fast style-transfer network (Johnson et al. 2016) for one style image.
+"""Train a fast style-transfer network (Johnson et al. 2016) for one style image, or one network for several
+(Dumoulin et al. 2017).
 
 Examples (run from the repository root)::
 
@@ -14,6 +15,12 @@ Examples (run from the repository root)::
 
     # continue a run from its last checkpoint (a run dir or a checkpoint file)
     python train.py style=my.jpg data.root=photos/ train.resume=outputs/train/2026-01-01/10-00-00-my
+
+    # one network for several paintings (conditional instance norm), then add one more to it
+    python train.py experiment=multistyle_demo
+    python train.py 'style=[a.jpg,b.jpg,c.jpg]' data.root=data/coco/train2014
+    python train.py experiment=multistyle_demo style=data/samples/styles/leonardo_mona_lisa.jpg \
+        train.extend=outputs/train/<date>/<time>-4styles/model.pth train.steps=150 train.lr=3e-2
 
     # print the composed config instead of training; sweep two styles (Hydra multirun)
     python train.py --cfg job
