@@ -228,6 +228,10 @@ def test_stylize_writes_every_style_and_picks_or_mixes_one(multi_model: Path, tm
     # by name, by index and a mix (an image differing from both styles)
     _stylize(multi_model, inputs, output=tmp_path / "one", style="street")
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["a_street.png", "b_street.png"]
+    _stylize(multi_model, inputs / "a.png", output=tmp_path / "suffix", suffix="v2")  # suffix, then the style
+    assert sorted(p.name for p in (tmp_path / "suffix").iterdir()) == [f"a_v2_{n}.png" for n in sorted(NAMES)]
+    _stylize(multi_model, inputs / "a.png", output=tmp_path / "suffix1", suffix="v2", style="street")
+    assert [p.name for p in (tmp_path / "suffix1").iterdir()] == ["a_v2.png"]  # one style: the suffix alone
     _stylize(multi_model, inputs / "a.png", output=tmp_path / "idx.png", style=2, precision="fp32")
     assert torch.equal(_read(tmp_path / "idx.png"), _read(tmp_path / "all" / "a_composition.png"))
     _stylize(multi_model, inputs / "a.png", output=tmp_path / "mix", style="'wave:1,composition:3'", precision="fp32")

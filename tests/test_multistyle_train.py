@@ -160,3 +160,16 @@ def test_extend_refuses_a_style_it_holds_and_a_batch_norm_model(tmp_path: Path) 
     cfg = compose_train([*overrides, f"style={NEW}", f"train.extend={bn}"])
     with pytest.raises(FaststyleError, match="only instance-norm"):
         run_training(cfg, run_dir=tmp_path / "b")
+
+
+def test_extend_resumes_like_any_run(tmp_path: Path) -> None:
+    base_path = _base_model(tmp_path, 2)
+    overrides = [*(o for o in SMALL if not o.startswith("style=")), f"style={NEW}", f"train.extend={base_path}"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_training(compose_train(overrides), run_dir=full)
+    checkpoint = full / "checkpoints" / "step_0000002.pt"
+    resumed_model, meta = load_model(run_training(compose_train([*overrides, f"train.resume={checkpoint}"]), resumed))
+    full_model = load_model(full / "model.pth")[0]
+    assert resumed_model.num_styles == 3 and meta["styles"][-1] == "kandinsky_composition_8"
+    for (name, a), (_, b) in zip(full_model.state_dict().items(), resumed_model.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
