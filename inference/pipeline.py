@@ -104,15 +104,19 @@ def stylize(cfg: DictConfig) -> Summary:
     for folder in sorted({job.target.parent for job in todo}):
         remove_stale_temp_files(folder)  # left by a stylize run that was killed mid-write
     start = time.perf_counter()
+    runner = None
     try:
         for index, choice in enumerate(choices or [None]):
             style_jobs = [job for job in todo if job.style == index]
-            if style_jobs:
-                if choice is not None:
-                    logger.info("style %s", choice.label)
-                # A multi-style model runs as the plain network of the chosen style or mix: same cost per image as a
-                # one-style model, and the tiled executor, bf16 and channels_last apply unchanged.
-                _run(style_jobs, Runner(net.for_style(choice.weights) if choice else net, device, cfg), cfg, summary)
+            if not style_jobs:
+                continue
+            if choice is not None:
+                logger.info("style %d/%d: %s", index + 1, len(choices), choice.label)
+            # A multi-style model runs as the plain network of the chosen style or mix: same cost per image as a
+            # one-style model, and the tiled executor, bf16 and channels_last apply unchanged.
+            style_net = net.for_style(choice.weights) if choice else net
+            runner = Runner(style_net, device, cfg) if runner is None else runner.for_network(style_net)
+            _run(style_jobs, runner, cfg, summary)
     except KeyboardInterrupt as stop:
         summary.seconds = time.perf_counter() - start
         done = len(summary.written) + len(summary.failed)

@@ -4,6 +4,7 @@ tiled executor when it does not fit ``max_memory_mb``), finish colours and write
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Iterator
@@ -134,6 +135,14 @@ class Runner:
         self._estimate = untiled_bytes_estimate
         self._tiled = None
         self.tiled_images = 0
+
+    def for_network(self, net: torch.nn.Module) -> Runner:
+        """A Runner with these settings for another network of the same kind (the next style of a multi-style
+        model): the policy is not resolved, and the backends not configured, a second time."""
+        other = copy.copy(self)
+        other.net = self.policy.prepare_module(net, self.device).eval()
+        other._tiled = None
+        return other
 
     def max_batch(self, height: int, width: int) -> int:
         """How many (height, width) images fit the memory budget untiled (0: must be tiled)."""
