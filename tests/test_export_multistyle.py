@@ -22,6 +22,7 @@ from interop.export import ONNX_INPUT_NAME, ONNX_OUTPUT_NAME, ONNX_STYLE_INPUT_N
 from models.modelfile import ONNX_METADATA_KEY, save_model
 from models.norm import ConditionalInstanceNorm
 from models.transformer import TransformerNet
+from tests.test_multistyle import randomise_style_tables
 
 STYLES = ["wave", "night", "scream"]
 SIZES = [(40, 52), (33, 47)]  # a multiple of 4, and odd sides that need padding and cropping
@@ -38,12 +39,7 @@ def _multi_net() -> TransformerNet:
     """A small 3-style network whose styles differ (fresh tables are all ones and zeros, which hides mistakes)."""
     torch.manual_seed(0)
     net = TransformerNet(base_width=8, residual_blocks=1, num_styles=len(STYLES))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, ConditionalInstanceNorm):
-                module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=gen))
-                module.bias.copy_(torch.rand(module.bias.shape, generator=gen) - 0.5)
+    randomise_style_tables(net, seed=1)
     return net.eval()
 
 

@@ -16,7 +16,7 @@ from models.transformer import TransformerNet
 STYLES = 3
 
 
-def _randomise_tables(net: torch.nn.Module, seed: int = 0) -> None:
+def randomise_style_tables(net: torch.nn.Module, seed: int = 0) -> None:
     """Distinct (gamma, beta) rows per style (freshly built tables are all ones and zeros, which hides mistakes)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -29,7 +29,7 @@ def _randomise_tables(net: torch.nn.Module, seed: int = 0) -> None:
 def _net(styles: int = STYLES, seed: int = 0) -> TransformerNet:
     torch.manual_seed(seed)
     net = TransformerNet(base_width=8, residual_blocks=2, num_styles=styles)
-    _randomise_tables(net, seed)
+    randomise_style_tables(net, seed)
     return net.eval()
 
 
@@ -37,7 +37,7 @@ def _net(styles: int = STYLES, seed: int = 0) -> TransformerNet:
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_conditional_norm_matches_instance_norm_of_each_style(dtype: torch.dtype, channels_last: bool) -> None:
     norm = ConditionalInstanceNorm(6, STYLES)
-    _randomise_tables(norm)
+    randomise_style_tables(norm)
     x = torch.randn(STYLES, 6, 9, 11) * 3 + 2
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

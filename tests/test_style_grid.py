@@ -16,9 +16,9 @@ from PIL import Image
 
 from data.io import load_image, resize_max_side
 from models.modelfile import save_model
-from models.norm import ConditionalInstanceNorm
 from models.transformer import TransformerNet
 from scripts import style_grid as sg
+from tests.test_multistyle import randomise_style_tables
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTO = REPO / "data" / "samples" / "content" / "chelsea.jpg"
@@ -26,21 +26,11 @@ STYLES = ["hokusai_great_wave", "van_gogh_village_street_auvers", "kandinsky_com
 MAX_SIDE = 96  # small tiles keep the test fast; chelsea.jpg (451x300) becomes 96x64
 
 
-def _randomise_tables(net: torch.nn.Module, seed: int = 0) -> None:
-    """Distinct (gamma, beta) rows per style (freshly built tables are all ones and zeros: every style the same)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, ConditionalInstanceNorm):
-                module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=gen))
-                module.bias.copy_(torch.rand(module.bias.shape, generator=gen) - 0.5)
-
-
 def _save_model(path: Path, styles: int) -> Path:
     torch.manual_seed(0)
     net = TransformerNet(base_width=8, residual_blocks=1, num_styles=styles)
     if styles > 1:
-        _randomise_tables(net)
+        randomise_style_tables(net)
     save_model(path, net, {"styles": STYLES[:styles]} if styles > 1 else {"style": "hokusai_great_wave"})
     return path
 
