@@ -47,6 +47,11 @@ class LossSchema:
     content_weight: float = field(metadata={"min": 0.0})
     style_weight: float = field(metadata={"min": 0.0})
     tv_weight: float = field(metadata={"min": 0.0})
+    temporal_weight: float = field(metadata={"min": 0.0})
+    temporal_shift_px: float = field(metadata={"min": 0.0, "max": 64.0})
+    temporal_rotation_deg: float = field(metadata={"min": 0.0, "max": 45.0})
+    temporal_zoom: float = field(metadata={"min": 0.0, "max": 0.5})
+    temporal_noise_std: float = field(metadata={"min": 0.0, "max": 1.0})
 
 
 @dataclass

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from core.errors import FaststyleError
+from models.temporal import TemporalTerm
 from models.vgg import build_loss_network
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ class PerceptualLoss(nn.Module):
         style_layers: {layer: per-layer weight} whose Gram matrices must match the style image's.
         content_weight, style_weight, tv_weight: the term weights (>= 0).
         weights_path: passed to build_loss_network.
+        temporal_*: the stability term against flicker (models/temporal.py, TemporalTerm); ``temporal_weight`` 0
+            (the default) leaves it out. It is held in ``self.temporal`` for the training step, which runs the
+            network on the warped second frame; :meth:`forward` itself computes the per-image terms only.
 
     Use: ``set_style(style)`` once, then ``losses = loss(output, content)``; back-propagate ``losses["total"]``.
     Several styles (a multi-style network): ``set_styles([style_0, style_1, ...])`` once, then
@@ -90,6 +94,11 @@ class PerceptualLoss(nn.Module):
         style_weight: float,
         tv_weight: float,
         weights_path: str | None = None,
+        temporal_weight: float = 0.0,
+        temporal_shift_px: float = 4.0,
+        temporal_rotation_deg: float = 2.0,
+        temporal_zoom: float = 0.03,
+        temporal_noise_std: float = 0.02,
     ) -> None:
         super().__init__()
         if isinstance(content_layers, str):
@@ -111,6 +120,13 @@ class PerceptualLoss(nn.Module):
         self.content_weight = float(content_weight)
         self.style_weight = float(style_weight)
         self.tv_weight = float(tv_weight)
+        # The stability term (models/temporal.py) needs a second network output, so the training step applies it
+        # (training/loop.py train_step); None when its weight is 0, and the step is then exactly as without it.
+        self.temporal = (
+            TemporalTerm(temporal_weight, temporal_shift_px, temporal_rotation_deg, temporal_zoom, temporal_noise_std)
+            if temporal_weight != 0
+            else None
+        )
         self.network = build_loss_network(network, self.content_layers + list(self.style_layers), weights_path)
         for layer in self.style_layers:
             self.register_buffer(self._target_name(layer), None, persistent=False)

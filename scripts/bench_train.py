@@ -8,14 +8,16 @@
 
 One step = ``training.loop.Trainer.step``, the step ``fit`` runs (TransformerNet forward, PerceptualLoss with the
 frozen VGG-19 and Johnson et al.'s layers, backward, Adam step), set up by the same ``Trainer`` as in ``fit``, on a
-fixed random batch (data loading is measured by ``bench.py data``). A variant is a string of ``+``-joined
-options: ``plain``, ``cl`` (train.channels_last), ``compile`` (train.compile), ``bf16``/``fp16``
-(train.precision), ``malloc`` (core.device.reuse_freed_memory: glibc keeps freed blocks, so the large VGG
-activations of each step do not page-fault afresh), ``tnorm`` (torch's nn.InstanceNorm2d in the TransformerNet
-instead of ours); ``examples`` = ``tnorm`` alone: the plain configuration the way pytorch/examples trains (torch's
-InstanceNorm2d, eager, fp32, NCHW, no malloc reuse), the speed-up base when measured (else ``plain``); ``best`` =
-``train.malloc_reuse=true`` with what ``train.precision/channels_last/compile=auto`` resolve to on the device
-(core.precision), so it follows the policy wherever it changes.
+fixed random batch (data loading is measured by ``bench.py data``). A variant is a string of ``+``-joined options:
+``plain``, ``cl`` (train.channels_last), ``compile`` (train.compile), ``bf16``/``fp16`` (train.precision),
+``malloc`` (core.device.reuse_freed_memory: glibc keeps freed blocks, so the large VGG activations of each step do
+not page-fault afresh), ``tnorm`` (torch's nn.InstanceNorm2d in the TransformerNet instead of ours), ``temporal``
+(the stability term on, loss.temporal_weight=1: the network runs on twice the images; its GFLOP/s column still
+divides the step's FLOPs without the term); ``examples`` = ``tnorm`` alone: the plain configuration the way
+pytorch/examples trains (torch's InstanceNorm2d, eager, fp32, NCHW, no malloc reuse), the speed-up base when
+measured (else ``plain``); ``best`` = ``train.malloc_reuse=true`` with what
+``train.precision/channels_last/compile=auto`` resolve to on the device (core.precision), so it follows the policy
+wherever it changes.
 
 VGG-16 (``--network vgg16``) loads torchvision's weights from ``--weights-path`` or the torch hub cache and never
 downloads: without them it runs VGG-16's shapes with random weights (speed does not depend on the weights) and
@@ -43,7 +45,7 @@ import torch
 
 from scripts import benchutil
 
-OPTIONS = ("plain", "examples", "tnorm", "cl", "compile", "bf16", "fp16", "malloc")
+OPTIONS = ("plain", "examples", "tnorm", "cl", "compile", "bf16", "fp16", "malloc", "temporal")
 RUN_STEPS = 40_000
 # Johnson et al.'s layers (content relu2_2), as in configs/loss/vgg19.yaml; the same names exist in VGG-16 and -19.
 STYLE_LAYERS = {"relu1_2": 1.0, "relu2_2": 1.0, "relu3_3": 1.0, "relu4_3": 1.0}
@@ -109,11 +111,21 @@ def _expand(variants: str, device: torch.device) -> list[str]:
     return out
 
 
-def _loss_fn(args: argparse.Namespace) -> torch.nn.Module:
-    """The PerceptualLoss every variant trains against (Johnson et al.'s layers on ``--network``)."""
+def _loss_fn(args: argparse.Namespace, temporal: bool = False) -> torch.nn.Module:
+    """The PerceptualLoss every variant trains against (Johnson et al.'s layers on ``--network``), with the
+    stability term at weight 1 for ``temporal`` variants."""
     from models.loss import PerceptualLoss
 
-    return PerceptualLoss(args.network, ["relu2_2"], STYLE_LAYERS, 1.0, 1.0, 1.0, weights_path=args.weights_path)
+    return PerceptualLoss(
+        args.network,
+        ["relu2_2"],
+        STYLE_LAYERS,
+        1.0,
+        1.0,
+        1.0,
+        weights_path=args.weights_path,
+        temporal_weight=1.0 if temporal else 0.0,
+    )
 
 
 def vgg16_weights_offline() -> str | None:
@@ -167,7 +179,7 @@ def _worker(args: argparse.Namespace) -> dict:
     net = TransformerNet(base_width=args.base_width)
     if "tnorm" in parts:
         benchutil.torch_instance_norms(net)
-    loss_fn = _loss_fn(args).to(device)
+    loss_fn = _loss_fn(args, temporal="temporal" in parts).to(device)
     gen = torch.Generator().manual_seed(1)
     size = args.image_size
     loss_fn.set_style(torch.rand(1, 3, size, size, generator=gen).to(device))

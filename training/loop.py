@@ -81,6 +81,8 @@ class RunRecord:
     final_model: Callable[[nn.Module], nn.Module] | None = None
     """Maps the trained network to the one ``model.pth`` holds (adding a style: the frozen copy -> the network
     with one more style); None writes the trained network itself."""
+    seed: int = 0
+    """The run's seed: with the step and the rank it seeds the stability term's warps (Trainer.step_generator)."""
 
 
 class NonFiniteLossError(FaststyleError):
@@ -185,20 +187,31 @@ def train_step(
     content: torch.Tensor,
     policy: precision.PrecisionPolicy,
     style: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """One optimizer step on a (B, 3, S, S) batch in [0, 1]; returns the loss components (device tensors, no sync).
 
     The network and the loss network run under the policy's autocast (the loss network is most of the step's
     FLOPs); PerceptualLoss keeps its Grams and reductions in fp32 itself. ``scaler`` is a disabled pass-through
     except for fp16. ``style``: (B,) style indices for a multi-style network, None for one style.
+
+    With the stability term (``loss_fn.temporal``, models/temporal.py) the network also stylises a warped, noisy
+    copy of the batch, drawn from ``generator``, in the same forward pass (2B images; instance norm keeps the
+    samples independent); the perceptual terms see the B photos only, and ``temporal`` is added to ``total``.
     """
+    term = getattr(loss_fn, "temporal", None)
     with policy.autocast():
-        if style is None:
-            stylised = model(content)
-            losses = loss_fn(stylised, content)
-        else:
-            stylised = model(content, style)
-            losses = loss_fn(stylised, content, style)
+        inputs, styles = content, style
+        if term is not None:
+            frame = term.second_frame(content, generator)
+            inputs = torch.cat([content, frame.image.to(content.dtype)]).contiguous(memory_format=policy.memory_format)
+            styles = None if style is None else torch.cat([style, style])
+        output = model(inputs) if styles is None else model(inputs, styles)
+        stylised = output[: content.shape[0]]
+        losses = loss_fn(stylised, content) if style is None else loss_fn(stylised, content, style)
+        if term is not None:
+            losses["temporal"] = term(stylised, output[content.shape[0] :], frame)
+            losses["total"] = losses["total"] + losses["temporal"]
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses["total"]).backward()
     scaler.step(optimizer)
@@ -295,8 +308,9 @@ class Trainer:
         resume: dict | None = None,
         dist_ctx: DistContext | None = None,
         style_names: list[str] | None = None,
+        seed: int = 0,
     ) -> None:
-        self.options, self.device = options, device
+        self.options, self.device, self.seed = options, device, int(seed)
         self.style_names = list(style_names or [])
         self.rank, self.world_size = (dist_ctx.rank, dist_ctx.world_size) if dist_ctx is not None else (0, 1)
         self.policy = options.precision_policy(device)
@@ -311,6 +325,17 @@ class Trainer:
         train_model = wrap_ddp(self.model, dist_ctx) if dist_ctx is not None else self.model
         self.step_model = self.policy.maybe_compile(train_model)
         self.lr = options.lr
+        # The stability term's random warps and noise: drawn on the device (no host-to-device copy) from a generator
+        # reseeded every step, so they are a pure function of (seed, step, rank), like the data order: a resumed run
+        # draws the same ones, and no other random draw shifts them.
+        uses_rng = getattr(loss_fn, "temporal", None) is not None
+        self.generator = torch.Generator(device=device) if uses_rng else None
+
+    def step_generator(self, step: int) -> torch.Generator | None:
+        """The generator of step ``step`` on this rank (None when the loss draws nothing)."""
+        if self.generator is not None:
+            self.generator.manual_seed((self.seed * 1_000_003 + step) * 4099 + self.rank)
+        return self.generator
 
     def _restore(self, resume: dict) -> int:
         """Load a checkpoint's weights, optimizer, scaler and RNG state; returns its step."""
@@ -334,12 +359,17 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         styles = len(self.style_names)
+        generator = self.step_generator(step)
         if styles <= 1:
-            return train_step(self.step_model, self.loss_fn, self.optimizer, self.scaler, content, self.policy)
+            return train_step(
+                self.step_model, self.loss_fn, self.optimizer, self.scaler, content, self.policy, generator=generator
+            )
         numbers = style_indices(step, content.shape[0], styles, self.rank, self.world_size)
         # Made on the device from the step alone: no host-to-device copy, which would wait for the GPU.
         index = torch.arange(numbers.start, numbers.stop, device=content.device) % styles
-        losses = train_step(self.step_model, self.loss_fn, self.optimizer, self.scaler, content, self.policy, index)
+        losses = train_step(
+            self.step_model, self.loss_fn, self.optimizer, self.scaler, content, self.policy, index, generator
+        )
         per_sample = losses.pop("style_per_sample").detach()
         sums = torch.zeros(styles, device=per_sample.device, dtype=per_sample.dtype).index_add_(0, index, per_sample)
         for i, name in enumerate(self.style_names):
@@ -538,7 +568,16 @@ def fit(
         NonFiniteLossError: the loss became NaN/inf (found at a log point); nothing of it is saved.
     """
     options.validate()
-    trainer = Trainer(model, loss_fn, options, device, resume=resume, dist_ctx=dist_ctx, style_names=record.style_names)
+    trainer = Trainer(
+        model,
+        loss_fn,
+        options,
+        device,
+        resume=resume,
+        dist_ctx=dist_ctx,
+        style_names=record.style_names,
+        seed=record.seed,
+    )
     start_step = trainer.start_step
     with stop_signals() as stop:
         loop = _StepLoop(trainer, outputs, record.val_images, record.checkpoint_extra, stop, dist_ctx)

@@ -312,6 +312,7 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path) -> Path:
                 hparams=_flat_hparams(cfg),
                 style_names=names if len(paths) > 1 else [],
                 final_model=add_trained_style(base) if base is not None else None,
+                seed=int(cfg.seed),
             ),
             resume=resume,
             dist_ctx=ctx,

@@ -1,0 +1,149 @@
+"""The temporal stability term: a training loss against flicker that needs no video and no optical-flow network.
+
+A per-frame network turns the small changes between two video frames (motion, sensor noise, compression) into
+changes of its texture: flicker. Without video data, make the second "frame" from the training photo itself: a
+small random warp W (shift, rotation, zoom) whose motion is known exactly, plus noise. A stable network commutes
+with the motion, f(W(x) + n) = W(f(x)), so the term penalises the difference, over the pixels that the warp maps
+from inside the photo (the border it invents is left out):
+
+    temporal = weight * mean over valid pixels and channels of (f(W(x) + n) - W(f(x)))^2
+
+This is the single-frame regularisation of Eilertsen, Mantiuk & Unger 2019 ("Single-frame Regularization for
+Temporally Stable CNNs", CVPR) and the compound regularisation (warp plus noise) of Wang et al. 2020 ("Consistent
+Video Style Transfer via Compound Regularization", AAAI; extended as ReReVST, IEEE TIP 2020). Gupta et al. 2017
+("Characterizing and Improving Stability in Neural Style Transfer", ICCV) penalise the same difference with the
+optical flow of real video frames; the noise half follows their observation that fast style networks amplify
+small input perturbations.
+
+Images follow docs/architecture.md, "Images": (N, 3, H, W) float32 RGB in [0, 1]. The warp is an affine sampling
+grid (``torch.nn.functional.affine_grid``, ``align_corners=False``) drawn per sample from a generator, so a
+training step's warps are a pure function of its seed (training/loop.py seeds it from the run seed and the step).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from core.errors import FaststyleError
+
+
+@dataclass
+class WarpedFrame:
+    """The second "frame" of a training photo: ``image`` (N, 3, H, W) = W(x) + noise in [0, 1]; ``grid``
+    (N, H, W, 2) the sampling grid of W (normalised coordinates, for ``grid_sample``); ``valid`` (N, 1, H, W)
+    float 1 where W samples inside the photo, 0 on the border the warp invents."""
+
+    image: torch.Tensor
+    grid: torch.Tensor
+    valid: torch.Tensor
+
+
+def random_affine(
+    count: int,
+    height: int,
+    width: int,
+    shift_px: float,
+    rotation_deg: float,
+    zoom: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``count`` random affine warps as (count, 2, 3) ``affine_grid`` matrices in normalised coordinates.
+
+    Each warp maps an output pixel p (pixels, about the image centre) to the input point s * R(angle) p + t with
+    angle ~ U(-rotation_deg, rotation_deg), log s ~ U(-log(1 + zoom), log(1 + zoom)) and each component of t ~
+    U(-shift_px, shift_px) pixels; the pixel units make a rotation a rotation on non-square images too.
+    """
+    u = torch.rand(count, 4, generator=generator, device=device, dtype=torch.float32) * 2 - 1  # U(-1, 1)
+    angle = u[:, 0] * math.radians(rotation_deg)
+    scale = torch.exp(u[:, 1] * math.log1p(zoom))
+    shift = u[:, 2:] * shift_px
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    # Normalised coordinates are pixel coordinates times 2/W (x) and 2/H (y): conjugate the pixel-space matrix.
+    ax, ay = 2.0 / width, 2.0 / height
+    theta = torch.stack(
+        [
+            torch.stack([cos, -sin * ax / ay, shift[:, 0] * ax], dim=1),
+            torch.stack([sin * ay / ax, cos, shift[:, 1] * ay], dim=1),
+        ],
+        dim=1,
+    )
+    return theta
+
+
+def warp(images: torch.Tensor, grid: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
+    """``images`` (N, C, H, W) sampled bilinearly at ``grid`` (N, H, W, 2), in float32."""
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+
+
+def inside_mask(grid: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) float: 1 where the bilinear sample at ``grid`` (N, H, W, 2) reads only pixels of the image
+    (its point lies between the outer pixel centres), 0 where it would read the padding."""
+    height, width = grid.shape[1:3]
+    limit = grid.new_tensor([1.0 - 1.0 / width, 1.0 - 1.0 / height]) + 1e-5  # the outer pixel centres
+    return (grid.abs() <= limit).all(dim=-1).unsqueeze(1).float()
+
+
+class TemporalTerm:
+    """The term's settings and its two halves: :meth:`second_frame` before the network, :meth:`__call__` after.
+
+    Args:
+        weight: the term's weight (> 0; the loss leaves the term out at 0).
+        shift_px, rotation_deg, zoom: the largest shift (pixels of the training crop), rotation (degrees) and
+            relative zoom of the random warp, i.e. the motion between two frames the network should follow.
+        noise_std: standard deviation of the Gaussian noise added to the warped frame (pixel range [0, 1]).
+    """
+
+    def __init__(self, weight: float, shift_px: float, rotation_deg: float, zoom: float, noise_std: float) -> None:
+        for name, value in (
+            ("temporal_weight", weight),
+            ("temporal_shift_px", shift_px),
+            ("temporal_rotation_deg", rotation_deg),
+            ("temporal_zoom", zoom),
+            ("temporal_noise_std", noise_std),
+        ):
+            if not float(value) >= 0.0:  # also rejects NaN
+                raise FaststyleError(f"loss.{name} must be a number >= 0, got {value!r}")
+        if zoom >= 1.0:
+            raise FaststyleError(f"loss.temporal_zoom must be below 1 (a relative zoom), got {zoom!r}")
+        self.weight, self.shift_px, self.rotation_deg = float(weight), float(shift_px), float(rotation_deg)
+        self.zoom, self.noise_std = float(zoom), float(noise_std)
+
+    def second_frame(self, content: torch.Tensor, generator: torch.Generator | None = None) -> WarpedFrame:
+        """The warped, noisy copy of ``content`` (N, 3, H, W) in [0, 1], with its grid and valid mask.
+
+        The warp's invented border is filled by reflection, so the network sees a photo-like frame there (a black
+        border would change its instance-norm statistics); those pixels are left out of the term by ``valid``.
+        """
+        n, _, height, width = content.shape
+        with torch.autocast(device_type=content.device.type, enabled=False):  # the grid in fp32: exact positions
+            theta = random_affine(
+                n,
+                height,
+                width,
+                self.shift_px,
+                self.rotation_deg,
+                self.zoom,
+                generator=generator,
+                device=content.device,
+            )
+            grid = F.affine_grid(theta, [n, 3, height, width], align_corners=False)
+            image = warp(content, grid, padding_mode="reflection")
+            if self.noise_std > 0:
+                noise = torch.randn(image.shape, generator=generator, device=image.device, dtype=image.dtype)
+                image = (image + self.noise_std * noise).clamp(0.0, 1.0)
+        return WarpedFrame(image, grid, inside_mask(grid))
+
+    def __call__(self, stylised: torch.Tensor, stylised_second: torch.Tensor, frame: WarpedFrame) -> torch.Tensor:
+        """``weight`` times the mean squared difference between the network's output for the second frame and its
+        output for the photo warped the same way, over ``frame.valid`` pixels and the 3 channels (fp32 scalar;
+        gradients flow into both outputs)."""
+        with torch.autocast(device_type=stylised.device.type, enabled=False):
+            moved = warp(stylised, frame.grid)
+            diff = (stylised_second.float() - moved).pow(2) * frame.valid
+            count = frame.valid.sum() * stylised.shape[1]
+            return self.weight * diff.sum() / count.clamp_min(1.0)
