@@ -82,10 +82,12 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def walk_images(root: str | os.PathLike, recursive: bool = True) -> tuple[list[Path], list[tuple[Path, str]]]:
+def walk_images(
+    root: str | os.PathLike, recursive: bool = True, extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+) -> tuple[list[Path], list[tuple[Path, str]]]:
     """The image files in folder ``root`` (and its sub-folders when ``recursive``), sorted by relative path, and the
     entries that look like images but cannot be read as files, with the reason (a broken link, a folder named
-    ``x.jpg``, a device file).
+    ``x.jpg``, a device file). ``extensions``: the lower-case extensions taken (stylize adds the video ones).
 
     Hidden files and folders (names starting with ".", e.g. macOS ``._x.jpg`` resource forks) are left out, as are
     files without an image extension. Symbolic links to folders are followed once (a link loop is not walked
@@ -117,11 +119,12 @@ def walk_images(root: str | os.PathLike, recursive: bool = True) -> tuple[list[P
                 is_dir, is_file = entry.is_dir(), entry.is_file()  # both follow links
             except OSError:  # a link loop (ELOOP)
                 is_dir = is_file = False
+            wanted = Path(entry.name).suffix.lower() in extensions
             if is_dir:
-                if is_image_file(entry.name):
+                if wanted:
                     skipped.append((path, "a folder, not an image file"))
                 subfolders.append(path)
-            elif not is_image_file(entry.name):
+            elif not wanted:
                 continue
             elif is_file:
                 found.append((path.relative_to(root).as_posix(), path))
