@@ -1,4 +1,4 @@
-"""Stylize images with a trained faststyle model: one file, a folder (optionally recursive) or a glob.
+"""Stylize images and videos with a trained faststyle model: one file, a folder (optionally recursive) or a glob.
 
     python stylize.py model=outputs/train/<date>/<run>/model.pth input=photo.jpg
     python stylize.py model=run/model.pth input=photos/ recursive=true output=stylized/
@@ -6,16 +6,21 @@
     python stylize.py model=run/model.pth input=huge.tif.png max_memory_mb=1500    # any size, exact tiling
     python stylize.py model=multi/model.pth input=photo.jpg                        # every style of a multi-style model
     python stylize.py model=multi/model.pth input=photos/ style=hokusai_great_wave:0.3,arcimboldo_spring:0.7  # a mix
+    python stylize.py model=run/model.pth input=clip.mp4 output=clip_styled.mp4 video_crf=20   # a video (+ audio)
+    python stylize.py model=multi/model.pth input=clip.mp4 style=0 style_end=1   # a video whose style changes
 
 Options and defaults: configs/stylize.yaml. A multi-style model writes every style (``style=`` picks one by name or
 index, or mixes several: weights >= 0, normalised). Outputs are named ``<input stem>_<style>.<ext>`` and go to
 ``<model dir>/stylized/`` unless ``output`` says otherwise; they never replace an input. Images whose untiled
 forward pass would exceed ``max_memory_mb`` run through the exact tiled executor (inference/tiled.py), which
-reproduces the untiled result (global instance-norm statistics) with bounded memory. The work itself is
-``inference.pipeline.stylize(cfg)``; this file is the command line around it.
+reproduces the untiled result (global instance-norm statistics) with bounded memory. A video (.mp4 .m4v .mov .mkv
+.webm .avi) is decoded, stylized in batches and encoded as a stream (inference/video.py): same frames, timestamps and
+audio, written upright. The work itself is ``inference.pipeline.stylize(cfg)``; this file is the command line around
+it.
 
-Exit status: 0 when every image was written or skipped, 1 when some failed (each is reported), 2 on a usage
-error (``error: ...`` on stderr), 3 on an internal error (a bug), 130 / 143 when stopped by Ctrl-C / SIGTERM.
+Exit status: 0 when every image was written or skipped, 1 when some failed (each is reported; a video that ends
+early is written up to there and counts as failed), 2 on a usage error (``error: ...`` on stderr), 3 on an internal
+error (a bug), 130 / 143 when stopped by Ctrl-C / SIGTERM (a video being written is removed, not left half-written).
 """
 
 from __future__ import annotations
@@ -73,9 +78,14 @@ def main(cfg: DictConfig) -> None:
         return
     except StylizeInterrupted as stop:
         done = stop.summary
+        video = (
+            f" (the video being written, {done.video_in_progress.name}, was removed: no partial file is kept)"
+            if done.video_in_progress is not None
+            else ""
+        )
         print(
             f"interrupted ({'SIGTERM' if stop.signum == 15 else 'Ctrl-C'}): {len(done.written)} written, "
-            f"{stop.remaining} not done; run the same command again to finish them (finished outputs are "
+            f"{stop.remaining} not done{video}; run the same command again to finish them (finished outputs are "
             "skipped)",
             file=sys.stderr,
         )

@@ -102,8 +102,10 @@ class StylizeSchema:
     overwrite: bool
     format: str | None
     jpeg_quality: int = field(metadata={"min": 1, "max": 100})
+    video_crf: int = field(metadata={"min": 0, "max": 51})  # H.264's CRF scale (data/video.py maps it for VP9)
     suffix: str | None
     style: str | None  # a name, an index or a mix (models/styles.py parse_style)
+    style_end: str | None  # videos: the style or mix at the last frame
     max_side_px: int | None = field(metadata={"min": 1})
     scale: float | None = field(metadata={"min_exclusive": 0.0})
     preserve_color: bool

@@ -1,7 +1,8 @@
 """What a stylize run will do before any pixel is read: the input files, and the output path of each.
 
-Inputs are a file, a folder (optionally recursive) or a glob; every output is refused before anything is written when
-it would replace an input (real paths and file identities compared) or land among the inputs.
+Inputs are a file, a folder (optionally recursive) or a glob, holding images and videos; a video gets a video output
+in its own container (``format=`` is an image option). Every output is refused before anything is written when it
+would replace an input (real paths and file identities compared) or land among the inputs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,16 @@ from omegaconf import DictConfig
 
 from core.cli import absolute_user_path
 from core.errors import FaststyleError
-from data.io import ALPHA_FORMATS, OUTPUT_FORMATS, WRITE_FORMATS, file_has_alpha, is_image_file, walk_images
+from data.io import (
+    ALPHA_FORMATS,
+    IMAGE_EXTENSIONS,
+    OUTPUT_FORMATS,
+    WRITE_FORMATS,
+    file_has_alpha,
+    is_image_file,
+    walk_images,
+)
+from data.video import VIDEO_CONTAINERS, VIDEO_EXTENSIONS, is_video_file
 
 logger = logging.getLogger(__name__)
 
@@ -31,23 +41,34 @@ class Job:
     target: Path
     style: int = 0
 
+    @property
+    def is_video(self) -> bool:
+        """A video job (data.video) rather than an image: decided by the input's extension."""
+        return is_video_file(self.source)
+
+
+def is_media_file(path: str | os.PathLike) -> bool:
+    """An image or a video by its extension: what folders and globs take as inputs."""
+    return is_image_file(path) or is_video_file(path)
+
 
 def find_inputs(input_spec: str, recursive: bool) -> tuple[list[Path], Path, list[tuple[Path, str]]]:
     """The files named by ``input_spec`` (file, folder, or glob), the base folder output names mirror, and the
     entries that were passed over, with the reason (folders named like images, broken links, ...).
 
-    Folder and glob inputs take every file with an image extension (data.io.IMAGE_EXTENSIONS, the same formats a
-    single file is read in); a file that turns out to be corrupt or in an unsupported format fails later, when it
-    is decoded, and is reported. A single file is taken whatever its name.
+    Folder and glob inputs take every file with an image or a video extension (data.io.IMAGE_EXTENSIONS,
+    data.video.VIDEO_EXTENSIONS, the same formats a single file is read in); a file that turns out to be corrupt or
+    in an unsupported format fails later, when it is decoded, and is reported. A single file is taken whatever its
+    name (a video by its extension, anything else as an image).
     """
     path = absolute_user_path(input_spec)
     if path.is_file():
         return [path], path.parent, []
     if path.is_dir():
-        files, skipped = walk_images(path, recursive=recursive)
+        files, skipped = walk_images(path, recursive=recursive, extensions=IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
         if not files:
             hint = "" if recursive else " (add recursive=true to look in sub-folders)"
-            raise FaststyleError(f"no image files in folder {path}{hint}")
+            raise FaststyleError(f"no image files or videos in folder {path}{hint}")
         return files, path, skipped
     if path.is_symlink():
         raise FaststyleError(f"input {path} is a broken symbolic link: point it at an image or a folder")
@@ -55,16 +76,16 @@ def find_inputs(input_spec: str, recursive: bool) -> tuple[list[Path], Path, lis
         files, skipped = [], []
         for match in sorted(glob.glob(str(path), recursive=recursive)):
             entry = absolute_user_path(match)
-            if not is_image_file(entry):
+            if not is_media_file(entry):
                 continue
             if entry.is_file():
                 files.append(entry)
             else:
                 skipped.append((entry, "a folder, not an image file" if entry.is_dir() else "not a readable file"))
         if not files:
-            raise FaststyleError(f"the pattern {input_spec!r} matches no image files: check it (and quote it)")
+            raise FaststyleError(f"the pattern {input_spec!r} matches no image files or videos: check it (quote it)")
         return files, Path(os.path.commonpath([str(f.parent) for f in files])), skipped
-    raise FaststyleError(f"input not found: {path} (give an image file, a folder or a glob pattern)")
+    raise FaststyleError(f"input not found: {path} (give an image or video file, a folder or a glob pattern)")
 
 
 def style_name(model_path: Path, meta: dict) -> str:
@@ -81,8 +102,9 @@ def file_name_part(text: str) -> str:
 
 
 def _output_is_file(output: Path) -> bool:
-    """An output path with an image extension names a file (unless such a folder exists); else it is a folder."""
-    return (output.suffix.lower() in WRITE_FORMATS or is_image_file(output)) and not output.is_dir()
+    """An output path with an image or video extension names a file (unless such a folder exists); else it is a
+    folder."""
+    return (output.suffix.lower() in WRITE_FORMATS or is_media_file(output)) and not output.is_dir()
 
 
 def plan_jobs(
@@ -111,9 +133,11 @@ def plan_jobs(
             raise FaststyleError(f"format={cfg.format} is not supported: use one of {', '.join(OUTPUT_FORMATS)}")
 
     def ext_for(source: Path) -> str:
+        ext = source.suffix.lower()
+        if is_video_file(source):
+            return ext  # the same container (format= is for images)
         if forced_ext:
             return forced_ext
-        ext = source.suffix.lower()
         return OUTPUT_FORMATS.get(ext.lstrip("."), ".png")
 
     output = absolute_user_path(cfg.output) if cfg.output else model_path.parent / "stylized"
@@ -132,7 +156,13 @@ def plan_jobs(
                 f"output={cfg.output} is a file but the model writes {len(names)} styles: pick one with "
                 "style=<name> or give an output folder"
             )
-        if output.suffix.lower() not in WRITE_FORMATS:
+        if is_video_file(files[0]):
+            if output.suffix.lower() not in VIDEO_CONTAINERS:
+                raise FaststyleError(
+                    f"cannot write the video {files[0].name} to {output.name}: give a video output "
+                    f"({', '.join(VIDEO_EXTENSIONS)}) or a folder"
+                )
+        elif output.suffix.lower() not in WRITE_FORMATS:
             raise FaststyleError(
                 f"cannot write {output.name}: use a {', '.join(sorted(set(OUTPUT_FORMATS.values())))} output"
             )
@@ -144,6 +174,8 @@ def plan_jobs(
             for f in files
         ]
     for job in jobs:
+        if job.is_video:
+            continue
         if WRITE_FORMATS[job.target.suffix.lower()] not in ALPHA_FORMATS and file_has_alpha(job.source):
             # JPEG cannot hold transparency: keep it (the user's data) in a PNG rather than flatten it, and say so.
             new_target = job.target.with_suffix(".png")
@@ -177,8 +209,9 @@ def _refuse_outputs_among_inputs(jobs: list[Job], files: list[Path], single_file
                 source = identities.get((stat.st_dev, stat.st_ino))
         if source is not None:
             link = "" if str(job.target) == str(source) else f" (the same file as input {source})"
+            kind = "video" if job.is_video else "image"
             raise FaststyleError(
-                f"output {job.target}{link} is an input image: choose another output; "
+                f"output {job.target}{link} is an input {kind}: choose another output; "
                 "overwrite=true never replaces an input"
             )
         if not single_file and os.path.dirname(real_target) in input_dirs:

@@ -1,5 +1,6 @@
 """A whole stylize run from a composed config (configs/stylize.yaml): load the model, plan the outputs, then decode,
 stylize and write every input with a small I/O thread pool, collecting per-image failures instead of stopping.
+Videos go to inference.video one by one (a stream of frame batches each), after the images of the same style.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from core.device import reuse_freed_memory
 from core.errors import FaststyleError
 from core.fileio import remove_stale_temp_files
 from inference.jobs import Job, plan_jobs
-from inference.runner import Loaded, Runner, batches, load_job, save_result
+from inference.runner import Loaded, Runner, batches, load_job, non_finite_error, save_result
+from inference.video import StyleRamp, stylize_video
 from models.styles import StyleChoice, all_styles, parse_style, style_names
 
 logger = logging.getLogger(__name__)
@@ -36,13 +38,30 @@ class Summary:
     failed: list[tuple[Path, str]] = field(default_factory=list)
     passed_over: list[tuple[Path, str]] = field(default_factory=list)
     seconds: float = 0.0
+    videos_written: int = 0  # of ``written``
+    video_frames: int = 0  # frames encoded, also those of videos that stopped early (failed, file kept)
+    video_seconds: float = 0.0  # the clip time those frames cover
+    video_wall_s: float = 0.0  # wall time spent on videos (part of ``seconds``)
+    video_in_progress: Path | None = None  # the video output being written when Ctrl-C came (not kept)
 
     def line(self) -> str:
-        rate = len(self.written) / self.seconds if self.seconds > 0 else 0.0
+        """The one summary line: counts, time, images/s and, with videos, frames/s and the real-time factor
+        (clip seconds stylized per wall second)."""
+        images = len(self.written) - self.videos_written
+        image_s = self.seconds - self.video_wall_s
+        rates = []
+        if images or not self.video_frames:
+            rates.append(f"{images / image_s if image_s > 0 else 0.0:.2f} images/s")
+        if self.video_frames:
+            wall = max(self.video_wall_s, 1e-9)
+            rates.append(
+                f"video: {self.video_frames} frames, {self.video_seconds:.1f} s of video in {self.video_wall_s:.1f} s, "
+                f"{self.video_frames / wall:.2f} frames/s, {self.video_seconds / wall:.3g}x real time"
+            )
         passed = f", passed over {len(self.passed_over)} (not image files)" if self.passed_over else ""
         return (
             f"stylized {len(self.written)}, skipped {len(self.skipped)} (exist; overwrite=true redoes them){passed}, "
-            f"failed {len(self.failed)} in {self.seconds:.1f} s ({rate:.2f} images/s)"
+            f"failed {len(self.failed)} in {self.seconds:.1f} s ({'; '.join(rates)})"
         )
 
 
@@ -56,14 +75,6 @@ class StylizeInterrupted(Exception):
 
 class Terminate(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so both stop the run the same way."""
-
-
-def _non_finite_error(image: torch.Tensor) -> str | None:
-    """Why a stylized image must not be written (NaN or infinite values: a broken model), or None."""
-    bad = int((~torch.isfinite(image)).sum())
-    if bad == 0:
-        return None
-    return f"the model produced {bad} NaN or infinite values for this image (is the model broken?); nothing written"
 
 
 def stylize(cfg: DictConfig) -> Summary:
@@ -89,7 +100,18 @@ def stylize(cfg: DictConfig) -> Summary:
     else:
         net, meta = load_any_model(model_path, device="cpu")
     choices = style_choices(net, meta, cfg.style)
-    jobs, passed_over = plan_jobs(cfg, model_path, meta, [c.label for c in choices] if choices else None)
+    end = ramp_end_choice(net, meta, cfg.style_end, cfg.style)
+    labels = [c.label for c in choices] if choices else None
+    if end is not None:
+        labels = [f"{choices[0].label}_to_{end.label}"]
+    jobs, passed_over = plan_jobs(cfg, model_path, meta, labels)
+    if end is not None:
+        images = [job.source for job in jobs if not job.is_video]
+        if images:
+            raise FaststyleError(
+                f"style_end={cfg.style_end} changes the style over a video, but {images[0]} is an image: give "
+                "videos only, or leave style_end out"
+            )
     summary = Summary(passed_over=passed_over)
     for path, reason in passed_over:
         logger.warning("passed over %s: %s", path, reason)
@@ -116,7 +138,13 @@ def stylize(cfg: DictConfig) -> Summary:
             # one-style model, and the tiled executor, bf16 and channels_last apply unchanged.
             style_net = net.for_style(choice.weights) if choice else net
             runner = Runner(style_net, device, cfg) if runner is None else runner.for_network(style_net)
-            _run(style_jobs, runner, cfg, summary)
+            image_jobs = [job for job in style_jobs if not job.is_video]
+            if image_jobs:
+                _run(image_jobs, runner, cfg, summary)
+            ramp = StyleRamp(net, choice.weights, end.weights) if end is not None else None
+            for job in style_jobs:
+                if job.is_video:
+                    _run_video(job, runner, cfg, summary, ramp)
     except KeyboardInterrupt as stop:
         summary.seconds = time.perf_counter() - start
         done = len(summary.written) + len(summary.failed)
@@ -135,6 +163,47 @@ def style_choices(net: object, meta: dict, spec: str | int | None) -> list[Style
         return None
     names = style_names(meta, count)
     return all_styles(names) if spec is None else [parse_style(spec, names)]
+
+
+def ramp_end_choice(net: object, meta: dict, spec: str | int | None, start: str | int | None) -> StyleChoice | None:
+    """The style or mix a video ends in (``style_end=``), or None. Needs a multi-style model and ``style=`` (the
+    style or mix at the first frame)."""
+    if spec is None:
+        return None
+    count = int(getattr(net, "num_styles", 1))
+    if count == 1:
+        raise FaststyleError(f"style_end={spec}: this model holds one style, it cannot change; leave style_end out")
+    if start is None:
+        raise FaststyleError(f"style_end={spec} needs style=<the style or mix at the first frame> as well")
+    return parse_style(spec, style_names(meta, count))
+
+
+def _run_video(job: Job, runner: Runner, cfg: DictConfig, summary: Summary, ramp: StyleRamp | None) -> None:
+    """Stylize one video into ``summary``: written, or failed (unreadable: nothing written; ended early: written up
+    to there and reported, so the run exits with status 1)."""
+    try:
+        result = stylize_video(job, runner, cfg, ramp)
+    except FaststyleError as err:
+        summary.failed.append((job.source, str(err)))
+        logger.error("skipping: %s", err)
+        return
+    except (RuntimeError, OSError) as err:
+        summary.failed.append((job.source, f"stylizing failed, nothing written: {err}"))
+        logger.error("%s: stylizing failed, nothing written: %s", job.source, err)
+        return
+    except KeyboardInterrupt:
+        summary.video_in_progress = job.target
+        raise
+    summary.video_frames += result.frames
+    summary.video_seconds += result.seconds
+    summary.video_wall_s += result.wall_s
+    if result.stopped:
+        reason = f"{result.stopped}; the {result.frames} frames before it were written to {result.target}"
+        summary.failed.append((job.source, reason))
+        logger.error("%s: %s", job.source, reason)
+    else:
+        summary.written.append(result.target)
+        summary.videos_written += 1
 
 
 def _decoded(pool: ThreadPoolExecutor, todo: list[Job], cfg: DictConfig) -> Iterator[Loaded]:
@@ -166,7 +235,7 @@ def _stylize_batch(batch: list[Loaded], runner: Runner, summary: Summary) -> lis
         return []
     results = []
     for item, out in zip(batch, outputs, strict=True):
-        problem = _non_finite_error(out) if isinstance(out, torch.Tensor) else None  # tiled: checked already
+        problem = non_finite_error(out) if isinstance(out, torch.Tensor) else None  # tiled: checked already
         if problem is not None:
             summary.failed.append((item.job.source, problem))
             logger.error("%s: %s", item.job.source, problem)

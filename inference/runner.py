@@ -99,6 +99,14 @@ def save_result(loaded: Loaded, stylized: torch.Tensor | Image.Image, cfg: DictC
     return target
 
 
+def non_finite_error(image: torch.Tensor) -> str | None:
+    """Why a stylized image must not be written (NaN or infinite values: a broken model), or None."""
+    bad = int((~torch.isfinite(image)).sum())
+    if bad == 0:
+        return None
+    return f"the model produced {bad} NaN or infinite values for this image (is the model broken?); nothing written"
+
+
 FINISH_BYTES_PER_PX = 96
 """Temporary bytes per pixel of the tiled path's colour finishing of one output strip (Runner._tiled_image): the
 content rows (uint8 and float), finish_colors' float copies, the 8-bit conversion and the strip pasted into the
@@ -135,6 +143,7 @@ class Runner:
         self._estimate = untiled_bytes_estimate
         self._tiled = None
         self.tiled_images = 0
+        self._sizes_told: set[tuple[int, int]] = set()  # shared by for_network copies: one line per size and run
 
     def for_network(self, net: torch.nn.Module) -> Runner:
         """A Runner with these settings for another network of the same kind (the next style of a multi-style
@@ -167,9 +176,11 @@ class Runner:
 
             self._tiled = TiledExecutor(self.net, budget_mb=self.budget_mb, tmp_dir=self.tmp_dir)
         self.tiled_images += len(batch)
-        logger.info(
-            "image of %dx%d exceeds max_memory_mb=%g untiled: exact tiled inference", width, height, self.budget_mb
-        )
+        if (height, width) not in self._sizes_told:  # once per size: a video has many frames of one size
+            self._sizes_told.add((height, width))
+            logger.info(
+                "image of %dx%d exceeds max_memory_mb=%g untiled: exact tiled inference", width, height, self.budget_mb
+            )
         return [self._tiled_image(item) for item in batch]
 
     def _tiled_image(self, item: Loaded) -> Image.Image:

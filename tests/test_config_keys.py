@@ -63,6 +63,8 @@ STYLIZE_KEYS = {
     "format",
     "overwrite",
     "jpeg_quality",
+    "video_crf",
+    "style_end",
     "device",
     "precision",
     "onnx_pixel_range",

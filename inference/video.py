@@ -1,0 +1,280 @@
+"""Stylize one video file: decode (data.video) -> Runner (batches, or the exact tiled executor for large frames)
+-> finish colours (preserve_color, strength) -> encode, as a stream.
+
+Three threads share the work so the network is rarely idle: a reader decodes and converts frames ahead (and hands
+the audio packets to the writer), the calling thread runs the network, and a writer encodes and muxes. The queues
+between them are short (a few batches), so memory does not depend on the clip's length. The output is written
+atomically (data.video.open_video_writer): Ctrl-C or an error leaves no file behind, and a clip that ends early
+(truncated, broken data) is still written up to its last decodable frame and reported.
+
+A multi-style model can change its mix over the clip (``StyleRamp``): frame k gets the mix ``(1 - t) * start + t *
+end``, t its time between the first and the last frame, folded into a plain network for that frame alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from data.io import to_uint8
+from data.video import Frame, VideoReader, VideoSettings, even_size, frame_span, open_video_writer, output_size
+from inference.colour import finish_colors
+from inference.jobs import Job
+from inference.runner import Loaded, Runner, non_finite_error
+
+logger = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+@dataclass
+class VideoResult:
+    """What became of one video job: ``frames`` written to ``target`` covering ``seconds`` of the clip, in
+    ``wall_s`` seconds; ``stopped`` says where decoding stopped early (the file is written up to there), else None."""
+
+    target: Path
+    frames: int
+    seconds: float
+    wall_s: float
+    stopped: str | None = None
+
+
+@dataclass(frozen=True)
+class StyleRamp:
+    """A mix that moves linearly from ``start`` at the first frame to ``end`` at the last, per frame: both are
+    (num_styles,) weights summing to 1; ``net`` the multi-style network (TransformerNet or OnnxStyleModel)."""
+
+    net: object
+    start: tuple[float, ...]
+    end: tuple[float, ...]
+
+    def weights(self, t: float) -> tuple[float, ...]:
+        """The mix at position ``t`` in [0, 1]: exactly ``start`` at 0 and exactly ``end`` at 1."""
+        if t <= 0.0:
+            return self.start
+        if t >= 1.0:
+            return self.end
+        return tuple((1.0 - t) * a + t * b for a, b in zip(self.start, self.end, strict=True))
+
+
+class _Worker:
+    """A thread fed through a bounded queue; ``error`` holds what it raised. ``put`` re-raises that error in the
+    caller, and stops waiting when the worker is gone."""
+
+    def __init__(self, name: str, handle: Callable[[object], None], depth: int) -> None:
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        self._handle = handle
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        try:
+            while not self.stop.is_set():
+                try:
+                    item = self.queue.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if item is _STOP:
+                    return
+                self._handle(item)
+        except BaseException as err:  # handed to the caller: it decides what failed
+            self.error = err
+            self.stop.set()
+
+    def put(self, item: object) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            if self.stop.is_set():
+                raise RuntimeError("the video writer stopped")
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self) -> None:
+        """Let the queued work complete, then end the thread (errors re-raised)."""
+        self.put(_STOP)
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def cancel(self) -> None:
+        """End the thread after the item in hand; queued work is dropped."""
+        self.stop.set()
+        self._thread.join()
+
+
+def _prefetch(frames: Iterator[Frame], depth: int) -> Iterator[Frame]:
+    """``frames`` produced in a background thread, at most ``depth`` ahead; closing this generator (also on
+    Ctrl-C in the consumer) stops the thread before returning."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            for frame in frames:
+                while not stop.is_set():
+                    try:
+                        buffer.put(frame, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as err:
+            failure.append(err)
+        finally:
+            while not stop.is_set():
+                try:
+                    buffer.put(_STOP, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+
+    thread = threading.Thread(target=produce, name="video-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is _STOP:
+                break
+            yield item
+        if failure:
+            raise failure[0]
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _finish_frame(loaded: Loaded, out: torch.Tensor | object, cfg: DictConfig) -> np.ndarray:
+    """The network's output for one frame as the (H, W, 3) uint8 frame to encode: colours finished (untiled
+    outputs; the tiled path returns them finished), rounded like every image faststyle writes."""
+    if isinstance(out, torch.Tensor):
+        problem = non_finite_error(out)
+        if problem is not None:
+            raise RuntimeError(problem)
+        out = finish_colors(out, loaded.tensor(), bool(cfg.preserve_color), float(cfg.strength))
+        return to_uint8(out).permute(1, 2, 0).numpy()
+    return np.asarray(out)
+
+
+def stylize_video(
+    job: Job,
+    runner: Runner,
+    cfg: DictConfig,
+    ramp: StyleRamp | None = None,
+    progress: bool | None = None,
+) -> VideoResult:
+    """Stylize the video ``job.source`` into ``job.target`` (atomic). ``runner`` runs the style (for a ``ramp``,
+    its settings run each frame's mix). FaststyleError: the file cannot be read as a video (nothing written).
+    RuntimeError/OSError from the network or the encoder: nothing written. KeyboardInterrupt: nothing written.
+    ``progress``: show a tqdm bar (None: only on a terminal)."""
+    start = time.perf_counter()
+    max_side = int(cfg.max_side_px) if cfg.max_side_px is not None else None
+    scale = float(cfg.scale) if cfg.scale is not None else None
+    with VideoReader(job.source) as reader:
+        info = reader.info
+        logger.info("%s: %s", job.source.name, info.describe())
+        width, height = output_size(info.width, info.height, scale, max_side)
+        even_w, even_h = even_size(width, height)
+        if (even_w, even_h) != (width, height):
+            logger.info(
+                "%s: %dx%d frames are written %dx%d (yuv420p needs even sizes: the last column/row is dropped)",
+                job.source.name,
+                width,
+                height,
+                even_w,
+                even_h,
+            )
+        span = frame_span(job.source) if ramp is not None else None
+        batch_size = max(1, min(int(cfg.batch_size), runner.max_batch(height, width)))
+        if ramp is not None:
+            batch_size = 1  # each frame has its own network
+        settings = VideoSettings.like(reader, even_w, even_h, crf=int(cfg.video_crf))
+        disable = None if progress is None else not progress  # tqdm: None = shown on a terminal only
+        bar = tqdm(total=info.frames, unit="frame", desc=job.source.name, disable=disable)
+        first_time = last_time = None
+        written = 0
+        try:
+            with open_video_writer(job.target, settings) as writer:
+                encoder = _Worker("video-write", lambda item: _encode(writer, item), depth=2 * batch_size + 64)
+                frames = _prefetch(reader.frames((width, height), on_packet=encoder.put), depth=batch_size + 2)
+                try:
+                    for batch in _batches(frames, batch_size):
+                        for frame, pixels in _stylize_batch(batch, job, runner, cfg, ramp, span):
+                            encoder.put((pixels[:even_h, :even_w], frame.pts))
+                            first_time = frame.time if first_time is None else first_time
+                            last_time = frame.time
+                            written += 1
+                        bar.update(len(batch))
+                    encoder.finish()
+                except BaseException:  # Ctrl-C, a failed frame or encoder: the file is discarded
+                    encoder.stop.set()  # first, so that the reader is not left waiting to hand it audio
+                    frames.close()
+                    encoder.cancel()
+                    raise
+        finally:
+            bar.close()
+        seconds = 0.0 if first_time is None else last_time - first_time + 1 / float(info.frame_rate)
+        result = VideoResult(job.target, written, seconds, time.perf_counter() - start, reader.stopped)
+        logger.info(
+            "%s: %d frames in %.1f s (%.2f frames/s, %.3gx real time)",
+            job.target.name,
+            written,
+            result.wall_s,
+            written / result.wall_s,
+            seconds / result.wall_s,
+        )
+        return result
+
+
+def _encode(writer: object, item: object) -> None:
+    if isinstance(item, tuple):
+        writer.write(*item)
+    else:  # an audio packet from the reader
+        writer.copy_packet(item)
+
+
+def _batches(frames: Iterator[Frame], size: int) -> Iterator[list[Frame]]:
+    batch: list[Frame] = []
+    for frame in frames:
+        batch.append(frame)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _stylize_batch(
+    batch: list[Frame],
+    job: Job,
+    runner: Runner,
+    cfg: DictConfig,
+    ramp: StyleRamp | None,
+    span: tuple[float, float] | None,
+) -> list[tuple[Frame, np.ndarray]]:
+    """Run one batch of frames (of one size) through the network; returns each frame with its finished pixels."""
+    loaded = [Loaded(job, frame.image, size=(frame.image.height, frame.image.width)) for frame in batch]
+    if ramp is None:
+        outputs = runner(loaded)
+    else:
+        first, last = span if span is not None else (batch[0].time, batch[0].time)
+        t = 0.0 if last <= first else (batch[0].time - first) / (last - first)
+        outputs = runner.for_network(ramp.net.for_style(ramp.weights(t)))(loaded)
+    return [(frame, _finish_frame(item, out, cfg)) for frame, item, out in zip(batch, loaded, outputs, strict=True)]
