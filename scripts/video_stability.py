@@ -15,8 +15,8 @@ warping error of Lai et al. 2018 ("Learning Blind Video Temporal Consistency", E
 where b_t is the optical flow of the *input* frames from t to t - 1 (backward warping, bilinear) and M_t the
 non-occlusion mask of Ruder et al. 2016 ("Artistic style transfer for videos", GCPR 2016): forward-backward flow
 consistency and motion boundaries, plus the pixels whose flow leaves the frame. Printed x 1000. Lower is steadier;
-a stylization that moved exactly with the video would reach the input clip's own error ("input" column: the floor
-that the warp's bilinear interpolation and the flow's errors leave), not 0.
+a stylization that moved exactly with the video would score about the input clip's own error ("input" column: the
+floor that the warp's bilinear interpolation and the flow's errors leave; it depends on the image's detail), not 0.
 
 The flow is estimated once per clip on the input frames (8-bit grayscale) with OpenCV (``--flow``: DIS, or
 Farneback) and reused for every model. The clips' true motion is known, so each clip also gets a row with the
@@ -348,8 +348,8 @@ def header_text(stylizers: list[Stylizer], policy: PrecisionPolicy, method: str,
         f"Warping error E_warp (Lai et al. 2018) x {SCALE:g}, lower is steadier: RGB in [0, 1], squared difference "
         "averaged over the 3 channels and over the pixels of the non-occlusion mask (Ruder et al. 2016; 'mask' = "
         f"share of pixels kept), then over a clip's frame pairs ({clips}flow of the input frames: {method}, and "
-        "the generator's exact one where known). 'input': the unstylized clip's own error, the floor a perfectly "
-        f"steady stylization would reach.\nStylized with {policy.describe()}.\n{models}\n\n"
+        "the generator's exact one where known). 'input': the unstylized clip's own error, about the floor a "
+        f"perfectly steady stylization would reach.\nStylized with {policy.describe()}.\n{models}\n\n"
     )
 
 
