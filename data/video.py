@@ -23,7 +23,7 @@ import os
 import struct
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -158,20 +158,24 @@ class VideoInfo:
 
 @dataclass
 class Frame:
-    """One decoded frame: ``image`` 8-bit RGB, upright, at the requested size; ``index`` counts from 0 in display
-    order; ``pts`` in ``time_base`` units (None when the file gives none); ``time`` in seconds from the file's
-    time origin."""
+    """One decoded frame: ``pixels`` (H, W, 3) uint8 RGB, upright, at the requested size (a writable array of its
+    own); ``index`` counts from 0 in display order; ``pts`` in ``time_base`` units; ``time`` in seconds from the
+    file's time origin."""
 
-    image: Image.Image
+    pixels: np.ndarray
     index: int
-    pts: int | None
+    pts: int
     time_base: Fraction
     time: float
 
+    @property
+    def image(self) -> Image.Image:
+        """The frame as a PIL RGB image (a copy)."""
+        return Image.fromarray(self.pixels, "RGB")
+
     def tensor(self) -> torch.Tensor:
         """The frame as a (3, H, W) float32 tensor in [0, 1]."""
-        array = np.asarray(self.image)
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+        return torch.from_numpy(self.pixels).permute(2, 0, 1).float().div_(255.0)
 
 
 def _open_input(path: Path) -> object:
@@ -293,6 +297,10 @@ class VideoReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         """Close the file (waits for a packet being decoded in another thread; frames() then ends)."""
         with self._lock:
@@ -373,12 +381,15 @@ class VideoReader:
 
     def _frame(self, decoded: object, size: tuple[int, int] | None, pts: int, time: float) -> Frame:
         array = decoded.to_ndarray(format="rgb24", src_color_range=decoded.color_range)
-        image = Image.fromarray(array, "RGB")
-        if self._transpose is not None:
-            image = image.transpose(self._transpose)
-        if size is not None and image.size != tuple(size):
-            image = resize_to(image, *size)
-        frame = Frame(image, self.frames_read, pts, self.stream.time_base, time)
+        resize = size is not None and tuple(size) != (self.info.width, self.info.height)
+        if self._transpose is not None or resize:
+            image = Image.fromarray(array, "RGB")
+            if self._transpose is not None:
+                image = image.transpose(self._transpose)
+            if resize:
+                image = resize_to(image, *size)
+            array = np.array(image)
+        frame = Frame(array, self.frames_read, pts, self.stream.time_base, time)
         self.frames_read += 1
         return frame
 
@@ -453,11 +464,23 @@ class VideoSettings:
     color_primaries: int | None = None
     color_trc: int | None = None
     sample_aspect_ratio: Fraction | None = None
-    audio_streams: list = field(default_factory=list)
+    source: VideoReader | None = None  # whose audio streams are copied; it must stay open while writing
+
+    @property
+    def audio_streams(self) -> list:
+        """The source's audio streams, checked to be readable (a closed file's streams would crash ffmpeg)."""
+        if self.source is None:
+            return []
+        if self.source.closed:
+            raise ValueError("the VideoReader whose audio is copied is closed: write while it is open")
+        return list(self.source.audio_streams)
 
     @classmethod
-    def like(cls, reader: VideoReader, width: int, height: int, crf: int = DEFAULT_CRF) -> VideoSettings:
-        """Settings that keep ``reader``'s timing, colour tags and audio, for frames of ``width`` x ``height``."""
+    def like(
+        cls, reader: VideoReader, width: int, height: int, crf: int = DEFAULT_CRF, audio: bool = True
+    ) -> VideoSettings:
+        """Settings that keep ``reader``'s timing, colour tags and (``audio``) audio, for frames of ``width`` x
+        ``height``. With audio, write while ``reader`` is open: its packets are copied from it."""
         return cls(
             width=width,
             height=height,
@@ -469,7 +492,7 @@ class VideoSettings:
             color_primaries=reader.color_primaries,
             color_trc=reader.color_trc,
             sample_aspect_ratio=reader.sample_aspect_ratio,
-            audio_streams=list(reader.audio_streams),
+            source=reader if audio else None,
         )
 
 

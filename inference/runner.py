@@ -183,6 +183,20 @@ class Runner:
             )
         return [self._tiled_image(item) for item in batch]
 
+    @torch.inference_mode()
+    def stylize_pixels(self, frames: torch.Tensor) -> torch.Tensor:
+        """Stylize (N, H, W, 3) uint8 RGB frames (CPU) that fit ``max_memory_mb`` untiled (see max_batch) and return
+        them finished as (N, H, W, 3) uint8 on the CPU: colours (preserve_color, strength) and data.io.to_uint8's
+        rounding applied on the device, so that only 8-bit pixels cross to and from it (a quarter of the float32
+        bytes) and the CPU does no per-pixel work. The same pixels as __call__ followed by save_result's finishing.
+        RuntimeError when the model produced NaN or infinite values."""
+        content = frames.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        out = self.net(self.policy.batch_to(content, self.device)).float()
+        if not bool(torch.isfinite(out).all()):
+            raise RuntimeError(non_finite_error(out.cpu()))
+        out = finish_colors(out, content, self.preserve_color, self.strength)
+        return to_uint8(out).permute(0, 2, 3, 1).cpu()
+
     def _tiled_image(self, item: Loaded) -> Image.Image:
         """Stylize one image through the tiled executor and return it finished: the network reads uint8 strips of
         ``item.pixels``, and each output strip gets finish_colors (pointwise, given the content pixel), the 8-bit

@@ -26,11 +26,9 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from data.io import to_uint8
 from data.video import Frame, VideoReader, VideoSettings, even_size, frame_span, open_video_writer, output_size
-from inference.colour import finish_colors
 from inference.jobs import Job
-from inference.runner import Loaded, Runner, non_finite_error
+from inference.runner import Loaded, Runner
 
 logger = logging.getLogger(__name__)
 
@@ -161,18 +159,6 @@ def _prefetch(frames: Iterator[Frame], depth: int) -> Iterator[Frame]:
         thread.join()
 
 
-def _finish_frame(loaded: Loaded, out: torch.Tensor | object, cfg: DictConfig) -> np.ndarray:
-    """The network's output for one frame as the (H, W, 3) uint8 frame to encode: colours finished (untiled
-    outputs; the tiled path returns them finished), rounded like every image faststyle writes."""
-    if isinstance(out, torch.Tensor):
-        problem = non_finite_error(out)
-        if problem is not None:
-            raise RuntimeError(problem)
-        out = finish_colors(out, loaded.tensor(), bool(cfg.preserve_color), float(cfg.strength))
-        return to_uint8(out).permute(1, 2, 0).numpy()
-    return np.asarray(out)
-
-
 def stylize_video(
     job: Job,
     runner: Runner,
@@ -216,7 +202,7 @@ def stylize_video(
                 frames = _prefetch(reader.frames((width, height), on_packet=encoder.put), depth=batch_size + 2)
                 try:
                     for batch in _batches(frames, batch_size):
-                        for frame, pixels in _stylize_batch(batch, job, runner, cfg, ramp, span):
+                        for frame, pixels in _stylize_batch(batch, job, runner, ramp, span):
                             encoder.put((pixels[:even_h, :even_w], frame.pts))
                             first_time = frame.time if first_time is None else first_time
                             last_time = frame.time
@@ -265,16 +251,19 @@ def _stylize_batch(
     batch: list[Frame],
     job: Job,
     runner: Runner,
-    cfg: DictConfig,
     ramp: StyleRamp | None,
     span: tuple[float, float] | None,
 ) -> list[tuple[Frame, np.ndarray]]:
-    """Run one batch of frames (of one size) through the network; returns each frame with its finished pixels."""
-    loaded = [Loaded(job, frame.image, size=(frame.image.height, frame.image.width)) for frame in batch]
-    if ramp is None:
-        outputs = runner(loaded)
-    else:
+    """Run one batch of frames (of one size) through the network; returns each frame with its finished (H, W, 3)
+    uint8 pixels. Frames that fit max_memory_mb untiled go through Runner.stylize_pixels (colours finished on the
+    device); larger ones one by one through the exact tiled executor, which returns them finished too."""
+    if ramp is not None:
         first, last = span if span is not None else (batch[0].time, batch[0].time)
         t = 0.0 if last <= first else (batch[0].time - first) / (last - first)
-        outputs = runner.for_network(ramp.net.for_style(ramp.weights(t)))(loaded)
-    return [(frame, _finish_frame(item, out, cfg)) for frame, item, out in zip(batch, loaded, outputs, strict=True)]
+        runner = runner.for_network(ramp.net.for_style(ramp.weights(t)))
+    height, width = batch[0].pixels.shape[:2]
+    if runner.max_batch(height, width) >= len(batch):
+        out = runner.stylize_pixels(torch.from_numpy(np.stack([frame.pixels for frame in batch])))
+        return [(frame, pixels) for frame, pixels in zip(batch, out.numpy(), strict=True)]
+    loaded = [Loaded(job, frame.image, size=(height, width)) for frame in batch]
+    return [(frame, np.asarray(image)) for frame, image in zip(batch, runner(loaded), strict=True)]

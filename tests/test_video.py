@@ -84,7 +84,7 @@ def make_clip(
             for packet in stream.encode(None):
                 out.mux(packet)
         if sound is not None:
-            rate, total, done = 48000, round(pts / fps * 48000), 0
+            rate, total, done = 48000, round((pts if video else frames) / fps * 48000), 0
             while done < total:
                 n = min(960, total - done)
                 tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(done, done + n) / rate)
@@ -307,7 +307,9 @@ def test_tiled_frames_equal_untiled(model_file: Path, tmp_path: Path, caplog) ->
 def test_multistyle_style_and_changing_mix(tmp_path: Path) -> None:
     model = make_model(tmp_path / "multi.pth", styles=2, seed=1)
     clip = make_clip(tmp_path / "clip.mkv", frames=9)
-    options = {"output": tmp_path / "out", "video_crf": 0}  # lossless: equal pixels decode equal
+    # Lossless, so equal pixels decode equal; one frame per batch in every run, as the changing mix runs, so that
+    # the comparison does not depend on a kernel giving the same result for a frame alone and within a batch.
+    options = {"output": tmp_path / "out", "video_crf": 0, "batch_size": 1}
     run(model, clip, style="s0", **options)
     run(model, clip, style="s1", **options)
     ramp = run(model, clip, style="s0", style_end="s1", **options)
