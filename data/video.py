@@ -314,7 +314,7 @@ class VideoReader:
     ) -> Iterator[Frame]:
         """The frames in display order, upright, resized to ``size`` (width, height) when given (Lanczos down,
         bicubic up: data.io). ``on_packet`` receives each audio packet (PyAV Packet, its ``stream`` one of
-        ``audio_streams``) as the file is read. At most one decoded frame is held here at a time."""
+        ``audio_streams``) as the file is read. Only the frames of one packet are held here at a time."""
         import av
 
         if self._started:
