@@ -98,7 +98,7 @@ class PerceptualLoss(nn.Module):
         temporal_shift_px: float = 4.0,
         temporal_rotation_deg: float = 2.0,
         temporal_zoom: float = 0.03,
-        temporal_noise_std: float = 0.02,
+        temporal_noise_std: float = 0.0,
     ) -> None:
         super().__init__()
         if isinstance(content_layers, str):

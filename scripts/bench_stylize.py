@@ -18,10 +18,10 @@ strip per layer), ``compile``, ``malloc`` (core.device.reuse_freed_memory), ``ea
 1920x1080 fits the default max_memory_mb, so it runs untiled). The summary gives every variant's speed-up over
 ``plain`` and over the fastest fp32 variant of our own network measured in the same run.
 
-Every memory figure comes from a fresh subprocess (peak RSS = ru_maxrss of that process, which includes the
-~0.3 GB of torch itself), so one measurement's allocations never inflate the next one's. Weights do not change
-speed, so a randomly initialised TransformerNet is used unless --model gives a trained model.pth; for the PSNR
-check the random weights are perturbed so the output is far from flat. Figures are printed, never asserted.
+Every memory figure comes from a fresh subprocess (peak RSS = that process's own VmHWM, benchutil.peak_rss_mb, which
+includes the ~0.3 GB of torch itself), so one measurement's allocations never inflate the next one's. Weights do not
+change speed, so a randomly initialised TransformerNet is used unless --model gives a trained model.pth; for the
+PSNR check the random weights are perturbed so the output is far from flat. Figures are printed, never asserted.
 """
 
 from __future__ import annotations

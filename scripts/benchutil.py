@@ -126,8 +126,19 @@ def torch_instance_norms(net: torch.nn.Module) -> torch.nn.Module:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident memory of this process so far, in MiB: Linux's VmHWM, the high-water mark of the address
+    space this program's exec created. Not ru_maxrss, which a child process inherits from its parent's peak across
+    fork and exec (a benchmark's fresh worker would report the parent's peak when that is larger); ru_maxrss only
+    where /proc is missing (macOS reports it in bytes, Linux in KiB)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if platform.system() == "Darwin" else peak / 1024.0
 
 
 def environment_line(device: torch.device) -> str:

@@ -4,6 +4,9 @@ Speed itself is never asserted."""
 
 from __future__ import annotations
 
+import argparse
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +90,30 @@ def test_random_vgg16_weights_load_as_vgg16(tmp_path: Path) -> None:
 
 def test_matmul_peak_measures_bf16() -> None:
     assert benchutil.matmul_peak_gflops(CPU, torch.bfloat16, size=64, seconds=0.01) > 0
+
+
+def test_peak_rss_is_the_process_own_not_its_parents() -> None:
+    # Linux carries ru_maxrss across fork and exec: a fresh benchmark worker started by a large parent would report
+    # the parent's peak. peak_rss_mb reads the worker's own high-water mark.
+
+    ballast = torch.ones(600 * 2**20, dtype=torch.uint8)  # 600 MiB touched in this (parent) process
+    code = "from scripts.benchutil import peak_rss_mb; print(peak_rss_mb())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    parent = benchutil.peak_rss_mb()
+    del ballast
+    assert parent >= 600
+    assert float(child.stdout) < parent - 300  # the child imported torch (~0.3 GB), nothing like the parent's peak
+
+
+@pytest.mark.slow
+def test_bench_video_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None:
+    from scripts import bench_video
+
+    parser = argparse.ArgumentParser()
+    bench_video.add_arguments(parser)
+    args = parser.parse_args(["--sizes", "64x48", "--frames", "6", "--base-width", "4", "--precisions", "fp32"])
+    assert bench_video.run(args) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 64x48")]
+    assert [line.split("|")[3].strip() for line in table] == ["I/O alone", "network", "end to end"]
+    for line in table:
+        assert float(line.split("|")[4]) > 0  # frames/s
