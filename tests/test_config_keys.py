@@ -64,6 +64,7 @@ STYLIZE_KEYS = {
     "overwrite",
     "jpeg_quality",
     "video_crf",
+    "style",
     "style_end",
     "device",
     "precision",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -243,32 +244,14 @@ def test_cli_errors_exit_2(model_file: Path, tmp_path: Path) -> None:
         assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("signum", "code", "label"), [(2, 130, "Ctrl-C"), (15, 143, "SIGTERM")])
-def test_ctrl_c_and_sigterm_stop_after_complete_files(
-    model_file: Path, tmp_path: Path, signum: int, code: int, label: str
-) -> None:
-    """A real stylize.py is stopped once its first output exists: one line, exit 130/143, every output complete,
-    no temporary file left, and the same command then finishes the rest."""
+def start_stylize_until(args: list[str], ready: Callable[[], bool]) -> subprocess.Popen:
+    """``python stylize.py *args`` started in the background (Ctrl-C left at Python's default, as in a terminal),
+    returned once ``ready()`` holds (or after 120 s), for a test to send it a signal."""
     import signal
     import time
 
-    src, out = tmp_path / "in", tmp_path / "out"
-    src.mkdir()
-    for i in range(6):
-        photo(64, 48, seed=i).save(src / f"p{i:02d}.png")
-    command = [
-        sys.executable,
-        "stylize.py",
-        f"model={model_file}",
-        f"input={src}",
-        f"output={out}",
-        "scale=24",
-        "batch_size=1",
-        "io_threads=1",
-    ]
     proc = subprocess.Popen(
-        command,
+        [sys.executable, "stylize.py", *args],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -276,8 +259,24 @@ def test_ctrl_c_and_sigterm_stop_after_complete_files(
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
-    while not (out.is_dir() and any(p.suffix == ".png" for p in out.iterdir())) and time.monotonic() < deadline:
+    while not ready() and time.monotonic() < deadline:
         time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "code", "label"), [(2, 130, "Ctrl-C"), (15, 143, "SIGTERM")])
+def test_ctrl_c_and_sigterm_stop_after_complete_files(
+    model_file: Path, tmp_path: Path, signum: int, code: int, label: str
+) -> None:
+    """A real stylize.py is stopped once its first output exists: one line, exit 130/143, every output complete,
+    no temporary file left, and the same command then finishes the rest."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(6):
+        photo(64, 48, seed=i).save(src / f"p{i:02d}.png")
+    args = [f"model={model_file}", f"input={src}", f"output={out}", "scale=24", "batch_size=1", "io_threads=1"]
+    proc = start_stylize_until(args, lambda: out.is_dir() and any(p.suffix == ".png" for p in out.iterdir()))
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
@@ -288,6 +287,6 @@ def test_ctrl_c_and_sigterm_stop_after_complete_files(
     for name in written:
         with Image.open(out / name) as img:
             img.load()  # complete files only
-    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    again = subprocess.run([sys.executable, "stylize.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and f"skipped {len(written)}" in again.stdout, again.stderr
     assert len(list(out.iterdir())) == 6

@@ -26,6 +26,7 @@ from models.modelfile import save_model
 from models.transformer import TransformerNet
 from stylize import compose_config
 from tests.test_multistyle import randomise_style_tables
+from tests.test_stylize import start_stylize_until
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -404,17 +405,8 @@ def test_memory_does_not_grow_with_the_clip_length(tmp_path: Path) -> None:
 def test_ctrl_c_leaves_no_partial_video(model_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     clip = make_clip(tmp_path / "long.mp4", frames=800, size=(96, 64))
-    proc = subprocess.Popen(
-        [sys.executable, "stylize.py", f"model={model_file}", f"input={clip}", f"output={out}", "batch_size=1"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    deadline = time.monotonic() + 120
-    while not (out.is_dir() and any(out.iterdir())) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    args = [f"model={model_file}", f"input={clip}", f"output={out}", "batch_size=1"]
+    proc = start_stylize_until(args, lambda: out.is_dir() and any(out.iterdir()))
     time.sleep(0.2)  # frames are being encoded into the temporary file (the whole clip takes seconds)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
