@@ -2,7 +2,8 @@
 
 A per-frame network turns the small changes between two video frames (motion, sensor noise, compression) into
 changes of its texture: flicker. Without video data, make the second "frame" from the training photo itself: a
-small random warp W (shift, rotation, zoom) whose motion is known exactly, plus noise. A stable network commutes
+small random warp W (shift, rotation, zoom) whose motion is known exactly, plus optional noise n (off by default:
+on clean clips it cost far more style than it bought stability, README "Stable video"). A stable network commutes
 with the motion, f(W(x) + n) = W(f(x)), so the term penalises the difference, over the pixels that the warp maps
 from inside the photo (the border it invents is left out):
 

@@ -197,7 +197,8 @@ def train_step(
 
     With the stability term (``loss_fn.temporal``, models/temporal.py) the network also stylises a warped, noisy
     copy of the batch, drawn from ``generator``, in the same forward pass (2B images; instance norm keeps the
-    samples independent); the perceptual terms see the B photos only, and ``temporal`` is added to ``total``.
+    samples independent, batch norm's statistics cover both halves); the perceptual terms see the B photos only,
+    and ``temporal`` is added to ``total``.
     """
     term = getattr(loss_fn, "temporal", None)
     with policy.autocast():
