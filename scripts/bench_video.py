@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from scripts.benchutil import REPO_ROOT, environment_line, peak_rss_mb, precision_line, synchronize
+from scripts.benchutil import REPO_ROOT, environment_line, peak_rss_mb, precision_line, time_call
 
 PHOTO = REPO_ROOT / "data" / "samples" / "content" / "chelsea.jpg"
 FPS = 30
@@ -117,36 +117,20 @@ def make_clip(path: Path, width: int, height: int, count: int) -> Path:
 def bench_network(net: torch.nn.Module, device: torch.device, precision: str, size: tuple[int, int], batch: int):
     """frames/s of the Runner alone on decoded frames (median of 3 timed calls after a warm-up), and the policy."""
     import numpy as np
-    from omegaconf import OmegaConf
 
     from inference.runner import Runner
+    from stylize import compose_config
 
     width, height = size
-    cfg = OmegaConf.create(
-        {
-            "precision": precision,
-            "channels_last": "auto",
-            "max_memory_mb": 1e9,  # untiled: the tiled executor is timed by bench_stylize
-            "tmp_dir": None,
-            "preserve_color": False,
-            "strength": 1.0,
-        }
-    )
+    # stylize's own defaults; a budget no frame exceeds keeps it untiled (bench_stylize times the tiled executor).
+    cfg = compose_config([f"precision={precision}", "max_memory_mb=1000000000"])
     runner = Runner(net, device, cfg)
     frames = torch.from_numpy(np.stack(list(_pan_frames(width, height, batch))))
 
     def call() -> None:
         runner.stylize_pixels(frames)  # what a video frame pays: 8-bit in, network, colours, 8-bit out
 
-    call()
-    synchronize(device)
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        call()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return batch / sorted(times)[1], runner.policy.describe()
+    return batch / time_call(call, device, warmup=1, repeats=3), runner.policy.describe()
 
 
 def _worker(args: argparse.Namespace) -> dict:
@@ -196,6 +180,20 @@ def _spawn(spec: dict) -> dict | None:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _end_to_end(args: argparse.Namespace, model: Path, clip: Path, out: Path, precision: str) -> dict | None:
+    """stylize ``clip`` into ``out`` in a fresh worker process (figures as _worker returns them, None if it failed)."""
+    spec = {
+        "model": str(model),
+        "clip": str(clip),
+        "out": str(out),
+        "device": args.device,
+        "precision": precision,
+        "batch_size": args.batch_size,
+        "io_only": False,
+    }
+    return _spawn(spec)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.worker:
         print(json.dumps(_worker(args)))
@@ -239,16 +237,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"| {label} | {precision} | network | {fps:.2f} | {fps / FPS:.3f} | | {policy} |")
                 if clip is None:
                     continue
-                spec = {
-                    "model": str(model),
-                    "clip": str(clip),
-                    "out": str(folder / f"out_{label}_{precision}.mp4"),
-                    "device": args.device,
-                    "precision": precision,
-                    "batch_size": args.batch_size,
-                    "io_only": False,
-                }
-                done = _spawn(spec)
+                done = _end_to_end(args, model, clip, folder / f"out_{label}_{precision}.mp4", precision)
                 if done:
                     fps = done["frames"] / done["wall_s"]
                     factor = done["seconds"] / done["wall_s"]
@@ -260,16 +249,7 @@ def run(args: argparse.Namespace) -> int:
             label = f"{width}x{height}"
             clip = make_clip(folder / f"long_{label}.mp4", width, height, args.long)
             for count, path in ((args.frames, folder / f"clip_{label}.mp4"), (args.long, clip)):
-                spec = {
-                    "model": str(model),
-                    "clip": str(path),
-                    "out": str(folder / f"long_out_{count}.mp4"),
-                    "device": args.device,
-                    "precision": precisions[0],
-                    "batch_size": args.batch_size,
-                    "io_only": False,
-                }
-                done = _spawn(spec)
+                done = _end_to_end(args, model, path, folder / f"long_out_{count}.mp4", precisions[0])
                 if done:
                     print(
                         f"# memory: {count} frames of {label} ({precisions[0]}) end to end: peak RSS "

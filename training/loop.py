@@ -205,7 +205,7 @@ def train_step(
         inputs, styles = content, style
         if term is not None:
             frame = term.second_frame(content, generator)
-            inputs = torch.cat([content, frame.image.to(content.dtype)]).contiguous(memory_format=policy.memory_format)
+            inputs = torch.cat([content, frame.image]).contiguous(memory_format=policy.memory_format)
             styles = None if style is None else torch.cat([style, style])
         output = model(inputs) if styles is None else model(inputs, styles)
         stylised = output[: content.shape[0]]
