@@ -130,7 +130,9 @@ def main(cfg: DictConfig) -> None:
         if int(os.environ.get("RANK", "0")) != 0:
             return  # torchrun workers: rank 0 prints the summary
         print(f"model: {model_path}")
-        print(f"tensorboard --logdir {model_path.parent / 'tb'}")
+        # The tensorboard beside this interpreter: runnable as printed whether or not the venv is activated.
+        tensorboard = Path(sys.executable).with_name("tensorboard")
+        print(f"{tensorboard if tensorboard.is_file() else 'tensorboard'} --logdir {model_path.parent / 'tb'}")
 
 
 def compose_with_hydra(overrides: list[str]) -> DictConfig:
