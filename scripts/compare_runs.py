@@ -3,7 +3,7 @@ or any list of run dirs trained on one style.
 
     python train.py -m experiment=in_vs_bn model.norm=instance,batch      # both runs under one multirun dir
     python -m scripts.compare_runs multirun/in_vs_bn/<date>/<time>         # writes the report into that dir
-    python -m scripts.compare_runs RUN_DIR_A RUN_DIR_B --out report/       # or name the run dirs yourself
+    python -m scripts.compare_runs RUN_A RUN_B --out outputs/reports/ab   # or name the run dirs yourself
 
 A run dir is a folder holding ``model.pth`` and Hydra's ``.hydra/config.yaml`` (plus ``tb/`` for the curves). Each
 run is labelled by what differs between the runs' configs (``model.norm=batch``, ``loss.style_weight=2.0``, ...);

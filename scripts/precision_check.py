@@ -1,7 +1,7 @@
 """How close a 16-bit stylize is to fp32: PSNR of bf16 (or fp16 on CUDA) against fp32, at 1920x1080, per model.
 
     python -m scripts.precision_check outputs/demo/<run>/model.pth
-    python -m scripts.precision_check a.pth b.pth --as-examples --image photo.jpg --out bench_out/precision
+    python -m scripts.precision_check a.pth b.pth --as-examples --image photo.jpg --out outputs/reports/precision_check
 
 Each model runs through stylize's own Runner (inference/runner.py: the network and the photo cast to the 16-bit
 type, channels_last as ``auto`` picks), once in fp32 and once in the 16-bit precision, on the same photo resized to
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiled-budget-mb", type=float, default=256, help="memory budget that forces tiling")
     parser.add_argument("--as-examples", action="store_true", help="round-trip through pytorch/examples' format")
     parser.add_argument("--style", default=None, help="multi-style models: the style or mix to check (default: first)")
-    parser.add_argument("--out", default="bench_out/precision", help="where the PNGs go")
+    parser.add_argument("--out", default="outputs/reports/precision_check", help="where the PNGs go (%(default)s)")
     args = parser.parse_args(argv)
     from core.device import resolve_device
 

@@ -1,7 +1,7 @@
 """How much a style network flickers on video: the warping error of Lai et al. 2018 on test clips with known motion.
 
     python -m scripts.video_stability outputs/train/<date>/<time>-<style>/model.pth
-    python -m scripts.video_stability plain/model.pth temporal/model.pth --names plain temporal --strip strip.jpg
+    python -m scripts.video_stability plain/model.pth temporal/model.pth --names plain temporal --strip
     python -m scripts.video_stability multi/model.pth --style hokusai_great_wave --size 256x256 --frames 30
 
 A per-frame network turns the small changes between video frames into changes of its texture: flicker. This report
@@ -28,10 +28,11 @@ multi-style model runs the one-style network of ``--style`` (``TransformerNet.fo
 go through the network directly, ``--batch`` at a time, in ``--precision`` (default fp32) on ``--device`` (default
 cpu), and are rounded to 8 bits as every image faststyle writes.
 
-``--strip PATH``: a picture for the README: a few consecutive frames of one clip (``--strip-clip``), one row for the
-input and one per model, each row ending with its warping-error map of the last frame shown (sqrt(D_t), x4;
-blue where the mask leaves pixels out). ``--save-clips DIR``: every clip's input and stylized frames as PNG
-sequences (DIR/<clip>/input/000.png, DIR/<clip>/A/000.png, ...).
+``--strip [PATH]`` (default outputs/reports/video_stability/strip.jpg): a picture for the README: a few
+consecutive frames of one clip (``--strip-clip``), one row for the input and one per model, each row ending with its
+warping-error map of the last frame shown (sqrt(D_t), x4; blue where the mask leaves pixels out).
+``--save-clips [DIR]`` (default outputs/reports/video_stability/clips): every clip's input and stylized frames as
+PNG sequences (DIR/<clip>/input/000.png, DIR/<clip>/A/000.png, ...).
 
 ``--clip VIDEO`` (repeatable) adds a real clip: its first ``--frames`` frames, decoded by data/video.py (PyAV) and
 scaled so the long side is at most ``--size``'s; it has no exact-flow row (its motion is unknown). ``--clips``
@@ -68,6 +69,9 @@ MAX_FRAMES = 500
 SCALE = 1000.0  # errors are printed x 1000
 ERROR_MAP_GAIN = 4.0  # the strip's error maps show sqrt(D_t) x 4
 OCCLUDED_COLOUR = (0.2, 0.35, 0.9)  # the strip's error maps: pixels the mask leaves out
+# Under outputs/ (git-ignored) rather than the current folder, which is usually the repository root.
+DEFAULT_STRIP = Path("outputs/reports/video_stability/strip.jpg")
+DEFAULT_CLIPS_DIR = Path("outputs/reports/video_stability/clips")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -125,12 +129,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--precision", default="fp32", choices=("fp32", "bf16", "fp16", "auto"), help="network precision (fp32)"
     )
     parser.add_argument("--batch", type=int, default=8, help="frames per network call (default 8)")
-    parser.add_argument("--strip", type=Path, metavar="PATH", help="write a frame strip (.jpg, .png, ...)")
+    parser.add_argument(
+        "--strip",
+        type=Path,
+        nargs="?",
+        const=DEFAULT_STRIP,
+        metavar="PATH",
+        help=f"write a frame strip (.jpg, .png, ...; --strip alone: {DEFAULT_STRIP})",
+    )
     parser.add_argument(
         "--strip-clip", metavar="CLIP", help="the strip's clip: pan, zoom, objects or a --clip file's name (objects)"
     )
     parser.add_argument("--strip-frames", type=int, default=4, help="consecutive frames in the strip (default 4)")
-    parser.add_argument("--save-clips", type=Path, metavar="DIR", help="write every clip's frames as PNG sequences")
+    parser.add_argument(
+        "--save-clips",
+        type=Path,
+        nargs="?",
+        const=DEFAULT_CLIPS_DIR,
+        metavar="DIR",
+        help=f"write every clip's frames as PNG sequences (--save-clips alone: {DEFAULT_CLIPS_DIR})",
+    )
     args = parser.parse_args(argv)
     if not 2 <= args.frames <= MAX_FRAMES:
         parser.error(f"--frames must be between 2 and {MAX_FRAMES}, got {args.frames}")
