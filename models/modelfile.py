@@ -28,6 +28,9 @@ CHECKPOINT_FORMAT = "faststyle-checkpoint"
 FORMAT_VERSION = 1
 """The newest version of both torch file kinds this code writes and reads."""
 
+MODEL_FIX = "pass the model.pth of a training run"
+"""What to do instead of passing a file that is not a model file (the end of those messages)."""
+
 ONNX_FORMAT = "faststyle-onnx"
 ONNX_METADATA_KEY = "faststyle"
 """Key in an exported ONNX file's ``metadata_props`` holding {"format", "model_config", "meta", ...} as JSON."""
@@ -138,7 +141,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     read by ``interop.legacy.load_any_model``, which accepts both.
     """
     path = Path(path)
-    return model_from_dict(safe_torch_load(path, "model file"), path, device)
+    return model_from_dict(safe_torch_load(path, "model file", fix=MODEL_FIX), path, device)
 
 
 def model_from_dict(obj: dict, path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
