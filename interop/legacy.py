@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from core.errors import FaststyleError
 from core.fileio import file_sha256, safe_torch_load
-from models.modelfile import MODEL_FIX, check_finite, model_from_dict
+from models.modelfile import MODEL_FIX, check_finite, check_model_config, model_from_dict
 from models.transformer import ConvLayer, TransformerNet, UpsampleConvLayer
 
 log = logging.getLogger(__name__)
@@ -240,8 +240,12 @@ def legacy_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _import(obj: Mapping[str, Any], path: Path, device: str | torch.device) -> tuple[TransformerNet, dict[str, Any]]:
-    check_finite(obj, path)
-    return load_legacy_state_dict(obj).to(device).eval(), legacy_meta(path)
+    # The shape its tensors claim is checked before anything is built or scanned: a tensor may be a stride-0 view
+    # claiming billions of elements on a few bytes of storage.
+    check_model_config(legacy_config(*infer_legacy_shape(obj)), path)
+    net = load_legacy_state_dict(obj)
+    check_finite(net.state_dict(), path)  # the weights used (unused running-stat buffers were dropped)
+    return net.to(device).eval(), legacy_meta(path)
 
 
 def load_legacy_file(path: str | os.PathLike) -> tuple[TransformerNet, dict[str, Any]]:
