@@ -18,10 +18,17 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from core.errors import FaststyleError
+from core.limits import MODEL_RANGES
 
 
 def _choices(*values: Any) -> dict:
     return {"choices": values}
+
+
+def _range(name: str) -> dict:
+    """A network shape option's range, the one model files are checked against too (core/limits.py)."""
+    low, high = MODEL_RANGES[name]
+    return {"min": low, "max": high}
 
 
 SWITCH = {"choices": ("auto", True, False, "true", "false"), "words": "auto, true or false"}
@@ -32,8 +39,8 @@ still true."""
 @dataclass
 class ModelSchema:
     norm: str = field(metadata=_choices("instance", "batch", "none"))
-    base_width: int = field(metadata={"min": 1, "max": 256})
-    residual_blocks: int = field(metadata={"min": 0, "max": 64})
+    base_width: int = field(metadata=_range("base_width"))
+    residual_blocks: int = field(metadata=_range("residual_blocks"))
     upsample: str = field(metadata=_choices("nearest", "transpose"))
     output: str = field(metadata=_choices("sigmoid", "linear"))
 
@@ -262,6 +269,9 @@ def check_train_config(cfg: DictConfig) -> None:
             raise FaststyleError(
                 f"style lists {repeated[0]} twice: each style is named after its file, so give distinct files"
             )
+        most = MODEL_RANGES["num_styles"][1]
+        if len(styles) > most:
+            raise FaststyleError(f"style lists {len(styles)} paintings: one network holds at most {most} styles")
         if len(styles) > 1 and node["model"]["norm"] != "instance":
             raise FaststyleError(
                 f"model.norm={node['model']['norm']} cannot hold {len(styles)} styles: a multi-style network uses "

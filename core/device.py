@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import torch
 
@@ -74,3 +76,29 @@ def release_freed_heap() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         log.debug("glibc malloc_trim unavailable: freed heap pages stay resident")
+
+
+def host_memory_available() -> int | None:
+    """Bytes of RAM this process may still allocate without swapping or being killed (None if unknown): Linux's
+    MemAvailable, lowered to what a cgroup v2 memory limit (a container, a Slurm job) leaves."""
+    available = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text(encoding="ascii").strip()
+        used = Path("/sys/fs/cgroup/memory.current").read_text(encoding="ascii").strip()
+        if limit != "max":
+            left = max(int(limit) - int(used), 0)
+            available = left if available is None else min(available, left)
+    except (OSError, ValueError):
+        pass
+    return available

@@ -24,9 +24,12 @@ import io
 import logging
 import os
 import pickle
+import pickletools
 import re
+import stat
 import tempfile
 import time
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -206,12 +209,66 @@ _OTHER_KINDS = (
     (b"BM", "a BMP image"),
     (b"\x08", "an ONNX model or other protobuf file"),
 )
+_DAMAGED = "corrupt (cut short?) or another kind of file that torch.load cannot read"
+# What a torch file's pickle may import without being code: torch's own tensor rebuilders and the containers
+# torch.save writes. Anything else named in a well-formed pickle is a class or function it would call on load.
+_PLAIN_GLOBALS = frozenset({"collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.frozenset"})
+_PICKLE_SCAN_LIMIT = 64 << 20  # bytes of pickle read to tell code from damage (data.pkl is small even in big models)
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+
+
+def regular_file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read as a file, in a few words ("not found", "a folder", "a named pipe (FIFO)", ...),
+    or None when it is a regular file (symbolic links followed).
+
+    Only ``stat`` is used: opening a FIFO to look at it would block until something writes to it.
+    """
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        if err.errno in (errno.ENOENT, errno.ENOTDIR):
+            if os.path.islink(path):
+                return f"a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+            return "not found"
+        return f"not reachable ({err.strerror or err})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    kind = next((word for test, word in kinds if test(mode)), "not a regular file")
+    if os.path.islink(path):
+        kind += f" (a symbolic link to {os.path.realpath(path)})"
+    return kind
+
+
+def check_regular_file(path: str | os.PathLike, what: str, fix: str) -> None:
+    """Raise one FaststyleError line unless ``path`` is a regular file (or a link to one): "<what> not found",
+    "... is a folder", "... is a named pipe (FIFO), not a regular file", each followed by ``fix``."""
+    problem = regular_file_problem(path)
+    if problem is None:
+        return
+    if problem == "not found":
+        raise FaststyleError(f"{what} not found: {path} ({fix})")
+    if problem.startswith(("a folder", "a broken", "a symbolic", "not reachable")):
+        raise FaststyleError(f"{what} {path} is {problem}: {fix}")
+    raise FaststyleError(f"{what} {path} is {problem}, not a regular file: {fix}")
 
 
 def _not_torch_file(path: Path) -> str | None:
     """What ``path`` is when its first bytes show it was not written by ``torch.save`` (None when it may be)."""
-    with open(path, "rb") as handle:
-        head = handle.read(512)
+    # O_NONBLOCK: should the path have been replaced by a FIFO since it was checked, the read fails instead of
+    # waiting for a writer forever.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_BINARY", 0))
+    with os.fdopen(fd, "rb") as handle:
+        head = handle.read(512) or b""
     if not head:
         return "an empty file"
     if head.startswith(_TORCH_MAGIC):
@@ -226,6 +283,56 @@ def _not_torch_file(path: Path) -> str | None:
     return "a text file"
 
 
+def _pickle_imports(stream: BinaryIO, pickles: int) -> list[str] | None:
+    """The ``module.name`` of every global the first ``pickles`` pickles of ``stream`` import, read with
+    ``pickletools`` (which parses the opcodes and runs nothing); None when the first one is not a well-formed
+    pickle. Later ones may be missing (a legacy torch file has raw tensor bytes after its last pickle)."""
+    found: list[str] = []
+    for index in range(pickles):
+        strings: list[str] = []  # the text values pushed so far (STACK_GLOBAL takes module and name from them)
+        memo: dict[int, object] = {}
+        names: list[str] = []
+        try:
+            for opcode, arg, _ in pickletools.genops(stream):
+                if isinstance(arg, str) and opcode.name.endswith("UNICODE"):
+                    strings.append(arg)
+                elif opcode.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[len(memo) if arg is None else int(arg)] = strings[-1] if strings else None
+                elif opcode.name in ("GET", "BINGET", "LONG_BINGET") and isinstance(memo.get(int(arg)), str):
+                    strings.append(memo[int(arg)])
+                elif opcode.name in ("GLOBAL", "INST"):
+                    names.append(".".join(str(arg).split(" ", 1)))
+                elif opcode.name == "STACK_GLOBAL":
+                    names.append(".".join(strings[-2:]) if len(strings) >= 2 else "an object")
+        except Exception:  # noqa: BLE001 - any parse failure (bad opcode, cut short, bad argument) means damage
+            return None if index == 0 else found
+        found += names
+    return found
+
+
+def _code_in_torch_file(path: Path) -> str | None:
+    """The first class or function a well-formed torch file's pickle would import beyond tensors and plain values
+    (what ``weights_only`` refused), or None when the pickle is damaged or imports nothing else."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                if member is None:
+                    return None
+                with archive.open(member) as handle:
+                    imports = _pickle_imports(io.BytesIO(handle.read(_PICKLE_SCAN_LIMIT)), pickles=1)
+        else:
+            with open(path, "rb") as handle:
+                # Legacy format: magic number, protocol, system info, then the object: four pickles.
+                imports = _pickle_imports(io.BytesIO(handle.read(_PICKLE_SCAN_LIMIT)), pickles=4)
+    except (OSError, zipfile.BadZipFile, RuntimeError, ValueError, EOFError):
+        return None
+    for name in imports or []:
+        if _IDENTIFIER.fullmatch(name) and not name.startswith("torch.") and name not in _PLAIN_GLOBALS:
+            return name
+    return None
+
+
 def safe_torch_load(
     path: str | os.PathLike,
     what: str,
@@ -238,14 +345,16 @@ def safe_torch_load(
     a file carrying code (a ``__reduce__`` that runs a command) is refused before anything runs. ``what`` names the
     file kind in messages ("model file", "checkpoint"), ``origin`` who writes such files, ``fix`` what the user
     should do instead. Returns the loaded dict (anything else is refused).
+
+    Whatever the bytes, the answer is one line: "<path> is not a <origin> <what>: it is ..." for anything that is
+    not such a file (text, an image, random or damaged bytes, also those that start like a pickle), and "refusing to
+    load <path>" only for a well-formed pickle that would import code. torch's own warnings (pickle protocol,
+    deprecated storages) are kept off stderr: the file is either read or refused with that line.
     """
     import torch
 
     path = Path(path)
-    if path.is_dir():
-        raise FaststyleError(f"{what} {path} is a folder: pass the file itself")
-    if not path.is_file():
-        raise FaststyleError(f"{what} not found: {path} (check the path)")
+    check_regular_file(path, what, fix)
     try:
         kind = _not_torch_file(path)
     except OSError as err:
@@ -253,27 +362,20 @@ def safe_torch_load(
     if kind is not None:
         raise FaststyleError(f"{path} is not a {origin} {what}: it is {kind} ({fix})")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # weights_only refuses any pickled object that is not a tensor or a primitive container.
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise FaststyleError(
-            f"refusing to load {path}: it holds objects other than tensors and plain values ({first_line}); "
-            f"only load files written by {origin}"
-        ) from err
-    except (
-        RuntimeError,
-        EOFError,
-        OSError,
-        zipfile.BadZipFile,
-        ValueError,
-        KeyError,
-        TypeError,
-        AttributeError,
-        IndexError,
-    ) as err:
-        message = " ".join(str(err).split())[:200] or type(err).__name__
-        raise FaststyleError(f"cannot read {what} {path}: the file is corrupt or not a torch file ({message})") from err
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError as err:
+        raise FaststyleError(f"cannot read {what} {path}: not enough memory to hold it") from err
+    except Exception as err:  # noqa: BLE001 - torch's readers raise a dozen types on hostile bytes; none is our bug
+        log.debug("torch.load(%s) failed: %s: %s", path, type(err).__name__, " ".join(str(err).split())[:500])
+        code = _code_in_torch_file(path) if isinstance(err, pickle.UnpicklingError) else None
+        if code is not None:
+            raise FaststyleError(
+                f"refusing to load {path}: it would import {code} (code, not weights) when read, so it was not "
+                f"read; a {what} holds only tensors and plain values: use files written by {origin} only"
+            ) from None
+        raise FaststyleError(f"{path} is not a {origin} {what}: it is {_DAMAGED} ({fix})") from None
     if not isinstance(obj, dict):
         raise FaststyleError(f"{path} is not a {origin} {what} (expected a dict, found {type(obj).__name__}): {fix}")
     return obj

@@ -20,7 +20,7 @@ from configs.schema import check_stylize_config
 from core.cli import absolute_user_path
 from core.device import reuse_freed_memory
 from core.errors import FaststyleError
-from core.fileio import remove_stale_temp_files
+from core.fileio import check_regular_file, remove_stale_temp_files
 from inference.jobs import Job, plan_jobs
 from inference.runner import Loaded, Runner, batches, load_job, non_finite_error, save_result
 from inference.video import StyleRamp, stylize_video
@@ -88,10 +88,8 @@ def stylize(cfg: DictConfig) -> Summary:
     if cfg.malloc_reuse:
         reuse_freed_memory()
     model_path = absolute_user_path(cfg.model)
-    if model_path.is_dir():
-        raise FaststyleError(f"model={model_path} is a folder: pass the model file, e.g. model=<run dir>/model.pth")
-    if not model_path.is_file():
-        raise FaststyleError(f"model file not found: {model_path} (pass model=<run dir>/model.pth)")
+    # Checked with stat only (a FIFO is never opened): a folder, a pipe or a device is named as what it is.
+    check_regular_file(model_path, "model file", "pass the model file, e.g. model=<run dir>/model.pth")
     device = resolve_device(str(cfg.device))
     if model_path.suffix.lower() == ".onnx":  # exported models run through onnxruntime, untiled only
         from inference.onnx_runner import load_onnx_model

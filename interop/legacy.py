@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from core.errors import FaststyleError
 from core.fileio import file_sha256, safe_torch_load
-from models.modelfile import check_finite, model_from_dict
+from models.modelfile import MODEL_FIX, check_finite, check_model_config, model_from_dict
 from models.transformer import ConvLayer, TransformerNet, UpsampleConvLayer
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ _RESIDUAL_KEY = re.compile(r"^res(\d+)\.")
 _DROPPED_BUFFER = re.compile(r"^(res\d+\.)?in\d+\.(running_mean|running_var|num_batches_tracked)$")
 # The keys whose presence identifies the format (first and last conv of their network).
 _SIGNATURE_KEYS = ("conv1.conv2d.weight", "deconv3.conv2d.weight")
+_LEGACY_FIX = "pass a state_dict saved by their fast_neural_style"
 
 
 def legacy_config(base_width: int, residual_blocks: int) -> dict[str, Any]:
@@ -239,19 +240,23 @@ def legacy_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _import(obj: Mapping[str, Any], path: Path, device: str | torch.device) -> tuple[TransformerNet, dict[str, Any]]:
-    check_finite(obj, path)
-    return load_legacy_state_dict(obj).to(device).eval(), legacy_meta(path)
+    # The shape its tensors claim is checked before anything is built or scanned: a tensor may be a stride-0 view
+    # claiming billions of elements on a few bytes of storage.
+    check_model_config(legacy_config(*infer_legacy_shape(obj)), path)
+    net = load_legacy_state_dict(obj)
+    check_finite(net.state_dict(), path)  # the weights used (unused running-stat buffers were dropped)
+    return net.to(device).eval(), legacy_meta(path)
 
 
 def load_legacy_file(path: str | os.PathLike) -> tuple[TransformerNet, dict[str, Any]]:
     """Read a pytorch/examples ``.pth`` / ``.model`` file safely and import it; returns (eval network, meta).
     Anything else is refused (scripts/convert.py converts only their files)."""
     path = Path(path)
-    obj = safe_torch_load(path, "model file")
+    obj = safe_torch_load(path, "model file", origin=SOURCE_NAME, fix=_LEGACY_FIX)
     if not is_legacy_state_dict(obj):
         raise FaststyleError(
             f"{path} is not a pytorch/examples style network (no conv1.conv2d.weight / deconv3.conv2d.weight): "
-            "pass a state_dict saved by their fast_neural_style"
+            f"{_LEGACY_FIX}"
         )
     return _import(obj, path, "cpu")
 
@@ -262,7 +267,7 @@ def load_any_model(
     """Read a model file of either kind, safely: a faststyle ``model.pth`` or a pytorch/examples state dict (imported
     on the fly, its source recorded in the meta). Returns (network in eval mode on ``device``, meta)."""
     path = Path(path)
-    obj = safe_torch_load(path, "model file")
+    obj = safe_torch_load(path, "model file", origin=f"faststyle or {SOURCE_NAME}", fix=f"{MODEL_FIX} or {_LEGACY_FIX}")
     if is_legacy_state_dict(obj):
         return _import(obj, path, device)
     return model_from_dict(obj, path, device)

@@ -19,14 +19,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from core.device import host_memory_available
 from core.errors import FaststyleError
 from core.fileio import atomic_torch_save, safe_torch_load
+from core.limits import MODEL_RANGES
 from models.transformer import TransformerNet
 
 MODEL_FORMAT = "faststyle-model"
 CHECKPOINT_FORMAT = "faststyle-checkpoint"
 FORMAT_VERSION = 1
 """The newest version of both torch file kinds this code writes and reads."""
+
+MODEL_FIX = "pass the model.pth of a training run"
+"""What to do instead of passing a file that is not a model file (the end of those messages)."""
 
 ONNX_FORMAT = "faststyle-onnx"
 ONNX_METADATA_KEY = "faststyle"
@@ -138,7 +143,38 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     read by ``interop.legacy.load_any_model``, which accepts both.
     """
     path = Path(path)
-    return model_from_dict(safe_torch_load(path, "model file"), path, device)
+    return model_from_dict(safe_torch_load(path, "model file", fix=MODEL_FIX), path, device)
+
+
+def check_model_config(config: dict, path: Path) -> TransformerNet:
+    """The network ``config`` describes, built on the meta device (no memory), once its shape is within
+    ``core.limits.MODEL_RANGES`` (the ranges training allows) and its weights fit in the memory left.
+
+    Every model file, ours or pytorch/examples', goes through here before anything is allocated: a config claiming
+    ``base_width=1000000000`` or a million residual blocks is one line naming the value and the range, not an
+    internal "Storage size calculation overflowed" or a process the kernel kills.
+    """
+    for key, (low, high) in MODEL_RANGES.items():
+        value = config.get(key, low)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise FaststyleError(
+                f"{path} describes a network with {key}={value!r}, outside the allowed range {low}..{high}: the file "
+                f"is damaged or describes a network faststyle does not build ({MODEL_FIX})"
+            )
+    try:
+        with torch.device("meta"):
+            skeleton = TransformerNet(**config)
+    except (TypeError, ValueError) as err:
+        message = str(err).strip().splitlines()[0]
+        raise FaststyleError(f"{path} does not match this faststyle's TransformerNet: {message}") from err
+    weights = sum(t.numel() for t in skeleton.state_dict().values())
+    need, available = 4 * weights, host_memory_available()  # float32 weights
+    if available is not None and need > available:
+        raise FaststyleError(
+            f"{path} describes a network of {weights:,} weights ({need / 2**20:,.0f} MiB), more than the "
+            f"{available / 2**20:,.0f} MiB of memory available: free memory or use a smaller model"
+        )
+    return skeleton
 
 
 def model_from_dict(obj: dict, path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -149,15 +185,9 @@ def model_from_dict(obj: dict, path: Path, device: str | torch.device = "cpu") -
         raise FaststyleError(f"{path} is incomplete: it lacks model_config or state_dict (re-export the model)")
     if not isinstance(meta, dict):
         raise FaststyleError(f"{path} is damaged: its meta is a {type(meta).__name__}, not a dict")
-    try:
-        # On the meta device first: checks the config against the stored shapes without allocating anything, so
-        # a file whose config claims an absurd width fails in milliseconds instead of allocating gigabytes.
-        with torch.device("meta"):
-            skeleton = TransformerNet(**config)
-    except (TypeError, ValueError) as err:
-        message = str(err).strip().splitlines()[0]
-        raise FaststyleError(f"{path} does not match this faststyle's TransformerNet: {message}") from err
-    check_state_dict(skeleton.state_dict(), state_dict, path)
+    # The shapes are checked against the meta-device skeleton first, so a file whose config does not fit its
+    # weights fails in milliseconds instead of allocating the network it claims.
+    check_state_dict(check_model_config(config, path).state_dict(), state_dict, path)
     model = TransformerNet(**config)
     model.load_state_dict(state_dict)
     return model.to(device).eval(), dict(meta)

@@ -69,6 +69,11 @@ BAD_IMAGES = {
 }
 
 
+def _noise(size: int, seed: int) -> bytes:
+    """``size`` random bytes, the same on every run (a test must not pass or fail by the luck of its input)."""
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+
+
 def _photo(width: int = 64, height: int = 48) -> Image.Image:
     with Image.open(PHOTOS / "chelsea.jpg") as img:
         return img.convert("RGB").resize((width, height))
@@ -93,12 +98,12 @@ def _build_images(folder: Path) -> None:
     _photo().save(folder / "old.bmp")
     _photo().save(folder / "web.webp")
     _photo().convert("L").save(folder / "gray.png")
-    (folder / "corrupt.jpg").write_bytes(os.urandom(3000))
+    (folder / "corrupt.jpg").write_bytes(_noise(3000, seed=1))
     buffer = io.BytesIO()
     _photo(256, 192).save(buffer, "JPEG", quality=95)
     (folder / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     (folder / "empty.png").write_bytes(b"")
-    (folder / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + os.urandom(200))
+    (folder / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + _noise(200, seed=2))
     (folder / "notes.txt").write_text("not an image")
     (folder / "folder.jpg").mkdir()
     (folder / "broken.jpg").symlink_to(folder / "missing.jpg")
@@ -158,9 +163,11 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     save_model(models / "model.pth", net, {"style_stem": "wave"})
     (models / "notes.txt").write_text("hello, I am not a model\n")
     (models / "photo.pth").write_bytes((PHOTOS / "coffee.jpg").read_bytes())
-    (models / "random.pth").write_bytes(os.urandom(4096))
+    (models / "random.pth").write_bytes(_noise(4096, seed=3))
+    (models / "pickle_noise.pth").write_bytes(b"\x80\x02" + _noise(4096, seed=4))  # starts like a pickle
     obj = torch.load(models / "model.pth", weights_only=True)
     torch.save({**obj, "meta": "not a dict"}, models / "badmeta.pth")
+    torch.save({**obj, "model_config": {**obj["model_config"], "base_width": 256}}, models / "wide.pth")
     torch.save({**obj, "model_config": {**obj["model_config"], "base_width": 4096}}, models / "huge.pth")
     nan_state = {k: v.clone() for k, v in obj["state_dict"].items()}
     next(v for v in nan_state.values() if v.is_floating_point()).fill_(float("nan"))
@@ -296,9 +303,11 @@ STYLIZE_CASES = [
     ("text file as model", ["model={models}/notes.txt", "input={images}/good.jpg"], 2, 1, "a text file"),
     ("JPEG as model", ["model={models}/photo.pth", "input={images}/good.jpg"], 2, 1, "a JPEG image"),
     ("random bytes as model", ["model={models}/random.pth", "input={images}/good.jpg"], 2, 1, "not a faststyle"),
+    ("pickle-like bytes as model", ["model={models}/pickle_noise.pth", "input={images}/good.jpg"], 2, 1, "corrupt"),
     ("folder as model", ["model={models}", "input={images}/good.jpg"], 2, 1, "is a folder"),
     ("meta not a dict", ["model={models}/badmeta.pth", "input={images}/good.jpg"], 2, 1, "meta"),
-    ("absurd width", ["model={models}/huge.pth", "input={images}/good.jpg"], 2, 1, "does not fit"),
+    ("absurd width", ["model={models}/huge.pth", "input={images}/good.jpg"], 2, 1, "allowed range 1..256"),
+    ("width that does not fit", ["model={models}/wide.pth", "input={images}/good.jpg"], 2, 1, "does not fit"),
     ("NaN weights", ["model={models}/nan.pth", "input={images}/good.jpg"], 2, 1, "NaN"),
     ("missing input", ["model={model}", "input={images}/nothing.jpg"], 2, 1, "not found"),
     ("unquoted '=' in a name", ["model={model}", "input={root}/odd/a=b.jpg"], 2, 1, "quote the value"),

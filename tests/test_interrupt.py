@@ -185,14 +185,15 @@ def test_signal_saves_the_current_step_and_the_printed_command_resumes(tmp_path:
 
 
 # Once the test creates the "armed" file, os.replace (the rename that completes every atomic write) of last.pt is
-# held up, so that the second Ctrl-C reliably lands while the checkpoint after the first one is being written.
+# held up, so that the second Ctrl-C reliably lands while the checkpoint after the first one is being written. The
+# hold (10 minutes) is far longer than any exit may take on a loaded machine, so "exits at once" is no race.
 SLOW_RENAME = """
 import os, pathlib, runpy, sys, time
 real_replace = os.replace
 def slow_replace(src, dst, *args, **kwargs):
     if os.path.basename(str(dst)) == "last.pt" and os.path.exists(os.environ["FASTSTYLE_TEST_ARMED"]):
         pathlib.Path(os.environ["FASTSTYLE_TEST_SAVING"]).touch()
-        time.sleep(30)
+        time.sleep(600)
     return real_replace(src, dst, *args, **kwargs)
 os.replace = slow_replace
 sys.argv = ["train.py", *sys.argv[1:]]
@@ -211,10 +212,8 @@ def test_second_ctrl_c_exits_at_once_and_leaves_the_last_checkpoint_intact(
     armed.touch()
     run.proc.send_signal(signal.SIGINT)
     run.wait_for(saving.exists)  # the checkpoint after the first Ctrl-C is being written
-    sent = time.monotonic()
     run.proc.send_signal(signal.SIGINT)
-    assert run.finish(timeout_s=20) == 130
-    assert time.monotonic() - sent < 10  # not the 30 s the rename is held up
+    assert run.finish(timeout_s=120) == 130  # did not wait for the rename held up for 600 s
     assert "Traceback" not in run.stderr
     assert "resume with:" not in run.stderr
     assert any(line.startswith("interrupted again (Ctrl-C): exited at once without saving") for line in run.lines())
