@@ -139,7 +139,8 @@ def main(cfg: DictConfig) -> None:
         log.warning("%s", PREFLIGHT["note"])
     with stop_signals():
         try:
-            model_path = train(cfg, run_dir)
+            keys = PREFLIGHT["set_keys"]
+            model_path = train(cfg, run_dir, set(keys) if keys is not None else None)
         except FaststyleError as err:
             _release_unused_run_dir(run_dir)
             exit_with_error(err)
@@ -178,10 +179,25 @@ def compose_with_hydra(overrides: list[str]) -> DictConfig:
 
 REPO_ROOT = Path(__file__).resolve().parent
 
-PREFLIGHT: dict[str, Any] = {"created": None, "note": None}
+
+def plan_run(cfg: DictConfig, parsed_overrides: list, multirun: bool) -> list[str]:
+    """cli.preflight's last step: for a resumed run, note which options the command line sets (the rest come from
+    the checkpoint); then pin the run folder (:func:`choose_run_dir`)."""
+    if not multirun and cfg.train.resume:
+        from configs.schema import plain_config
+        from training.resume import set_keys
+
+        typed = [override.key_or_group for override in parsed_overrides]
+        defaults = plain_config(compose_with_hydra([]))
+        PREFLIGHT["set_keys"] = sorted(set_keys(typed, plain_config(cfg), defaults))
+    return choose_run_dir(cfg, parsed_overrides, multirun)
+
+
+PREFLIGHT: dict[str, Any] = {"created": None, "note": None, "set_keys": None}
 """What the command-line check decided for :func:`main` (same process): ``created``, the run folder this process
 made (removed again if the run stops with an ``error:`` line before writing anything into it); ``note``, what a
-reused folder already held (logged once the run's log is open)."""
+reused folder already held (logged once the run's log is open); ``set_keys``, for a resumed run, the options the
+command line sets (training/resume.py)."""
 
 
 def _make_run_folder(key: str, folder: str, path: Path) -> bool:
@@ -278,7 +294,7 @@ if __name__ == "__main__":
     from core.cli import preflight
 
     # Before torch is imported, so that a mistake on the command line is reported in a fraction of a second.
-    sys.argv += preflight(sys.argv[1:], compose_with_hydra, check_train_config, choose_run_dir)
+    sys.argv += preflight(sys.argv[1:], compose_with_hydra, check_train_config, plan_run)
     # torchrun ranks > 0: no run dir, no .hydra/, no log file of their own (only rank 0's run dir is used).
     from training.distributed import worker_hydra_overrides
 
