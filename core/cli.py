@@ -17,23 +17,22 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
 from omegaconf import DictConfig, OmegaConf
 
-from core.errors import FaststyleError
+from core.errors import FaststyleError, report_error
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3
 
 
 def usage_error(message: str) -> NoReturn:
-    """Print ``error: <message>`` (one line) and exit with status 2."""
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-    raise SystemExit(EXIT_USAGE)
+    """Print ``error: <message>`` (one line) and exit with status 2 (under torchrun once, by rank 0:
+    core.errors.report_error)."""
+    report_error(f"error: {' '.join(str(message).split())}")
 
 
 def first_line(err: BaseException) -> str:
