@@ -137,14 +137,20 @@ def train(cfg: DictConfig, run_dir: str | Path, set_keys: set[str] | None = None
     return model_path
 
 
-def style_target(cfg: DictConfig) -> Any:
+def style_images(cfg: DictConfig) -> list[Any]:
+    """The style images as PIL RGB images at ``cfg.style_size`` (see :func:`load_style_image`), one per style."""
+    min_side = min_image_size(list(cfg.loss.style_layers))
+    return [load_style_image(path, cfg.style_size, min_side) for path in style_paths(cfg)]
+
+
+def style_target(cfg: DictConfig, images: list[Any] | None = None) -> Any:
     """The style image as the loss network sees it: a (1, 3, H, W) float32 tensor in [0, 1] at ``cfg.style_size``
-    (see :func:`load_style_image`); a list of them, one per style, when ``style`` lists several."""
+    (see :func:`load_style_image`); a list of them, one per style, when ``style`` lists several. ``images``: the
+    :func:`style_images` already loaded."""
     from data.io import pil_to_tensor
 
-    min_side = min_image_size(list(cfg.loss.style_layers))
-    images = [pil_to_tensor(load_style_image(path, cfg.style_size, min_side))[None] for path in style_paths(cfg)]
-    return images[0] if len(images) == 1 else images
+    tensors = [pil_to_tensor(image)[None] for image in (images if images is not None else style_images(cfg))]
+    return tensors[0] if len(tensors) == 1 else tensors
 
 
 def build_loss(cfg: DictConfig, style_image: Any, device: Any) -> Any:
@@ -293,6 +299,7 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path, set_keys: set[str] | None =
     from data.images import ImageFolderDataset, make_train_loader
     from training.extend import add_trained_style
     from training.loop import RunOutputs, RunRecord, TrainOptions, fit
+    from training.memory import check_training_fits
 
     cfg, resume, changed = _resume(cfg, set_keys)  # first: a resumed run's style and data are the checkpoint's
     if OmegaConf.is_missing(cfg.data, "root"):
@@ -304,10 +311,13 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path, set_keys: set[str] | None =
         reuse_freed_memory()  # before the first large allocation
     options.validate()
     device = ctx.device
-    options.precision_policy(device)  # fp16 without CUDA fails here, not after the model is built
+    policy = options.precision_policy(device)  # fp16 without CUDA fails here, not after the model is built
 
-    # Inputs first, so that a wrong path fails in a second, before the loss network is loaded.
-    style_image = style_target(cfg)
+    # Inputs first, so that a wrong path fails in a second, before the loss network is loaded; then what the run
+    # will need against what the machine has, before anything large is allocated.
+    styles = style_images(cfg)
+    check_training_fits(cfg, policy, device, [image.size for image in styles])
+    style_image = style_target(cfg, styles)
     dataset = ImageFolderDataset(data_root, int(cfg.data.image_size), train=True)
     val_images = dataset.fixed_batch(int(cfg.data.val_images))  # centre crops of the first files: fixed
     if ctx.is_main:
