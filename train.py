@@ -13,8 +13,9 @@ Examples (run from the repository root)::
     python train.py style=my.jpg data.root=photos/ model.base_width=16 train.steps=10000 \\
         loss.style_weight=2e-5 train.lr_schedule=cosine
 
-    # continue a run from its last checkpoint (a run dir or a checkpoint file)
-    python train.py style=my.jpg data.root=photos/ train.resume=outputs/train/2026-01-01/10-00-00-my
+    # continue a run from its newest checkpoint (a run dir or a checkpoint file): its style, data, model and loss
+    # come from the checkpoint; train.steps=... extends it
+    python train.py train.resume=outputs/train/2026-01-01/10-00-00-my train.steps=60000
 
     # one network for several paintings (conditional instance norm), then add one more to it
     python train.py experiment=multistyle_demo

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -213,6 +214,9 @@ def training_need(cfg: object, policy: object, style_sizes: Sequence[tuple[int, 
 def check_training_fits(cfg: object, policy: object, device: object, style_sizes: Sequence[tuple[int, int]]) -> None:
     """Refuse (FaststyleError) a run whose :func:`training_need` surely exceeds the memory ``device`` has free."""
     need = training_need(cfg, policy, style_sizes)
+    if getattr(device, "type", None) == "cpu":  # torchrun's processes on this machine share its RAM
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        need = MemoryNeed(need.step * processes, need.style * processes)
     free, where = available_bytes(device)
     log.info(
         "memory estimate: %.2f GiB per step, %.2f GiB for the style image (%s)",
