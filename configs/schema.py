@@ -36,6 +36,14 @@ SWITCH = {"choices": ("auto", True, False, "true", "false"), "words": "auto, tru
 still true."""
 
 
+MAX_STEPS = 10_000_000
+"""250 times Johnson et al.'s 40k steps: more is a typo, not a plan (the progress bar would show years)."""
+MAX_SEED = 2**32 - 1
+"""The seed feeds torch's and the data order's 64-bit generators, also multiplied by the step (training/loop.py)."""
+MAX_WEIGHT = 1e20
+"""Loss weights (vgg16's style weight is 1e10): far above, the weighted loss overflows float32."""
+
+
 @dataclass
 class ModelSchema:
     norm: str = field(metadata=_choices("instance", "batch", "none"))
@@ -51,10 +59,10 @@ class LossSchema:
     weights_path: str | None
     content_layers: list[str]
     style_layers: dict[str, float]
-    content_weight: float = field(metadata={"min": 0.0})
-    style_weight: float = field(metadata={"min": 0.0})
-    tv_weight: float = field(metadata={"min": 0.0})
-    temporal_weight: float = field(metadata={"min": 0.0})
+    content_weight: float = field(metadata={"min": 0.0, "max": MAX_WEIGHT})
+    style_weight: float = field(metadata={"min": 0.0, "max": MAX_WEIGHT})
+    tv_weight: float = field(metadata={"min": 0.0, "max": MAX_WEIGHT})
+    temporal_weight: float = field(metadata={"min": 0.0, "max": MAX_WEIGHT})
     temporal_shift_px: float = field(metadata={"min": 0.0, "max": 64.0})
     temporal_rotation_deg: float = field(metadata={"min": 0.0, "max": 45.0})
     temporal_zoom: float = field(metadata={"min": 0.0, "max": 0.5})
@@ -64,23 +72,26 @@ class LossSchema:
 @dataclass
 class DataSchema:
     root: str
-    image_size: int = field(metadata={"min": 1})  # the real minimum depends on the loss layers: check_train_config
-    num_workers: int = field(metadata={"min": 0})
-    val_images: int = field(metadata={"min": 0})
+    # The real minimum depends on the loss layers (check_train_config); what fits is estimated per machine
+    # (training/memory.py).
+    image_size: int = field(metadata={"min": 1, "max": 4096})
+    num_workers: int = field(metadata={"min": 0, "max": 64})
+    val_images: int = field(metadata={"min": 0, "max": 64})
 
 
 @dataclass
 class TrainLoopSchema:
-    steps: int = field(metadata={"min": 1})
-    batch_size: int = field(metadata={"min": 1})
-    lr: float = field(metadata={"min_exclusive": 0.0})
+    steps: int = field(metadata={"min": 1, "max": MAX_STEPS})
+    batch_size: int = field(metadata={"min": 1, "max": 4096})
+    lr: float = field(metadata={"min_exclusive": 0.0, "max": 1.0})
     betas: list[float]
     lr_schedule: str = field(metadata=_choices("none", "cosine", "linear"))
-    lr_warmup_steps: int = field(metadata={"min": 0})
-    log_interval_steps: int = field(metadata={"min": 1})
-    image_interval_steps: int = field(metadata={"min": 1})
-    checkpoint_interval_steps: int = field(metadata={"min": 1})
+    lr_warmup_steps: int = field(metadata={"min": 0, "max": MAX_STEPS})
+    log_interval_steps: int = field(metadata={"min": 1, "max": MAX_STEPS})
+    image_interval_steps: int = field(metadata={"min": 1, "max": MAX_STEPS})
+    checkpoint_interval_steps: int = field(metadata={"min": 1, "max": MAX_STEPS})
     resume: str | None
+    resume_override: bool
     extend: str | None
     precision: str = field(metadata=_choices("auto", "fp32", "fp16", "bf16"))
     channels_last: Any = field(metadata=SWITCH)
@@ -95,7 +106,7 @@ class TrainSchema:
     data: DataSchema
     style: Any  # one path, or a list of paths (a multi-style network): check_train_config
     style_size: int | None = field(metadata={"min": 16, "max": 4096})
-    seed: int = field(metadata={"min": 0})
+    seed: int = field(metadata={"min": 0, "max": MAX_SEED})
     device: str
     train: TrainLoopSchema
 
@@ -222,7 +233,7 @@ def check_against_schema(node: Any, schema: type, prefix: str = "") -> None:
         _check_value(key, value, kind, dict(spec.metadata))
 
 
-def _plain(cfg: DictConfig) -> dict:
+def plain_config(cfg: DictConfig) -> dict:
     """The config as plain containers, interpolations resolved, ``???`` kept as the string "???"."""
     node = {}
     for key in cfg:
@@ -249,7 +260,7 @@ def min_image_size(layers: list[str]) -> int:
 
 def check_train_config(cfg: DictConfig) -> None:
     """Everything about train.py's config that can be checked without reading a file (FaststyleError)."""
-    node = _plain(cfg)
+    node = plain_config(cfg)
     check_against_schema(node, TrainSchema)
     loss, data = node["loss"], node["data"]
     layers = list(dict.fromkeys([*loss["content_layers"], *loss["style_layers"]]))
@@ -288,7 +299,7 @@ def check_train_config(cfg: DictConfig) -> None:
 
 def check_stylize_config(cfg: DictConfig) -> None:
     """Everything about stylize.py's config that can be checked without reading a file (FaststyleError)."""
-    node = _plain(cfg)
+    node = plain_config(cfg)
     check_against_schema(node, StylizeSchema)
     suffix = node["suffix"]
     if suffix is not None:

@@ -86,9 +86,10 @@ def disk_full_error(path: Path, needed_bytes: int | None, err: OSError) -> Fasts
     need = f"needs {_mib(needed_bytes)}" if needed_bytes is not None else "needs more space"
     have = f"{_mib(free)} free" if free is not None else "free space unknown"
     kind = "quota exceeded" if err.errno == errno.EDQUOT else "disk full"
+    # The write went to a temporary file: a file already at ``path`` is untouched, and where there was none, none is.
+    kept = f"the previous {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
     return FaststyleError(
-        f"{kind}: cannot write {path} ({need}, {have} in {path.parent}); free some space and "
-        f"run again (any previous {path.name} is unchanged)"
+        f"{kind}: cannot write {path} ({need}, {have} in {path.parent}); free some space and run again ({kept})"
     )
 
 

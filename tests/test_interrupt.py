@@ -163,6 +163,7 @@ def test_signal_saves_the_current_step_and_the_printed_command_resumes(tmp_path:
     assert Path(match["checkpoint"]) == run_dir / "checkpoints" / "last.pt"
     assert load_checkpoint(run_dir)["step"] == step
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.pt"]  # no periodic checkpoint
+    assert resume_lines[0][resume_lines[0].index("interrupted") :] in (run_dir / "train.log").read_text()
 
     words = shlex.split(match["command"])
     assert words[:2] == ["python", "train.py"]

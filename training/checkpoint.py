@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,28 +32,101 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     atomic_torch_save({**state, "format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION}, path)
 
 
-def find_checkpoint(path: str | os.PathLike) -> Path:
-    """Resolve ``train.resume``: a checkpoint file, or a run dir (-> ``<run>/checkpoints/last.pt``)."""
-    path = Path(path)
-    if path.is_dir():
-        for candidate in (path / CHECKPOINT_DIR_NAME / LAST_CHECKPOINT_NAME, path / LAST_CHECKPOINT_NAME):
-            if candidate.is_file():
-                return candidate
-        raise FaststyleError(
-            f"no checkpoint in {path}: expected {path / CHECKPOINT_DIR_NAME / LAST_CHECKPOINT_NAME} "
-            f"(pass a checkpoint file or a run dir to train.resume)"
-        )
-    if not path.is_file():
-        raise FaststyleError(f"checkpoint not found: {path} (pass a checkpoint file or a run dir to train.resume)")
-    return path
+_STEP_NAME = re.compile(r"step_(\d+)\.pt")
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a training checkpoint (a file, or a run dir holding ``checkpoints/last.pt``) onto the CPU."""
-    path = find_checkpoint(path)
+def _candidates(run_dir: Path) -> tuple[list[Path], list[tuple[int, Path]]]:
+    """A run dir's ``last.pt`` files (``checkpoints/last.pt``, then an older layout's ``last.pt``) and its periodic
+    ``checkpoints/step_<n>.pt`` files as (n, path), highest n first (hidden temporary files are not candidates)."""
+    lasts = [
+        p for p in (run_dir / CHECKPOINT_DIR_NAME / LAST_CHECKPOINT_NAME, run_dir / LAST_CHECKPOINT_NAME) if p.is_file()
+    ]
+    steps = []
+    folder = run_dir / CHECKPOINT_DIR_NAME
+    for child in folder.iterdir() if folder.is_dir() else []:
+        match = _STEP_NAME.fullmatch(child.name)
+        if match and child.is_file():
+            steps.append((int(match.group(1)), child))
+    return lasts, sorted(steps, reverse=True)
+
+
+def _read(path: Path) -> dict:
     obj = safe_torch_load(path, "checkpoint")
     check_format(obj, path, CHECKPOINT_FORMAT, "training checkpoint")
     return obj
+
+
+def _read_complete(path: Path, skipped: list[str]) -> dict | None:
+    """A run dir's checkpoint, or None (with a warning, and its name added to ``skipped``) when it cannot be read:
+    a write cut short by a full disk or a crash of an older version, or a file that is not a checkpoint."""
+    try:
+        obj = _read(path)
+        if not isinstance(obj.get("step"), int) or "model" not in obj:
+            raise FaststyleError(f"{path} lacks the training state (step, weights)")
+    except FaststyleError as err:
+        log.warning("skipping checkpoint %s: %s", path, err)
+        skipped.append(path.name)
+        return None
+    return obj
+
+
+def open_checkpoint(path: str | os.PathLike) -> tuple[Path, dict]:
+    """Resolve and read ``train.resume`` onto the CPU: a checkpoint file, or a run dir -> its newest complete
+    checkpoint. Returns (its path, its contents).
+
+    In a run dir that is ``checkpoints/last.pt``, unless a periodic ``step_<n>.pt`` is newer (the disk filled after
+    the step file was written, before ``last.pt``) or ``last.pt`` cannot be read; an unreadable checkpoint is
+    skipped with a warning. A file named directly must be readable itself.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        if not path.is_file():
+            raise FaststyleError(f"checkpoint not found: {path} (pass a checkpoint file or a run dir to train.resume)")
+        return path, _read(path)
+    lasts, steps = _candidates(path)
+    skipped: list[str] = []
+    best: tuple[Path, dict] | None = None
+    for candidate in lasts:
+        obj = _read_complete(candidate, skipped)
+        if obj is not None:
+            best = (candidate, obj)
+            break
+    for number, candidate in steps:
+        if best is not None and number <= best[1]["step"]:
+            break
+        obj = _read_complete(candidate, skipped)
+        if obj is not None:
+            best = (candidate, obj)
+            break
+    if best is not None:
+        if best[0].name != LAST_CHECKPOINT_NAME:
+            log.info("resuming from %s, the newest complete checkpoint of %s", best[0].name, path)
+        return best
+    if skipped:
+        raise FaststyleError(
+            f"no complete checkpoint in {path}: {', '.join(skipped)} cannot be read (cut short?); start the run "
+            "again without train.resume"
+        )
+    if any((path / name).exists() for name in ("tb", "train.log", ".hydra")):
+        raise FaststyleError(
+            f"no checkpoint in {path}: its run stopped before its first checkpoint (written every "
+            "train.checkpoint_interval_steps), so there is nothing to resume; start the run again without "
+            "train.resume (the same hydra.run.dir may be used)"
+        )
+    raise FaststyleError(
+        f"no checkpoint in {path}: expected {path / CHECKPOINT_DIR_NAME / LAST_CHECKPOINT_NAME} "
+        "(pass a checkpoint file or a run dir to train.resume)"
+    )
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint ``train.resume=path`` continues from (:func:`open_checkpoint`)."""
+    return open_checkpoint(path)[0]
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a training checkpoint (a file, or a run dir: its newest complete checkpoint) onto the CPU."""
+    return open_checkpoint(path)[1]
 
 
 def capture_rng_state() -> dict:

@@ -110,10 +110,12 @@ def _device_for_rank(device_name: str, local_rank: int) -> torch.device:
     if base.type == "cuda":
         count = torch.cuda.device_count()
         if local_rank >= count:
-            raise FaststyleError(
+            err = FaststyleError(
                 f"LOCAL_RANK={local_rank} but only {count} CUDA device(s) are visible: "
                 f"use --nproc_per_node={count} or fewer"
             )
+            err.rank_specific = True  # rank 0 may have a GPU: the workers without one say so
+            raise err
         return torch.device("cuda", local_rank)
     if base.type == "mps":
         raise FaststyleError("distributed training is not supported on MPS: use device=cpu or a CUDA machine")

@@ -29,6 +29,7 @@ already written) and ``fit`` raises ``TrainingInterrupted`` carrying the step, t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 
 LR_SCHEDULES = ("none", "cosine", "linear")
 MODEL_FILE_NAME = "model.pth"
-NOT_LOOP_KEYS = ("batch_size", "resume", "extend", "malloc_reuse")
+NOT_LOOP_KEYS = ("batch_size", "resume", "resume_override", "extend", "malloc_reuse")
 """Keys of the config's ``train:`` block that the data loader or the process set-up use, not :func:`fit`."""
 
 
@@ -262,9 +263,11 @@ class RunOutputs:
         """Write ``checkpoints/last.pt`` (and ``step_<n>.pt`` when ``periodic``), each atomically."""
         if not self.enabled:
             return
-        if periodic:
-            save_checkpoint(self.checkpoint_dir / f"step_{step:07d}.pt", state)
-        save_checkpoint(self.checkpoint_dir / LAST_CHECKPOINT_NAME, state)
+        with self._resumable_on_error():
+            if periodic:
+                save_checkpoint(self.checkpoint_dir / f"step_{step:07d}.pt", state)
+                self.last_checkpoint = self.checkpoint_dir / f"step_{step:07d}.pt"
+            save_checkpoint(self.checkpoint_dir / LAST_CHECKPOINT_NAME, state)
         self.last_checkpoint = self.checkpoint_dir / LAST_CHECKPOINT_NAME
         log.info("checkpoint at step %d: %s", step, self.checkpoint_dir)
 
@@ -273,7 +276,8 @@ class RunOutputs:
         path = self.run_dir / MODEL_FILE_NAME
         if not self.enabled:
             return path
-        save_model(path, model, meta)
+        with self._resumable_on_error():
+            save_model(path, model, meta)
         if self.writer is not None:
             from torch.utils.tensorboard.summary import hparams as hparams_summary
 
@@ -282,6 +286,17 @@ class RunOutputs:
                 self.writer.file_writer.add_summary(summary)
             self.scalars(metrics, int(meta.get("steps", 0)))
         return path
+
+    @contextlib.contextmanager
+    def _resumable_on_error(self) -> Iterator[None]:
+        """A write that fails with a one-line error (a full disk) says how to go on from the newest checkpoint
+        that is on disk, if any (training.checkpoint.open_checkpoint finds it in the run dir)."""
+        try:
+            yield
+        except FaststyleError as err:
+            if self.last_checkpoint is None:
+                raise
+            raise FaststyleError(f"{err}; then continue with train.resume={self.run_dir}") from err
 
     def close(self) -> None:
         if self.bar is not None:

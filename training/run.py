@@ -54,7 +54,7 @@ def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     }
     for group in ("model", "loss", "data", "train"):
         for key, value in OmegaConf.to_container(cfg[group], resolve=True).items():
-            if key not in ("root", "resume", "extend", "weights_path"):
+            if key not in ("root", "resume", "resume_override", "extend", "weights_path"):
                 flat[f"{group}.{key}"] = value
     # TensorBoard's hparams accept only int/float/str/bool: lists, mappings and None become their text.
     return {key: value if isinstance(value, int | float | str | bool) else str(value) for key, value in flat.items()}
@@ -84,10 +84,22 @@ def load_style_image(path: Path, style_size: int | None, min_side: int) -> Any:
     capped = long * scale > long_cap
     if capped:
         scale = long_cap / long
-    if short * scale < min_side:
+    if short * scale < min_side and not capped:  # style_size=null: the image as stored is too small
         raise FaststyleError(
-            f"style image {path} is {width}x{height} px, too elongated: with its long side capped at {long_cap} px "
-            f"its short side would be {short * scale:.0f} px, and the style layers need {min_side}; crop it"
+            f"style image {path} is {width}x{height} px: the loss layers need a short side of at least {min_side} "
+            "px; set style_size (e.g. style_size=256) to scale it, or use a larger image"
+        )
+    if short * scale < min_side:
+        crop = (
+            f"{width}x{min(height, MAX_STYLE_ASPECT * width)}"
+            if width < height
+            else f"{min(width, MAX_STYLE_ASPECT * height)}x{height}"
+        )
+        raise FaststyleError(
+            f"style image {path} ({width}x{height} px) is too elongated to learn a style from: its long side is "
+            f"{long / short:.0f} times its short side, and at most {long_cap // min_side} can be used "
+            f"(up to {MAX_STYLE_ASPECT} keeps all of it); crop a less elongated part of it (e.g. {crop} px) or use "
+            "another image"
         )
     if capped:
         log.warning(
@@ -103,9 +115,11 @@ def load_style_image(path: Path, style_size: int | None, min_side: int) -> Any:
     return resize_to(img, max(1, round(width * scale)), max(1, round(height * scale)))
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> Path:
+def train(cfg: DictConfig, run_dir: str | Path, set_keys: set[str] | None = None) -> Path:
     """Train as ``cfg`` says into ``run_dir`` and return the path of the written ``model.pth``.
 
+    With ``train.resume`` the run's own options come from the checkpoint (training/resume.py); ``set_keys`` names
+    the options the command line set (None: every option of ``cfg`` counts as set).
     Raises FaststyleError for user mistakes (missing style image or data, bad values), before building any model.
     """
     from training.distributed import broadcast_object, init_distributed, teardown_distributed
@@ -114,7 +128,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
     # Under torchrun: join the process group (nccl/gloo), one device per process; else a single-process context.
     ctx = init_distributed(str(cfg.device))
     try:
-        model_path = _train(cfg, ctx, Path(broadcast_object(str(run_dir))))  # rank 0's run dir on every rank
+        # rank 0's run dir on every rank
+        model_path = _train(cfg, ctx, Path(broadcast_object(str(run_dir))), set_keys)
     except BaseException:
         teardown_distributed()
         raise
@@ -122,14 +137,20 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
     return model_path
 
 
-def style_target(cfg: DictConfig) -> Any:
+def style_images(cfg: DictConfig) -> list[Any]:
+    """The style images as PIL RGB images at ``cfg.style_size`` (see :func:`load_style_image`), one per style."""
+    min_side = min_image_size(list(cfg.loss.style_layers))
+    return [load_style_image(path, cfg.style_size, min_side) for path in style_paths(cfg)]
+
+
+def style_target(cfg: DictConfig, images: list[Any] | None = None) -> Any:
     """The style image as the loss network sees it: a (1, 3, H, W) float32 tensor in [0, 1] at ``cfg.style_size``
-    (see :func:`load_style_image`); a list of them, one per style, when ``style`` lists several."""
+    (see :func:`load_style_image`); a list of them, one per style, when ``style`` lists several. ``images``: the
+    :func:`style_images` already loaded."""
     from data.io import pil_to_tensor
 
-    min_side = min_image_size(list(cfg.loss.style_layers))
-    images = [pil_to_tensor(load_style_image(path, cfg.style_size, min_side))[None] for path in style_paths(cfg)]
-    return images[0] if len(images) == 1 else images
+    tensors = [pil_to_tensor(image)[None] for image in (images if images is not None else style_images(cfg))]
+    return tensors[0] if len(tensors) == 1 else tensors
 
 
 def build_loss(cfg: DictConfig, style_image: Any, device: Any) -> Any:
@@ -168,9 +189,12 @@ def _remove_stale_temp_files(run_dir: Path, resume_path: Path | None) -> None:
         remove_stale_temp_files(folder)
 
 
-def _check_resume(resume: dict, resume_path: Path, model: Any, data_state: dict, style_record: Any) -> None:
-    """Refuse a checkpoint whose network differs from the config's; warn when the data order or the style differ
-    (the run continues, but not as the interrupted one would have)."""
+def _check_resume(
+    resume: dict, resume_path: Path, model: Any, data_state: dict, style_record: Any, overridden: bool = False
+) -> None:
+    """Refuse a checkpoint whose network differs from the config's; warn when the data order differs (the run
+    continues, but not as the interrupted one would have). The style was settled by training/resume.py; a
+    checkpoint without a config (an older faststyle) is only warned about."""
     from models.modelfile import check_state_dict
 
     if resume.get("model_config") != model.config():
@@ -186,7 +210,7 @@ def _check_resume(resume: dict, resume_path: Path, model: Any, data_state: dict,
             resume.get("data"),
             data_state,
         )
-    if resume.get("style_path") != style_record:
+    if resume.get("style_path") != style_record and not overridden and not isinstance(resume.get("config"), dict):
         log.warning(
             "resuming a run trained on style %s with style %s: pass style=... to keep the original",
             resume.get("style_path"),
@@ -232,16 +256,52 @@ def _style_setup(cfg: DictConfig, paths: list[Path]) -> tuple[Any, list[str], An
     return base, [*base_names, names[0]], extension_network(base), meta
 
 
-def _train(cfg: DictConfig, ctx: Any, run_dir: Path) -> Path:
+def _resume(cfg: DictConfig, set_keys: set[str] | None) -> tuple[DictConfig, dict | None, list[str]]:
+    """(the run's config, the checkpoint to continue from or None, the learned options changed by
+    ``train.resume_override``)."""
+    from training.checkpoint import open_checkpoint
+    from training.resume import resumed_config
+
+    resume_path = absolute(cfg.train.resume)
+    if resume_path is None:
+        return cfg, None, []
+    source, resume = open_checkpoint(resume_path)
+    cfg, changed = resumed_config(cfg, resume, set_keys, resume_path)
+    check_train_config(cfg)
+    if changed and int(resume["step"]) >= int(cfg.train.steps):
+        # Nothing would be trained: model.pth would carry the new settings' name on the old weights.
+        raise FaststyleError(
+            f"train.resume_override: {source} is at step {resume['step']} and train.steps={cfg.train.steps}, so "
+            f"nothing would be trained on the new settings: pass train.steps above {resume['step']}"
+        )
+    return cfg, resume, changed
+
+
+def _recorded_config(cfg: DictConfig, style_record: Any) -> dict:
+    """The resolved config checkpoints store, with every user path absolute (a resume from another folder reads
+    the same files)."""
+    from training.resume import absolute_paths
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["style"] = style_record
+    resolved["data"]["root"] = absolute_paths(resolved["data"]["root"])
+    resolved["loss"]["weights_path"] = absolute_paths(resolved["loss"]["weights_path"])
+    for key in ("resume", "extend"):
+        resolved["train"][key] = absolute_paths(resolved["train"][key])
+    return resolved
+
+
+def _train(cfg: DictConfig, ctx: Any, run_dir: Path, set_keys: set[str] | None = None) -> Path:
     """The body of :func:`train` on one process (``ctx``: training.distributed.DistContext)."""
     import torch
 
     from core.device import reuse_freed_memory
     from data.images import ImageFolderDataset, make_train_loader
-    from training.checkpoint import load_checkpoint
     from training.extend import add_trained_style
     from training.loop import RunOutputs, RunRecord, TrainOptions, fit
+    from training.memory import check_training_fits
 
+    cfg, resume, changed = _resume(cfg, set_keys)  # first: a resumed run's style and data are the checkpoint's
     if OmegaConf.is_missing(cfg.data, "root"):
         raise FaststyleError("data.root is required: pass data.root=<folder of photos, e.g. data/coco/train2014>")
     paths, data_root = style_paths(cfg), absolute(cfg.data.root)
@@ -251,13 +311,15 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path) -> Path:
         reuse_freed_memory()  # before the first large allocation
     options.validate()
     device = ctx.device
-    options.precision_policy(device)  # fp16 without CUDA fails here, not after the model is built
+    policy = options.precision_policy(device)  # fp16 without CUDA fails here, not after the model is built
 
-    # Inputs first, so that a wrong path fails in a second, before the loss network is loaded.
-    style_image = style_target(cfg)
+    # Inputs first, so that a wrong path fails in a second, before the loss network is loaded; then what the run
+    # will need against what the machine has, before anything large is allocated.
+    styles = style_images(cfg)
+    check_training_fits(cfg, policy, device, [image.size for image in styles])
+    style_image = style_target(cfg, styles)
     dataset = ImageFolderDataset(data_root, int(cfg.data.image_size), train=True)
     val_images = dataset.fixed_batch(int(cfg.data.val_images))  # centre crops of the first files: fixed
-    resume = load_checkpoint(resume_path) if resume_path is not None else None
     if ctx.is_main:
         _remove_stale_temp_files(run_dir, resume_path)
 
@@ -272,7 +334,7 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path) -> Path:
         "dataset_size": len(dataset),
     }
     if resume is not None:
-        _check_resume(resume, resume_path, model, data_state, style_record)
+        _check_resume(resume, resume_path, model, data_state, style_record, bool(changed))
     loss_fn = build_loss(cfg, style_image, device)
 
     start_step = int(resume["step"]) if resume is not None else 0
@@ -286,7 +348,7 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path) -> Path:
         world_size=ctx.world_size,
         start_step=start_step,
     )
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = _recorded_config(cfg, style_record)
     log.info(
         "training %s on %d images from %s, device %s, run dir %s",
         ", ".join(path.name for path in paths) if len(paths) < 4 else f"{len(paths)} styles",
