@@ -80,7 +80,7 @@ def release_freed_heap() -> None:
 
 def host_memory_available() -> int | None:
     """Bytes of RAM this process may still allocate without swapping or being killed (None if unknown): Linux's
-    MemAvailable, lowered to what a cgroup v2 memory limit (a container, a Slurm job) leaves."""
+    MemAvailable, lowered to what a cgroup memory limit (v2 or v1: a container, a Slurm job) leaves."""
     available = None
     try:
         with open("/proc/meminfo", encoding="ascii") as meminfo:
@@ -92,13 +92,17 @@ def host_memory_available() -> int | None:
         try:
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError, AttributeError):
-            return None
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text(encoding="ascii").strip()
-        used = Path("/sys/fs/cgroup/memory.current").read_text(encoding="ascii").strip()
-        if limit != "max":
+            available = None
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # v1
+    ):
+        try:
+            limit = Path(limit_file).read_text(encoding="ascii").strip()
+            used = Path(usage_file).read_text(encoding="ascii").strip()
+        except OSError:
+            continue
+        if limit.isdigit() and used.isdigit() and int(limit) < 2**60:  # "max" / a huge v1 number: no limit
             left = max(int(limit) - int(used), 0)
             available = left if available is None else min(available, left)
-    except (OSError, ValueError):
-        pass
     return available

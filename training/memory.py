@@ -24,6 +24,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from core.device import host_memory_available
 from core.errors import FaststyleError
 
 log = logging.getLogger(__name__)
@@ -126,37 +127,6 @@ def estimate(
     return MemoryNeed(step, style)
 
 
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path, encoding="ascii") as handle:
-            text = handle.read().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def available_ram() -> int | None:
-    """Bytes this process may still allocate: Linux's MemAvailable, or less under a cgroup (container) limit;
-    None where neither can be read."""
-    free = None
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    free = int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        free = None
-    for limit_file, usage_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # v1
-    ):
-        limit, usage = _read_int(limit_file), _read_int(usage_file)
-        if limit is not None and usage is not None and limit < 2**60:
-            room = max(0, limit - usage)
-            free = room if free is None else min(free, room)
-    return free
-
-
 def available_bytes(device: object) -> tuple[int | None, str]:
     """(bytes free for tensors on ``device``, its description): GPU memory on CUDA, else RAM (None if unknown)."""
     import torch
@@ -166,7 +136,7 @@ def available_bytes(device: object) -> tuple[int | None, str]:
         return int(free), f"free on {device}"
     if getattr(device, "type", None) == "mps":
         return None, "MPS"
-    return available_ram(), "of RAM available"
+    return host_memory_available(), "of RAM available"
 
 
 def check_fits(need: MemoryNeed, free: int | None, where: str, batch_size: int, image_size: int) -> None:
