@@ -276,10 +276,21 @@ def check_train_config(cfg: DictConfig) -> None:
         raise FaststyleError(f"train.betas={betas} must be two numbers in [0, 1), e.g. train.betas=[0.9,0.999]")
 
 
+STYLIZE_USAGE = (
+    "usage: python stylize.py model=<run dir>/model.pth input=<image, video, folder or 'glob'> [output=<file or "
+    "folder>] [option=value ...] (--help lists the options)"
+)
+"""The one-line usage of stylize.py, shown when its required options are missing."""
+
+
 def check_stylize_config(cfg: DictConfig) -> None:
     """Everything about stylize.py's config that can be checked without reading a file (FaststyleError)."""
     node = _plain(cfg)
     check_against_schema(node, StylizeSchema)
+    missing = [key for key in ("model", "input") if node[key] in ("???", None, "")]
+    if missing:
+        words = " and ".join(f"{key}=" for key in missing)
+        raise FaststyleError(f"{words} {'is' if len(missing) == 1 else 'are'} missing: {STYLIZE_USAGE}")
     suffix = node["suffix"]
     if suffix is not None:
         text = str(suffix)

@@ -184,6 +184,23 @@ def absolute_user_path(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(os.path.expanduser(str(path))))
 
 
+def model_file(value: str | os.PathLike) -> Path:
+    """The model file ``model=`` names, made absolute (absolute_user_path); FaststyleError with one line when it is
+    missing, a folder, or not a regular file (a FIFO is never opened: it would block). Needs no torch, so the
+    command line is checked before the torch import."""
+    from core.fileio import file_kind
+
+    path = absolute_user_path(value)
+    kind = file_kind(path)
+    if kind == "a regular file":
+        return path
+    if kind == "a folder":
+        raise FaststyleError(f"model={path} is a folder: pass the model file, e.g. model=<run dir>/model.pth")
+    if kind == "missing":
+        raise FaststyleError(f"model file not found: {path} (pass model=<run dir>/model.pth)")
+    raise FaststyleError(f"model={path} is {kind}, not a regular file: pass model=<run dir>/model.pth")
+
+
 def resolve_user_path(path: str) -> Path:
     """A path as the user meant it: ``~`` expanded, relative to the current folder, symlinks resolved."""
     return Path(os.path.realpath(os.path.expanduser(path)))
