@@ -31,7 +31,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.cli import EXIT_INTERNAL, EXIT_USAGE, model_file
+from core.cli import EXIT_INTERNAL, EXIT_USAGE, model_file, plain_warnings
 
 # Hydra, OmegaConf and torch are imported where they are needed: a command that is missing its arguments or names
 # a missing model answers with its one line in a fraction of a second instead of after the torch import.
@@ -70,6 +70,10 @@ def main(cfg: DictConfig) -> None:
     2 a usage error or a full disk (one ``error:`` line), 3 an internal error (a bug: traceback), 130 / 143
     Ctrl-C / SIGTERM.
     """
+    import warnings
+
+    from PIL import Image
+
     from core.errors import FaststyleError, exit_with_error
     from inference.pipeline import (  # torch: after the command line is checked
         StylizeInterrupted,
@@ -77,6 +81,10 @@ def main(cfg: DictConfig) -> None:
         Terminate,
         stylize,
     )
+
+    # Pillow warns about images over 89 MP as possible decompression bombs; stylize is meant for large images and
+    # bounds its memory itself (max_memory_mb, the tiled executor, load_job's estimate), so the warning only alarms.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
     def raise_terminate(signum: int, frame: object) -> None:
         raise Terminate()
@@ -120,10 +128,12 @@ def main(cfg: DictConfig) -> None:
 
 
 def quote_style_mix(arg: str) -> str:
-    """``style=a:0.3,b:0.7`` (a style mix, as users type it) quoted for Hydra, whose grammar would otherwise read
-    the comma as a sweep over two values; every other argument unchanged."""
+    """``style=a:0.3,b:0.7`` (a style mix, as users type it; also ``style_end=``) quoted for Hydra, whose grammar
+    would otherwise read the comma as a sweep over two values; every other argument unchanged."""
     key, sep, value = arg.partition("=")
-    if key.strip() != "style" or not sep or "," not in value or value[:1] in ("'", '"') or '"' in value:
+    if key.strip() not in ("style", "style_end") or not sep or "," not in value:
+        return arg
+    if value[:1] in ("'", '"') or '"' in value:
         return arg
     return f'{key}="{value}"'
 
@@ -148,6 +158,7 @@ def check_command(cfg: DictConfig) -> None:
 
 def run_cli() -> None:
     """``python stylize.py ...``: check the command line (one ``error:`` line for any mistake), then run main()."""
+    plain_warnings()
     if len(sys.argv) == 1:  # before Hydra is imported: the first command a newcomer may try
         from configs.schema import STYLIZE_USAGE
 

@@ -38,6 +38,17 @@ def usage_error(message: str) -> NoReturn:
     raise SystemExit(EXIT_USAGE)
 
 
+def plain_warnings() -> None:
+    """Show every Python warning as one line, ``warning: <message>``, instead of Python's two lines that start with
+    the warning's source file (a site-packages path, which tells a user nothing)."""
+    import warnings
+
+    def show(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+        print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    warnings.showwarning = show
+
+
 def first_line(err: BaseException) -> str:
     """The first non-empty line of an exception's message (Hydra and OmegaConf add context lines)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]

@@ -5,6 +5,7 @@ Videos go to inference.video one by one (a stream of frame batches each), after 
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Iterator
@@ -139,7 +140,12 @@ def stylize(cfg: DictConfig) -> Summary:
         logger.warning("passed over %s: %s", path, reason)
     todo = []
     for job in jobs:
-        if job.target.exists() and not cfg.overwrite:
+        try:
+            exists = job.target.exists()
+        except OSError as err:  # ENAMETOOLONG: a deep input tree, mirrored under a longer output folder
+            summary.failed.append((job.source, _unusable_target(job.target, err)))
+            continue
+        if exists and not cfg.overwrite:
             summary.skipped.append(job.source)
         else:
             todo.append(job)
@@ -179,6 +185,17 @@ def stylize(cfg: DictConfig) -> Summary:
     return summary
 
 
+def _unusable_target(target: Path, err: OSError) -> str:
+    """Why an output path cannot be written, checked before its image is decoded (one failure line)."""
+    if err.errno == errno.ENAMETOOLONG:
+        longest = max(len(part.encode()) for part in target.parts)
+        return (
+            f"cannot write {target}: the path is longer than the system allows ({len(str(target).encode())} bytes, "
+            f"longest name {longest} bytes): choose a shorter output folder, or stylize this sub-folder on its own"
+        )
+    return f"cannot write {target}: {err.strerror or err}"
+
+
 def style_choices(net: object, meta: dict, spec: str | int | None) -> list[StyleChoice] | None:
     """The styles to write: None for a one-style model (``style=`` refused), else every style of a multi-style
     model (``style=null``) or the one style or mix ``spec`` names (models/styles.py)."""
@@ -201,7 +218,7 @@ def ramp_end_choice(net: object, meta: dict, spec: str | int | None, start: str 
         raise FaststyleError(f"style_end={spec}: this model holds one style, it cannot change; leave style_end out")
     if start is None:
         raise FaststyleError(f"style_end={spec} needs style=<the style or mix at the first frame> as well")
-    return parse_style(spec, style_names(meta, count))
+    return parse_style(spec, style_names(meta, count), option="style_end")
 
 
 def _run_video(job: Job, runner: Runner, cfg: DictConfig, summary: Summary, ramp: StyleRamp | None) -> None:
