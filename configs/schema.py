@@ -107,15 +107,15 @@ class StylizeSchema:
     style: str | None  # a name, an index or a mix (models/styles.py parse_style)
     style_end: str | None  # videos: the style or mix at the last frame
     max_side_px: int | None = field(metadata={"min": 1})
-    scale: float | None = field(metadata={"min_exclusive": 0.0})
+    scale: float | None = field(metadata={"min_exclusive": 0.0, "max": 16.0})  # memory is checked per image too
     preserve_color: bool
     strength: float = field(metadata={"min": 0.0, "max": 1.0})
     device: str
     precision: str = field(metadata=_choices("auto", "fp32", "fp16", "bf16"))
     onnx_pixel_range: Any = field(metadata=_choices("auto", "0-1", "0-255", 1, 255))
     channels_last: Any = field(metadata=SWITCH)
-    batch_size: int = field(metadata={"min": 1})
-    max_memory_mb: float = field(metadata={"min_exclusive": 0.0})
+    batch_size: int = field(metadata={"min": 1, "max": 1024})  # also bounded by max_memory_mb (Runner.max_batch)
+    max_memory_mb: float = field(metadata={"min_exclusive": 0.0, "max": 2.0**20})  # 1 TiB
     tmp_dir: str | None
     malloc_reuse: bool
     io_threads: int = field(metadata={"min": 1, "max": 64})

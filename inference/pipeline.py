@@ -251,14 +251,14 @@ def _run_video(job: Job, runner: Runner, cfg: DictConfig, summary: Summary, ramp
         summary.videos_written += 1
 
 
-def _decoded(pool: ThreadPoolExecutor, todo: list[Job], cfg: DictConfig) -> Iterator[Loaded]:
+def _decoded(pool: ThreadPoolExecutor, todo: list[Job], cfg: DictConfig, runner: Runner) -> Iterator[Loaded]:
     """``todo`` decoded in ``pool``, in order, with at most ``io_threads + 1`` decoded images waiting."""
     max_side = int(cfg.max_side_px) if cfg.max_side_px is not None else None
     scale = float(cfg.scale) if cfg.scale is not None else None
     ahead = int(cfg.io_threads) + 1
     futures: list[Future[Loaded]] = []
     for job in todo:
-        futures.append(pool.submit(load_job, job, max_side, scale))
+        futures.append(pool.submit(load_job, job, max_side, scale, runner.network_bytes))
         if len(futures) > ahead:
             yield futures.pop(0).result()
     for future in futures:
@@ -298,7 +298,7 @@ def _run(todo: list[Job], runner: Runner, cfg: DictConfig, summary: Summary) -> 
         writes: list[tuple[Loaded, Future[Path]]] = []
         progress = tqdm(total=len(todo), unit="img", desc="stylize", disable=None)
         try:
-            for batch in batches(_decoded(pool, todo, cfg), runner, int(cfg.batch_size)):
+            for batch in batches(_decoded(pool, todo, cfg, runner), runner, int(cfg.batch_size)):
                 for item, out in _stylize_batch(batch, runner, summary):
                     writes.append((item, pool.submit(save_result, item, out, cfg)))
                 progress.update(len(batch))
