@@ -191,7 +191,7 @@ def file_kind(path: str | os.PathLike) -> str:
         mode = os.stat(path).st_mode
     except OSError as err:
         if os.path.islink(path):
-            return "a symbolic link loop" if err.errno == errno.ELOOP else "a broken symbolic link"
+            return "a broken symbolic link (a loop)" if err.errno == errno.ELOOP else "a broken symbolic link"
         return "missing" if err.errno in (errno.ENOENT, errno.ENOTDIR) else f"unreadable ({err.strerror or err})"
     for test, words in (
         (stat.S_ISREG, "a regular file"),
