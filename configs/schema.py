@@ -107,7 +107,7 @@ class StylizeSchema:
     style: str | None  # a name, an index or a mix (models/styles.py parse_style)
     style_end: str | None  # videos: the style or mix at the last frame
     max_side_px: int | None = field(metadata={"min": 1})
-    scale: float | None = field(metadata={"min_exclusive": 0.0, "max": 16.0})  # memory is checked per image too
+    scale: float | None = field(metadata={"min_exclusive": 0.0, "max": 64.0})  # and memory is checked per image
     preserve_color: bool
     strength: float = field(metadata={"min": 0.0, "max": 1.0})
     device: str
