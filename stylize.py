@@ -29,14 +29,14 @@ import signal
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import hydra
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from core.cli import EXIT_INTERNAL, EXIT_USAGE, model_file, plain_warnings
 
-from configs.schema import check_stylize_config
-from core.cli import EXIT_INTERNAL, preflight
-from core.errors import FaststyleError, exit_with_error
+# Hydra, OmegaConf and torch are imported where they are needed: a command that is missing its arguments or names
+# a missing model answers with its one line in a fraction of a second instead of after the torch import.
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "stylize.yaml"
 
@@ -48,24 +48,43 @@ def register_config() -> None:
     so Hydra would read ``model=run/model.pth`` as a choice in the ``model/`` group and refuse it. The stylize
     config is therefore loaded on its own, with no groups beside it.
     """
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
     ConfigStore.instance().store(name="stylize", node=OmegaConf.load(CONFIG_FILE))
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """Compose the stylize config with ``overrides`` (for tests and notebooks; needs no Hydra app running)."""
+    import hydra
+
     register_config()
     with hydra.initialize(version_base="1.3", config_path=None):
         return hydra.compose(config_name="stylize", overrides=overrides)
 
 
-@hydra.main(version_base="1.3", config_path=None, config_name="stylize")
 def main(cfg: DictConfig) -> None:
-    """Entry point: ``python stylize.py model=... input=...``; prints the summary line.
+    """The job Hydra runs for ``python stylize.py model=... input=...`` (run_cli); prints the summary line.
 
     Exit status: 0 every image written (or skipped because it exists), 1 some images failed (each one listed),
-    2 a usage error, 3 an internal error (a bug: traceback), 130 / 143 Ctrl-C / SIGTERM.
+    2 a usage error or a full disk (one ``error:`` line), 3 an internal error (a bug: traceback), 130 / 143
+    Ctrl-C / SIGTERM.
     """
-    from inference.pipeline import StylizeInterrupted, Terminate, stylize  # torch: after the command line is checked
+    import warnings
+
+    from PIL import Image
+
+    from core.errors import FaststyleError, exit_with_error
+    from inference.pipeline import (  # torch: after the command line is checked
+        StylizeInterrupted,
+        StylizeOutOfSpace,
+        Terminate,
+        stylize,
+    )
+
+    # Pillow warns about images over 89 MP as possible decompression bombs; stylize is meant for large images and
+    # bounds its memory itself (max_memory_mb, the tiled executor, load_job's estimate), so the warning only alarms.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
     def raise_terminate(signum: int, frame: object) -> None:
         raise Terminate()
@@ -90,6 +109,11 @@ def main(cfg: DictConfig) -> None:
             file=sys.stderr,
         )
         raise SystemExit(128 + stop.signum) from None
+    except StylizeOutOfSpace as full:  # one line for every image left, not one failure line each
+        for source, reason in full.summary.failed:
+            print(f"failed: {source}: {reason}", file=sys.stderr)
+        print(f"error: {full.line()}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
     except Exception:
         traceback.print_exc()
         print("internal error (a bug in faststyle): please report the traceback above", file=sys.stderr)
@@ -104,27 +128,55 @@ def main(cfg: DictConfig) -> None:
 
 
 def quote_style_mix(arg: str) -> str:
-    """``style=a:0.3,b:0.7`` (a style mix, as users type it) quoted for Hydra, whose grammar would otherwise read
-    the comma as a sweep over two values; every other argument unchanged."""
+    """``style=a:0.3,b:0.7`` (a style mix, as users type it; also ``style_end=``) quoted for Hydra, whose grammar
+    would otherwise read the comma as a sweep over two values; every other argument unchanged."""
     key, sep, value = arg.partition("=")
-    if key.strip() != "style" or not sep or "," not in value or value[:1] in ("'", '"') or '"' in value:
+    if key.strip() not in ("style", "style_end") or not sep or "," not in value:
+        return arg
+    if value[:1] in ("'", '"') or '"' in value:
         return arg
     return f'{key}="{value}"'
 
 
 def compose_with_hydra(overrides: list[str]) -> DictConfig:
     """The config ``python stylize.py <overrides>`` runs with, including the ``hydra`` node (cli.preflight)."""
+    import hydra
+
     register_config()
     with hydra.initialize(version_base="1.3", config_path=None):
         return hydra.compose(config_name="stylize", overrides=overrides, return_hydra_config=True)
 
 
-if __name__ == "__main__":
-    register_config()  # before main(): @hydra.main looks the config up by name when it runs
+def check_command(cfg: DictConfig) -> None:
+    """Everything about the command line that needs neither torch nor the model's contents (cli.preflight): the
+    options' values, and that the model file is there."""
+    from configs.schema import check_stylize_config
+
+    check_stylize_config(cfg)
+    model_file(cfg.model)
+
+
+def run_cli() -> None:
+    """``python stylize.py ...``: check the command line (one ``error:`` line for any mistake), then run main()."""
+    plain_warnings()
+    if len(sys.argv) == 1:  # before Hydra is imported: the first command a newcomer may try
+        from configs.schema import STYLIZE_USAGE
+
+        print(f"error: model= and input= are missing: {STYLIZE_USAGE}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+    import hydra
+
+    from core.cli import preflight
+
+    register_config()  # before main(): hydra.main looks the config up by name when it runs
     sys.argv[1:] = [quote_style_mix(arg) for arg in sys.argv[1:]]
     try:
-        sys.argv += preflight(sys.argv[1:], compose_with_hydra, check_stylize_config)
+        sys.argv += preflight(sys.argv[1:], compose_with_hydra, check_command)
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C) before any image was stylized", file=sys.stderr)
         raise SystemExit(130) from None
-    main()
+    hydra.main(version_base="1.3", config_path=None, config_name="stylize")(main)()
+
+
+if __name__ == "__main__":
+    run_cli()

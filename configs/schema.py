@@ -125,15 +125,15 @@ class StylizeSchema:
     style: str | None  # a name, an index or a mix (models/styles.py parse_style)
     style_end: str | None  # videos: the style or mix at the last frame
     max_side_px: int | None = field(metadata={"min": 1})
-    scale: float | None = field(metadata={"min_exclusive": 0.0})
+    scale: float | None = field(metadata={"min_exclusive": 0.0, "max": 64.0})  # and memory is checked per image
     preserve_color: bool
     strength: float = field(metadata={"min": 0.0, "max": 1.0})
     device: str
     precision: str = field(metadata=_choices("auto", "fp32", "fp16", "bf16"))
     onnx_pixel_range: Any = field(metadata=_choices("auto", "0-1", "0-255", 1, 255))
     channels_last: Any = field(metadata=SWITCH)
-    batch_size: int = field(metadata={"min": 1})
-    max_memory_mb: float = field(metadata={"min_exclusive": 0.0})
+    batch_size: int = field(metadata={"min": 1, "max": 1024})  # also bounded by max_memory_mb (Runner.max_batch)
+    max_memory_mb: float = field(metadata={"min_exclusive": 0.0, "max": 2.0**20})  # 1 TiB
     tmp_dir: str | None
     malloc_reuse: bool
     io_threads: int = field(metadata={"min": 1, "max": 64})
@@ -297,10 +297,21 @@ def check_train_config(cfg: DictConfig) -> None:
         raise FaststyleError(f"train.betas={betas} must be two numbers in [0, 1), e.g. train.betas=[0.9,0.999]")
 
 
+STYLIZE_USAGE = (
+    "usage: python stylize.py model=<run dir>/model.pth input=<image, video, folder or 'glob'> [output=<file or "
+    "folder>] [option=value ...] (--help lists the options)"
+)
+"""The one-line usage of stylize.py, shown when its required options are missing."""
+
+
 def check_stylize_config(cfg: DictConfig) -> None:
     """Everything about stylize.py's config that can be checked without reading a file (FaststyleError)."""
     node = plain_config(cfg)
     check_against_schema(node, StylizeSchema)
+    missing = [key for key in ("model", "input") if node[key] in ("???", None, "")]
+    if missing:
+        words = " and ".join(f"{key}=" for key in missing)
+        raise FaststyleError(f"{words} {'is' if len(missing) == 1 else 'are'} missing: {STYLIZE_USAGE}")
     suffix = node["suffix"]
     if suffix is not None:
         text = str(suffix)

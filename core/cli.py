@@ -35,6 +35,17 @@ def usage_error(message: str) -> NoReturn:
     report_error(f"error: {' '.join(str(message).split())}")
 
 
+def plain_warnings() -> None:
+    """Show every Python warning as one line, ``warning: <message>``, instead of Python's two lines that start with
+    the warning's source file (a site-packages path, which tells a user nothing)."""
+    import warnings
+
+    def show(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+        print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    warnings.showwarning = show
+
+
 def first_line(err: BaseException) -> str:
     """The first non-empty line of an exception's message (Hydra and OmegaConf add context lines)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
@@ -268,6 +279,17 @@ def absolute_user_path(path: str | os.PathLike) -> Path:
     """A user path made absolute against the directory the command was started from (Hydra never changes the
     working directory here); ``~`` expanded, symbolic links kept, so names derived from it stay the user's."""
     return Path(os.path.abspath(os.path.expanduser(str(path))))
+
+
+def model_file(value: str | os.PathLike) -> Path:
+    """The model file ``model=`` names, made absolute (absolute_user_path); FaststyleError with one line when it is
+    missing, a folder, or not a regular file (core.fileio.check_regular_file: a FIFO is never opened). Needs no
+    torch, so the command line is checked before the torch import."""
+    from core.fileio import check_regular_file
+
+    path = absolute_user_path(value)
+    check_regular_file(path, "model file", "pass the model file, e.g. model=<run dir>/model.pth")
+    return path
 
 
 def resolve_user_path(path: str) -> Path:

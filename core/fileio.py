@@ -7,8 +7,11 @@ Windows). A crash or a ``kill -9`` mid-write therefore leaves the previous file 
 temporary file; its name carries the writer's process id (``.<name>.<pid>.<random>.tmp``), so a later run can tell
 a stale one (its writer is dead) from one being written right now, and :func:`remove_stale_temp_files` deletes it.
 
-A full disk (``ENOSPC``/``EDQUOT``) raises ``FaststyleError`` with one line naming the file and the space needed,
-instead of a chained traceback.
+A full disk (``ENOSPC``/``EDQUOT``, or ``EFBIG``: a file larger than the file system or ``ulimit -f`` allows) raises
+``DiskFullError`` (a FaststyleError) with one line naming the file and the space needed, instead of a chained
+traceback. Writers get a file object that hides its descriptor, so that libraries (Pillow's encoders) write
+through Python's buffered writer, which either writes every byte or raises: Pillow's direct writes to a
+descriptor ignore short writes, which on a nearly full disk left a truncated image without any error.
 
 Reading is the mirror image: :func:`safe_torch_load` is the one ``torch.load`` of the project, and it never runs code
 from a file. torch is imported inside the functions that need it, so the entry points can use this module (stale
@@ -44,7 +47,21 @@ _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
 # Temporary files of faststyle versions whose names did not carry the pid: only their age tells they are stale.
 _OLD_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")
 _OLD_TEMP_MIN_AGE_S = 3600.0
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class DiskFullError(FaststyleError):
+    """A write ran out of space (or hit the file size limit); ``folder`` is where, ``errno`` which limit. A run
+    that writes many files stops at the first one: the next would fail the same way."""
+
+    def __init__(self, message: str, folder: Path, code: int) -> None:
+        super().__init__(message)
+        self.folder, self.errno = folder, code
+
+    @property
+    def kind(self) -> str:
+        """What ran out, in a few words."""
+        return {errno.EDQUOT: "quota exceeded", errno.EFBIG: "file too large"}.get(self.errno, "disk full")
 
 
 def _read_umask() -> int:
@@ -80,17 +97,42 @@ def free_bytes(folder: str | os.PathLike) -> int | None:
     return stats.f_bavail * stats.f_frsize
 
 
-def disk_full_error(path: Path, needed_bytes: int | None, err: OSError) -> FaststyleError:
+def disk_full_error(path: Path, needed_bytes: int | None, err: OSError) -> DiskFullError:
     """The one-line error for a write that ran out of space (the previous file at ``path`` is unchanged)."""
-    free = free_bytes(path.parent)
     need = f"needs {_mib(needed_bytes)}" if needed_bytes is not None else "needs more space"
-    have = f"{_mib(free)} free" if free is not None else "free space unknown"
-    kind = "quota exceeded" if err.errno == errno.EDQUOT else "disk full"
     # The write went to a temporary file: a file already at ``path`` is untouched, and where there was none, none is.
     kept = f"the previous {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
-    return FaststyleError(
-        f"{kind}: cannot write {path} ({need}, {have} in {path.parent}); free some space and run again ({kept})"
-    )
+    if err.errno == errno.EFBIG:
+        message = (
+            f"file too large: cannot write {path} ({need}): the file system or the file size limit (ulimit -f) "
+            f"allows no larger file in {path.parent} ({kept})"
+        )
+    else:
+        free = free_bytes(path.parent)
+        have = f"{_mib(free)} free" if free is not None else "free space unknown"
+        kind = "quota exceeded" if err.errno == errno.EDQUOT else "disk full"
+        message = (
+            f"{kind}: cannot write {path} ({need}, {have} in {path.parent}); free some space and "
+            f"run again ({kept})"
+        )
+    return DiskFullError(message, path.parent, err.errno)
+
+
+class _BufferedOnly:
+    """A binary file whose ``fileno()`` raises io.UnsupportedOperation; everything else is the wrapped file's.
+
+    Libraries that find a descriptor write to it themselves: Pillow's encoders call write(2) and ignore short
+    writes, so a nearly full disk gave a truncated image and no error. Without a descriptor they write through
+    Python's buffered writer, which loops until every byte is written or raises the OSError (ENOSPC)."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle = handle
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("fileno: write through this object")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
 
 
 @contextlib.contextmanager
@@ -101,8 +143,13 @@ def atomic_output(path: str | os.PathLike, size_hint: int | None = None) -> Iter
     ``size_hint`` (bytes) makes a disk-full error say how much space the file needs.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    except OSError as err:
+        if err.errno in _DISK_FULL:
+            raise disk_full_error(path, size_hint, err) from err
+        raise
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -123,9 +170,10 @@ def atomic_output(path: str | os.PathLike, size_hint: int | None = None) -> Iter
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], size_hint: int | None = None) -> None:
-    """Atomically write ``path`` with ``write(handle)`` (a binary file opened on the temporary file)."""
+    """Atomically write ``path`` with ``write(handle)`` (a binary file opened on the temporary file, without a
+    descriptor: see _BufferedOnly)."""
     with atomic_output(path, size_hint) as tmp, open(tmp, "wb") as handle:
-        write(handle)
+        write(_BufferedOnly(handle))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray | memoryview) -> None:
@@ -229,7 +277,7 @@ def regular_file_problem(path: str | os.PathLike) -> str | None:
         mode = os.stat(path).st_mode
     except OSError as err:
         if err.errno == errno.ELOOP:
-            return "a symbolic link loop"
+            return "a broken symbolic link (a loop)"
         if err.errno in (errno.ENOENT, errno.ENOTDIR):
             if os.path.islink(path):
                 return f"a broken symbolic link (to {os.readlink(path)}, which does not exist)"
@@ -248,6 +296,15 @@ def regular_file_problem(path: str | os.PathLike) -> str | None:
     if os.path.islink(path):
         kind += f" (a symbolic link to {os.path.realpath(path)})"
     return kind
+
+
+def file_kind(path: str | os.PathLike) -> str:
+    """What ``path`` is, in words, for messages (:func:`regular_file_problem`'s words, "a regular file" for one,
+    "missing" when nothing is there)."""
+    problem = regular_file_problem(path)
+    if problem is None:
+        return "a regular file"
+    return "missing" if problem == "not found" else problem
 
 
 def check_regular_file(path: str | os.PathLike, what: str, fix: str) -> None:

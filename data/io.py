@@ -6,6 +6,8 @@ module converts between files, PIL images and such tensors; values are clamped o
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 from pathlib import Path
 
@@ -75,6 +77,49 @@ except ImportError:
 # Resampling filters (Pillow removed Image.ANTIALIAS; Image.Resampling is the supported spelling).
 DOWNSCALE_FILTER = Image.Resampling.LANCZOS
 UPSCALE_FILTER = Image.Resampling.BICUBIC
+
+
+@functools.cache
+def read_formats() -> tuple[str, ...]:
+    """The Pillow formats faststyle decodes: those of IMAGE_EXTENSIONS (as this Pillow and its plugins register
+    them), plus MPO where Pillow opens it on its own (the multi-picture JPEG of many cameras). Files are identified
+    by their content, so without this list a file of any of Pillow's formats would be decoded whatever its name: an
+    icon, or an EPS file, which runs Ghostscript."""
+    registered = Image.registered_extensions()  # loads every plugin, once
+    formats = dict.fromkeys([*(registered[ext] for ext in IMAGE_EXTENSIONS if ext in registered), "MPO"])
+    return tuple(fmt for fmt in formats if fmt in Image.OPEN)  # Image.open fails on a format it cannot open
+
+
+def _format_names() -> str:
+    return ", ".join(fmt for fmt in read_formats() if fmt not in ("MPO", "DIB"))
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+
+
+def _png_without_text(path: Path) -> io.BytesIO | None:
+    """The PNG file at ``path`` in memory with its text chunks (metadata: comments, XMP) left out, or None when it is
+    not a well-formed PNG. Pillow refuses a text chunk over 1 MB (a guard against zip bombs in metadata) and the
+    whole image with it; the pixels are in other chunks and do not need the text."""
+    data = path.read_bytes()
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    kept, pos = [data[:8]], 8
+    while pos + 12 <= len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        end = pos + 12 + length
+        if end > len(data):
+            return None
+        if data[pos + 4 : pos + 8] not in _PNG_TEXT_CHUNKS:
+            kept.append(data[pos:end])
+        pos = end
+    return io.BytesIO(b"".join(kept))
+
+
+def _is_png_text_limit(err: BaseException) -> bool:
+    """Pillow's refusal of oversized PNG text chunks (PngImagePlugin.MAX_TEXT_CHUNK / MAX_TEXT_MEMORY)."""
+    return isinstance(err, ValueError) and ("MAX_TEXT_CHUNK" in str(err) or "MAX_TEXT_MEMORY" in str(err))
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
@@ -149,7 +194,7 @@ def has_alpha(img: Image.Image) -> bool:
 def file_has_alpha(path: str | os.PathLike) -> bool:
     """Whether the image file has an alpha channel, from its header only (False if it cannot be read)."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=read_formats()) as img:
             return has_alpha(img)
     except (OSError, ValueError, Image.DecompressionBombError):
         return False
@@ -217,22 +262,41 @@ def load_image(
     if not path.is_file():
         raise FaststyleError(f"image not found: {path} (check the path)")
     try:
-        with Image.open(path) as opened:  # leaving the block closes the file; the decoded pixels stay usable
-            open_draft(opened, min_short_side)
-            check_decode_size(opened, max_pixels, path)
-            opened.load()  # decode now, so truncated files fail here and not later
-            # In place and without the no-op conversion: each full-size copy of a 12000 x 12000 photo is 576 MB
-            # (Pillow holds RGB as 4 bytes per pixel). A rotation still needs the old and the new pixels briefly.
-            ImageOps.exif_transpose(opened, in_place=True)
-            if opened.mode == "RGB" or (mode == "RGBA" and opened.mode == "RGBA"):
-                return opened
-            return to_rgb(opened, keep_alpha=(mode == "RGBA"))
+        try:
+            return _decode(path, mode, min_short_side, max_pixels)
+        except ValueError as err:
+            stripped = _png_without_text(path) if _is_png_text_limit(err) else None
+            if stripped is None:
+                raise
+            return _decode(stripped, mode, min_short_side, max_pixels, name=path)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as err:
         hint = "is it a valid image file?"
         if path.suffix.lower() in (".heic", ".heif") and not HEIF_SUPPORTED:
             hint = "HEIC/HEIF needs the optional package pillow-heif: pip install pillow-heif"
+        elif isinstance(err, UnidentifiedImageError):
+            kind = Image.registered_extensions().get(path.suffix.lower())
+            if kind is not None and kind not in read_formats():
+                message = f"{kind} files are not read: faststyle reads {_format_names()} (convert it to PNG or JPEG)"
+                raise FaststyleError(f"cannot read image {path}: {message}") from err
+            hint = f"is it a valid image file? faststyle reads {_format_names()}"
         message = " ".join(str(err).split()) or type(err).__name__
         raise FaststyleError(f"cannot read image {path}: {message} ({hint})") from err
+
+
+def _decode(
+    source: Path | io.BytesIO, mode: str, min_short_side: int | None, max_pixels: int | None, name: Path | None = None
+) -> Image.Image:
+    """load_image's decoding of a file or an in-memory copy of it (``name``: the file, for messages)."""
+    with Image.open(source, formats=read_formats()) as opened:  # leaving the block closes the file
+        open_draft(opened, min_short_side)
+        check_decode_size(opened, max_pixels, name or source)
+        opened.load()  # decode now, so truncated files fail here and not later
+        # In place and without the no-op conversion: each full-size copy of a 12000 x 12000 photo is 576 MB
+        # (Pillow holds RGB as 4 bytes per pixel). A rotation still needs the old and the new pixels briefly.
+        ImageOps.exif_transpose(opened, in_place=True)
+        if opened.mode == "RGB" or (mode == "RGBA" and opened.mode == "RGBA"):
+            return opened
+        return to_rgb(opened, keep_alpha=(mode == "RGBA"))
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:

@@ -178,6 +178,14 @@ class Frame:
         return torch.from_numpy(self.pixels).permute(2, 0, 1).float().div_(255.0)
 
 
+def _cut_short_hint(path: Path) -> str:
+    """What to check when a video cannot be read: whether the file is complete (the usual cause)."""
+    hint = "is it a complete video file?"
+    if path.suffix.lower() in (".mp4", ".m4v", ".mov"):
+        hint += " An MP4/MOV cut short cannot be read: its index is written at the end"
+    return hint
+
+
 def _open_input(path: Path) -> object:
     import av
 
@@ -188,17 +196,19 @@ def _open_input(path: Path) -> object:
     try:
         return av.open(str(path), mode="r")
     except av.FFmpegError as err:
-        hint = "is it a complete video file?"
-        if path.suffix.lower() in (".mp4", ".m4v", ".mov"):
-            hint += " An MP4/MOV cut short cannot be read: its index is written at the end"
-        raise FaststyleError(f"cannot read video {path}: {_reason(err)} ({hint})") from err
+        raise FaststyleError(f"cannot read video {path}: {_reason(err)} ({_cut_short_hint(path)})") from err
 
 
 def _video_stream(container: object, path: Path) -> object:
     streams = [s for s in container.streams.video if not (s.disposition & 1024)]  # 1024: attached picture (cover)
     if not streams:
-        kinds = ", ".join(sorted({s.type for s in container.streams})) or "nothing"
-        raise FaststyleError(f"{path} holds no video stream (it has {kinds}): give a video file")
+        kinds = sorted({s.type for s in container.streams})
+        if set(kinds) <= {"data", "attachment"}:
+            # No stream a player could show: a file cut inside its header (an MP4 cut before or inside its index
+            # opens with no streams, or with only the data streams that were listed before the cut).
+            have = f"only {', '.join(kinds)} streams" if kinds else "no streams"
+            raise FaststyleError(f"cannot read video {path}: it has {have} ({_cut_short_hint(path)})")
+        raise FaststyleError(f"{path} holds no video stream (it has {', '.join(kinds)}): give a video file")
     return streams[0]
 
 
@@ -216,7 +226,7 @@ def _first_frame(path: Path) -> object:
         pass
     finally:
         container.close()
-    raise FaststyleError(f"cannot read video {path}: no frame could be decoded (is the file complete?)")
+    raise FaststyleError(f"cannot read video {path}: no frame could be decoded ({_cut_short_hint(path)})")
 
 
 class VideoReader:

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from core.cli import absolute_user_path
 from core.errors import FaststyleError
+from core.fileio import file_kind
 from data.io import (
     ALPHA_FORMATS,
     IMAGE_EXTENSIONS,
@@ -70,8 +71,10 @@ def find_inputs(input_spec: str, recursive: bool) -> tuple[list[Path], Path, lis
             hint = "" if recursive else " (add recursive=true to look in sub-folders)"
             raise FaststyleError(f"no image files or videos in folder {path}{hint}")
         return files, path, skipped
-    if path.is_symlink():
-        raise FaststyleError(f"input {path} is a broken symbolic link: point it at an image or a folder")
+    kind = file_kind(path)
+    if kind != "missing":  # a FIFO, a device, a socket, a broken link: never opened (a FIFO would block)
+        fix = "point it at an image or a folder" if "symbolic link" in kind else "give an image or video file"
+        raise FaststyleError(f"input {path} is {kind}, not a regular file: {fix}")
     if glob.has_magic(str(input_spec)):
         files, skipped = [], []
         for match in sorted(glob.glob(str(path), recursive=recursive)):
@@ -107,6 +110,39 @@ def _output_is_file(output: Path) -> bool:
     return (output.suffix.lower() in WRITE_FORMATS or is_media_file(output)) and not output.is_dir()
 
 
+def output_location(cfg: DictConfig, model_path: Path) -> tuple[Path, bool]:
+    """Where the outputs go, and whether that is one file (else a folder): ``output=``, or ``<model dir>/stylized/``.
+    A trailing ``/`` always names a folder (``output=x.jpg/``)."""
+    if not cfg.output:
+        return model_path.parent / "stylized", False
+    text = str(cfg.output)
+    output = absolute_user_path(text)
+    names_folder = text.endswith(("/", os.sep)) or text.endswith(("/.", os.sep + "."))
+    return output, not names_folder and _output_is_file(output)
+
+
+def _check_output_folder(output: Path, single_file: bool, text: str) -> None:
+    """FaststyleError when the output folder (``output``, or its parent for a file output), or the first of its
+    parents that exists, is something other than a folder: an existing file, /dev/null or a FIFO would otherwise
+    fail every image with "[Errno 17] File exists"."""
+    folder = output.parent if single_file else output
+    probe = folder
+    while True:
+        kind = file_kind(probe)
+        if kind == "a folder":
+            return
+        if kind != "missing":
+            if probe == output:
+                raise FaststyleError(
+                    f"output={text} is {kind}, not a folder: give a folder for the outputs (or, for one input, an "
+                    "image file name)"
+                )
+            raise FaststyleError(f"output={text} cannot be made: {probe} is {kind}, not a folder: choose another path")
+        if probe.parent == probe:
+            return
+        probe = probe.parent
+
+
 def plan_jobs(
     cfg: DictConfig, model_path: Path, meta: dict, style_labels: list[str] | None = None
 ) -> tuple[list[Job], list[tuple[Path, str]]]:
@@ -125,6 +161,9 @@ def plan_jobs(
         names = [str(cfg.suffix)]
     else:
         labels = [file_name_part(label) for label in style_labels]
+        # Two styles of one name (a hand-made model, or names that differ only in characters file names cannot
+        # hold) get their index too: the index is what style= takes to pick one of them.
+        labels = [f"{label}_{i}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
         names = [f"{cfg.suffix}_{label}" if cfg.suffix else label for label in labels]
     forced_ext = None
     if cfg.format:
@@ -140,17 +179,20 @@ def plan_jobs(
             return forced_ext
         return OUTPUT_FORMATS.get(ext.lstrip("."), ".png")
 
-    output = absolute_user_path(cfg.output) if cfg.output else model_path.parent / "stylized"
+    output, single_file = output_location(cfg, model_path)
+    _check_output_folder(output, single_file, str(cfg.output or output))
     real_output = Path(os.path.realpath(output))
     # Earlier results inside an input tree must not be stylized again (recursive folders, broad globs).
     real_base = Path(os.path.realpath(base))
     files = [f for f in files if real_output == real_base or real_output not in Path(os.path.realpath(f)).parents]
     if not files:
         raise FaststyleError(f"every input image is inside the output folder {output}: choose another output")
-    single_file = bool(cfg.output) and _output_is_file(output)
     if single_file:
         if len(files) != 1:
-            raise FaststyleError(f"output={cfg.output} is a file but {len(files)} images were found: give a folder")
+            raise FaststyleError(
+                f"output={cfg.output} is a file but {len(files)} images were found: give a folder (a trailing / "
+                "makes any name a folder)"
+            )
         if len(names) != 1:
             raise FaststyleError(
                 f"output={cfg.output} is a file but the model writes {len(names)} styles: pick one with "
@@ -183,11 +225,32 @@ def plan_jobs(
                 "%s has transparency, which JPEG cannot hold: writing %s instead", job.source, new_target.name
             )
             job.target = new_target
+    _name_apart(jobs)
     _refuse_outputs_among_inputs(jobs, files, single_file=single_file)
-    targets = [job.target for job in jobs]
-    if len(set(targets)) != len(targets):
-        raise FaststyleError("two inputs map to the same output name (same stem, different extension): set format")
     return jobs, skipped
+
+
+def _name_apart(jobs: list[Job]) -> None:
+    """Inputs of one stem in one folder (photo.jpg and photo.png, whose outputs share a format or where one is a
+    GIF written as PNG) keep their own extension in the output name: photo_jpg_<style>.png, photo_png_<style>.png.
+    Outputs that do not collide keep the plain <stem>_<style>.<ext>. FaststyleError, naming both inputs, for a
+    collision left after that (an input named like another's renamed output)."""
+    by_target: dict[Path, list[Job]] = {}
+    for job in jobs:
+        by_target.setdefault(job.target, []).append(job)
+    for same in by_target.values():
+        if len(same) > 1 and len({job.source for job in same}) == len(same):
+            for job in same:
+                stem, ext = job.source.stem, job.source.suffix.lstrip(".") or "file"
+                job.target = job.target.with_name(f"{stem}_{ext}{job.target.name[len(stem) :]}")
+    seen: dict[Path, Job] = {}
+    for job in jobs:
+        other = seen.setdefault(job.target, job)
+        if other is not job:
+            raise FaststyleError(
+                f"{other.source} and {job.source} would both be written to {job.target}: rename one of them or "
+                "stylize them separately"
+            )
 
 
 def _refuse_outputs_among_inputs(jobs: list[Job], files: list[Path], single_file: bool) -> None:

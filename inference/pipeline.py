@@ -5,6 +5,7 @@ Videos go to inference.video one by one (a stream of frame batches each), after 
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Iterator
@@ -17,11 +18,11 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from configs.schema import check_stylize_config
-from core.cli import absolute_user_path
+from core.cli import model_file
 from core.device import reuse_freed_memory
 from core.errors import FaststyleError
-from core.fileio import check_regular_file, remove_stale_temp_files
-from inference.jobs import Job, plan_jobs
+from core.fileio import DiskFullError, remove_stale_temp_files
+from inference.jobs import Job, output_location, plan_jobs
 from inference.runner import Loaded, Runner, batches, load_job, non_finite_error, save_result
 from inference.video import StyleRamp, stylize_video
 from models.styles import StyleChoice, all_styles, parse_style, style_names
@@ -43,6 +44,8 @@ class Summary:
     video_seconds: float = 0.0  # the clip time those frames cover
     video_wall_s: float = 0.0  # wall time spent on videos (part of ``seconds``)
     video_in_progress: Path | None = None  # the video output being written when Ctrl-C came (not kept)
+    output: str = ""  # where the outputs go: the output file, or the folder (with a trailing "/")
+    out_of_space: DiskFullError | None = None  # the write that found the disk full (the run stops there)
 
     def line(self) -> str:
         """The one summary line: counts, time, images/s and, with videos, frames/s and the real-time factor
@@ -59,9 +62,10 @@ class Summary:
                 f"{self.video_frames / wall:.2f} frames/s, {self.video_seconds / wall:.3g}x real time"
             )
         passed = f", passed over {len(self.passed_over)} (not image files)" if self.passed_over else ""
+        where = f"; output: {self.output}" if self.output else ""
         return (
             f"stylized {len(self.written)}, skipped {len(self.skipped)} (exist; overwrite=true redoes them){passed}, "
-            f"failed {len(self.failed)} in {self.seconds:.1f} s ({'; '.join(rates)})"
+            f"failed {len(self.failed)} in {self.seconds:.1f} s ({'; '.join(rates)}){where}"
         )
 
 
@@ -71,6 +75,28 @@ class StylizeInterrupted(Exception):
     def __init__(self, summary: Summary, remaining: int, signum: int) -> None:
         super().__init__("interrupted")
         self.summary, self.remaining, self.signum = summary, remaining, signum
+
+
+class StylizeOutOfSpace(Exception):
+    """The output disk filled up (or a file hit the size limit): the run stopped at the first write that failed so,
+    since every later one would fail the same way. ``summary`` holds what was written (every file complete)."""
+
+    def __init__(self, summary: Summary, remaining: int, error: DiskFullError) -> None:
+        super().__init__(str(error))
+        self.summary, self.remaining, self.error = summary, remaining, error
+
+    def line(self) -> str:
+        """The one line that replaces a failure line per remaining image."""
+        folder, done = self.error.folder, f"after {len(self.summary.written)} written, {self.remaining} not done"
+        again = "run the same command again (finished outputs are skipped)"
+        if self.error.kind == "file too large":
+            return (
+                f"an output is larger than the file system or the file size limit (ulimit -f) allows in {folder} "
+                f"({done}): raise the limit, or write smaller files (max_side_px=, format=jpg), and {again}"
+            )
+        if self.error.kind == "quota exceeded":
+            return f"disk quota exceeded on {folder} ({done}): free some space or raise the quota and {again}"
+        return f"no space left on {folder} ({done}): free some space and {again}"
 
 
 class Terminate(KeyboardInterrupt):
@@ -87,9 +113,7 @@ def stylize(cfg: DictConfig) -> Summary:
     check_stylize_config(cfg)
     if cfg.malloc_reuse:
         reuse_freed_memory()
-    model_path = absolute_user_path(cfg.model)
-    # Checked with stat only (a FIFO is never opened): a folder, a pipe or a device is named as what it is.
-    check_regular_file(model_path, "model file", "pass the model file, e.g. model=<run dir>/model.pth")
+    model_path = model_file(cfg.model)
     device = resolve_device(str(cfg.device))
     if model_path.suffix.lower() == ".onnx":  # exported models run through onnxruntime, untiled only
         from inference.onnx_runner import load_onnx_model
@@ -110,12 +134,18 @@ def stylize(cfg: DictConfig) -> Summary:
                 f"style_end={cfg.style_end} changes the style over a video, but {images[0]} is an image: give "
                 "videos only, or leave style_end out"
             )
-    summary = Summary(passed_over=passed_over)
+    output, single_file = output_location(cfg, model_path)
+    summary = Summary(passed_over=passed_over, output=str(output) if single_file else f"{output}/")
     for path, reason in passed_over:
         logger.warning("passed over %s: %s", path, reason)
     todo = []
     for job in jobs:
-        if job.target.exists() and not cfg.overwrite:
+        try:
+            exists = job.target.exists()
+        except OSError as err:  # ENAMETOOLONG: a deep input tree, mirrored under a longer output folder
+            summary.failed.append((job.source, _unusable_target(job.target, err)))
+            continue
+        if exists and not cfg.overwrite:
             summary.skipped.append(job.source)
         else:
             todo.append(job)
@@ -147,8 +177,23 @@ def stylize(cfg: DictConfig) -> Summary:
         summary.seconds = time.perf_counter() - start
         done = len(summary.written) + len(summary.failed)
         raise StylizeInterrupted(summary, len(todo) - done, 15 if isinstance(stop, Terminate) else 2) from None
+    except DiskFullError as full:
+        summary.seconds = time.perf_counter() - start
+        done = len(summary.written) + len(summary.failed)
+        raise StylizeOutOfSpace(summary, len(todo) - done, full) from None
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _unusable_target(target: Path, err: OSError) -> str:
+    """Why an output path cannot be written, checked before its image is decoded (one failure line)."""
+    if err.errno == errno.ENAMETOOLONG:
+        longest = max(len(part.encode()) for part in target.parts)
+        return (
+            f"cannot write {target}: the path is longer than the system allows ({len(str(target).encode())} bytes, "
+            f"longest name {longest} bytes): choose a shorter output folder, or stylize this sub-folder on its own"
+        )
+    return f"cannot write {target}: {err.strerror or err}"
 
 
 def style_choices(net: object, meta: dict, spec: str | int | None) -> list[StyleChoice] | None:
@@ -173,7 +218,7 @@ def ramp_end_choice(net: object, meta: dict, spec: str | int | None, start: str 
         raise FaststyleError(f"style_end={spec}: this model holds one style, it cannot change; leave style_end out")
     if start is None:
         raise FaststyleError(f"style_end={spec} needs style=<the style or mix at the first frame> as well")
-    return parse_style(spec, style_names(meta, count))
+    return parse_style(spec, style_names(meta, count), option="style_end")
 
 
 def _run_video(job: Job, runner: Runner, cfg: DictConfig, summary: Summary, ramp: StyleRamp | None) -> None:
@@ -181,6 +226,8 @@ def _run_video(job: Job, runner: Runner, cfg: DictConfig, summary: Summary, ramp
     to there and reported, so the run exits with status 1)."""
     try:
         result = stylize_video(job, runner, cfg, ramp)
+    except DiskFullError:  # stops the run (StylizeOutOfSpace): the next output would not fit either
+        raise
     except FaststyleError as err:
         summary.failed.append((job.source, str(err)))
         logger.error("skipping: %s", err)
@@ -204,14 +251,14 @@ def _run_video(job: Job, runner: Runner, cfg: DictConfig, summary: Summary, ramp
         summary.videos_written += 1
 
 
-def _decoded(pool: ThreadPoolExecutor, todo: list[Job], cfg: DictConfig) -> Iterator[Loaded]:
+def _decoded(pool: ThreadPoolExecutor, todo: list[Job], cfg: DictConfig, runner: Runner) -> Iterator[Loaded]:
     """``todo`` decoded in ``pool``, in order, with at most ``io_threads + 1`` decoded images waiting."""
     max_side = int(cfg.max_side_px) if cfg.max_side_px is not None else None
     scale = float(cfg.scale) if cfg.scale is not None else None
     ahead = int(cfg.io_threads) + 1
     futures: list[Future[Loaded]] = []
     for job in todo:
-        futures.append(pool.submit(load_job, job, max_side, scale))
+        futures.append(pool.submit(load_job, job, max_side, scale, runner.network_bytes))
         if len(futures) > ahead:
             yield futures.pop(0).result()
     for future in futures:
@@ -251,18 +298,22 @@ def _run(todo: list[Job], runner: Runner, cfg: DictConfig, summary: Summary) -> 
         writes: list[tuple[Loaded, Future[Path]]] = []
         progress = tqdm(total=len(todo), unit="img", desc="stylize", disable=None)
         try:
-            for batch in batches(_decoded(pool, todo, cfg), runner, int(cfg.batch_size)):
+            for batch in batches(_decoded(pool, todo, cfg, runner), runner, int(cfg.batch_size)):
                 for item, out in _stylize_batch(batch, runner, summary):
                     writes.append((item, pool.submit(save_result, item, out, cfg)))
                 progress.update(len(batch))
                 writes = _collect(writes, summary, wait=False)
-        except BaseException:  # Ctrl-C: drop the writes not started yet; those started finish (atomically)
+                if summary.out_of_space is not None:
+                    raise summary.out_of_space
+        except BaseException:  # Ctrl-C or a full disk: drop the writes not started yet; those started finish
             for _, future in writes:
                 future.cancel()
             _collect([w for w in writes if not w[1].cancelled()], summary, wait=True)
             raise
         else:
             _collect(writes, summary, wait=True)
+            if summary.out_of_space is not None:
+                raise summary.out_of_space
         finally:
             progress.close()
 
@@ -276,6 +327,8 @@ def _collect(writes: list, summary: Summary, wait: bool) -> list:
             continue
         try:
             summary.written.append(future.result())
+        except DiskFullError as err:  # the caller stops the run: one line for all the images left
+            summary.out_of_space = summary.out_of_space or err
         except (FaststyleError, OSError, ValueError) as err:
             summary.failed.append((item.job.source, f"cannot write {item.job.target}: {err}"))
             logger.error("cannot write %s: %s", item.job.target, err)

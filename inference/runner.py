@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from PIL import Image
 
 from core import precision
 from core.cli import absolute_user_path
+from core.device import available_memory_bytes
 from core.errors import FaststyleError
 from data.io import (
     ALPHA_FORMATS,
@@ -24,6 +25,7 @@ from data.io import (
     image_rows,
     load_image,
     paste_rows,
+    read_formats,
     resize_max_side,
     resize_to,
     rows_to_tensor,
@@ -31,6 +33,7 @@ from data.io import (
     tensor_to_pil,
     to_uint8,
 )
+from data.video import output_size
 from inference.colour import finish_colors
 from inference.jobs import Job
 
@@ -52,13 +55,65 @@ class Loaded:
         return rows_to_tensor(image_rows(self.pixels, 0, self.size[0]))
 
 
-def load_job(job: Job, max_side_px: int | None, scale: float | None) -> Loaded:
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB"
+
+
+def memory_problem(
+    what: str, size: tuple[int, int], pixel_bytes: float, network_bytes: float, scale: float | None
+) -> str | None:
+    """One line saying that stylizing ``what`` at ``size`` (width, height) needs more memory than is available and
+    what to change; None when it fits, or when the available memory is unknown (core.device)."""
+    available = available_memory_bytes()
+    need = pixel_bytes + network_bytes
+    if available is None or need <= available:
+        return None
+    # Memory grows with the pixel count: the longer side that would fit shrinks with the square root (10% margin).
+    side = max(16, int(max(size) * math.sqrt(0.9 * available / need)))
+    fixes = [f"max_side_px={side} or less"]
+    if scale is not None and scale > 1:
+        fixes.insert(0, "a smaller scale")
+    if network_bytes > pixel_bytes:
+        fixes.append("a smaller max_memory_mb")
+    return (
+        f"{what} at {size[0]}x{size[1]} needs about {_gib(need)} of memory ({_gib(pixel_bytes)} for its pixels, "
+        f"{_gib(network_bytes)} for the network) but {_gib(available)} is available: set {' or '.join(fixes)}"
+    )
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from an image file's header, without decoding it (None when it cannot be read: load_image
+    then says why)."""
+    try:
+        with Image.open(path, formats=read_formats()) as header:
+            return header.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+def load_job(
+    job: Job,
+    max_side_px: int | None,
+    scale: float | None,
+    network_bytes: Callable[[int, int], float] | None = None,
+) -> Loaded:
     """Decode (EXIF orientation, any colour mode, 16-bit) and resize one input; errors are returned, not raised,
     so one bad file in a folder does not stop the others.
 
     Memory: the decoded 8-bit image (Pillow holds RGB and RGBA as 4 bytes per pixel) and nothing else once this
     returns; while decoding a non-RGB file, rotating it (EXIF) or resizing it, a second image exists briefly.
+    Before decoding, that and ``network_bytes(height, width)`` (what the network will take, Runner.network_bytes)
+    are compared with the available memory: an image that cannot fit fails with one line instead of being
+    decoded until the system kills the process (``scale=4`` of a large photo).
     """
+    header = _header_size(job.source)
+    if header is not None:
+        width, height = output_size(*header, scale, max_side_px)
+        pixels = 4.0 * (header[0] * header[1] + width * height)  # the decoded image and its resized copy
+        network = network_bytes(height, width) if network_bytes is not None else 0.0
+        problem = memory_problem(f"stylizing {job.source.name}", (width, height), pixels, network, scale)
+        if problem is not None:
+            return Loaded(job, error=problem)
     try:
         img = load_image(job.source, mode="RGBA")  # RGBA only when the file has transparency
         if scale is not None and scale != 1:
@@ -152,6 +207,14 @@ class Runner:
         other.net = self.policy.prepare_module(net, self.device).eval()
         other._tiled = None
         return other
+
+    def network_bytes(self, height: int, width: int, count: int = 1) -> float:
+        """Process memory the network takes for ``count`` (height, width) images: their untiled estimate while it
+        fits max_memory_mb, else the tiled executor's budget; 0 on a GPU (that memory is the device's)."""
+        if self.device.type != "cpu":
+            return 0.0
+        per_image = self._estimate(self.net, height, width) * self.policy.activation_bytes_factor
+        return float(min(per_image * count, self.budget_mb * 2**20))
 
     def max_batch(self, height: int, width: int) -> int:
         """How many (height, width) images fit the memory budget untiled (0: must be tiled)."""

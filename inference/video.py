@@ -26,13 +26,23 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from core.errors import FaststyleError
 from data.video import Frame, VideoReader, VideoSettings, even_size, frame_span, open_video_writer, output_size
 from inference.jobs import Job
-from inference.runner import Loaded, Runner
+from inference.runner import Loaded, Runner, memory_problem
 
 logger = logging.getLogger(__name__)
 
 _STOP = object()
+ENCODER_QUEUE_BYTES = 512 * 2**20
+"""Frames waiting for the encoder beyond two batches take at most this much memory (and at most 64 of them): the
+slack lets the reader hand over audio packets without waiting, and must not grow with the frame size."""
+
+
+def queue_depths(batch_size: int, frame_bytes: int) -> tuple[int, int]:
+    """(reader queue, encoder queue) depths in items for frames of ``frame_bytes``: what stylize_video holds."""
+    slack = max(4, min(64, ENCODER_QUEUE_BYTES // max(frame_bytes, 1)))
+    return batch_size + 2, 2 * batch_size + slack
 
 
 @dataclass
@@ -192,14 +202,28 @@ def stylize_video(
         if ramp is not None:
             batch_size = 1  # each frame has its own network
         settings = VideoSettings.like(reader, even_w, even_h, crf=int(cfg.video_crf))
+        frame_bytes = width * height * 3
+        read_depth, write_depth = queue_depths(batch_size, frame_bytes)
+        # Frames queued for the network and the encoder, the batch in hand and its float copies: checked before the
+        # first frame is decoded, so that a frame size the machine cannot hold fails with one line.
+        pixels = frame_bytes * (read_depth + write_depth + batch_size) + 16.0 * width * height * batch_size
+        problem = memory_problem(
+            f"stylizing {job.source.name}",
+            (width, height),
+            pixels,
+            runner.network_bytes(height, width, batch_size),
+            scale,
+        )
+        if problem is not None:
+            raise FaststyleError(f"{problem}; nothing written")
         disable = None if progress is None else not progress  # tqdm: None = shown on a terminal only
         bar = tqdm(total=info.frames, unit="frame", desc=job.source.name, disable=disable)
         first_time = last_time = None
         written = 0
         try:
             with open_video_writer(job.target, settings) as writer:
-                encoder = _Worker("video-write", lambda item: _encode(writer, item), depth=2 * batch_size + 64)
-                frames = _prefetch(reader.frames((width, height), on_packet=encoder.put), depth=batch_size + 2)
+                encoder = _Worker("video-write", lambda item: _encode(writer, item), depth=write_depth)
+                frames = _prefetch(reader.frames((width, height), on_packet=encoder.put), depth=read_depth)
                 try:
                     for batch in _batches(frames, batch_size):
                         for frame, pixels in _stylize_batch(batch, job, runner, ramp, span):

@@ -49,10 +49,11 @@ def _index_of(word: str, names: list[str]) -> int:
     raise FaststyleError(f"unknown style {word!r}: this model's styles are {', '.join(names)} (or 0-{len(names) - 1})")
 
 
-def parse_style(spec: str | int, names: list[str]) -> StyleChoice:
+def parse_style(spec: str | int, names: list[str], option: str = "style") -> StyleChoice:
     """A style name or index (``van_gogh_village_street_auvers``, ``2``), or a mix of weighted styles
     (``hokusai_great_wave:0.3,van_gogh_village_street_auvers:0.7``; weights >= 0, normalised to sum to 1).
-    Raises FaststyleError with one line (listing the valid names) for anything else."""
+    Raises FaststyleError with one line (listing the valid names) for anything else; ``option`` names the option
+    the text came from in it (``style``, ``style_end``)."""
     text = str(spec).strip()
     if ":" not in text and "," not in text:
         return one_style(_index_of(text, names), names)
@@ -60,17 +61,23 @@ def parse_style(spec: str | int, names: list[str]) -> StyleChoice:
     for part in text.split(","):
         word, sep, amount = part.partition(":")
         if not sep:
-            raise FaststyleError(f"style={text}: write a mix as name:weight pairs, e.g. {names[0]}:0.3,{names[-1]}:0.7")
+            example = f"{names[0]}:0.3,{names[-1]}:0.7"
+            raise FaststyleError(f"{option}={text}: write a mix as name:weight pairs, e.g. {example}")
         try:
             value = float(amount)
         except ValueError:
-            raise FaststyleError(f"style={text}: {amount.strip()!r} is not a number (in {part.strip()!r})") from None
+            raise FaststyleError(f"{option}={text}: {amount.strip()!r} is not a number (in {part.strip()!r})") from None
         if not math.isfinite(value) or value < 0:
-            raise FaststyleError(f"style={text}: weights must be numbers >= 0, got {amount.strip()}")
+            raise FaststyleError(f"{option}={text}: weights must be numbers >= 0, got {amount.strip()}")
         weights[_index_of(word, names)] += value
     total = sum(weights)
+    if not math.isfinite(total):  # each weight is finite, their sum need not be (1e308 + 1e308)
+        raise FaststyleError(
+            f"{option}={text}: the weights add up to more than a number can hold; only their ratio counts, so use "
+            "small ones, e.g. 0.3 and 0.7"
+        )
     if total <= 0:
-        raise FaststyleError(f"style={text}: the weights are all 0; give at least one positive weight")
+        raise FaststyleError(f"{option}={text}: the weights are all 0; give at least one positive weight")
     weights = [w / total for w in weights]
     used = [i for i, w in enumerate(weights) if w > 0]
     if len(used) == 1:

@@ -251,7 +251,7 @@ EXPECTED_KINDS = {
     "fifo": "a named pipe (FIFO)",
     "zero": "a character device (a symbolic link to /dev/zero)",
     "broken": "a broken symbolic link (to ",
-    "loop": "a symbolic link loop",
+    "loop": "a broken symbolic link (a loop)",
     "folder": "a folder",
     "missing": "not found",
 }
