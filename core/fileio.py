@@ -112,8 +112,7 @@ def disk_full_error(path: Path, needed_bytes: int | None, err: OSError) -> DiskF
         have = f"{_mib(free)} free" if free is not None else "free space unknown"
         kind = "quota exceeded" if err.errno == errno.EDQUOT else "disk full"
         message = (
-            f"{kind}: cannot write {path} ({need}, {have} in {path.parent}); free some space and "
-            f"run again ({kept})"
+            f"{kind}: cannot write {path} ({need}, {have} in {path.parent}); free some space and run again ({kept})"
         )
     return DiskFullError(message, path.parent, err.errno)
 
