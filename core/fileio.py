@@ -292,7 +292,7 @@ def regular_file_problem(path: str | os.PathLike) -> str | None:
         (stat.S_ISSOCK, "a socket"),
     )
     kind = next((word for test, word in kinds if test(mode)), "not a regular file")
-    if os.path.islink(path):
+    if os.path.islink(path) and not stat.S_ISDIR(mode):  # a link to a folder is used as that folder
         kind += f" (a symbolic link to {os.path.realpath(path)})"
     return kind
 
