@@ -37,31 +37,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def available_memory_bytes() -> int | None:
-    """Memory this process can still take without swapping or being killed: Linux's MemAvailable, lowered to what
-    the cgroup (container) limit leaves; None where neither is known (other systems)."""
-    available = None
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as limit_file:
-            limit = limit_file.read().strip()
-        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as current_file:
-            current = int(current_file.read().strip())
-        if limit != "max":
-            left = max(int(limit) - current, 0)
-            available = left if available is None else min(available, left)
-    except (OSError, ValueError):
-        pass
-    return available
-
-
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h> mallopt parameters
 
 

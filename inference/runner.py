@@ -17,7 +17,7 @@ from PIL import Image
 
 from core import precision
 from core.cli import absolute_user_path
-from core.device import available_memory_bytes
+from core.device import host_memory_available
 from core.errors import FaststyleError
 from data.io import (
     ALPHA_FORMATS,
@@ -64,7 +64,7 @@ def memory_problem(
 ) -> str | None:
     """One line saying that stylizing ``what`` at ``size`` (width, height) needs more memory than is available and
     what to change; None when it fits, or when the available memory is unknown (core.device)."""
-    available = available_memory_bytes()
+    available = host_memory_available()
     need = pixel_bytes + network_bytes
     if available is None or need <= available:
         return None

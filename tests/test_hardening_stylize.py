@@ -259,9 +259,9 @@ def test_a_deep_tree_fails_only_the_image_whose_output_path_is_too_long(corpus: 
 def test_an_image_too_large_for_memory_is_one_line(corpus: Path, unchanged: None) -> None:
     """A PNG header of 12000 x 12000 at scale=16 needs ~137 GiB for its pixels: refused before decoding, and
     Pillow's DecompressionBombWarning (its header is over 89 MP) does not show."""
-    from core.device import available_memory_bytes
+    from core.device import host_memory_available
 
-    available = available_memory_bytes()
+    available = host_memory_available()
     if available is not None and available > 200 * 2**30:
         pytest.skip("this machine has more than 200 GiB of memory available")
     args = [f"model={corpus / 'm' / 'model.pth'}", f"input={corpus / 'big' / 'bomb.png'}", "scale=16"]
@@ -441,7 +441,7 @@ def test_memory_is_estimated_before_decoding(corpus: Path, monkeypatch: pytest.M
     import inference.runner as runner
     from inference.jobs import Job
 
-    monkeypatch.setattr(runner, "available_memory_bytes", lambda: 2**30)
+    monkeypatch.setattr(runner, "host_memory_available", lambda: 2**30)
     job = Job(corpus / "in" / "good.jpg", corpus / "unused.jpg")
     loaded = runner.load_job(job, None, 16.0, lambda h, w: 0.0)  # 768 x 576: 1.7 MB + 36 x 48
     assert loaded.error is None
