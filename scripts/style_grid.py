@@ -22,9 +22,7 @@ editable into .venv; ``python -m scripts.style_grid`` from the repository root w
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,14 +93,10 @@ def default_output(model: Path, photo: Path) -> Path:
 def refuse_inputs_as_output(output: Path, inputs: dict[str, Path]) -> None:
     """FaststyleError when ``output`` is one of ``inputs`` (by name: path), also through a symbolic or hard link."""
     from core.errors import FaststyleError
+    from core.fileio import same_file
 
-    real_output = os.path.realpath(output)
     for what, path in inputs.items():
-        same = real_output == os.path.realpath(path)
-        if not same:
-            with contextlib.suppress(OSError):  # a missing output (the usual case) cannot be the same file
-                same = os.path.samefile(output, path)
-        if same:
+        if same_file(output, path):
             raise FaststyleError(f"output {output} is the {what} {path}: choose another -o")
 
 
