@@ -70,6 +70,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from core.device import cpu_flags
 from core.errors import FaststyleError
 
 logger = logging.getLogger(__name__)
@@ -114,18 +115,6 @@ _ONEDNN_ISAS_WITHOUT_BF16 = frozenset(
 _ONEDNN_ISAS_WITHOUT_AMX = _ONEDNN_ISAS_WITHOUT_BF16 | {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512"}
 
 
-def _cpu_flags() -> set[str] | None:
-    """The CPU's feature flags from /proc/cpuinfo (Linux), or None where they cannot be read."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
-
-
 def cpu_bf16_hardware() -> str | None:
     """The instructions that compute bf16 natively on this CPU, as oneDNN will use them: "AMX" (AMX-BF16),
     "AVX512-BF16", or None where bf16 is emulated.
@@ -135,7 +124,7 @@ def cpu_bf16_hardware() -> str | None:
     oneDNN's convolutions and matmuls may use. Emulated bf16 runs far slower than fp32; native bf16 matmuls run
     several times faster. Unknown (not Linux, or a torch without oneDNN): None, the safe side.
     """
-    flags = _cpu_flags()
+    flags = set(cpu_flags() or ())
     if not flags or not torch.backends.mkldnn.is_available():
         return None
     cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
