@@ -14,6 +14,7 @@ from PIL import Image
 from torch import nn
 
 from core.errors import FaststyleError
+from core.metrics import psnr
 from inference.colour import rgb_to_ycbcr, ycbcr_to_rgb
 from inference.pipeline import stylize
 from models.modelfile import save_model
@@ -191,10 +192,7 @@ def test_resize_controls(model_file: Path, tmp_path: Path) -> None:
 
 
 def psnr_files(a: Path, b: Path) -> float:
-    x = np.asarray(Image.open(a), dtype=np.float64) / 255
-    y = np.asarray(Image.open(b), dtype=np.float64) / 255
-    mse = float(((x - y) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
+    return psnr(np.asarray(Image.open(a)), np.asarray(Image.open(b)), peak=255.0)
 
 
 @pytest.mark.parametrize("norm", ["instance", "batch"])

@@ -14,6 +14,7 @@ from PIL import Image
 from test_stylize import make_model  # the same tiny, far-from-flat model file
 from torch import nn
 
+from core.metrics import psnr
 from inference.tiled import ChannelStats, DiskStore, RamStore, SourceStore, TiledExecutor, build_plan
 from models.modelfile import save_model
 from models.transformer import SIZE_MULTIPLE, TransformerNet, pad_to_multiple
@@ -34,11 +35,6 @@ def perturbed_net(norm: str, upsample: str = "nearest", seed: int = 0) -> Transf
                 m.running_mean.normal_(0, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
     return net
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = (a - b).pow(2).mean().item()
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
 
 
 @pytest.mark.parametrize("norm", ["instance", "batch", "none"])

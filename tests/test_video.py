@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from core import metrics
 from core.errors import FaststyleError
 from data.video import VideoReader, even_size, probe_video, upright_transpose
 from inference.pipeline import stylize
@@ -143,8 +144,8 @@ def audio_payloads(path: Path) -> list[bytes]:
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    """PSNR of two 8-bit frames."""
+    return metrics.psnr(a, b, peak=255.0)
 
 
 # ------------------------------------------------------------------------------------------------------------------
