@@ -22,3 +22,4 @@ def test_psnr_of_8_bit_arrays_equals_that_of_the_same_floats() -> None:
     x, y = (rng.integers(0, 256, (6, 7, 3), dtype=np.uint8) for _ in range(2))
     as_floats = psnr(torch.from_numpy(x) / 255.0, torch.from_numpy(y) / 255.0)
     assert psnr(x, y, peak=255.0) == pytest.approx(as_floats, rel=1e-6)  # no uint8 wrap-around
+    assert psnr(np.rot90(x), np.rot90(y), peak=255.0) == pytest.approx(as_floats, rel=1e-6)  # negative strides
