@@ -77,7 +77,8 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SWITCH_VALUES = ("auto", True, False)
-_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISION_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""Each precision name's dtype: the one mapping of the project (the policy, the benchmarks)."""
 
 # channels_last / compile under "auto", per device type, mode (training?) and precision ("any": every precision);
 # a device type not listed gets the CPU's. CPU training: NHWC made the fp32 step slower but the bf16 step faster;
@@ -99,6 +100,11 @@ def auto_switches(device_type: str, training: bool, precision: str) -> dict[str,
         if key in AUTO_SWITCHES:
             return AUTO_SWITCHES[key]
     return auto_switches("cpu", training, precision if precision in ("fp32", "bf16") else "fp32")
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """The precision name of a dtype of :data:`PRECISION_DTYPES` ("fp32", "fp16", "bf16")."""
+    return next(name for name, known in PRECISION_DTYPES.items() if known == dtype)
 
 
 def cuda_supports_bf16(device: torch.device) -> bool:
@@ -297,7 +303,7 @@ def resolve_precision(
     name, reason = _precision_name(str(precision), device, training)
     return PrecisionPolicy(
         name=name,
-        dtype=_DTYPES[name],
+        dtype=None if name == "fp32" else PRECISION_DTYPES[name],
         use_grad_scaler=training and name == "fp16",
         channels_last=resolve_switch(channels_last, "channels_last", device, training, name),
         compile=resolve_switch(compile, "compile", device, training, name),

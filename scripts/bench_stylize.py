@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from core.precision import PRECISION_DTYPES, precision_name
 from scripts.benchutil import (
     REPO_ROOT,
-    dtype_label,
     environment_line,
     matmul_peak_gflops,
     peak_rss_mb,
@@ -207,7 +207,7 @@ def _child(spec: dict) -> dict:
             from inference.tiled import TiledExecutor
 
             fn = TiledExecutor(net, budget_mb=spec.get("budget_mb") or 1e6)
-        autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings["precision"])
+        autocast_dtype = PRECISION_DTYPES[settings["precision"]]  # used only by the autocast variants (16-bit)
 
         def call() -> None:
             context = torch.autocast(device.type, autocast_dtype) if settings["autocast"] else contextlib.nullcontext()
@@ -457,7 +457,7 @@ def run(args: argparse.Namespace) -> int:
         reduced = reduced_dtype(device)
         peaks = {
             "fp32": matmul_peak_gflops(device),
-            dtype_label(reduced): matmul_peak_gflops(device, reduced),
+            precision_name(reduced): matmul_peak_gflops(device, reduced),
         }
         print(
             "matmul peaks (up to 2048^2, best of ~2 s each; smaller where one call is slow): "
