@@ -20,21 +20,14 @@ from inference.pipeline import stylize
 from models.modelfile import save_model
 from models.transformer import TransformerNet
 from stylize import compose_config
+from tests.conftest import perturbed_net
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def make_model(path: Path, norm: str = "instance", seed: int = 0) -> Path:
     """A tiny model file whose output is far from flat (weights pushed off their initialisation)."""
-    torch.manual_seed(seed)
-    net = TransformerNet(norm=norm, base_width=4, residual_blocks=1)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
+    net = perturbed_net(norm, base_width=4, scale=0.3, seed=seed)
     save_model(path, net, {"style_stem": "wave"})
     return path
 

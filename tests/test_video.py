@@ -15,7 +15,6 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from core import metrics
@@ -23,9 +22,8 @@ from core.errors import FaststyleError
 from data.video import VideoReader, even_size, probe_video, upright_transpose
 from inference.pipeline import stylize
 from models.modelfile import save_model
-from models.transformer import TransformerNet
 from stylize import compose_config
-from tests.test_multistyle import randomise_style_tables
+from tests.conftest import perturbed_net
 from tests.test_stylize import start_stylize_until
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,13 +99,8 @@ def make_clip(
 
 def make_model(path: Path, styles: int = 1, seed: int = 0) -> Path:
     """A width-8 network whose output is far from flat; ``styles`` > 1: a multi-style model with distinct styles."""
-    torch.manual_seed(seed)
-    net = TransformerNet(base_width=8, residual_blocks=1, num_styles=styles)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
+    net = perturbed_net(num_styles=styles, scale=0.3, seed=seed)
     if styles > 1:
-        randomise_style_tables(net, seed)
         save_model(path, net, {"styles": [f"s{i}" for i in range(styles)]})
     else:
         save_model(path, net, {"style_stem": "wave"})

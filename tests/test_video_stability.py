@@ -17,7 +17,7 @@ from models.modelfile import save_model
 from models.transformer import TransformerNet
 from scripts import video_clips as vc
 from scripts import video_stability as vs
-from tests.test_multistyle import randomise_style_tables
+from tests.conftest import randomise_style_tables
 
 pytest.importorskip("cv2", reason="the optical flow of the report needs opencv-python-headless (requirements-dev)")
 
