@@ -467,6 +467,14 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return SameFiles([b]).find(a) is not None
 
 
+def refuse_output_among_inputs(output: str | os.PathLike, inputs: dict[str, Path], option: str) -> None:
+    """Raise one FaststyleError line when ``output`` is one of ``inputs`` (``{what: path}``), also through a symbolic
+    or hard link: "output <output> is the <what> <path>: choose another <option>"."""
+    for what, path in inputs.items():
+        if same_file(output, path):
+            raise FaststyleError(f"output {output} is the {what} {path}: choose another {option}")
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()

@@ -90,16 +90,6 @@ def default_output(model: Path, photo: Path) -> Path:
     return model.parent / f"{photo.stem}_style_grid.png"
 
 
-def refuse_inputs_as_output(output: Path, inputs: dict[str, Path]) -> None:
-    """FaststyleError when ``output`` is one of ``inputs`` (by name: path), also through a symbolic or hard link."""
-    from core.errors import FaststyleError
-    from core.fileio import same_file
-
-    for what, path in inputs.items():
-        if same_file(output, path):
-            raise FaststyleError(f"output {output} is the {what} {path}: choose another -o")
-
-
 def mix_label(weights: tuple[float, ...], shown: list[int], names: list[str]) -> str:
     """A mix as stylize's ``style=`` takes it (``a:0.75,b:0.25``), listing the styles ``shown`` (zeros included)."""
     return ",".join(f"{names[i]}:{round(weights[i], 2):g}" for i in shown)
@@ -283,13 +273,14 @@ def make_grid(
     from core.cli import absolute_user_path
     from core.device import resolve_device
     from core.errors import FaststyleError
+    from core.fileio import refuse_output_among_inputs
     from data.io import WRITE_FORMATS, load_image, pil_to_tensor, resize_max_side, save_image
     from interop.legacy import load_any_model
     from models.styles import all_styles, parse_style, style_names
 
     model, photo = absolute_user_path(model), absolute_user_path(photo)
     output = absolute_user_path(output) if output is not None else default_output(model, photo)
-    refuse_inputs_as_output(output, {"model": model, "photo": photo})
+    refuse_output_among_inputs(output, {"model": model, "photo": photo}, "-o")
     if output.is_dir():
         raise FaststyleError(f"output {output} is a folder: give a file name, e.g. {output / 'style_grid.png'}")
     if output.suffix.lower() not in WRITE_FORMATS:
