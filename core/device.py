@@ -106,3 +106,16 @@ def host_memory_available() -> int | None:
             left = max(int(limit) - int(used), 0)
             available = left if available is None else min(available, left)
     return available
+
+
+def cpu_flags() -> list[str] | None:
+    """The CPU's feature flags, in the kernel's order, from /proc/cpuinfo (Linux: the "flags" line on x86,
+    "Features" on ARM), or None where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return None

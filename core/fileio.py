@@ -34,7 +34,7 @@ import tempfile
 import time
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -436,6 +436,43 @@ def safe_torch_load(
     if not isinstance(obj, dict):
         raise FaststyleError(f"{path} is not a {origin} {what} (expected a dict, found {type(obj).__name__}): {fix}")
     return obj
+
+
+class SameFiles:
+    """Recognise the files in ``paths`` whatever path names them: by real path (symbolic links, ``..``) and by
+    identity (``st_dev``, ``st_ino``: hard links). The one test behind "an output is never an input"; a path that
+    does not exist yet (the usual output) matches only by real path."""
+
+    def __init__(self, paths: Iterable[str | os.PathLike]) -> None:
+        self._real: dict[str, Any] = {}
+        self._identities: dict[tuple[int, int], Any] = {}
+        for path in paths:
+            self._real[os.path.realpath(path)] = path
+            with contextlib.suppress(OSError):  # a missing file can only be matched by its real path
+                found = os.stat(path)
+                self._identities[(found.st_dev, found.st_ino)] = path
+
+    def find(self, path: str | os.PathLike) -> Any:
+        """The path given for the file that ``path`` is (as given to the constructor), or None."""
+        match = self._real.get(os.path.realpath(path))
+        if match is None:
+            with contextlib.suppress(OSError):
+                found = os.stat(path)
+                match = self._identities.get((found.st_dev, found.st_ino))
+        return match
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when ``a`` and ``b`` name one file (see :class:`SameFiles`)."""
+    return SameFiles([b]).find(a) is not None
+
+
+def refuse_output_among_inputs(output: str | os.PathLike, inputs: dict[str, Path], option: str) -> None:
+    """Raise one FaststyleError line when ``output`` is one of ``inputs`` (``{what: path}``), also through a symbolic
+    or hard link: "output <output> is the <what> <path>: choose another <option>"."""
+    for what, path in inputs.items():
+        if same_file(output, path):
+            raise FaststyleError(f"output {output} is the {what} {path}: choose another {option}")
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -70,13 +70,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from core.device import cpu_flags
 from core.errors import FaststyleError
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SWITCH_VALUES = ("auto", True, False)
-_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISION_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""Each precision name's dtype: the one mapping of the project (the policy, the benchmarks)."""
 
 # channels_last / compile under "auto", per device type, mode (training?) and precision ("any": every precision);
 # a device type not listed gets the CPU's. CPU training: NHWC made the fp32 step slower but the bf16 step faster;
@@ -100,6 +102,11 @@ def auto_switches(device_type: str, training: bool, precision: str) -> dict[str,
     return auto_switches("cpu", training, precision if precision in ("fp32", "bf16") else "fp32")
 
 
+def precision_name(dtype: torch.dtype) -> str:
+    """The precision name of a dtype of :data:`PRECISION_DTYPES` ("fp32", "fp16", "bf16")."""
+    return next(name for name, known in PRECISION_DTYPES.items() if known == dtype)
+
+
 def cuda_supports_bf16(device: torch.device) -> bool:
     """Native bf16 (compute capability >= 8.0, Ampere); emulated bf16 on older GPUs is slower than fp16."""
     major, _minor = torch.cuda.get_device_capability(device)
@@ -114,18 +121,6 @@ _ONEDNN_ISAS_WITHOUT_BF16 = frozenset(
 _ONEDNN_ISAS_WITHOUT_AMX = _ONEDNN_ISAS_WITHOUT_BF16 | {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512"}
 
 
-def _cpu_flags() -> set[str] | None:
-    """The CPU's feature flags from /proc/cpuinfo (Linux), or None where they cannot be read."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
-
-
 def cpu_bf16_hardware() -> str | None:
     """The instructions that compute bf16 natively on this CPU, as oneDNN will use them: "AMX" (AMX-BF16),
     "AVX512-BF16", or None where bf16 is emulated.
@@ -135,7 +130,7 @@ def cpu_bf16_hardware() -> str | None:
     oneDNN's convolutions and matmuls may use. Emulated bf16 runs far slower than fp32; native bf16 matmuls run
     several times faster. Unknown (not Linux, or a torch without oneDNN): None, the safe side.
     """
-    flags = _cpu_flags()
+    flags = set(cpu_flags() or ())
     if not flags or not torch.backends.mkldnn.is_available():
         return None
     cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
@@ -308,7 +303,7 @@ def resolve_precision(
     name, reason = _precision_name(str(precision), device, training)
     return PrecisionPolicy(
         name=name,
-        dtype=_DTYPES[name],
+        dtype=None if name == "fp32" else PRECISION_DTYPES[name],
         use_grad_scaler=training and name == "fp16",
         channels_last=resolve_switch(channels_last, "channels_last", device, training, name),
         compile=resolve_switch(compile, "compile", device, training, name),

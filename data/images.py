@@ -111,21 +111,6 @@ def scan_image_files(root: str | os.PathLike) -> list[Path]:
     return found
 
 
-def decode_image(
-    path: str | os.PathLike, min_short_side: int | None = None, max_pixels: int | None = MAX_DECODE_PIXELS
-) -> Image.Image:
-    """Decode ``path`` to an RGB PIL image with its EXIF orientation applied (``data.io.load_image``).
-
-    With ``min_short_side`` a JPEG is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (``Image.draft``)
-    when that still leaves its short side at least ``min_short_side`` pixels: decoding fewer pixels is the cheapest
-    speed-up there is for large photos, and the resize that follows does the exact resampling. Other formats and
-    JPEGs less than twice the needed size decode at full size. An image still larger than ``max_pixels`` after
-    that is refused before it is decoded: a tiny PNG can declare 12000 x 12000 pixels. Raises FaststyleError (one
-    of ``DECODE_ERRORS``) for a bad file.
-    """
-    return load_image(path, min_short_side=min_short_side, max_pixels=max_pixels)
-
-
 def _crop_box(width: int, height: int, size: int, crop_seed: int | None) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of a size x size crop: centred when ``crop_seed`` is None, else seeded-random."""
     if crop_seed is None:
@@ -212,7 +197,9 @@ class ImageFolderDataset(Dataset):
         for attempt in range(min(count, MAX_CONSECUTIVE_BAD_FILES)):
             path = str(self._paths[(index + attempt) % count])
             try:
-                img = decode_image(path, self.image_size if self.draft else None)
+                # JPEG draft decoding when large; a file declaring absurd pixel counts is refused undecoded
+                min_short_side = self.image_size if self.draft else None
+                img = load_image(path, min_short_side=min_short_side, max_pixels=MAX_DECODE_PIXELS)
             except DECODE_ERRORS as err:
                 if path not in self.skipped_files:
                     self.skipped_files.add(path)

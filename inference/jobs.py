@@ -7,7 +7,6 @@ would replace an input (real paths and file identities compared) or land among t
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import logging
 import os
@@ -18,7 +17,7 @@ from omegaconf import DictConfig
 
 from core.cli import absolute_user_path
 from core.errors import FaststyleError
-from core.fileio import file_kind
+from core.fileio import SameFiles, file_kind
 from data.io import (
     ALPHA_FORMATS,
     IMAGE_EXTENSIONS,
@@ -256,20 +255,10 @@ def _name_apart(jobs: list[Job]) -> None:
 def _refuse_outputs_among_inputs(jobs: list[Job], files: list[Path], single_file: bool) -> None:
     """FaststyleError when an output would replace an input (also through a symbolic or hard link) or, for folder
     outputs, land in a folder that holds inputs."""
-    real_inputs = {os.path.realpath(f): f for f in files}
-    identities = {}
-    for f in files:
-        with contextlib.suppress(OSError):
-            stat = os.stat(f)
-            identities[(stat.st_dev, stat.st_ino)] = f
-    input_dirs = {os.path.dirname(real) for real in real_inputs}
+    inputs = SameFiles(files)
+    input_dirs = {os.path.dirname(os.path.realpath(f)) for f in files}
     for job in jobs:
-        real_target = os.path.realpath(job.target)
-        source = real_inputs.get(real_target)
-        if source is None:
-            with contextlib.suppress(OSError):
-                stat = os.stat(job.target)
-                source = identities.get((stat.st_dev, stat.st_ino))
+        source = inputs.find(job.target)
         if source is not None:
             link = "" if str(job.target) == str(source) else f" (the same file as input {source})"
             kind = "video" if job.is_video else "image"
@@ -277,7 +266,7 @@ def _refuse_outputs_among_inputs(jobs: list[Job], files: list[Path], single_file
                 f"output {job.target}{link} is an input {kind}: choose another output; "
                 "overwrite=true never replaces an input"
             )
-        if not single_file and os.path.dirname(real_target) in input_dirs:
+        if not single_file and os.path.dirname(os.path.realpath(job.target)) in input_dirs:
             raise FaststyleError(
                 f"output folder {job.target.parent} would put results among the input images: "
                 "choose another output folder"

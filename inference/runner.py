@@ -156,7 +156,12 @@ def save_result(loaded: Loaded, stylized: torch.Tensor | Image.Image, cfg: DictC
 
 def non_finite_error(image: torch.Tensor) -> str | None:
     """Why a stylized image must not be written (NaN or infinite values: a broken model), or None."""
-    bad = int((~torch.isfinite(image)).sum())
+    return non_finite_message(int((~torch.isfinite(image)).sum()))
+
+
+def non_finite_message(bad: int) -> str | None:
+    """The one message for an output with ``bad`` NaN or infinite values (None when there are none), whether the
+    image was stylized whole, in tiles or as a video frame."""
     if bad == 0:
         return None
     return f"the model produced {bad} NaN or infinite values for this image (is the model broken?); nothing written"
@@ -290,10 +295,7 @@ class Runner:
         except (ValueError, MemoryError) as err:
             raise RuntimeError(f"{str(err) or 'out of memory'} (raise max_memory_mb or set max_side_px)") from err
         if non_finite:
-            raise RuntimeError(
-                f"the model produced {non_finite} NaN or infinite values for this image (is the "
-                "model broken?); nothing written"
-            )
+            raise RuntimeError(non_finite_message(non_finite))
         return img
 
 

@@ -47,6 +47,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from core.device import cpu_flags
+
 NORM_KINDS = ("instance", "batch", "none")
 
 log = logging.getLogger(__name__)
@@ -182,15 +184,9 @@ _kernel_state: bool | None = None
 def _cpu_tag() -> str:
     """A short hash of the CPU's instruction-set flags: the kernel is built with -march=native, so a home directory
     shared between different machines must not reuse a build made for another CPU."""
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = line
-                break
-    except OSError:
-        flags = platform.processor()
-    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:8]
+    flags = cpu_flags()
+    described = " ".join(flags) if flags is not None else platform.processor()
+    return hashlib.sha1(f"{platform.machine()} {described}".encode()).hexdigest()[:8]
 
 
 def _failure_cause(exc: BaseException) -> str:

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.images import ImageFolderDataset, decode_image, make_train_loader
-from data.io import pil_to_tensor, resize_short_side
+from data.images import ImageFolderDataset, make_train_loader
+from data.io import MAX_DECODE_PIXELS, load_image, pil_to_tensor, resize_short_side
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def stage_times_ms(folder: Path, image_size: int, draft: bool, limit: int = 32) 
     totals = {"decode": 0.0, "resize": 0.0, "crop+tensor": 0.0}
     for path in files:
         t0 = time.perf_counter()
-        img = decode_image(path, image_size if draft else None)
+        img = load_image(path, min_short_side=image_size if draft else None, max_pixels=MAX_DECODE_PIXELS)
         t1 = time.perf_counter()
         img = resize_short_side(img, image_size)
         t2 = time.perf_counter()

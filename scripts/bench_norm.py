@@ -32,10 +32,10 @@ import torch
 from torch import nn
 
 from core.device import reuse_freed_memory
+from core.precision import PRECISION_DTYPES
 from models.norm import InstanceNorm
 
 DEFAULT_SHAPES = ((4, 128, 64, 64), (4, 32, 256, 256), (1, 32, 1080, 1920))
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -117,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--channels-last", action="store_true", help="NHWC input and gradient")
     parser.add_argument(
-        "--dtype", choices=tuple(DTYPES), default="fp32", help="input, gradient and parameter dtype (default fp32)"
+        "--dtype",
+        choices=tuple(PRECISION_DTYPES),
+        default="fp32",
+        help="input, gradient and parameter dtype (default fp32)",
     )
     parser.add_argument("--forward-only", action="store_true", help="time forward alone, under no_grad (inference)")
     parser.add_argument(
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 reps,
                 args.warmup,
                 args.channels_last,
-                DTYPES[args.dtype],
+                PRECISION_DTYPES[args.dtype],
                 args.forward_only,
                 args.autocast,
             )

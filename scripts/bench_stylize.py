@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from core.precision import PRECISION_DTYPES, precision_name
 from scripts.benchutil import (
     REPO_ROOT,
-    dtype_label,
     environment_line,
     matmul_peak_gflops,
     peak_rss_mb,
@@ -207,7 +207,7 @@ def _child(spec: dict) -> dict:
             from inference.tiled import TiledExecutor
 
             fn = TiledExecutor(net, budget_mb=spec.get("budget_mb") or 1e6)
-        autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings["precision"])
+        autocast_dtype = PRECISION_DTYPES[settings["precision"]]  # used only by the autocast variants (16-bit)
 
         def call() -> None:
             context = torch.autocast(device.type, autocast_dtype) if settings["autocast"] else contextlib.nullcontext()
@@ -415,6 +415,7 @@ def bench_tiled(args: argparse.Namespace) -> None:
 
 def bench_psnr(args: argparse.Namespace) -> None:
     """Tiled (forced by a small budget) vs untiled at 1920x1080 on a real photo, instance and batch norm."""
+    from core.metrics import psnr
     from data.io import load_image, pil_to_tensor, resize_to, save_image
     from inference.tiled import TiledExecutor
 
@@ -428,14 +429,12 @@ def bench_psnr(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         got = executor(x)
         seconds = time.perf_counter() - start
-        mse = (got - want).pow(2).mean().item()
-        psnr = float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1 / mse)).item()
         save_image(got[0], out / f"tiled_{norm}.png")
         save_image(want[0], out / f"untiled_{norm}.png")
         diff = ((got - want).abs() * 50).clamp(0, 1)  # x50 so any seam would be visible
         save_image(diff[0], out / f"diff_x50_{norm}.png")
         print(
-            f"tiled vs untiled 1920x1080 norm={norm}: PSNR {psnr:.1f} dB, max |diff| "
+            f"tiled vs untiled 1920x1080 norm={norm}: PSNR {psnr(got, want):.1f} dB, max |diff| "
             f"{(got - want).abs().max().item():.2e}, output std {want.std().item():.3f}, tiled in {seconds:.1f} s "
             f"with budget 256 MiB ({executor.disk_stores_used} activations on disk); images in {out}/"
         )
@@ -458,7 +457,7 @@ def run(args: argparse.Namespace) -> int:
         reduced = reduced_dtype(device)
         peaks = {
             "fp32": matmul_peak_gflops(device),
-            dtype_label(reduced): matmul_peak_gflops(device, reduced),
+            precision_name(reduced): matmul_peak_gflops(device, reduced),
         }
         print(
             "matmul peaks (up to 2048^2, best of ~2 s each; smaller where one call is slow): "

@@ -249,10 +249,12 @@ def _run_variants(args: argparse.Namespace) -> int:
         f"# batch {args.batch_size} x {args.image_size}px, base_width {args.base_width}, loss {args.network}{weights}, "
         f"median of {args.steps} steps after {args.warmup} warm-up; each variant in a fresh process"
     )
+    from core.precision import precision_name
+
     reduced = benchutil.reduced_dtype(device)
     peaks = {
         "fp32": benchutil.matmul_peak_gflops(device),
-        benchutil.dtype_label(reduced): benchutil.matmul_peak_gflops(device, reduced),
+        precision_name(reduced): benchutil.matmul_peak_gflops(device, reduced),
     }
     flops = _step_flops(args, device)
     print(

@@ -94,10 +94,6 @@ def reduced_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
-def dtype_label(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-
-
 def precision_line(device: torch.device) -> str:
     """One line saying whether this CPU has native bf16 and what ``auto`` resolves to (core.precision) for stylize
     and for training, with the ISA-capping variables when set, so a table says which policy it was measured under

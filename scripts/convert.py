@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 
 from core.errors import FaststyleError, exit_with_error
+from core.fileio import same_file
 from interop.legacy import load_legacy_file
 from models.modelfile import save_model
 
@@ -40,10 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def convert(source: Path, output: Path, style: str | None = None, overwrite: bool = False) -> dict:
     """Import ``source`` and write it to ``output`` with save_model; returns the meta written."""
+    # Same file first: "pass --overwrite" would be wrong advice for an output that is the source itself.
+    if same_file(output, source):
+        raise FaststyleError("the output must not replace the source file: choose another -o")
     if output.exists() and not overwrite:
         raise FaststyleError(f"{output} exists: pass --overwrite or choose another -o")
-    if output.resolve() == source.resolve():
-        raise FaststyleError("the output must not replace the source file: choose another -o")
     net, meta = load_legacy_file(source)
     if style:
         meta["style"] = style

@@ -18,23 +18,17 @@ Figures are printed, never asserted.
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from core.metrics import psnr
 from scripts.benchutil import REPO_ROOT, environment_line
 
 # A held-out photo (never a training image of the demo), resized to 1920x1080.
 CONTENT = REPO_ROOT / "data" / "samples" / "held_out" / "china.jpg"
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 1.0) -> float:
-    """Peak signal-to-noise ratio in dB of ``a`` against ``b`` (inf when equal)."""
-    mse = (a.double() - b.double()).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
 def _cfg(precision: str, max_memory_mb: float) -> OmegaConf:

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from core.errors import FaststyleError, exit_with_error
 from core.fileio import atomic_write, atomic_write_text
-from data.images import DECODE_ERRORS, decode_image, scan_image_files
-from data.io import resize_short_side
+from data.images import DECODE_ERRORS, scan_image_files
+from data.io import load_image, resize_short_side
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def _prepare_one(job: tuple[str, str, int, int]) -> tuple[str, str]:
     if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
         return "current", ""
     try:
-        img = decode_image(src, min_short_side=short_side, max_pixels=None)  # shrinking big images is its job
+        img = load_image(src, min_short_side=short_side)  # no pixel limit: shrinking big images is its job
     except DECODE_ERRORS as err:
         return "skipped", f"{src}: {err}"
     if min(img.size) > short_side:

@@ -22,9 +22,7 @@ editable into .venv; ``python -m scripts.style_grid`` from the repository root w
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,20 +88,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def default_output(model: Path, photo: Path) -> Path:
     """``<model dir>/<photo stem>_style_grid.png``: beside the model, whose folder is the run's own."""
     return model.parent / f"{photo.stem}_style_grid.png"
-
-
-def refuse_inputs_as_output(output: Path, inputs: dict[str, Path]) -> None:
-    """FaststyleError when ``output`` is one of ``inputs`` (by name: path), also through a symbolic or hard link."""
-    from core.errors import FaststyleError
-
-    real_output = os.path.realpath(output)
-    for what, path in inputs.items():
-        same = real_output == os.path.realpath(path)
-        if not same:
-            with contextlib.suppress(OSError):  # a missing output (the usual case) cannot be the same file
-                same = os.path.samefile(output, path)
-        if same:
-            raise FaststyleError(f"output {output} is the {what} {path}: choose another -o")
 
 
 def mix_label(weights: tuple[float, ...], shown: list[int], names: list[str]) -> str:
@@ -289,13 +273,14 @@ def make_grid(
     from core.cli import absolute_user_path
     from core.device import resolve_device
     from core.errors import FaststyleError
+    from core.fileio import refuse_output_among_inputs
     from data.io import WRITE_FORMATS, load_image, pil_to_tensor, resize_max_side, save_image
     from interop.legacy import load_any_model
     from models.styles import all_styles, parse_style, style_names
 
     model, photo = absolute_user_path(model), absolute_user_path(photo)
     output = absolute_user_path(output) if output is not None else default_output(model, photo)
-    refuse_inputs_as_output(output, {"model": model, "photo": photo})
+    refuse_output_among_inputs(output, {"model": model, "photo": photo}, "-o")
     if output.is_dir():
         raise FaststyleError(f"output {output} is a folder: give a file name, e.g. {output / 'style_grid.png'}")
     if output.suffix.lower() not in WRITE_FORMATS:

@@ -424,14 +424,14 @@ def save_clips(folder: Path, results: list[ClipResult], stylizers: list[Stylizer
 def check_output(path: Path, inputs: list[Path]) -> None:
     """FaststyleError unless ``path`` is a picture file faststyle can write that is none of the models."""
     from core.errors import FaststyleError
+    from core.fileio import refuse_output_among_inputs
     from data.io import WRITE_FORMATS
-    from scripts.style_grid import refuse_inputs_as_output
 
     if path.is_dir():
         raise FaststyleError(f"--strip {path} is a folder: give a file name, e.g. {path / 'video_strip.jpg'}")
     if path.suffix.lower() not in WRITE_FORMATS:
         raise FaststyleError(f"cannot write {path.name}: use one of the extensions {', '.join(WRITE_FORMATS)}")
-    refuse_inputs_as_output(path, {f"model {i + 1}": model for i, model in enumerate(inputs)})
+    refuse_output_among_inputs(path, {f"model {i + 1}": model for i, model in enumerate(inputs)}, "--strip")
 
 
 # --------------------------------------------------------------------------------------------------------------------

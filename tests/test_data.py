@@ -16,12 +16,11 @@ from data.images import (
     ImageFolderDataset,
     StepBatchSampler,
     _crop_box,
-    decode_image,
     make_train_loader,
     resized_square_crop,
     scan_image_files,
 )
-from data.io import pil_to_tensor, resize_short_side
+from data.io import load_image, pil_to_tensor, resize_short_side
 
 
 def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -132,11 +131,11 @@ def test_centre_crop_is_the_middle_and_random_crop_follows_its_seed(tmp_path: Pa
 
 def test_draft_mode_decodes_large_jpegs_smaller_with_nearly_the_same_result(tmp_path: Path) -> None:
     path = _write(tmp_path / "big.jpg", _photo(800, 600), quality=95)
-    full = decode_image(path)
-    drafted = decode_image(path, min_short_side=128)
+    full = load_image(path)
+    drafted = load_image(path, min_short_side=128)
     assert full.size == (800, 600)
     assert drafted.size == (200, 150)  # 1/4 scale: the largest reduction keeping the short side >= 128
-    assert decode_image(path, min_short_side=400).size == (800, 600)  # less than 2x too large: full decode
+    assert load_image(path, min_short_side=400).size == (800, 600)  # less than 2x too large: full decode
     with_draft = ImageFolderDataset(tmp_path, 128, train=False)[0]
     without = ImageFolderDataset(tmp_path, 128, train=False, draft=False)[0]
     assert (with_draft - without).abs().mean() < 0.02
@@ -147,7 +146,7 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display": a 40x20 stored image is shown 20x40
     _write(tmp_path / "rot.jpg", img, exif=exif)
-    assert decode_image(tmp_path / "rot.jpg").size == (20, 40)
+    assert load_image(tmp_path / "rot.jpg").size == (20, 40)
 
 
 def _corrupt_folder(folder: Path) -> list[Path]:
@@ -309,7 +308,7 @@ def test_draft_reduces_by_the_largest_factor_that_keeps_the_short_side(
     tmp_path: Path, width: int, height: int, size: int, expected: tuple[int, int]
 ) -> None:
     path = _write(tmp_path / "x.jpg", _photo(width, height), quality=80)
-    decoded = decode_image(path, min_short_side=size)
+    decoded = load_image(path, min_short_side=size)
     assert decoded.size == expected and min(decoded.size) >= size
 
 

@@ -22,7 +22,7 @@ from interop.export import ONNX_INPUT_NAME, ONNX_OUTPUT_NAME, ONNX_STYLE_INPUT_N
 from models.modelfile import ONNX_METADATA_KEY, save_model
 from models.norm import ConditionalInstanceNorm
 from models.transformer import TransformerNet
-from tests.test_multistyle import randomise_style_tables
+from tests.conftest import randomise_style_tables
 
 STYLES = ["wave", "night", "scream"]
 SIZES = [(40, 52), (33, 47)]  # a multiple of 4, and odd sides that need padding and cropping

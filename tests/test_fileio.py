@@ -99,3 +99,30 @@ def test_stale_temp_files_of_dead_writers_are_removed_live_ones_kept(tmp_path: P
     assert sorted(p.name for p in removed) == sorted([stale.name, old_format_old.name])
     assert live.exists() and old_format_recent.exists() and not_ours.exists() and user_file.exists()
     assert fileio.remove_stale_temp_files(tmp_path / "missing") == []
+
+
+def test_same_files_sees_symbolic_and_hard_links_and_dot_dot(tmp_path: Path) -> None:
+    source = tmp_path / "source.pth"
+    source.write_bytes(b"x")
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"x")
+    os.link(source, tmp_path / "hard.pth")
+    (tmp_path / "soft.pth").symlink_to(source)
+    inputs = fileio.SameFiles([source, other])
+    for name in ("hard.pth", "soft.pth", "missing/../source.pth", "source.pth"):
+        assert inputs.find(tmp_path / name) == source, name
+    assert inputs.find(tmp_path / "new.pth") is None  # a path not written yet is no input
+    assert fileio.same_file(tmp_path / "hard.pth", source) and not fileio.same_file(other, source)
+
+
+def test_convert_refuses_an_output_that_is_its_source_even_with_overwrite(tmp_path: Path) -> None:
+    from scripts.convert import convert
+
+    source = tmp_path / "candy.model"
+    source.write_bytes(b"their state dict")
+    os.link(source, tmp_path / "hard_link.pth")
+    (tmp_path / "soft_link.pth").symlink_to(source)
+    for target in (source, tmp_path / "hard_link.pth", tmp_path / "soft_link.pth"):
+        with pytest.raises(FaststyleError, match="must not replace the source file: choose another -o"):
+            convert(source, target, overwrite=True)
+    assert source.read_bytes() == b"their state dict" and os.stat(source).st_nlink == 2

@@ -12,18 +12,9 @@ from models.modelfile import load_model, save_model
 from models.norm import ConditionalInstanceNorm, InstanceNorm, make_norm
 from models.styles import all_styles, parse_style, style_names
 from models.transformer import TransformerNet
+from tests.conftest import randomise_style_tables
 
 STYLES = 3
-
-
-def randomise_style_tables(net: torch.nn.Module, seed: int = 0) -> None:
-    """Distinct (gamma, beta) rows per style (freshly built tables are all ones and zeros, which hides mistakes)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, ConditionalInstanceNorm):
-                module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=gen))
-                module.bias.copy_(torch.rand(module.bias.shape, generator=gen) - 0.5)
 
 
 def _net(styles: int = STYLES, seed: int = 0) -> TransformerNet:

@@ -461,3 +461,11 @@ def test_precision_check_script_compares_through_the_runner(tmp_path: Path, caps
         "run_model_diff_x20.png",
         "run_model_fp32.png",
     ]
+
+
+def test_precision_names_and_dtypes_map_both_ways() -> None:
+    assert set(P.PRECISION_DTYPES) == set(P.PRECISIONS) - {"auto"}
+    for name, dtype in P.PRECISION_DTYPES.items():
+        assert P.precision_name(dtype) == name
+    cpu = torch.device("cpu")
+    assert P.resolve_precision(cpu, "fp32", "auto", False, training=False).dtype is None  # fp32: nothing is cast

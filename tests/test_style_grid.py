@@ -18,7 +18,7 @@ from data.io import load_image, resize_max_side
 from models.modelfile import save_model
 from models.transformer import TransformerNet
 from scripts import style_grid as sg
-from tests.test_multistyle import randomise_style_tables
+from tests.conftest import randomise_style_tables
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTO = REPO / "data" / "samples" / "content" / "chelsea.jpg"

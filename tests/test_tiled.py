@@ -11,40 +11,22 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_stylize import make_model  # the same tiny, far-from-flat model file
 from torch import nn
 
+from core.metrics import psnr
 from inference.tiled import ChannelStats, DiskStore, RamStore, SourceStore, TiledExecutor, build_plan
 from models.modelfile import save_model
 from models.transformer import SIZE_MULTIPLE, TransformerNet, pad_to_multiple
+from tests.conftest import perturb_weights, perturbed_net
+from tests.test_stylize import make_model  # the same tiny, far-from-flat model file
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def perturbed_net(norm: str, upsample: str = "nearest", seed: int = 0) -> TransformerNet:
-    """A small eval-mode network whose output is far from flat (random weights pushed off initialisation;
-    batch-norm running statistics set to non-trivial values so they matter)."""
-    torch.manual_seed(seed)
-    net = TransformerNet(norm=norm, base_width=8, residual_blocks=2, upsample=upsample).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return net
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = (a - b).pow(2).mean().item()
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
 
 
 @pytest.mark.parametrize("norm", ["instance", "batch", "none"])
 @pytest.mark.parametrize("upsample", ["nearest", "transpose"])
 def test_tiled_matches_untiled_with_tiny_budget(norm: str, upsample: str) -> None:
-    net = perturbed_net(norm, upsample)
+    net = perturbed_net(norm, residual_blocks=2, upsample=upsample)
     x = torch.rand(1, 3, 67, 93, generator=torch.Generator().manual_seed(1))  # odd sizes: padded canvas path
     # 0.05 MiB: every activation store goes to disk and strips are a few rows high.
     executor = TiledExecutor(net, budget_mb=0.05)
@@ -59,7 +41,7 @@ def test_tiled_matches_untiled_with_tiny_budget(norm: str, upsample: str) -> Non
 
 def test_strip_boundaries_do_not_matter() -> None:
     """Different strip heights (1 row, 5 rows, whole image) give the same image: no seams at strip borders."""
-    net = perturbed_net("instance")
+    net = perturbed_net("instance", residual_blocks=2)
     x = torch.rand(1, 3, 40, 52, generator=torch.Generator().manual_seed(2))
     outs = [TiledExecutor(net, budget_mb=1024, strip_rows=r, verify=False)(x) for r in (1, 5, 1000)]
     assert psnr(outs[0], outs[2]) > 80.0 and psnr(outs[1], outs[2]) > 80.0
@@ -67,7 +49,7 @@ def test_strip_boundaries_do_not_matter() -> None:
 
 def test_budget_bounds_ram_stores() -> None:
     """With a budget smaller than the activations, RAM stores stay within it and the rest goes to disk."""
-    net = perturbed_net("instance")
+    net = perturbed_net("instance", residual_blocks=2)
     executor = TiledExecutor(net, budget_mb=1.0)
     executor(torch.rand(1, 3, 96, 128))  # 8 x 96 x 128 x 4 B = 0.375 MiB per full-resolution activation
     assert 0 < executor.peak_store_bytes <= 1.0 * 2**20
@@ -75,7 +57,7 @@ def test_budget_bounds_ram_stores() -> None:
 
 
 def test_ram_budget_keeps_stores_in_ram() -> None:
-    net = perturbed_net("instance")
+    net = perturbed_net("instance", residual_blocks=2)
     executor = TiledExecutor(net, budget_mb=512)
     executor(torch.rand(1, 3, 32, 32))
     assert executor.disk_stores_used == 0
@@ -121,10 +103,7 @@ def test_wrong_forward_is_caught_by_verification() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return super().forward(x).flip(-1)  # not expressible in the plan
 
-    net = Shifted(norm="instance", base_width=4, residual_blocks=1).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
+    net = perturb_weights(Shifted(norm="instance", base_width=4, residual_blocks=1).eval(), 0.2)
     with pytest.raises(NotImplementedError, match="does not reproduce"):
         TiledExecutor(net, budget_mb=1)
 
@@ -153,7 +132,7 @@ def test_source_store_reads_the_padded_canvas_exactly(size: tuple[int, int]) -> 
 def test_stream_from_uint8_rows_equals_the_float_call() -> None:
     """stream() fed uint8 RGBA rows delivers, strip by strip and in order, exactly what __call__ returns for the
     same image as a float tensor (same executor, same strips)."""
-    net = perturbed_net("instance")
+    net = perturbed_net("instance", residual_blocks=2)
     executor = TiledExecutor(net, budget_mb=0.05)
     pixels = torch.randint(0, 256, (41, 58, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
     want = executor(pixels[..., :3].permute(2, 0, 1).float().div(255.0))
@@ -227,7 +206,7 @@ def test_untileable_image_is_one_failed_file(tmp_path: Path, monkeypatch: pytest
 
 
 def test_an_error_mid_image_removes_the_disk_stores(tmp_path: Path) -> None:
-    executor = TiledExecutor(perturbed_net("instance"), budget_mb=0.05, tmp_dir=str(tmp_path))
+    executor = TiledExecutor(perturbed_net("instance", residual_blocks=2), budget_mb=0.05, tmp_dir=str(tmp_path))
     pixels = torch.randint(0, 256, (40, 52, 3), dtype=torch.uint8)
 
     def failing_sink(row: int, strip: torch.Tensor) -> None:

@@ -15,16 +15,15 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
+from core import metrics
 from core.errors import FaststyleError
 from data.video import VideoReader, even_size, probe_video, upright_transpose
 from inference.pipeline import stylize
 from models.modelfile import save_model
-from models.transformer import TransformerNet
 from stylize import compose_config
-from tests.test_multistyle import randomise_style_tables
+from tests.conftest import perturbed_net
 from tests.test_stylize import start_stylize_until
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,13 +99,8 @@ def make_clip(
 
 def make_model(path: Path, styles: int = 1, seed: int = 0) -> Path:
     """A width-8 network whose output is far from flat; ``styles`` > 1: a multi-style model with distinct styles."""
-    torch.manual_seed(seed)
-    net = TransformerNet(base_width=8, residual_blocks=1, num_styles=styles)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
+    net = perturbed_net(num_styles=styles, scale=0.3, seed=seed)
     if styles > 1:
-        randomise_style_tables(net, seed)
         save_model(path, net, {"styles": [f"s{i}" for i in range(styles)]})
     else:
         save_model(path, net, {"style_stem": "wave"})
@@ -143,8 +137,8 @@ def audio_payloads(path: Path) -> list[bytes]:
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    """PSNR of two 8-bit frames."""
+    return metrics.psnr(a, b, peak=255.0)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ the true motion, the non-occlusion mask at a pan's border and behind a moving ob
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from models.modelfile import save_model
 from models.transformer import TransformerNet
 from scripts import video_clips as vc
 from scripts import video_stability as vs
-from tests.test_multistyle import randomise_style_tables
+from tests.conftest import randomise_style_tables
 
 pytest.importorskip("cv2", reason="the optical flow of the report needs opencv-python-headless (requirements-dev)")
 
@@ -201,6 +202,22 @@ def test_report_refusals(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
     assert stop.value.code == 2 and "pick one with --style (wave, street)" in capsys.readouterr().err
     assert vs.main([str(multi), *small, "--style", "street"]) == 0
     assert "style street" in capsys.readouterr().out
+    os.link(multi, tmp_path / "multi_link.png")  # a strip written there would replace the model (core.fileio)
+    with pytest.raises(SystemExit) as stop:
+        vs.main(
+            [
+                str(multi),
+                *small,
+                "--style",
+                "street",
+                "--strip",
+                str(tmp_path / "multi_link.png"),
+                "--strip-frames",
+                "1",
+            ]
+        )
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "is the model 1" in err and err.rstrip().endswith("choose another --strip")
     # without OpenCV: one line saying what to install, before any work
     monkeypatch.setitem(sys.modules, "cv2", None)
     with pytest.raises(SystemExit) as stop:
