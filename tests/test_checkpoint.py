@@ -13,7 +13,13 @@ import torch
 from core.errors import FaststyleError
 from models.modelfile import load_model, save_model, unwrap_model
 from models.transformer import TransformerNet
-from training.checkpoint import capture_rng_state, find_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
+from training.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    open_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 
 
 def _small_net() -> TransformerNet:
@@ -160,14 +166,14 @@ def test_checkpoint_round_trip_and_resume_lookup(tmp_path: Path) -> None:
     }
     run_dir = tmp_path / "run"
     save_checkpoint(run_dir / "checkpoints" / "last.pt", state)
-    assert find_checkpoint(run_dir) == run_dir / "checkpoints" / "last.pt"
+    assert open_checkpoint(run_dir)[0] == run_dir / "checkpoints" / "last.pt"
     loaded = load_checkpoint(run_dir)  # a run dir resolves to its last checkpoint
     assert loaded["step"] == 7 and loaded["format"] == "faststyle-checkpoint"
     fresh = torch.optim.Adam(_small_net().parameters(), lr=1e-3)
     fresh.load_state_dict(loaded["optimizer"])
     torch.testing.assert_close(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
     with pytest.raises(FaststyleError, match="no checkpoint"):
-        find_checkpoint(tmp_path)
+        open_checkpoint(tmp_path)
 
 
 def test_rng_state_round_trip_through_a_weights_only_file(tmp_path: Path) -> None:

@@ -119,11 +119,6 @@ def open_checkpoint(path: str | os.PathLike) -> tuple[Path, dict]:
     )
 
 
-def find_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint ``train.resume=path`` continues from (:func:`open_checkpoint`)."""
-    return open_checkpoint(path)[0]
-
-
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read a training checkpoint (a file, or a run dir: its newest complete checkpoint) onto the CPU."""
     return open_checkpoint(path)[1]
