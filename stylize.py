@@ -28,7 +28,6 @@ from __future__ import annotations
 import signal
 import sys
 import traceback
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core.cli import EXIT_INTERNAL, EXIT_USAGE, model_file, plain_warnings
@@ -38,29 +37,20 @@ from core.cli import EXIT_INTERNAL, EXIT_USAGE, model_file, plain_warnings
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "stylize.yaml"
-
 
 def register_config() -> None:
-    """Register configs/stylize.yaml under the name "stylize" in Hydra's ConfigStore.
+    """Register configs/stylize.yaml in Hydra's ConfigStore (configs.schema.register_stylize_config)."""
+    from configs.schema import register_stylize_config
 
-    Why not ``config_path="configs"``: that folder holds train.py's config groups, and ``model`` is one of them,
-    so Hydra would read ``model=run/model.pth`` as a choice in the ``model/`` group and refuse it. The stylize
-    config is therefore loaded on its own, with no groups beside it.
-    """
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
-
-    ConfigStore.instance().store(name="stylize", node=OmegaConf.load(CONFIG_FILE))
+    register_stylize_config()
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
-    """Compose the stylize config with ``overrides`` (for tests and notebooks; needs no Hydra app running)."""
-    import hydra
+    """Compose the stylize config with ``overrides`` (configs.schema.compose_stylize_config; for tests and
+    notebooks)."""
+    from configs.schema import compose_stylize_config
 
-    register_config()
-    with hydra.initialize(version_base="1.3", config_path=None):
-        return hydra.compose(config_name="stylize", overrides=overrides)
+    return compose_stylize_config(overrides)
 
 
 def main(cfg: DictConfig) -> None:

@@ -5,6 +5,7 @@ The YAML files hold the defaults and explain each knob; this module says what a 
 with one line before any work starts, instead of a traceback deep inside the run (or a silently ignored key).
 ``check_train_config`` / ``check_stylize_config`` raise ``FaststyleError``; the entry points call them both before
 Hydra starts the job (``cli.preflight``) and at the top of ``train()`` / ``stylize()`` (which tests call directly).
+``compose_stylize_config`` composes stylize.py's config without a running Hydra app (tests, reports, benchmarks).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -302,6 +304,30 @@ STYLIZE_USAGE = (
     "folder>] [option=value ...] (--help lists the options)"
 )
 """The one-line usage of stylize.py, shown when its required options are missing."""
+
+STYLIZE_CONFIG_FILE = Path(__file__).resolve().parent / "stylize.yaml"
+
+
+def register_stylize_config() -> None:
+    """Register configs/stylize.yaml under the name "stylize" in Hydra's ConfigStore.
+
+    Why not ``config_path="configs"``: that folder holds train.py's config groups, and ``model`` is one of them,
+    so Hydra would read ``model=run/model.pth`` as a choice in the ``model/`` group and refuse it. The stylize
+    config is therefore loaded on its own, with no groups beside it.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="stylize", node=OmegaConf.load(STYLIZE_CONFIG_FILE))
+
+
+def compose_stylize_config(overrides: list[str]) -> DictConfig:
+    """Compose the stylize config with ``overrides`` (for tests, notebooks, reports and benchmarks; needs no Hydra
+    app running)."""
+    import hydra
+
+    register_stylize_config()
+    with hydra.initialize(version_base="1.3", config_path=None):
+        return hydra.compose(config_name="stylize", overrides=overrides)
 
 
 def check_stylize_config(cfg: DictConfig) -> None:
