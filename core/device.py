@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 from pathlib import Path
 
 import torch
@@ -37,6 +38,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def environment_line(device: torch.device) -> str:
+    """One line saying what a measurement ran on (torch, device and its name, threads, Python), printed by the
+    benchmarks and the reports beside their figures."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return (
+        f"# torch {torch.__version__}, device {device} ({name}), "
+        f"{torch.get_num_threads()} threads, python {platform.python_version()}"
+    )
+
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h> mallopt parameters
 
 
@@ -46,8 +57,8 @@ def reuse_freed_memory() -> bool:
     Why: by default every tensor above ~32 MiB is a fresh mmap whose pages the kernel zero-fills on first touch,
     and inference (layer after layer) and training (VGG activations, every step) allocate and free such tensors
     all the time, so page faults took a large share of the time; the price is more resident memory (README,
-    "Speed and memory"; scripts/bench_stylize.py variant channels_last_malloc, scripts/bench_train.py option
-    malloc). Returns False where unavailable (not glibc).
+    "Speed and memory"; python -m benchmarks stylize, variant channels_last_malloc; python -m benchmarks train,
+    option malloc). Returns False where unavailable (not glibc).
     """
     try:
         import ctypes

@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from core.device import environment_line
 from core.metrics import psnr
-from scripts.benchutil import REPO_ROOT, environment_line
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # A held-out photo (never a training image of the demo), resized to 1920x1080.
 CONTENT = REPO_ROOT / "data" / "samples" / "held_out" / "china.jpg"
