@@ -1,15 +1,12 @@
-"""faststyle benchmarks: each prints figures measured side by side in one run.
+"""faststyle benchmarks: each prints figures measured side by side in one run (never asserted).
 
-    python -m scripts.bench data      # decode + resize + crop images/s with 0/1/2 workers (data pipeline)
-    python -m scripts.bench train     # s/step, images/s, peak memory, GFLOP/s vs measured fp32 and bf16 matmul peaks;
-                                      # pytorch/examples' configuration vs ours vs precision=auto
-    python -m scripts.bench stylize   # images/s, 1080p latency/memory/GFLOP/s (plain, fp32, bf16, auto) with
-                                      # speed-ups, tiled 4K/8K peak memory
-    python -m scripts.bench huge      # peak RSS of stylize.py on a 12000 x 12000 image against its memory bound
-    python -m scripts.bench <name> --help
+    python -m benchmarks NAME [options]          # run one benchmark
+    python -m benchmarks NAME --help             # what it measures and its options
+    flock /tmp/faststyle-cpu.lock python -m benchmarks NAME   # one at a time on a shared machine
 
-Each subcommand lives in scripts/bench_<name>.py (with `add_arguments(parser)` and `run(args)`); this file only
-dispatches, so the modules stay importable and runnable on their own.
+Each benchmark is a module benchmarks/NAME.py with ``main(argv)``; benchmarks/common.py holds what they share. This
+command only dispatches and imports the chosen benchmark alone: each pulls in different parts of the project, and
+``huge`` keeps its own process free of torch.
 """
 
 from __future__ import annotations
@@ -18,29 +15,37 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = {
-    "data": "bench_data",
-    "train": "bench_train",
-    "stylize": "bench_stylize",
-    "huge": "bench_huge",
+BENCHMARKS = {
+    "stylize": "images/s, 1080p latency, memory and GFLOP/s (plain, fp32, bf16, auto) with speed-ups, tiled 4K/8K",
+    "train": "s/step, images/s, peak memory, GFLOP/s: pytorch/examples' configuration vs ours vs precision=auto",
+    "norm": "our InstanceNorm vs nn.InstanceNorm2d, forward + backward",
+    "data": "decode + resize + crop images/s of the training loader with 0, 1, 2 workers",
+    "video": "video frames/s and real-time factor per frame size and precision",
+    "huge": "stylize.py's peak RSS on a 12000x12000 photo and flat PNG vs its memory bound",
+    "export": "onnxruntime vs PyTorch eager for one 1920x1080 image",
 }
+"""Every benchmark (its module is benchmarks/NAME.py) and what it measures, in one line."""
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=sorted(SUBCOMMANDS), help="which benchmark to run")
-    if not argv or argv[0] not in SUBCOMMANDS:
-        parser.parse_args(argv)  # prints usage / --help and exits
-    # Import only the chosen benchmark: each pulls in different parts of the project.
-    module = importlib.import_module(f"scripts.{SUBCOMMANDS[argv[0]]}")
-    sub_parser = argparse.ArgumentParser(
-        prog=f"python -m scripts.bench {argv[0]}",
-        description=module.__doc__,
+    listing = "benchmarks:\n" + "\n".join(f"  {name:<9} {what}" for name, what in BENCHMARKS.items())
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        epilog=listing,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    module.add_arguments(sub_parser)
-    return int(module.run(sub_parser.parse_args(argv[1:])) or 0)
+    parser.add_argument("name", choices=list(BENCHMARKS), metavar="NAME", help="which benchmark to run (below)")
+    if not argv:
+        parser.print_help()
+        return 2
+    if argv[0] not in BENCHMARKS:
+        parser.parse_args(argv[:1])  # --help (exit 0) or an unknown name (exit 2, the names listed)
+        return 2
+    # The benchmark's own parser reads the rest: its parse_args is the first one this command calls.
+    module = importlib.import_module(f"benchmarks.{argv[0]}")
+    return int(module.main(argv[1:]) or 0)
 
 
 if __name__ == "__main__":

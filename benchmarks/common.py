@@ -1,14 +1,20 @@
-"""Helpers shared by the benchmark scripts: a measured matmul peak, timing, peak memory, environment line.
+"""What the benchmarks share: timing, a measured matmul peak, peak memory, the fresh worker process each
+measurement runs in, the random model they time, and the line saying which precision policy a figure was measured
+under (printed beside the figures with core.device.environment_line, so that tables side by side can be compared).
 
-Figures are printed, never asserted: speed targets are read off these scripts' output, and the
-README's speed table quotes it with the command that produced it.
+Figures are printed, never asserted: speed targets are read off the benchmarks' output, and the README's speed
+table quotes it with the command that produced it. On a shared machine, run them one at a time under
+``flock /tmp/faststyle-cpu.lock`` (a benchmark never takes a lock itself).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -137,10 +143,26 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if platform.system() == "Darwin" else peak / 1024.0
 
 
-def environment_line(device: torch.device) -> str:
-    """One line saying what the figures were measured on."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return (
-        f"# torch {torch.__version__}, device {device} ({name}), "
-        f"{torch.get_num_threads()} threads, python {platform.python_version()}"
-    )
+def run_worker(benchmark: str, args: list[str], cwd: Path | None = REPO_ROOT) -> tuple[dict | None, str]:
+    """Run ``python -m benchmarks BENCHMARK ARGS`` (a benchmark's hidden worker option) in a fresh process, so that
+    its peak memory is its own and no cache of one measurement helps the next.
+
+    Returns (the JSON object the worker prints on its last stdout line, or None when it failed; its stderr).
+    ``cwd=None`` keeps this process's folder (for relative paths in ``args``).
+    """
+    command = [sys.executable, "-m", "benchmarks", benchmark, *args]
+    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+def save_random_model(path: Path, base_width: int = 32) -> Path:
+    """A randomly initialised TransformerNet (seed 0) saved as a faststyle model file at ``path``: weights change
+    neither speed nor memory, so the benchmarks time this unless given a trained model."""
+    from models.modelfile import save_model
+    from models.transformer import TransformerNet
+
+    torch.manual_seed(0)
+    save_model(path, TransformerNet(base_width=base_width).eval(), {"style_stem": "random"})
+    return path

@@ -1,14 +1,14 @@
 """Data pipeline benchmark: decode + resize + crop images/s of the training loader with 0, 1 and 2 workers.
 
-    python -m scripts.bench data                      # 640x480 photo-like JPEGs, 256 px crops, batch 4
-    python -m scripts.bench data --image-size 128     # small crops: JPEG draft mode decodes at 1/2 scale
-    python -m scripts.bench data --train-images-per-s 1.2   # also print the margin over a training step
+    python -m benchmarks data                      # 640x480 photo-like JPEGs, 256 px crops, batch 4
+    python -m benchmarks data --image-size 128     # small crops: JPEG draft mode decodes at 1/2 scale
+    python -m benchmarks data --train-images-per-s 1.2   # also print the margin over a training step
 
 It generates COCO-like photos at run time (640x480 JPEGs, quality 90, smooth colour fields with edges and sensor-like
 noise, about the size of COCO's files) in a temporary folder, then times ``make_train_loader`` over them: with JPEG
-draft mode on and off, and from a ``scripts/prepare_dataset.py`` copy whose short side is the crop size. Each
-figure includes the loader's start (worker processes), so it slightly under-states the steady state. Files are
-read from the page cache (just written): a cold disk adds its own read time.
+draft mode on and off, and from a ``data.prepare`` copy (what ``python -m scripts.prepare_dataset`` writes) whose
+short side is the crop size. Each figure includes the loader's start (worker processes), so it slightly under-states
+the steady state. Files are read from the page cache (just written): a cold disk adds its own read time.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from PIL import Image
 
 from data.images import ImageFolderDataset, make_train_loader
 from data.io import MAX_DECODE_PIXELS, load_image, pil_to_tensor, resize_short_side
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def photo_like(width: int, height: int, rng: np.random.Generator) -> Image.Image:
@@ -123,18 +121,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--train-images-per-s",
         type=float,
         default=None,
-        help="images/s one training step consumes on this machine (from `bench.py train`): prints the margin",
+        help="images/s one training step consumes on this machine (from `python -m benchmarks train`): prints "
+        "the margin",
     )
     parser.add_argument("--gpu-images-per-s", type=float, default=100.0, help="GPU consumption to size workers for")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the main process (1)")
 
 
 def run(args: argparse.Namespace) -> int:
+    # Long: the report itself, set-up, stage lines, table and verdicts in the order they print.
     workers = [int(w) for w in str(args.workers).split(",") if w.strip()]
     if args.images < args.batch_size or any(w < 0 for w in workers) or not workers:
         raise SystemExit("error: need --images >= --batch-size and worker counts >= 0")
     torch.set_num_threads(args.threads)
-    from scripts.prepare_dataset import prepare
+    from data.prepare import prepare
 
     with tempfile.TemporaryDirectory(prefix="faststyle-bench-data-") as tmp:
         photos, prepared = Path(tmp) / "photos", Path(tmp) / "prepared"
@@ -205,10 +205,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """Time onnxruntime against PyTorch eager for one image (default 1920x1080, base width 32, 5 residual blocks).
 
-    flock /tmp/faststyle-cpu.lock .venv/bin/python -m scripts.bench_export --height 1080 --width 1920 --repeats 3
+    flock /tmp/faststyle-cpu.lock .venv/bin/python -m benchmarks export --height 1080 --width 1920 --repeats 3
 
 Exports a randomly initialised TransformerNet (weights do not change the cost) to a temporary ONNX file with
 interop/export.py, then prints the median seconds per image of: PyTorch eager (NCHW, inference_mode), and
@@ -10,38 +10,41 @@ onnxruntime (CPU provider, default threads), plus the max |difference| between t
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from benchmarks.common import time_call
 from inference.onnx_runner import OnnxStyleModel
 from interop.export import export_onnx
 from models.transformer import TransformerNet
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
 
 
-def _median_seconds(fn, x: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor]:
-    out = fn(x)  # warm-up (allocations, onnxruntime's first-run graph setup)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+def _median_seconds(fn: Callable, x: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor]:
+    """Median seconds of ``fn(x)`` after one warm-up call (allocations, onnxruntime's first-run graph setup), and
+    the last output."""
+    out = {}
+
+    def call() -> None:
+        out["y"] = fn(x)
+
+    return time_call(call, CPU, warmup=1, repeats=repeats), out["y"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--height", type=int, default=1080)
     parser.add_argument("--width", type=int, default=1920)
     parser.add_argument("--base-width", type=int, default=32)
     parser.add_argument("--residual-blocks", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
     net = TransformerNet(base_width=args.base_width, residual_blocks=args.residual_blocks).eval()
     x = torch.rand(1, 3, args.height, args.width)
@@ -58,7 +61,4 @@ def main() -> None:
     print(f"pytorch eager : {eager_s:.2f} s/image (median of {args.repeats})")
     print(f"onnxruntime   : {ort_s:.2f} s/image (median of {args.repeats})")
     print(f"max |ort - eager| = {float((ort_out - eager_out).abs().max()):.2e}")
-
-
-if __name__ == "__main__":
-    main()
+    return 0

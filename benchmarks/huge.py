@@ -1,8 +1,8 @@
 """Peak memory of stylize.py on huge images: a 12000x12000 photo-like image and a flat 12000x12000 PNG.
 
-    python -m scripts.bench_huge                                   # both cases, max_memory_mb=2048 (~12 min on 2 cores)
-    python -m scripts.bench_huge --cases photo --size 6000x4000 --budget-mb 512
-    python -m scripts.bench_huge --help
+    python -m benchmarks huge                                      # both cases, max_memory_mb=2048 (~12 min on 2 cores)
+    python -m benchmarks huge --cases photo --size 6000x4000 --budget-mb 512
+    python -m benchmarks huge --help
 
 What it does, in a temporary folder: writes a model file (a randomly initialised TransformerNet: weights change
 neither speed nor memory; --model gives a trained one), a real-content image (the four sample photos of
@@ -38,7 +38,7 @@ import time
 import zlib
 from pathlib import Path
 
-# Not benchutil: it imports torch, and this process must stay small (see the module docstring).
+# Not benchmarks.common: it imports torch, and this process must stay small (see the module docstring).
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = REPO_ROOT / "data" / "samples" / "content"
 MiB = 2**20
@@ -100,16 +100,6 @@ def make_flat_png(path: Path, width: int, height: int) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
 
 
-def make_model(path: Path, base_width: int) -> None:
-    import torch
-
-    from models.modelfile import save_model
-    from models.transformer import TransformerNet
-
-    torch.manual_seed(0)
-    save_model(path, TransformerNet(base_width=base_width).eval(), {"style_stem": "bench"})
-
-
 def _folder_bytes(folder: Path) -> int:
     """Bytes allocated on disk by the files in ``folder`` (recursively; files may vanish while we look)."""
     total = 0
@@ -159,7 +149,9 @@ def make_files(workdir: Path, size: str, cases: list[str], base_width: int) -> N
     """Write model.pth (unless base_width is 0), tiny.jpg and the images of ``cases`` into ``workdir``."""
     width, height = (int(v) for v in size.lower().split("x"))
     if base_width:
-        make_model(workdir / "model.pth", base_width)
+        from benchmarks.common import save_random_model  # in the child that writes the files: torch is fine here
+
+        save_random_model(workdir / "model.pth", base_width)
     make_photo(workdir / "tiny.jpg", 64, 48)
     if "photo" in cases:
         make_photo(workdir / f"photo_{width}x{height}.jpg", width, height)
@@ -168,6 +160,8 @@ def make_files(workdir: Path, size: str, cases: list[str], base_width: int) -> N
 
 
 def run(args: argparse.Namespace) -> int:
+    # Long: one sequence (files from a child, the fixed overhead, each case) that keeps every printed bound beside
+    # the measurement it is compared with.
     if args.make:
         workdir, size, cases, base_width = args.make
         make_files(Path(workdir), size, cases.split(","), int(base_width))
@@ -183,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
             [
                 sys.executable,
                 "-m",
-                "scripts.bench_huge",
+                "benchmarks",
+                "huge",
                 "--make",
                 str(workdir),
                 args.size,
@@ -247,11 +242,9 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks huge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
-    return run(parser.parse_args())
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return run(parser.parse_args(argv))

@@ -8,10 +8,10 @@ no_grad, as in inference); ours and torch's alternate inside the loop so that lo
 alike. The figure is the median over the repetitions.
 
 Usage:
-    flock /tmp/faststyle-cpu.lock .venv/bin/python -m scripts.bench_norm            # CPU (+ CUDA if present)
-    .venv/bin/python -m scripts.bench_norm --device cpu --reps 5 --channels-last
-    .venv/bin/python -m scripts.bench_norm --device cpu --dtype bf16 --forward-only
-    .venv/bin/python -m scripts.bench_norm --device cpu --dtype bf16 --autocast      # bf16 training's configuration
+    flock /tmp/faststyle-cpu.lock .venv/bin/python -m benchmarks norm            # CPU (+ CUDA if present)
+    .venv/bin/python -m benchmarks norm --device cpu --reps 5 --channels-last
+    .venv/bin/python -m benchmarks norm --device cpu --dtype bf16 --forward-only
+    .venv/bin/python -m benchmarks norm --device cpu --dtype bf16 --autocast      # bf16 training's configuration
 
 Both sides run with glibc malloc reuse (core.device.reuse_freed_memory, as train.py and stylize.py do);
 --no-malloc-reuse turns it off. The first run in a fresh environment also builds our fused C++ kernel (~13 s, see
@@ -31,6 +31,7 @@ import time
 import torch
 from torch import nn
 
+from benchmarks.common import synchronize
 from core.device import reuse_freed_memory
 from core.precision import PRECISION_DTYPES
 from models.norm import InstanceNorm
@@ -46,11 +47,6 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     if len(shape) < 3 or min(shape) < 1:
         raise argparse.ArgumentTypeError(f"shape {text!r} needs N,C and at least one spatial size, all >= 1")
     return shape
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bench_shape(
@@ -79,7 +75,7 @@ def bench_shape(
     amp = torch.autocast(device.type, dtype=dtype, enabled=autocast)
 
     def step(module: nn.Module) -> float:
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         if forward_only:
             with torch.no_grad(), amp:
@@ -88,7 +84,7 @@ def bench_shape(
             with amp:
                 y = module(x)
             y.backward(grad)
-        _sync(device)
+        synchronize(device)
         elapsed = time.perf_counter() - start
         x.grad = None
         module.zero_grad(set_to_none=True)
@@ -105,7 +101,10 @@ def bench_shape(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # Long: half of it is the command line's options; the rest is the side-by-side table.
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks norm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CPU, and CUDA too when present"
     )
@@ -181,7 +180,3 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

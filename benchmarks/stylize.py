@@ -2,11 +2,10 @@
 measured in the same run, exact tiled inference (PSNR vs untiled at 1920x1080, peak RSS at 3840x2160, 7680x4320
 completion).
 
-    python -m scripts.bench stylize                       # everything (~5-10 min on a 2-core CPU)
-    python -m scripts.bench stylize --only speed          # folder + 1080p variants only
-    python -m scripts.bench stylize --only tiled --sizes 3840x2160
-    python -m scripts.bench stylize --only speed --variants plain,best --base-width 16
-    python -m scripts.bench_stylize --help                # also runnable on its own
+    python -m benchmarks stylize                       # everything (~5-10 min on a 2-core CPU)
+    python -m benchmarks stylize --only speed          # folder + 1080p variants only
+    python -m benchmarks stylize --only tiled --sizes 3840x2160
+    python -m benchmarks stylize --only speed --variants plain,best --base-width 16
 
 1920x1080 variants are names of ``_``-joined options (order free): ``plain`` = the plain configuration the way
 pytorch/examples runs it (torch's nn.InstanceNorm2d swapped in for ours, eager, fp32, NCHW, no malloc reuse);
@@ -18,7 +17,7 @@ strip per layer), ``compile``, ``malloc`` (core.device.reuse_freed_memory), ``ea
 1920x1080 fits the default max_memory_mb, so it runs untiled). The summary gives every variant's speed-up over
 ``plain`` and over the fastest fp32 variant of our own network measured in the same run.
 
-Every memory figure comes from a fresh subprocess (peak RSS = that process's own VmHWM, benchutil.peak_rss_mb, which
+Every memory figure comes from a fresh subprocess (peak RSS = that process's own VmHWM, common.peak_rss_mb, which
 includes the ~0.3 GB of torch itself), so one measurement's allocations never inflate the next one's. Weights do not
 change speed, so a randomly initialised TransformerNet is used unless --model gives a trained model.pth; for the
 PSNR check the random weights are perturbed so the output is far from flat. Figures are printed, never asserted.
@@ -29,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,16 +35,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.precision import PRECISION_DTYPES, precision_name
-from scripts.benchutil import (
+from benchmarks.common import (
     REPO_ROOT,
-    environment_line,
     matmul_peak_gflops,
     peak_rss_mb,
     precision_line,
     reduced_dtype,
+    run_worker,
+    save_random_model,
+    synchronize,
     torch_instance_norms,
 )
+from core.device import environment_line
+from core.precision import PRECISION_DTYPES, precision_name
 
 CONTENT = REPO_ROOT / "data" / "samples" / "content" / "astronaut.jpg"
 # The set the README's speed targets are read from: the plain configuration, our fastest fp32 ones, the bf16 ways to run
@@ -90,9 +90,9 @@ def _net(model: str | None, perturb: bool = False, norm: str = "instance", base_
     from models.transformer import TransformerNet
 
     if model:
-        from models.modelfile import load_model
+        from inference.network import read_model_file
 
-        return load_model(model)[0].eval()
+        return read_model_file(model)[0].eval()
     torch.manual_seed(0)
     net = TransformerNet(norm=norm, base_width=base_width).eval()
     if perturb:
@@ -174,7 +174,10 @@ def network_gflop(net: nn.Module, height: int, width: int) -> float:
 
 
 def _child(spec: dict) -> dict:
-    """One measurement in this (fresh) process; returns figures as a dict."""
+    """One measurement in this (fresh) process; returns figures as a dict.
+
+    Long: one branch per kind of measurement (forward, tiled, folder), each of which must run in the fresh process.
+    """
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     kind = spec["kind"]
@@ -189,7 +192,6 @@ def _child(spec: dict) -> dict:
         import contextlib
 
         from core.precision import resolve_precision
-        from scripts.benchutil import synchronize
 
         height, width = spec["height"], spec["width"]
         device = torch.device(spec.get("device", "cpu"))
@@ -258,10 +260,10 @@ def _child(spec: dict) -> dict:
             "gflop": network_gflop(net, spec["height"], spec["width"]),
         }
     if kind == "folder":
+        from configs.schema import compose_stylize_config
         from inference.pipeline import stylize
-        from stylize import compose_config
 
-        summary = stylize(compose_config(spec["overrides"]))
+        summary = stylize(compose_stylize_config(spec["overrides"]))
         return {
             "written": len(summary.written),
             "seconds": summary.seconds,
@@ -272,26 +274,16 @@ def _child(spec: dict) -> dict:
 
 
 def _spawn(spec: dict) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-m", "scripts.bench_stylize", "--child", json.dumps(spec)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """One measurement in a fresh process (common.run_worker); its figures, or {"error": its last stderr line}."""
+    result, stderr = run_worker("stylize", ["--child", json.dumps(spec)])
+    return result if result is not None else {"error": (stderr.strip().splitlines() or ["?"])[-1]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 def bench_folder(args: argparse.Namespace, tmp: Path) -> None:
     from PIL import Image
 
-    from models.modelfile import save_model
-
-    model = Path(args.model) if args.model else tmp / "model.pth"
-    if not args.model:
-        save_model(model, _net(None, base_width=args.base_width), {"style_stem": "random"})
+    model = Path(args.model) if args.model else save_random_model(tmp / "model.pth", args.base_width)
     src = tmp / "folder"
     src.mkdir()
     generator = torch.Generator().manual_seed(0)
@@ -473,11 +465,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks stylize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
-    return run(parser.parse_args())
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return run(parser.parse_args(argv))

@@ -1,23 +1,22 @@
 """Training-step benchmark: the plain configuration (eager, fp32, NCHW) side by side with the best one for the device.
 
-    python -m scripts.bench train                              # examples vs plain vs best ("auto" of train.*)
-    python -m scripts.bench train --network vgg16 --steps 3    # the loss network pytorch/examples uses
-    python -m scripts.bench train --variants all               # every combination worth trying on the device
-    python -m scripts.bench train --variants plain,cl,compile,cl+compile --batch-size 4 --image-size 256
-    flock /tmp/faststyle-cpu.lock python -m scripts.bench_train  # standalone, serialised with other benchmarks
+    python -m benchmarks train                              # examples vs plain vs best ("auto" of train.*)
+    python -m benchmarks train --network vgg16 --steps 3    # the loss network pytorch/examples uses
+    python -m benchmarks train --variants all               # every combination worth trying on the device
+    python -m benchmarks train --variants plain,cl,compile,cl+compile --batch-size 4 --image-size 256
+    flock /tmp/faststyle-cpu.lock python -m benchmarks train  # serialised with other benchmarks
 
 One step = ``training.loop.Trainer.step``, the step ``fit`` runs (TransformerNet forward, PerceptualLoss with the
 frozen VGG-19 and Johnson et al.'s layers, backward, Adam step), set up by the same ``Trainer`` as in ``fit``, on a
-fixed random batch (data loading is measured by ``bench.py data``). A variant is a string of ``+``-joined options:
-``plain``, ``cl`` (train.channels_last), ``compile`` (train.compile), ``bf16``/``fp16`` (train.precision),
+fixed random batch (data loading is measured by ``python -m benchmarks data``). A variant is a string of ``+``-joined
+options: ``plain``, ``cl`` (train.channels_last), ``compile`` (train.compile), ``bf16``/``fp16`` (train.precision),
 ``malloc`` (core.device.reuse_freed_memory: glibc keeps freed blocks, so the large VGG activations of each step do
 not page-fault afresh), ``tnorm`` (torch's nn.InstanceNorm2d in the TransformerNet instead of ours), ``temporal``
 (the stability term on, loss.temporal_weight=1: the network runs on twice the images; its GFLOP/s column still
 divides the step's FLOPs without the term); ``examples`` = ``tnorm`` alone: the plain configuration the way
-pytorch/examples trains (torch's InstanceNorm2d, eager, fp32, NCHW, no malloc reuse), the speed-up base when
-measured (else ``plain``); ``best`` = ``train.malloc_reuse=true`` with what
-``train.precision/channels_last/compile=auto`` resolve to on the device (core.precision), so it follows the policy
-wherever it changes.
+pytorch/examples trains (torch's InstanceNorm2d, eager, fp32, NCHW, no malloc reuse), the speed-up base when measured
+(else ``plain``); ``best`` = ``train.malloc_reuse=true`` with what ``train.precision/channels_last/compile=auto``
+resolve to on the device (core.precision), so it follows the policy wherever it changes.
 
 VGG-16 (``--network vgg16``) loads torchvision's weights from ``--weights-path`` or the torch hub cache and never
 downloads: without them it runs VGG-16's shapes with random weights (speed does not depend on the weights) and
@@ -27,7 +26,7 @@ Each variant runs in a fresh subprocess so its peak memory (RSS on CPU, allocato
 compiled code or allocator caches of one variant cannot help another. Compilation time is measured separately
 (the first calls) and amortised over a 40k-step run in the summary. GFLOP/s uses the step's FLOPs counted once by
 torch.utils.flop_counter and is compared with the fp32 and the bf16 (fp16 on CUDA) matmul peaks measured in the
-same run (scripts/benchutil.py). Figures are printed, never asserted.
+same run (benchmarks/common.py). Figures are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from scripts import benchutil
+from benchmarks import common
 
 OPTIONS = ("plain", "examples", "tnorm", "cl", "compile", "bf16", "fp16", "malloc", "temporal")
 RUN_STEPS = 40_000
@@ -52,7 +50,7 @@ STYLE_LAYERS = {"relu1_2": 1.0, "relu2_2": 1.0, "relu3_3": 1.0, "relu4_3": 1.0}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Command-line options (shared by ``bench.py train`` and standalone use)."""
+    """Command-line options (also used by tests)."""
     parser.add_argument(
         "--variants",
         default="examples,plain,best",
@@ -178,7 +176,7 @@ def _worker(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     net = TransformerNet(base_width=args.base_width)
     if "tnorm" in parts:
-        benchutil.torch_instance_norms(net)
+        common.torch_instance_norms(net)
     loss_fn = _loss_fn(args, temporal="temporal" in parts).to(device)
     gen = torch.Generator().manual_seed(1)
     size = args.image_size
@@ -194,11 +192,11 @@ def _worker(args: argparse.Namespace) -> dict:
     # First calls: compilation (forward and backward graphs) plus first-touch allocation; timed on their own.
     start = time.perf_counter()
     step()
-    benchutil.synchronize(device)
+    common.synchronize(device)
     first_s = time.perf_counter() - start
-    step_s = benchutil.time_call(step, device, warmup=args.warmup, repeats=args.steps)
+    step_s = common.time_call(step, device, warmup=args.warmup, repeats=args.steps)
     cuda = device.type == "cuda"
-    peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else benchutil.peak_rss_mb()
+    peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else common.peak_rss_mb()
     return {"variant": args.worker, "first_s": first_s, "step_s": step_s, "peak_mb": peak_mb}
 
 
@@ -236,12 +234,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_variants(args: argparse.Namespace) -> int:
-    from core.device import resolve_device
+    # Long: each worker's command line, then the table, whose header and rows must keep the same columns.
+    from core.device import environment_line, resolve_device
 
     device = resolve_device(args.device)
     variants = _expand(args.variants, device)
-    print(benchutil.environment_line(device))
-    print(benchutil.precision_line(device))
+    print(environment_line(device))
+    print(common.precision_line(device))
     if "best" in args.variants.split(","):
         print(f"# best = {best_variant(device)}")
     weights = f" (weights {args.weights_path})" if args.weights_path else ""
@@ -251,10 +250,10 @@ def _run_variants(args: argparse.Namespace) -> int:
     )
     from core.precision import precision_name
 
-    reduced = benchutil.reduced_dtype(device)
+    reduced = common.reduced_dtype(device)
     peaks = {
-        "fp32": benchutil.matmul_peak_gflops(device),
-        precision_name(reduced): benchutil.matmul_peak_gflops(device, reduced),
+        "fp32": common.matmul_peak_gflops(device),
+        precision_name(reduced): common.matmul_peak_gflops(device, reduced),
     }
     flops = _step_flops(args, device)
     print(
@@ -264,9 +263,7 @@ def _run_variants(args: argparse.Namespace) -> int:
     )
     results = []
     for variant in variants:
-        cmd = [
-            sys.executable,
-            str(Path(__file__).resolve()),
+        worker_args = [
             "--worker",
             variant,
             "--device",
@@ -287,12 +284,13 @@ def _run_variants(args: argparse.Namespace) -> int:
             str(args.threads),
         ]
         if args.weights_path:
-            cmd += ["--weights-path", args.weights_path]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"{variant}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
+            worker_args += ["--weights-path", args.weights_path]
+        # This process's folder: --weights-path may be relative to it.
+        result, stderr = common.run_worker("train", worker_args, cwd=None)
+        if result is None:
+            print(f"{variant}: FAILED\n{stderr[-2000:]}", file=sys.stderr)
             continue
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        results.append(result)
     if not results:
         return 1
     by_name = {r["variant"]: r for r in results}
@@ -319,11 +317,9 @@ def _run_variants(args: argparse.Namespace) -> int:
     return 0
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
-    return run(parser.parse_args())
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return run(parser.parse_args(argv))

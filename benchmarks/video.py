@@ -1,10 +1,10 @@
 """Video benchmark: frames/s and the real-time factor of stylizing a clip, per frame size and precision.
 
-    python -m scripts.bench_video                                   # 640x360 and 1280x720; fp32 and auto's choice
-    python -m scripts.bench_video --sizes 1920x1080 --frames 30 --precisions fp32,bf16
-    python -m scripts.bench_video --device cuda                     # a GPU (network rows only without PyAV)
-    python -m scripts.bench_video --long 1500                       # also peak RSS: 1500 frames vs --frames
-    flock /tmp/faststyle-cpu.lock python -m scripts.bench_video     # serialised with other benchmarks
+    python -m benchmarks video                                      # 640x360 and 1280x720; fp32 and auto's choice
+    python -m benchmarks video --sizes 1920x1080 --frames 30 --precisions fp32,bf16
+    python -m benchmarks video --device cuda                        # a GPU (network rows only without PyAV)
+    python -m benchmarks video --long 1500                          # also peak RSS: 1500 frames vs --frames
+    flock /tmp/faststyle-cpu.lock python -m benchmarks video        # serialised with other benchmarks
 
 For each size, a 30 fps test clip is made once: a camera pan over an embedded photo, encoded as H.264 (CRF 18) by
 data/video.py. Then, per precision (``fp32``, ``bf16``, ``fp16``, ``auto``: what stylize's precision=auto picks on
@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from fractions import Fraction
@@ -37,7 +35,15 @@ from pathlib import Path
 
 import torch
 
-from scripts.benchutil import REPO_ROOT, environment_line, peak_rss_mb, precision_line, time_call
+from benchmarks.common import (
+    REPO_ROOT,
+    peak_rss_mb,
+    precision_line,
+    run_worker,
+    save_random_model,
+    time_call,
+)
+from core.device import environment_line
 
 PHOTO = REPO_ROOT / "data" / "samples" / "content" / "chelsea.jpg"
 FPS = 30
@@ -78,13 +84,7 @@ def _model_file(args: argparse.Namespace, folder: Path) -> Path:
     """``--model``, else a random TransformerNet saved in our format (what stylize loads)."""
     if args.model:
         return Path(args.model).resolve()
-    from models.modelfile import save_model
-    from models.transformer import TransformerNet
-
-    torch.manual_seed(0)
-    path = folder / "model.pth"
-    save_model(path, TransformerNet(base_width=args.base_width), meta={"style": "bench"})
-    return path
+    return save_random_model(folder / "model.pth", args.base_width)
 
 
 def _pan_frames(width: int, height: int, count: int):
@@ -118,12 +118,13 @@ def bench_network(net: torch.nn.Module, device: torch.device, precision: str, si
     """frames/s of the Runner alone on decoded frames (median of 3 timed calls after a warm-up), and the policy."""
     import numpy as np
 
+    from configs.schema import compose_stylize_config
     from inference.runner import Runner
-    from stylize import compose_config
 
     width, height = size
-    # stylize's own defaults; a budget no frame exceeds keeps it untiled (bench_stylize times the tiled executor).
-    cfg = compose_config([f"precision={precision}", "max_memory_mb=1000000000"])
+    # stylize's own defaults; a budget no frame exceeds keeps it untiled (the stylize benchmark times the tiled
+    # executor).
+    cfg = compose_stylize_config([f"precision={precision}", "max_memory_mb=1000000000"])
     runner = Runner(net, device, cfg)
     frames = torch.from_numpy(np.stack(list(_pan_frames(width, height, batch))))
 
@@ -150,10 +151,10 @@ def _worker(args: argparse.Namespace) -> dict:
                     count += 1
         frames, seconds = count, count / float(info.frame_rate)
     else:
+        from configs.schema import compose_stylize_config
         from inference.pipeline import stylize
-        from stylize import compose_config
 
-        cfg = compose_config(
+        cfg = compose_stylize_config(
             [
                 f"model={spec['model']}",
                 f"input={spec['clip']}",
@@ -172,12 +173,11 @@ def _worker(args: argparse.Namespace) -> dict:
 
 
 def _spawn(spec: dict) -> dict | None:
-    cmd = [sys.executable, "-m", "scripts.bench_video", "--worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
-    if proc.returncode != 0:
-        print(f"# end-to-end run failed: {proc.stderr.strip()[-1500:]}")
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """One run in a fresh process (common.run_worker): _worker's figures, or None (the failure is printed)."""
+    result, stderr = run_worker("video", ["--worker", json.dumps(spec)])
+    if result is None:
+        print(f"# end-to-end run failed: {stderr.strip()[-1500:]}")
+    return result
 
 
 def _end_to_end(args: argparse.Namespace, model: Path, clip: Path, out: Path, precision: str) -> dict | None:
@@ -195,11 +195,12 @@ def _end_to_end(args: argparse.Namespace, model: Path, clip: Path, out: Path, pr
 
 
 def run(args: argparse.Namespace) -> int:
+    # Long: the table's rows in the order they print (per size: I/O alone, then per precision network and end to end).
     if args.worker:
         print(json.dumps(_worker(args)))
         return 0
     from core.device import resolve_device, reuse_freed_memory
-    from interop.legacy import load_any_model
+    from inference.network import read_model_file
 
     reuse_freed_memory()  # as stylize does by default (malloc_reuse): the network rows must not page-fault more
     device = resolve_device(args.device)
@@ -217,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="faststyle-bench-video-") as tmp:
         folder = Path(tmp)
         model = _model_file(args, folder)
-        net, _ = load_any_model(model, device="cpu")
+        net, _ = read_model_file(model, device="cpu")
         print("| size | precision | what | frames/s | real-time factor | peak RSS MiB | policy |")
         print("|---|---|---|---:|---:|---:|---|")
         for width, height in sizes:
@@ -258,13 +259,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+        prog="python -m benchmarks video", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_arguments(parser)
-    return run(parser.parse_args())
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return run(parser.parse_args(argv))

@@ -1,6 +1,6 @@
-"""The benchmark scripts' variant parsing and reference networks (scripts/bench_stylize.py, scripts/bench_train.py,
-scripts/benchutil.py): the parts whose mistakes would not show in the printed figures, only in what they mean.
-Speed itself is never asserted."""
+"""The benchmarks' variant parsing and reference networks (benchmarks/stylize.py, benchmarks/train.py,
+benchmarks/common.py) and their one command (python -m benchmarks NAME): the parts whose mistakes would not show in
+the printed figures, only in what they mean. Speed itself is never asserted."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks import common
+from benchmarks import stylize as bench_stylize
+from benchmarks import train as bench_train
 from core import precision
 from models.norm import InstanceNorm
 from models.transformer import TransformerNet
-from scripts import bench_stylize, bench_train, benchutil
 
 CPU = torch.device("cpu")
 
@@ -27,13 +29,13 @@ def test_plain_network_has_only_torch_instance_norms_and_the_same_output() -> No
     x = torch.rand(1, 3, 24, 32)
     with torch.inference_mode():
         want = net(x)
-    benchutil.torch_instance_norms(net)
+    common.torch_instance_norms(net)
     assert not any(isinstance(m, InstanceNorm) for m in net.modules())
     assert sum(isinstance(m, nn.InstanceNorm2d) for m in net.modules()) == 7  # 5 + 2 per residual block
     with torch.inference_mode():
         torch.testing.assert_close(net(x), want, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="no InstanceNorm"):
-        benchutil.torch_instance_norms(TransformerNet(norm="batch", base_width=4, residual_blocks=1))
+        common.torch_instance_norms(TransformerNet(norm="batch", base_width=4, residual_blocks=1))
 
 
 def test_stylize_variant_names() -> None:
@@ -89,7 +91,7 @@ def test_random_vgg16_weights_load_as_vgg16(tmp_path: Path) -> None:
 
 
 def test_matmul_peak_measures_bf16() -> None:
-    assert benchutil.matmul_peak_gflops(CPU, torch.bfloat16, size=64, seconds=0.01) > 0
+    assert common.matmul_peak_gflops(CPU, torch.bfloat16, size=64, seconds=0.01) > 0
 
 
 def test_peak_rss_is_the_process_own_not_its_parents() -> None:
@@ -97,9 +99,9 @@ def test_peak_rss_is_the_process_own_not_its_parents() -> None:
     # the parent's peak. peak_rss_mb reads the worker's own high-water mark.
 
     ballast = torch.ones(600 * 2**20, dtype=torch.uint8)  # 600 MiB touched in this (parent) process
-    code = "from scripts.benchutil import peak_rss_mb; print(peak_rss_mb())"
+    code = "from benchmarks.common import peak_rss_mb; print(peak_rss_mb())"
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    parent = benchutil.peak_rss_mb()
+    parent = common.peak_rss_mb()
     del ballast
     assert parent >= 600
     assert float(child.stdout) < parent - 300  # the child imported torch (~0.3 GB), nothing like the parent's peak
@@ -107,7 +109,7 @@ def test_peak_rss_is_the_process_own_not_its_parents() -> None:
 
 @pytest.mark.slow
 def test_bench_video_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None:
-    from scripts import bench_video
+    from benchmarks import video as bench_video
 
     parser = argparse.ArgumentParser()
     bench_video.add_arguments(parser)
@@ -117,3 +119,40 @@ def test_bench_video_prints_every_row(capsys: pytest.CaptureFixture[str]) -> Non
     assert [line.split("|")[3].strip() for line in table] == ["I/O alone", "network", "end to end"]
     for line in table:
         assert float(line.split("|")[4]) > 0  # frames/s
+
+
+# ---- the one command: python -m benchmarks NAME ------------------------------------------------------------------
+
+
+def test_every_benchmark_module_is_listed_and_answers_help(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.__main__ import BENCHMARKS, main
+
+    modules = {p.stem for p in Path(common.__file__).parent.glob("*.py")} - {"__init__", "__main__", "common"}
+    assert set(BENCHMARKS) == modules
+    for name in BENCHMARKS:
+        with pytest.raises(SystemExit) as info:
+            main([name, "--help"])
+        assert info.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: python -m benchmarks {name} ")
+
+
+def test_the_dispatcher_lists_the_benchmarks_one_line_each(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.__main__ import BENCHMARKS, main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name, what in BENCHMARKS.items():
+        assert sum(line.split() == [name, *what.split()] for line in lines) == 1
+    assert main([]) == 2 and "benchmarks:" in capsys.readouterr().out  # no name: the list, as a usage error
+    with pytest.raises(SystemExit) as info:
+        main(["no_such_benchmark"])
+    assert info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_huge_keeps_its_own_process_free_of_torch() -> None:
+    # Linux starts a child's peak RSS at its parent's: the huge benchmark's figures would include torch's ~0.3 GB.
+    code = "import sys, benchmarks.__main__, benchmarks.huge; print('torch' in sys.modules)"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert child.stdout.strip() == "False"

@@ -306,10 +306,10 @@ def test_runner_runs_onnx_models_in_fp32(fake_gpu: dict) -> None:
 
 
 def test_bench_train_times_the_trainers_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    """scripts/bench_train.py measures ``Trainer.step`` (what fit runs), not a copy of it."""
+    """benchmarks/train.py measures ``Trainer.step`` (what fit runs), not a copy of it."""
     import argparse
 
-    from scripts import bench_train
+    from benchmarks import train as bench_train
 
     steps: list[int] = []
     real_step = Trainer.step

@@ -1,5 +1,5 @@
 """CLI tests for scripts/download_coco.sh (arguments, dry run, the real path on a tiny local archive),
-scripts/prepare_dataset.py and scripts/bench_data.py."""
+scripts/prepare_dataset.py and the data benchmark (python -m benchmarks data)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from data.images import ImageFolderDataset
 REPO = Path(__file__).resolve().parents[1]
 DOWNLOAD = REPO / "scripts" / "download_coco.sh"
 PREPARE = ["-m", "scripts.prepare_dataset"]
-BENCH = ["-m", "scripts.bench_data"]
+BENCH = ["-m", "benchmarks", "data"]
 
 needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
@@ -236,14 +236,16 @@ def test_prepare_bad_input_is_a_one_line_error(
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
-# ---------------------------------------------------------------- bench_data.py
+# ---------------------------------------------------------------- benchmarks/data.py
 
 
-def test_bench_data_help_runs_directly_and_through_bench_py(capsys: pytest.CaptureFixture) -> None:
+def test_bench_data_help_runs_in_process_and_through_the_dispatcher(capsys: pytest.CaptureFixture) -> None:
+    from benchmarks import data as bench_data
+
     with pytest.raises(SystemExit) as info:
-        _load_script("bench_data").main(["--help"])
+        bench_data.main(["--help"])
     assert info.value.code == 0 and "--workers" in capsys.readouterr().out
-    dispatched = _run([sys.executable, "-m", "scripts.bench", "data", "--help"])
+    dispatched = _run([sys.executable, *BENCH, "--help"])
     assert dispatched.returncode == 0 and "--train-images-per-s" in dispatched.stdout
 
 
