@@ -5,12 +5,14 @@ process, without doing the work:
 
 - ``python train.py`` / ``python stylize.py``: ``core.cli.preflight``, the parse, compose and range checks their
   command line runs before any work (multirun ``-m``: the override syntax, as the program itself does);
-- ``python -m scripts.NAME ...``: that script's own argparse parser (every module and every flag must exist);
+- ``python -m scripts.NAME ...`` / ``python -m benchmarks NAME ...``: that script's or benchmark's own argparse
+  parser (every module and every flag must exist);
 - ``torchrun ...``: torchrun's own parser, then the training script's options as above;
 - ``make TARGET``: ``make -n TARGET``; ``bash scripts/X.sh``: run with ``--dry-run``; any other program
   (``tensorboard``): an executable beside this Python.
 
-Inline ``python -m scripts.NAME --flag`` spans in the prose and tables are checked for the module and its flags.
+Inline ``python -m scripts.NAME --flag`` and ``python -m benchmarks NAME --flag`` spans in the prose and tables are
+checked for the module and its flags.
 
 ``make readme-check`` (``FASTSTYLE_README_RUN=1``) also *runs* every command, in README order, in a temporary folder
 that links the repository's ``data/`` and holds small fixtures under the README's own names (``photo.jpg``,
@@ -52,7 +54,7 @@ OPTIONS_ONLY = {
     r"^make test\b": "the whole test suite (make readme-check is run apart from it)",
     r"\bdata=coco\b": "needs COCO (13.5 GB, scripts/download_coco.sh)",
     r"\bdevice=cuda\b|--device cuda": "needs a CUDA GPU",
-    r"^python -m scripts\.bench": "a benchmark: minutes of CPU time at its full sizes",
+    r"^python -m benchmarks\b": "a benchmark: minutes of CPU time at its full sizes",
     r"^bash scripts/download_coco\.sh": "downloads 13.5 GB (checked with --dry-run, which downloads nothing)",
 }
 """Commands ``make readme-check`` does not run (a regex searched in the command as written -> the reason)."""
@@ -251,16 +253,18 @@ def test_the_check_refuses_what_a_shell_would_fail(tmp_path: Path) -> None:
         "python train.py style=path/to/painting.jpg data.root=~/photos",  # Hydra's lexer refuses '~'
         "python -m scripts.prepare_dataset SRC DST --size 288",  # the flag is --short-side
         "python -m scripts.no_such_script --help",
+        "python -m benchmarks norm --size 4,8,8,8",  # the flag is --shape
         "python stylize.py model=m.pth input=photo.jpg strenght=0.7",
         "torchrun --standalone --nproc_per_node=2 train.py train.steps=abc",
         "make no-such-target",
     )
     commands = readme_commands(broken, {"HOME": FAKE_HOME})
-    assert len(commands) == 6
+    assert len(commands) == 7
     for command in commands:
         assert check_options(concrete(command.argv), tmp_path) is not None, command.text
     assert "~/photos" in check_options(commands[0].argv, tmp_path)
     assert "--size" in check_options(commands[1].argv, tmp_path)
+    assert "--size" in check_options(commands[3].argv, tmp_path)
 
 
 def textwrap_block(*lines: str) -> str:
@@ -282,8 +286,8 @@ def test_placeholders_and_shell_expansions() -> None:
 
 
 def _inline_script_spans(text: str) -> list[tuple[int, str, list[str], list[str]]]:
-    """``python -m scripts.NAME [WORD] ... --flag ...`` in inline code outside the code blocks: (line, module, the
-    first word if it is not an option (a subcommand such as ``bench train``), flags)."""
+    """``python -m scripts.NAME [WORD] ... --flag ...`` (or ``python -m benchmarks NAME ...``) in inline code outside
+    the code blocks: (line, module, the first word if it is not an option (a benchmark's name), flags)."""
     found, inside = [], False
     for number, line in enumerate(text.splitlines(), start=1):
         if line.startswith("```"):
@@ -291,8 +295,8 @@ def _inline_script_spans(text: str) -> list[tuple[int, str, list[str], list[str]
             continue
         if inside:
             continue
-        for span in re.findall(r"`([^`]*python -m scripts\.[^`]*)`", line):
-            module, first = re.search(r"python -m (scripts\.\w+) ?([\w.]*)", span).groups()
+        for span in re.findall(r"`([^`]*python -m (?:scripts\.|benchmarks\b)[^`]*)`", line):
+            module, first = re.search(r"python -m (scripts\.\w+|benchmarks) ?([\w.]*)", span).groups()
             flags = re.findall(r"(?<![\w-])--[a-z][\w-]*", span)
             found.append((number, module, [first] if first else [], flags))
     return found
@@ -311,6 +315,7 @@ def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
 def test_inline_script_commands_name_real_modules_and_flags() -> None:
     spans = _inline_script_spans(README_TEXT)
     assert spans, "no inline `python -m scripts.NAME` found: the pattern is out of date"
+    assert any(module == "benchmarks" for _, module, _, _ in spans), "no inline `python -m benchmarks NAME` found"
     parsers: dict[str, argparse.ArgumentParser | str] = {}
     wrong = []
     for line, module, first, flags in spans:
@@ -332,9 +337,9 @@ def _make_fixtures(work: Path, env: dict[str, str]) -> None:
     """The files the README's commands name, small, under the README's names; the models trained by train.py."""
     import torch
 
+    from benchmarks.video import make_clip
     from interop.legacy import legacy_config, to_legacy_state_dict
     from models.transformer import TransformerNet
-    from scripts.bench_video import make_clip
 
     samples = REPO / "data" / "samples"
     (work / "data").symlink_to(REPO / "data")  # commands name data/samples/... and data.root defaults to it
