@@ -126,6 +126,28 @@ def load_network(
     source, meta = read_model_file(
         path, device="cpu" if path.suffix.lower() != ".onnx" else device, pixel_range=pixel_range
     )
+    return prepare_network(
+        source, meta, path, style=style, device=device, precision=precision, channels_last=channels_last
+    )
+
+
+def prepare_network(
+    source: nn.Module,
+    meta: dict,
+    path: str | os.PathLike,
+    *,
+    style: str | int | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "auto",
+    channels_last: bool | str = "auto",
+) -> StyleNetwork:
+    """The second half of :func:`load_network`, for a caller that looks at the network read by
+    :func:`read_model_file` before choosing the style (a report that takes one ``--style`` for several files, which
+    only the multi-style ones use). ``source`` is kept as read: the ready network is a copy."""
+    from core.device import resolve_device
+
+    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    path = Path(path)
     if not isinstance(source, nn.Module) and str(precision) not in ("auto", "fp32"):
         raise FaststyleError(f"precision={precision}: .onnx models run in fp32 through onnxruntime: use auto or fp32")
     policy = resolve_precision(
