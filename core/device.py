@@ -119,3 +119,15 @@ def cpu_flags() -> list[str] | None:
     except OSError:
         pass
     return None
+
+
+def environment_line(device: torch.device) -> str:
+    """One line saying what figures were measured on (torch, the device, threads, Python), for reports and
+    benchmarks alike."""
+    import platform
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return (
+        f"# torch {torch.__version__}, device {device} ({name}), "
+        f"{torch.get_num_threads()} threads, python {platform.python_version()}"
+    )
