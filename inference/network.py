@@ -70,8 +70,9 @@ class StyleNetwork:
         count = style_count(self.source if self.source is not None else self.net)
         return style_names(self.meta, count) if count > 1 else [self.label]
 
-    def with_style(self, style: str | int) -> StyleNetwork:
-        """The same model file in another style or mix, under the same policy (the file is not read again)."""
+    def with_style(self, style: str | int | StyleChoice) -> StyleNetwork:
+        """The same model file in another style or mix (as text, an index, or a StyleChoice whose weights a caller
+        computed), under the same policy (the file is not read again)."""
         return _ready(self.source, self.meta, self.path, style, self.device, self.policy)
 
     @torch.inference_mode()
@@ -85,7 +86,7 @@ def _ready(
     source: nn.Module,
     meta: dict,
     path: Path,
-    style: str | int | None,
+    style: str | int | StyleChoice | None,
     device: torch.device,
     policy: PrecisionPolicy,
 ) -> StyleNetwork:
@@ -95,7 +96,7 @@ def _ready(
         names = style_names(meta, count)
         if style is None:
             raise FaststyleError(f"{path} holds {count} styles: pick one or a mix ({', '.join(names)})")
-        choice = parse_style(style, names)
+        choice = style if isinstance(style, StyleChoice) else parse_style(style, names)
         net = source.for_style(choice.weights)
     elif style is not None:
         raise FaststyleError(f"style {style}: {path} holds one style; leave the style out")
@@ -136,7 +137,7 @@ def prepare_network(
     meta: dict,
     path: str | os.PathLike,
     *,
-    style: str | int | None = None,
+    style: str | int | StyleChoice | None = None,
     device: str | torch.device = "cpu",
     precision: str = "auto",
     channels_last: bool | str = "auto",
