@@ -360,8 +360,11 @@ def check_output_file(
 
 def run_tool(work: Callable[[], int | None]) -> int:
     """Run a tool's ``work()`` in the shared shape: logging set up (one format, on stderr), then the exit statuses
-    0 done (or what ``work`` returns), 2 and one ``error: ...`` line for a FaststyleError (argparse exits with 2 for
-    a usage mistake itself), 130 on Ctrl-C. Anything else is a bug and keeps its traceback."""
+    of train.py and stylize.py: 0 done (or what ``work`` returns), 2 and one ``error: ...`` line for a
+    FaststyleError (argparse exits with 2 for a usage mistake itself), 3 and the traceback for anything else (a
+    bug), 130 on Ctrl-C."""
+    import traceback
+
     logging.basicConfig(level=logging.INFO, format=TOOL_LOG_FORMAT)
     try:
         return int(work() or 0)
@@ -370,3 +373,7 @@ def run_tool(work: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C)", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
+    except Exception:
+        traceback.print_exc()
+        print("internal error (a bug in faststyle): please report the traceback above", file=sys.stderr)
+        raise SystemExit(EXIT_INTERNAL) from None
