@@ -20,8 +20,6 @@ from core.cli import add_overwrite_option, check_output_file, run_tool, tool_par
 from interop.legacy import load_legacy_file
 from models.modelfile import save_model
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = tool_parser("python -m scripts.convert", __doc__, summary_only=True)

@@ -31,8 +31,6 @@ from interop.export import DEFAULT_OPSET, ONNX_STYLE_INPUT_NAME, export_onnx, ex
 from interop.legacy import load_any_model
 from models.styles import style_names
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts"}
 VERIFY_TOLERANCE = 1e-4
 VERIFY_SIZES = ((64, 64), (37, 53), (90, 31))

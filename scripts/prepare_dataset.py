@@ -31,8 +31,6 @@ from core.fileio import atomic_write, atomic_write_text
 from data.images import DECODE_ERRORS, scan_image_files
 from data.io import load_image, resize_short_side
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 log = logging.getLogger(__name__)
 
 SETTINGS_FILE = ".faststyle_prepare.json"

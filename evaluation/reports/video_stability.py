@@ -85,6 +85,8 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The report's options, then the checks between them that argparse cannot express (long: one call per option,
+    kept together so the command line reads in one place)."""
     parser = tool_parser("python -m evaluation video_stability", __doc__)
     parser.add_argument("models", type=Path, nargs="+", metavar="MODEL", help="model.pth files (A, B, ...)")
     parser.add_argument("--names", nargs="+", help="a short name per model for the table and the strip")
