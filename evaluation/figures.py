@@ -137,17 +137,17 @@ def _log_decades(series: Sequence[tuple[str, Series]]) -> float | None:
     return float(np.log10(max(values) / min(values)))
 
 
-def _plot_series(ax: Axes, label: str, data: Series, colour: str, smoothing: float) -> None:
+def _plot_series(ax: Axes, label: str, data: Series, color: str, smoothing: float) -> None:
     """One run on ``ax``: the raw values thin and light, the smoothed values thick and labelled for the legend."""
     points = [(s, v) for s, v in data if np.isfinite(v)]
     if not points:
         return
     steps, values = zip(*points, strict=True)
     if len(points) == 1:
-        ax.plot(steps, values, "o", color=colour, label=label)
+        ax.plot(steps, values, "o", color=color, label=label)
         return
-    ax.plot(steps, values, color=colour, linewidth=0.8, alpha=0.35)
-    ax.plot(steps, ema(values, smoothing), color=colour, linewidth=2.0, label=label)
+    ax.plot(steps, values, color=color, linewidth=0.8, alpha=0.35)
+    ax.plot(steps, ema(values, smoothing), color=color, linewidth=2.0, label=label)
 
 
 def _style_axes(ax: Axes, log_decades: float | None) -> None:
@@ -175,7 +175,7 @@ def _style_axes(ax: Axes, log_decades: float | None) -> None:
 
 def plot_panel(ax: Axes, title: str, series: Sequence[tuple[str, Series]], smoothing: float = 0.8) -> None:
     """One metric on ``ax``: x = step, y = value (log axis when positive values span > ``LOG_SCALE_RATIO``), one
-    colour per run, raw series thin and light under an EMA-smoothed copy."""
+    color per run, raw series thin and light under an EMA-smoothed copy."""
     ax.set_title(title, fontsize=11)
     if not any(np.isfinite(v) for _, data in series for _, v in data):
         ax.text(0.5, 0.5, "no finite values", transform=ax.transAxes, ha="center", color="grey")
