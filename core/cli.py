@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import NoReturn
 
 from omegaconf import DictConfig, OmegaConf
 
-from core.errors import FaststyleError, report_error
+from core.errors import FaststyleError, exit_with_error, report_error
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
 
 
 def usage_error(message: str) -> NoReturn:
@@ -301,3 +303,77 @@ def resolve_user_path(path: str) -> Path:
 def hydra_value(cfg: DictConfig, key: str) -> str:
     """A resolved ``hydra.*`` value of a composed config as text."""
     return str(OmegaConf.select(cfg, key))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The tools' command lines: one shape for the users' tools (python -m scripts.NAME) and the reports
+# (python -m evaluation NAME), which may not import each other, so the shape lives here.
+
+TOOL_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+def tool_parser(prog: str, doc: str | None, *, summary_only: bool = False) -> argparse.ArgumentParser:
+    """The argparse parser a tool starts from: ``prog`` as the user types it, the module docstring as the help,
+    kept as written (only its first paragraph with ``summary_only``)."""
+    description = (doc or "").split("\n\n")[0] if summary_only else doc
+    return argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def add_device_option(parser: argparse.ArgumentParser, what: str = "where the network runs") -> None:
+    """``--device``, ``auto`` by default in every tool; core.device.resolve_device checks the value."""
+    parser.add_argument(
+        "--device", default="auto", help=f"{what}: auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu (auto)"
+    )
+
+
+def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
+    """``--overwrite``: without it an existing output file is refused (:func:`check_output_file`)."""
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+
+def check_output_file(
+    output: str | os.PathLike,
+    inputs: dict[str, Path],
+    overwrite: bool,
+    option: str = "-o",
+    example: str | None = None,
+    suffixes: Collection[str] | None = None,
+) -> None:
+    """A tool's rules for its output file, checked before any work (FaststyleError, one line): never one of
+    ``inputs`` (``{what: path}``; also through a symbolic or hard link), never a folder (``example``: a file name to
+    suggest), one of ``suffixes`` when given (e.g. data.io.WRITE_FORMATS), and an existing file is replaced only
+    with ``overwrite`` (a report's own files: always)."""
+    from core.fileio import refuse_output_among_inputs
+
+    output = Path(output)
+    refuse_output_among_inputs(output, inputs, option)
+    if output.is_dir():
+        hint = f", e.g. {output / example}" if example else ""
+        raise FaststyleError(f"{option} {output} is a folder: give a file name{hint}")
+    if suffixes is not None and output.suffix.lower() not in suffixes:
+        raise FaststyleError(f"cannot write {output.name}: use one of the extensions {', '.join(suffixes)}")
+    if output.exists() and not overwrite:
+        raise FaststyleError(f"{output} exists: pass --overwrite or choose another {option}")
+
+
+def run_tool(work: Callable[[], int | None]) -> int:
+    """Run a tool's ``work()`` in the shared shape: logging set up (one format, on stderr), then the exit statuses
+    of train.py and stylize.py: 0 done (or what ``work`` returns), 2 and one ``error: ...`` line for a
+    FaststyleError (argparse exits with 2 for a usage mistake itself), 3 and the traceback for anything else (a
+    bug), 130 on Ctrl-C."""
+    import traceback
+
+    logging.basicConfig(level=logging.INFO, format=TOOL_LOG_FORMAT)
+    try:
+        return int(work() or 0)
+    except FaststyleError as err:
+        exit_with_error(err)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except Exception:
+        traceback.print_exc()
+        print("internal error (a bug in faststyle): please report the traceback above", file=sys.stderr)
+        raise SystemExit(EXIT_INTERNAL) from None

@@ -70,8 +70,9 @@ class StyleNetwork:
         count = style_count(self.source if self.source is not None else self.net)
         return style_names(self.meta, count) if count > 1 else [self.label]
 
-    def with_style(self, style: str | int) -> StyleNetwork:
-        """The same model file in another style or mix, under the same policy (the file is not read again)."""
+    def with_style(self, style: str | int | StyleChoice) -> StyleNetwork:
+        """The same model file in another style or mix (as text, an index, or a StyleChoice whose weights a caller
+        computed), under the same policy (the file is not read again)."""
         return _ready(self.source, self.meta, self.path, style, self.device, self.policy)
 
     @torch.inference_mode()
@@ -85,7 +86,7 @@ def _ready(
     source: nn.Module,
     meta: dict,
     path: Path,
-    style: str | int | None,
+    style: str | int | StyleChoice | None,
     device: torch.device,
     policy: PrecisionPolicy,
 ) -> StyleNetwork:
@@ -95,7 +96,7 @@ def _ready(
         names = style_names(meta, count)
         if style is None:
             raise FaststyleError(f"{path} holds {count} styles: pick one or a mix ({', '.join(names)})")
-        choice = parse_style(style, names)
+        choice = style if isinstance(style, StyleChoice) else parse_style(style, names)
         net = source.for_style(choice.weights)
     elif style is not None:
         raise FaststyleError(f"style {style}: {path} holds one style; leave the style out")
@@ -126,6 +127,28 @@ def load_network(
     source, meta = read_model_file(
         path, device="cpu" if path.suffix.lower() != ".onnx" else device, pixel_range=pixel_range
     )
+    return prepare_network(
+        source, meta, path, style=style, device=device, precision=precision, channels_last=channels_last
+    )
+
+
+def prepare_network(
+    source: nn.Module,
+    meta: dict,
+    path: str | os.PathLike,
+    *,
+    style: str | int | StyleChoice | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "auto",
+    channels_last: bool | str = "auto",
+) -> StyleNetwork:
+    """The second half of :func:`load_network`, for a caller that looks at the network read by
+    :func:`read_model_file` before choosing the style (a report that takes one ``--style`` for several files, which
+    only the multi-style ones use). ``source`` is kept as read: the ready network is a copy."""
+    from core.device import resolve_device
+
+    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    path = Path(path)
     if not isinstance(source, nn.Module) and str(precision) not in ("auto", "fp32"):
         raise FaststyleError(f"precision={precision}: .onnx models run in fp32 through onnxruntime: use auto or fp32")
     policy = resolve_precision(

@@ -7,25 +7,22 @@ The input is the bare state dict their training script saves (``.pth`` / ``.mode
 ``torch.load(weights_only=True)``, so a file carrying pickled code is refused and never executed. Width and number of
 residual blocks are read from the tensor shapes (interop/legacy.py). The output records where it came from:
 ``meta = {"source": "pytorch/examples", "source_file": <name>, "source_sha256": <hex>, "style": <stem>}``.
-(``stylize.py model=<their file>`` also works directly; converting once gives a self-describing file.)
+(``stylize.py model=<their file>`` also works directly; converting once gives a self-describing file.) An existing
+output file is replaced only with ``--overwrite`` (the source never).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
-from core.errors import FaststyleError, exit_with_error
-from core.fileio import same_file
+from core.cli import add_overwrite_option, check_output_file, run_tool, tool_parser
 from interop.legacy import load_legacy_file
 from models.modelfile import save_model
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = tool_parser("python -m scripts.convert", __doc__, summary_only=True)
     parser.add_argument("source", type=Path, help="pytorch/examples TransformerNet state dict (.pth / .model)")
     parser.add_argument(
         "-o",
@@ -35,17 +32,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="faststyle model file to write (default: <source stem>_faststyle.pth beside it)",
     )
     parser.add_argument("--style", default=None, help="style name stored in meta (default: the source file's stem)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    add_overwrite_option(parser)
     return parser.parse_args(argv)
 
 
 def convert(source: Path, output: Path, style: str | None = None, overwrite: bool = False) -> dict:
     """Import ``source`` and write it to ``output`` with save_model; returns the meta written."""
-    # Same file first: "pass --overwrite" would be wrong advice for an output that is the source itself.
-    if same_file(output, source):
-        raise FaststyleError("the output must not replace the source file: choose another -o")
-    if output.exists() and not overwrite:
-        raise FaststyleError(f"{output} exists: pass --overwrite or choose another -o")
+    check_output_file(output, {"source file": source}, overwrite)
     net, meta = load_legacy_file(source)
     if style:
         meta["style"] = style
@@ -54,16 +47,16 @@ def convert(source: Path, output: Path, style: str | None = None, overwrite: boo
     return meta
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     output = args.output or args.source.with_name(f"{args.source.stem}_faststyle.pth")
-    try:
+
+    def work() -> None:
         meta = convert(args.source, output, style=args.style, overwrite=args.overwrite)
-    except FaststyleError as err:
-        exit_with_error(err)
-    print(f"wrote {output} (style {meta['style']!r}, source sha256 {meta['source_sha256'][:12]}...)")
+        print(f"wrote {output} (style {meta['style']!r}, source sha256 {meta['source_sha256'][:12]}...)")
+
+    return run_tool(work)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -14,23 +14,22 @@ one-hot picks one style), applied to the whole batch. ONNX: opset 18 by default,
 (needs onnx + onnxscript), one InstanceNormalization node per instance norm; the model config and meta (and the
 style names, key "styles") are stored in the ONNX metadata (key "faststyle"). ``--verify`` runs the export
 (onnxruntime / torch.jit.load) against PyTorch on a few sizes, for a multi-style model with each style alone and
-one mix, and fails if any output differs by more than 1e-4. Details: interop/export.py.
+one mix, and fails if any output differs by more than 1e-4. An existing output file is replaced only with
+``--overwrite`` (the model file itself never). Details: interop/export.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 import torch
 
-from core.errors import FaststyleError, exit_with_error
+from core.cli import add_overwrite_option, check_output_file, run_tool, tool_parser
+from core.errors import FaststyleError
 from interop.export import DEFAULT_OPSET, ONNX_STYLE_INPUT_NAME, export_onnx, export_torchscript
 from interop.legacy import load_any_model
 from models.styles import style_names
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts"}
 VERIFY_TOLERANCE = 1e-4
@@ -38,12 +37,13 @@ VERIFY_SIZES = ((64, 64), (37, 53), (90, 31))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = tool_parser("python -m scripts.export", __doc__, summary_only=True)
     parser.add_argument("model", type=Path, help="model.pth (or a pytorch/examples state dict)")
     parser.add_argument("--format", choices=sorted(SUFFIXES), required=True)
     parser.add_argument(
         "-o", "--output", type=Path, default=None, help="output file (default: the model path with .onnx / .ts)"
     )
+    add_overwrite_option(parser)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width (the default)")
     size.add_argument("--height", type=int, default=None, help="fixed input height (with --width)")
@@ -90,13 +90,14 @@ def verify(net: torch.nn.Module, path: Path, fmt: str, sizes: list[tuple[int, in
     return worst
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     output = args.output or args.model.with_suffix(SUFFIXES[args.format])
-    try:
+
+    def work() -> None:
         if (args.height is None) != (args.width is None):
             raise FaststyleError("give both --height and --width for a fixed-size export, or --dynamic")
+        check_output_file(output, {"model": args.model}, args.overwrite)
         net, meta = load_any_model(args.model, device="cpu")
         if args.format == "onnx":
             export_onnx(net, output, height=args.height, width=args.width, opset=args.opset, meta=meta)
@@ -110,10 +111,10 @@ def main(argv: list[str] | None = None) -> None:
             fixed = args.height is not None
             sizes = [(args.height, args.width)] if fixed else list(VERIFY_SIZES)
             summary += f", max |diff| vs PyTorch {verify(net, output, args.format, sizes):.2e}"
-    except FaststyleError as err:
-        exit_with_error(err)
-    print(summary)
+        print(summary)
+
+    return run_tool(work)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -18,14 +18,10 @@ made with (``.faststyle_prepare.json``); running again with other settings is an
 from __future__ import annotations
 
 import argparse
-import logging
 import time
-from pathlib import Path
 
-from core.errors import FaststyleError, exit_with_error
+from core.cli import run_tool, tool_parser
 from data.prepare import prepare
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,24 +36,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser("python -m scripts.prepare_dataset", __doc__)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    start = time.perf_counter()
-    try:
+
+    def work() -> None:
+        start = time.perf_counter()
         counts = prepare(
             args.src, args.dst, args.short_side, args.quality, args.workers, args.force, progress=not args.quiet
         )
-    except FaststyleError as err:
-        exit_with_error(err)
-    seconds = time.perf_counter() - start
-    print(
-        f"{counts['total']} images: {counts['written']} written, {counts['current']} already up to date, "
-        f"{counts['skipped']} unreadable skipped, in {seconds:.1f} s -> {args.dst}"
-    )
-    print(f"train with: data.root={args.dst} data.image_size<={args.short_side}")
-    return 0
+        seconds = time.perf_counter() - start
+        print(
+            f"{counts['total']} images: {counts['written']} written, {counts['current']} already up to date, "
+            f"{counts['skipped']} unreadable skipped, in {seconds:.1f} s -> {args.dst}"
+        )
+        print(f"train with: data.root={args.dst} data.image_size<={args.short_side}")
+
+    return run_tool(work)
 
 
 if __name__ == "__main__":

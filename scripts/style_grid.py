@@ -8,11 +8,13 @@ Row 1: the photo, then the photo in each of the model's styles, each tile labell
 interpolation strip from style A to style B (``--between A B``, default the first two styles) in ``--steps`` tiles,
 B's weight going 0, 1/(K-1), ..., 1; each tile is labelled with its mix as stylize's ``style=`` takes it
 (``a:0.75,b:0.25``), so any tile can be reproduced at full size. A and B are anything ``style=`` accepts: a name, an
-index or a mix. Every tile is the network of that style or mix (``TransformerNet.for_style``, what stylize runs) in
-fp32 on the photo downscaled so its long side is at most ``--max-side`` pixels (never enlarged).
+index or a mix. Every tile is the network of that style or mix (inference.network: ``TransformerNet.for_style``,
+what stylize runs) in fp32 on the photo downscaled so its long side is at most ``--max-side`` pixels (never
+enlarged).
 
 The picture is written (atomically; PNG, or JPEG, WebP, ... by the extension) to ``-o``, by default
-``<model dir>/<photo stem>_style_grid.png``; an earlier grid of that name is replaced, the model and the photo never.
+``<model dir>/<photo stem>_style_grid.png``; an existing file is replaced only with ``--overwrite``, the model and
+the photo never.
 A one-style model has nothing to grid: use ``python stylize.py model=... input=...``.
 
 Run by path (``python scripts/style_grid.py``), the packages import because ``make test`` installs faststyle
@@ -24,13 +26,16 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
-    from PIL import Image, ImageFont
+    from PIL import Image
+
+    from data.pictures import GridLayout
+    from inference.network import StyleNetwork
+    from models.styles import StyleChoice
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,14 +43,12 @@ DEFAULT_STEPS = 5
 DEFAULT_MAX_SIDE = 384
 MIN_MAX_SIDE = 32
 MAX_STEPS = 64  # a typo such as --steps 500 would otherwise make a picture 200 000 pixels wide
-MAX_CAPTION_LINES = 3
-MIN_FONT_PX = 11  # PIL's default font stays legible down to about this size
-BACKGROUND = (255, 255, 255)
-TEXT_COLOUR = (34, 34, 34)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from core.cli import add_device_option, add_overwrite_option, tool_parser
+
+    parser = tool_parser("python -m scripts.style_grid", __doc__)
     parser.add_argument("model", type=Path, help="a multi-style model.pth (TransformerNet with num_styles > 1)")
     parser.add_argument("photo", type=Path, help="the photo to stylize")
     parser.add_argument(
@@ -55,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="picture to write (default: <model dir>/<photo stem>_style_grid.png)",
     )
+    add_overwrite_option(parser)
     parser.add_argument(
         "--between",
         nargs=2,
@@ -72,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="PX",
         help=f"tiles' long side in pixels (default {DEFAULT_MAX_SIDE}; a smaller photo keeps its size)",
     )
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the network runs")
+    add_device_option(parser)
     args = parser.parse_args(argv)
     if not 2 <= args.steps <= MAX_STEPS:
         parser.error(f"--steps must be between 2 and {MAX_STEPS}, got {args.steps}")
@@ -111,153 +115,15 @@ def strip_labels(mixes: list[tuple[float, ...]], start: tuple[float, ...], end: 
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Layout and drawing
-
-
-@dataclass(frozen=True)
-class GridLayout:
-    """Where the tiles go: rows of equal tiles, each with a caption band under it, each row centred, ``gap`` pixels
-    between tiles and around the picture."""
-
-    tile_width: int
-    tile_height: int
-    caption_height: int
-    gap: int
-    row_lengths: tuple[int, ...]
-
-    @property
-    def columns(self) -> int:
-        return max(self.row_lengths)
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(width, height) of the whole picture."""
-        rows = len(self.row_lengths)
-        return (
-            self.gap + self.columns * (self.tile_width + self.gap),
-            self.gap + rows * (self.tile_height + self.caption_height + self.gap),
-        )
-
-    def box(self, row: int, column: int) -> tuple[int, int, int, int]:
-        """(left, top, right, bottom) of a tile, without its caption."""
-        step = self.tile_width + self.gap
-        left = self.gap + (self.columns - self.row_lengths[row]) * step // 2 + column * step
-        top = self.gap + row * (self.tile_height + self.caption_height + self.gap)
-        return left, top, left + self.tile_width, top + self.tile_height
-
-
-def font_size_for(tile_width: int) -> int:
-    """Caption font size: about 16 pixels on a 384-pixel tile, never below MIN_FONT_PX."""
-    return max(MIN_FONT_PX, round(tile_width / 24))
-
-
-def load_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    """PIL's default font at ``size`` pixels (Pillow >= 10.1 with FreeType); older Pillow gives its fixed bitmap
-    font, which is small but legible."""
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow 10.0: load_default takes no size
-        return ImageFont.load_default()
-
-
-def _split_after(text: str, breaks: str) -> list[str]:
-    """``text`` cut after each character of ``breaks`` (kept at the end of its piece)."""
-    pieces, piece = [], ""
-    for char in text:
-        piece += char
-        if char in breaks:
-            pieces.append(piece)
-            piece = ""
-    return [*pieces, piece] if piece else pieces
-
-
-def wrap_caption(text: str, font, width: int) -> list[str]:
-    """``text`` in at most MAX_CAPTION_LINES lines no wider than ``width``. Lines break after a "," (a mix's styles,
-    whole where they fit) and only inside a style name that is wider than a line by itself, after a "_"; what still
-    does not fit ends in "..."."""
-    lines: list[str] = []
-    for segment in _split_after(text, ","):
-        whole = font.getlength(segment) <= width
-        for i, piece in enumerate([segment] if whole else _split_after(segment, "_ ")):
-            # a name broken over lines starts on a line of its own, so no line holds the ends of two names
-            joins = lines and (whole or i > 0) and font.getlength(lines[-1] + piece) <= width
-            if joins:
-                lines[-1] += piece
-            else:
-                lines.append(piece)
-    if len(lines) > MAX_CAPTION_LINES:
-        lines = [*lines[: MAX_CAPTION_LINES - 1], "".join(lines[MAX_CAPTION_LINES - 1 :])]
-    return [_shorten(line, font, width) for line in lines]
-
-
-def _shorten(line: str, font, width: int) -> str:
-    """``line`` cut to fit ``width``, ending in "..." when it was cut."""
-    if font.getlength(line) <= width:
-        return line
-    while len(line) > 1 and font.getlength(line + "...") > width:
-        line = line[:-1]
-    return line + "..."
-
-
-def line_height(font) -> int:
-    """Pixels from one caption line to the next: the font's tallest letters and descenders plus a little air."""
-    top, bottom = font.getbbox("Ag|j_")[1::2]
-    return bottom - min(top, 0) + max(2, (bottom - top) // 4)
-
-
-def draw_grid(rows: list[list[tuple[Image.Image, str]]]) -> tuple[Image.Image, GridLayout]:
-    """The picture of ``rows`` of (tile, caption); every tile has the same size. Returns it and its layout."""
-    from PIL import Image, ImageDraw
-
-    width, height = rows[0][0][0].size
-    font = load_font(font_size_for(width))
-    pad = max(3, font_size_for(width) // 3)
-    captions = [[wrap_caption(text, font, width - 2) for _, text in row] for row in rows]
-    lines = max(len(lines) for row in captions for lines in row)
-    layout = GridLayout(
-        tile_width=width,
-        tile_height=height,
-        caption_height=pad + lines * line_height(font),
-        gap=max(4, width // 48),
-        row_lengths=tuple(len(row) for row in rows),
-    )
-    picture = Image.new("RGB", layout.size, BACKGROUND)
-    draw = ImageDraw.Draw(picture)
-    for r, (row, row_captions) in enumerate(zip(rows, captions, strict=True)):
-        for c, ((tile, _), caption) in enumerate(zip(row, row_captions, strict=True)):
-            if tile.size != (width, height):
-                raise ValueError(f"tile {r},{c} is {tile.size}, the others {(width, height)}")
-            left, top, right, bottom = layout.box(r, c)
-            picture.paste(tile, (left, top))
-            y = bottom + pad
-            for line in caption:
-                x = left + (width - font.getlength(line)) / 2
-                draw.text((x, y), line, fill=TEXT_COLOUR, font=font)
-                y += line_height(font)
-    return picture, layout
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Running it
 
 
-def stylize_tiles(net, photo: torch.Tensor, mixes: list[tuple[float, ...]], device: torch.device) -> list[Image.Image]:
-    """``photo`` (3, H, W) through ``net.for_style(mix)`` for each mix, in fp32: the same one-style network stylize
-    runs for that style or mix. Returns 8-bit images, rounded as every image faststyle writes."""
-    import torch
-
+def stylize_tiles(network: StyleNetwork, photo: torch.Tensor, choices: list[StyleChoice]) -> list[Image.Image]:
+    """``photo`` (3, H, W) through ``network`` in each style or mix of ``choices``: the same one-style network
+    stylize runs for that style or mix. Returns 8-bit images, rounded as every image faststyle writes."""
     from data.io import tensor_to_pil
 
-    net = net.float().to(device).eval()
-    x = photo.unsqueeze(0).to(device)
-    tiles = []
-    with torch.inference_mode():
-        for mix in mixes:
-            out = net.for_style(torch.tensor(mix, dtype=torch.float32))(x)
-            tiles.append(tensor_to_pil(out[0].cpu()))
-    return tiles
+    return [tensor_to_pil(network.with_style(choice)(photo.unsqueeze(0))[0]) for choice in choices]
 
 
 def make_grid(
@@ -268,32 +134,28 @@ def make_grid(
     steps: int = DEFAULT_STEPS,
     max_side: int = DEFAULT_MAX_SIDE,
     device: str = "auto",
+    overwrite: bool = False,
 ) -> tuple[Path, GridLayout]:
     """Write the style grid of ``model`` on ``photo`` (module docstring) and return where, and its layout."""
-    from core.cli import absolute_user_path
-    from core.device import resolve_device
+    from core.cli import absolute_user_path, check_output_file
     from core.errors import FaststyleError
-    from core.fileio import refuse_output_among_inputs
     from data.io import WRITE_FORMATS, load_image, pil_to_tensor, resize_max_side, save_image
-    from interop.legacy import load_any_model
-    from models.styles import all_styles, parse_style, style_names
+    from data.pictures import draw_grid
+    from inference.network import prepare_network, read_model_file, style_count
+    from models.styles import StyleChoice, all_styles, parse_style
 
     model, photo = absolute_user_path(model), absolute_user_path(photo)
     output = absolute_user_path(output) if output is not None else default_output(model, photo)
-    refuse_output_among_inputs(output, {"model": model, "photo": photo}, "-o")
-    if output.is_dir():
-        raise FaststyleError(f"output {output} is a folder: give a file name, e.g. {output / 'style_grid.png'}")
-    if output.suffix.lower() not in WRITE_FORMATS:
-        raise FaststyleError(f"cannot write {output.name}: use one of the extensions {', '.join(WRITE_FORMATS)}")
-    torch_device = resolve_device(device)
+    check_output_file(output, {"model": model, "photo": photo}, overwrite, "-o", "style_grid.png", WRITE_FORMATS)
 
-    net, meta = load_any_model(model, device="cpu")
-    if net.num_styles < 2:
+    source, meta = read_model_file(model)
+    if style_count(source) < 2:
         raise FaststyleError(
             f"{model.name} holds one style, so there is nothing to grid: "
             f"stylize the photo with python stylize.py model={model} input={photo}"
         )
-    names = style_names(meta, net.num_styles)
+    network = prepare_network(source, meta, model, style=0, device=device, precision="fp32")
+    names = network.style_names
     start, end = (parse_style(spec, names) for spec in (between or ["0", "1"]))
     if start.weights == end.weights:
         raise FaststyleError(f"--between {start.label} {end.label}: the strip needs two different styles or mixes")
@@ -301,33 +163,36 @@ def make_grid(
     image = resize_max_side(load_image(photo), max_side)
     styles = all_styles(names)
     mixes = strip_mixes(start.weights, end.weights, steps)
-    tiles = stylize_tiles(net, pil_to_tensor(image), [choice.weights for choice in styles] + mixes, torch_device)
+    labels = strip_labels(mixes, start.weights, end.weights, names)
+    strip = [StyleChoice(label, mix) for label, mix in zip(labels, mixes, strict=True)]
+    tiles = stylize_tiles(network, pil_to_tensor(image), styles + strip)
     row1 = [(image, photo.name)] + [
         (tile, choice.label) for tile, choice in zip(tiles[: len(styles)], styles, strict=True)
     ]
-    row2 = list(zip(tiles[len(styles) :], strip_labels(mixes, start.weights, end.weights, names), strict=True))
+    row2 = list(zip(tiles[len(styles) :], labels, strict=True))
     picture, layout = draw_grid([row1, row2])
     save_image(picture, output)
     return output, layout
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if __package__ in (None, ""):  # run by path: --help above works even where the packages do not import
+    if __package__ in (None, ""):  # run by path: say how to make the packages importable instead of a traceback
         _require_packages()
-    from core.errors import FaststyleError, exit_with_error
+    from core.cli import run_tool
 
-    try:
+    args = parse_args(argv)
+
+    def work() -> None:
         output, layout = make_grid(
-            args.model, args.photo, args.output, args.between, args.steps, args.max_side, args.device
+            args.model, args.photo, args.output, args.between, args.steps, args.max_side, args.device, args.overwrite
         )
-    except FaststyleError as err:
-        exit_with_error(err)
-    width, height = layout.size
-    print(
-        f"wrote {output} ({width}x{height}: the photo and {layout.row_lengths[0] - 1} styles, {args.steps}-step strip)"
-    )
-    return 0
+        width, height = layout.size
+        print(
+            f"wrote {output} ({width}x{height}: the photo and {layout.row_lengths[0] - 1} styles, "
+            f"{args.steps}-step strip)"
+        )
+
+    return run_tool(work)
 
 
 def _require_packages() -> None:

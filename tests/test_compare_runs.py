@@ -1,6 +1,7 @@
-"""scripts/compare_runs.py: the contrast-invariance measure, the per-image batch-norm mode, the held-out check,
-labels from config differences, the matplotlib curves and image grid, a fast end-to-end comparison of two made-up
-runs of a style-weight sweep, and (slow) an end-to-end run on two tiny real training runs of the norm sweep."""
+"""The compare_runs report (evaluation/reports/compare_runs.py) and the library under it: the contrast-invariance
+measure, the per-image batch-norm mode, the held-out check, labels from config differences, the matplotlib curves
+and image grid, a fast end-to-end comparison of two made-up runs of a style-weight sweep, and (slow) an end-to-end
+run on two tiny real training runs of the norm sweep."""
 
 from __future__ import annotations
 
@@ -18,8 +19,19 @@ from PIL import Image
 from torch import nn
 
 from core.errors import FaststyleError
+from evaluation.figures import PANEL_PX, make_curves, make_figure, new_figure, plot_panel, render
+from evaluation.held_out import check_held_out, collect_images
+from evaluation.measures import (
+    DEFAULT_VARIANTS,
+    contrast_invariance,
+    contrast_variants,
+    eval_stylizer,
+    input_change,
+    per_image_bn_stylizer,
+)
+from evaluation.reports import compare_runs as report
+from evaluation.runs import config_labels, find_run_dirs, flatten, read_scalars
 from models.transformer import TransformerNet
-from scripts import compare_runs as cr
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
@@ -52,15 +64,15 @@ UNCLIPPED = ((0.5, 0.25), (0.8, 0.1), (1.2, -0.1), (1.0, 0.2))  # maps [0.3, 0.7
 
 def test_constant_network_is_perfectly_invariant() -> None:
     constant = lambda x: torch.full_like(x, 0.5)
-    mean, per_variant = cr.contrast_invariance(constant, mid_range_images(), cr.DEFAULT_VARIANTS)
-    assert mean == 0.0 and per_variant == [0.0] * len(cr.DEFAULT_VARIANTS)
+    mean, per_variant = contrast_invariance(constant, mid_range_images(), DEFAULT_VARIANTS)
+    assert mean == 0.0 and per_variant == [0.0] * len(DEFAULT_VARIANTS)
 
 
 def test_identity_is_not_invariant_and_its_measure_is_the_input_change() -> None:
     images = mid_range_images()
-    mean, per_variant = cr.contrast_invariance(lambda x: x, images, UNCLIPPED)
+    mean, per_variant = contrast_invariance(lambda x: x, images, UNCLIPPED)
     assert mean > 0.05
-    assert mean == pytest.approx(cr.input_change(images, UNCLIPPED), rel=1e-6)
+    assert mean == pytest.approx(input_change(images, UNCLIPPED), rel=1e-6)
     # First variant by hand: (a, b) = (0.5, 0.25) moves pixel p by |0.25 - 0.5 p|.
     by_hand = sum(float((0.25 - 0.5 * im).abs().mean()) for im in images) / len(images)
     assert per_variant[0] == pytest.approx(by_hand, rel=1e-5)
@@ -70,13 +82,13 @@ def test_per_image_normaliser_is_invariant_until_clipping() -> None:
     """Without clipping a*x+b changes nothing after per-image standardisation; clipping destroys information, so
     the same network must then score > 0 (this checks that the variants really are clipped)."""
     net = PerImageStandardise()
-    unclipped, _ = cr.contrast_invariance(net, mid_range_images(), UNCLIPPED)
+    unclipped, _ = contrast_invariance(net, mid_range_images(), UNCLIPPED)
     assert unclipped < 1e-5
     gen = torch.Generator().manual_seed(1)
     full_range = [torch.rand(1, 3, 24, 24, generator=gen)]
-    clipped, _ = cr.contrast_invariance(net, full_range, ((1.5, -0.25),))
+    clipped, _ = contrast_invariance(net, full_range, ((1.5, -0.25),))
     assert clipped > 1e-2
-    variant = cr.contrast_variants(full_range[0], ((1.5, -0.25),))[0]
+    variant = contrast_variants(full_range[0], ((1.5, -0.25),))[0]
     assert variant.min() == 0.0 and variant.max() == 1.0
 
 
@@ -95,14 +107,14 @@ def _trained_bn_net() -> TransformerNet:
 def test_per_image_bn_leaves_the_network_untouched_and_differs_from_eval() -> None:
     net = _trained_bn_net()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    per_image = cr.per_image_bn_stylizer(net)
+    per_image = per_image_bn_stylizer(net)
     x = torch.rand(2, 3, 24, 24)
     y = per_image(x)
     assert y.shape == x.shape
     for key, value in net.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert not net.training
-    assert not torch.allclose(y, cr.eval_stylizer(net)(x), atol=1e-4)
+    assert not torch.allclose(y, eval_stylizer(net)(x), atol=1e-4)
     # Per image: stylizing the batch equals stylizing each image alone.
     assert torch.allclose(y[1:], per_image(x[1:]), atol=1e-5)
 
@@ -113,13 +125,13 @@ def test_instance_statistics_remove_contrast_and_running_statistics_do_not() -> 
     are invariant to unclipped a*x+b; BN with running statistics is not."""
     images = mid_range_images(n=1, size=24)
     bn = _trained_bn_net()
-    bn_eval, _ = cr.contrast_invariance(cr.eval_stylizer(bn), images, UNCLIPPED)
-    bn_per_image, _ = cr.contrast_invariance(cr.per_image_bn_stylizer(bn), images, UNCLIPPED)
+    bn_eval, _ = contrast_invariance(eval_stylizer(bn), images, UNCLIPPED)
+    bn_per_image, _ = contrast_invariance(per_image_bn_stylizer(bn), images, UNCLIPPED)
     torch.manual_seed(0)
     instance = TransformerNet(norm="instance", base_width=4, residual_blocks=1).eval()
     with torch.no_grad():
         instance.decoder[-1].conv.weight.mul_(20)
-    in_eval, _ = cr.contrast_invariance(cr.eval_stylizer(instance), images, UNCLIPPED)
+    in_eval, _ = contrast_invariance(eval_stylizer(instance), images, UNCLIPPED)
     assert bn_eval > 5e-4
     # Not exactly 0: the eps added to the variance weighs more for a low-contrast variant (a < 1).
     assert bn_per_image < bn_eval / 20
@@ -136,18 +148,18 @@ def test_find_run_dirs_in_sweep_order_and_errors(tmp_path: Path) -> None:
         (tmp_path / name / ".hydra" / "config.yaml").write_text("seed: 0\n")
         (tmp_path / name / "model.pth").write_bytes(b"")
     names = ["0-instance", "1-batch", "2-batch", "10-batch"]  # job numbers compared as numbers
-    assert cr.find_run_dirs([tmp_path]) == [tmp_path / n for n in names]
-    assert cr.find_run_dirs([tmp_path / "1-batch", tmp_path / "1-batch"]) == [tmp_path / "1-batch"]
+    assert find_run_dirs([tmp_path]) == [tmp_path / n for n in names]
+    assert find_run_dirs([tmp_path / "1-batch", tmp_path / "1-batch"]) == [tmp_path / "1-batch"]
     with pytest.raises(FaststyleError, match="does not exist"):
-        cr.find_run_dirs([tmp_path / "nope"])
+        find_run_dirs([tmp_path / "nope"])
     (tmp_path / "3-unfinished" / ".hydra").mkdir(parents=True)
     (tmp_path / "3-unfinished" / ".hydra" / "config.yaml").write_text("seed: 0\n")
     with pytest.raises(FaststyleError, match="no model.pth"):
-        cr.find_run_dirs([tmp_path])
+        find_run_dirs([tmp_path])
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FaststyleError, match="no training run"):
-        cr.find_run_dirs([empty])
+        find_run_dirs([empty])
 
 
 def _flat(**groups: dict) -> dict[str, object]:
@@ -160,21 +172,21 @@ def _flat(**groups: dict) -> dict[str, object]:
     }
     for group, values in groups.items():
         base[group] = {**base.get(group, {}), **values} if isinstance(values, dict) else values
-    return cr.flatten(base)
+    return flatten(base)
 
 
 def test_labels_come_from_what_differs_between_the_configs() -> None:
     names = ["0-a", "1-b"]
-    assert cr.config_labels([_flat(model={"norm": "instance"}), _flat(model={"norm": "batch"})], names) == [
+    assert config_labels([_flat(model={"norm": "instance"}), _flat(model={"norm": "batch"})], names) == [
         ["model.norm=instance"],
         ["model.norm=batch"],
     ]
-    assert cr.config_labels([_flat(loss={"style_weight": 0.5}), _flat(loss={"style_weight": 2.0})], names) == [
+    assert config_labels([_flat(loss={"style_weight": 0.5}), _flat(loss={"style_weight": 2.0})], names) == [
         ["loss.style_weight=0.5"],
         ["loss.style_weight=2.0"],
     ]
     # Several keys, in config order; nested keys and lists in Hydra's override syntax.
-    two = cr.config_labels(
+    two = config_labels(
         [
             _flat(seed=0, loss={"style_layers": {"relu1_2": 1.0}}, train={"betas": [0.9, 0.999]}),
             _flat(seed=1, loss={"style_layers": {"relu1_2": 2.0}}, train={"betas": [0.5, 0.9]}),
@@ -186,29 +198,29 @@ def test_labels_come_from_what_differs_between_the_configs() -> None:
         ["seed=1", "loss.style_layers.relu1_2=2.0", "train.betas=[0.5, 0.9]"],
     ]
     # More keys than shown: counted; a key only one config has is <unset> in the other.
-    many = cr.config_labels(
+    many = config_labels(
         [_flat(seed=0, model={"base_width": 8, "norm": "batch"}, extra=1), _flat(seed=1)], names, max_keys=2
     )
     assert many == [["seed=0", "model.norm=batch", "+2 more"], ["seed=1", "model.norm=instance", "+2 more"]]
-    assert cr.config_labels([_flat(extra=None), _flat()], names) == [["extra=null"], ["extra=<unset>"]]
+    assert config_labels([_flat(extra=None), _flat()], names) == [["extra=null"], ["extra=<unset>"]]
     # Identical configs: the runs' names.
-    assert cr.config_labels([_flat(), _flat()], names) == [["0-a"], ["1-b"]]
+    assert config_labels([_flat(), _flat()], names) == [["0-a"], ["1-b"]]
 
 
 def test_held_out_images_must_not_be_training_images(tmp_path: Path) -> None:
-    held_out = cr.collect_images([HELD_OUT])
+    held_out = collect_images([HELD_OUT])
     assert len(held_out) >= 3
     # The shipped held-out photos are not among the demo training photos.
-    cr.check_held_out(held_out, [REPO_ROOT / "data" / "samples" / "content"])
+    check_held_out(held_out, [REPO_ROOT / "data" / "samples" / "content"])
     # A renamed copy inside a training root is caught by content, not by name.
     root = tmp_path / "train" / "sub"
     root.mkdir(parents=True)
     shutil.copy(held_out[0], root / "renamed.jpg")
     with pytest.raises(FaststyleError, match="is the training image"):
-        cr.check_held_out(held_out, [tmp_path / "train"])
+        check_held_out(held_out, [tmp_path / "train"])
     (tmp_path / "no_images").mkdir()
     with pytest.raises(FaststyleError, match="no held-out images"):
-        cr.collect_images([tmp_path / "no_images"])
+        collect_images([tmp_path / "no_images"])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -238,22 +250,22 @@ def test_curves_from_tensorboard_events(tmp_path: Path) -> None:
     runs = []
     for label, scale in (("model.norm=instance", 1.0), ("model.norm=batch", 2.0)):
         _write_events(tmp_path / label / "tb", scale)
-        series = cr.read_scalars(tmp_path / label / "tb")
+        series = read_scalars(tmp_path / label / "tb")
         assert [s for s, _ in series["loss/total"]] == list(range(0, 100, 10))
         runs.append((label, series))
-    figure = cr.make_curves(runs)
+    figure = make_curves(runs)
     panels = [ax for ax in figure.axes if ax.get_visible()]
     assert [ax.get_title() for ax in panels] == ["loss/total", "loss/content"]
     for ax in panels:
         assert [t.get_text() for t in ax.get_legend().get_texts()] == ["model.norm=instance", "model.norm=batch"]
         assert len(ax.get_lines()) == 4  # raw + smoothed per run
     assert panels[0].get_yscale() == "log" and panels[1].get_yscale() == "linear"  # 1000 .. 10 spans > 20x
-    image = _decode(cr.render(figure))
-    assert image.size == (2 * cr.PANEL_PX[0], cr.PANEL_PX[1])
+    image = _decode(render(figure))
+    assert image.size == (2 * PANEL_PX[0], PANEL_PX[1])
     with pytest.raises(FaststyleError, match="no TensorBoard events"):
-        cr.read_scalars(tmp_path / "missing")
+        read_scalars(tmp_path / "missing")
     with pytest.raises(FaststyleError, match="share no loss"):
-        cr.make_curves([("a", {"lr": [(0, 1.0)]})])
+        make_curves([("a", {"lr": [(0, 1.0)]})])
 
 
 def _tick_labels(ax, axis: str = "y") -> list[tuple[float, str]]:
@@ -275,11 +287,11 @@ def _number(label: str) -> float:
 def test_tick_labels_are_distinct_and_read_as_their_values(low: float, high: float) -> None:
     """A past bug printed "1e+05" for three ticks of a 6e4..1.2e5 axis; every label must name its own value
     (times the axis' shared power of ten, never plus an offset)."""
-    figure = cr.new_figure(*cr.PANEL_PX)
+    figure = new_figure(*PANEL_PX)
     ax = figure.subplots()
     steps = list(range(0, 101, 10))
     values = [low + (high - low) * i / 10 for i in range(11)]
-    cr.plot_panel(ax, "loss/total", [("a", list(zip(steps, values, strict=True)))])
+    plot_panel(ax, "loss/total", [("a", list(zip(steps, values, strict=True)))])
     assert ax.get_yscale() == "linear"
     ticks = _tick_labels(ax)
     labels = [text for _, text in ticks]
@@ -296,9 +308,9 @@ def test_tick_labels_are_distinct_and_read_as_their_values(low: float, high: flo
 
 
 def test_log_axis_of_a_short_span_has_several_labels() -> None:
-    figure = cr.new_figure(*cr.PANEL_PX)
+    figure = new_figure(*PANEL_PX)
     ax = figure.subplots()
-    cr.plot_panel(ax, "loss/style", [("a", [(s, 5e5 * 0.97**s + 2e4) for s in range(0, 250, 5)])])
+    plot_panel(ax, "loss/style", [("a", [(s, 5e5 * 0.97**s + 2e4) for s in range(0, 250, 5)])])
     assert ax.get_yscale() == "log"
     labels = [text for _, text in _tick_labels(ax) if text]
     assert len(labels) >= 4 and len(set(labels)) == len(labels), labels
@@ -308,12 +320,12 @@ def test_image_grid_layout() -> None:
     contents = [torch.rand(1, 3, 24, 32), torch.rand(1, 3, 32, 24)]
     style = Image.new("RGB", (40, 30), (200, 40, 40))
     columns = [("model.norm=batch\nBN eval", lambda x: 1 - x), ("model.norm=instance", lambda x: x)]
-    figure = cr.make_figure(contents, style, columns, cell_px=64, captions=[None, "0.5x+0.25"])
+    figure = make_figure(contents, style, columns, cell_px=64, captions=[None, "0.5x+0.25"])
     texts = [t.get_text() for t in figure.texts]
     assert texts == ["content", "style", "model.norm=batch\nBN eval", "model.norm=instance"]
     assert len(figure.axes) == 2 * 4
     assert [t.get_text() for t in figure.axes[4].texts] == ["0.5x+0.25"]  # first tile of the second row
-    image = _decode(cr.render(figure))
+    image = _decode(render(figure))
     pad, header = 6, 6 + 15 * 2
     assert image.size == (pad + 4 * (64 + pad), header + 2 * (64 + pad))
     # The style tile is drawn: its red shows in the second column of the first row.
@@ -358,7 +370,7 @@ def test_style_weight_sweep_end_to_end_without_training(tmp_path: Path, monkeypa
         _write_events(run_dir / "tb", 1.0 + job)
     monkeypatch.chdir(tmp_path)  # not the launch dir: "data/samples/..." does not exist here
 
-    paths = cr.compare([multirun], [HELD_OUT], max_side_px=32, max_images=1, cell_px=48, figure_format="jpg")
+    paths = report.compare([multirun], [HELD_OUT], max_side_px=32, max_images=1, cell_px=48, figure_format="jpg")
     assert paths["figure"] == multirun / "compare_figure.jpg"
     with open(paths["table_csv"], newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -371,18 +383,18 @@ def test_style_weight_sweep_end_to_end_without_training(tmp_path: Path, monkeypa
     assert "| loss.style_weight=2.0 | 1-van_gogh |" in paths["table_md"].read_text()
     figure = _decode(paths["figure"], "JPEG")
     assert figure.width > 4 * 48 and figure.height > 2 * 48  # content, style, 2 runs; 1 photo + 1 variant row
-    assert _decode(paths["curves"]).size == (2 * cr.PANEL_PX[0], cr.PANEL_PX[1])
+    assert _decode(paths["curves"]).size == (2 * PANEL_PX[0], PANEL_PX[1])
     assert not list(multirun.glob(".*.tmp"))
 
 
 def test_cli_help_and_bad_input(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as info:
-        cr.main(["--help"])
+        report.main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    assert "python -m scripts.compare_runs" in out and "instance norm" in out and "--figure-variant" in out
+    assert "python -m evaluation compare_runs" in out and "instance norm" in out and "--figure-variant" in out
     with pytest.raises(SystemExit) as info:
-        cr.main([str(tmp_path / "missing")])
+        report.main([str(tmp_path / "missing")])
     assert info.value.code == 2
     assert capsys.readouterr().err.startswith("error: ")
 
@@ -418,7 +430,7 @@ def test_end_to_end_on_two_tiny_real_runs(tmp_path: Path, monkeypatch: pytest.Mo
     _train_tiny(multirun / "0-instance", "instance")
     _train_tiny(multirun / "1-batch", "batch")
 
-    paths = cr.compare([multirun], [HELD_OUT], max_side_px=48, max_images=2)
+    paths = report.compare([multirun], [HELD_OUT], max_side_px=48, max_images=2)
     assert {p.parent for p in paths.values()} == {multirun}
     assert {p.name for p in paths.values()} == {
         "compare_figure.png",
@@ -430,7 +442,7 @@ def test_end_to_end_on_two_tiny_real_runs(tmp_path: Path, monkeypatch: pytest.Mo
     figure = _decode(paths["figure"])
     # 3 rows (2 photos + the half-contrast variant) x 5 columns (content, style, IN, BN eval, BN per-image).
     assert figure.width > 5 * 192 and figure.height > 3 * 192
-    assert _decode(paths["curves"]).width == 2 * cr.PANEL_PX[0]
+    assert _decode(paths["curves"]).width == 2 * PANEL_PX[0]
 
     with open(paths["table_csv"], newline="") as handle:
         rows = list(csv.DictReader(handle))

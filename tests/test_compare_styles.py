@@ -1,4 +1,5 @@
-"""scripts/compare_styles.py on tiny real runs: a 2-style run, its two one-style runs and an added style."""
+"""The compare_styles report (evaluation/reports/compare_styles.py) on tiny real runs: a 2-style run, its two
+one-style runs and an added style."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import scripts.compare_styles as cs
+from evaluation.reports import compare_styles as cs
 from tests.test_compare_runs import _compose, _save_hydra_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")

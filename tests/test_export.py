@@ -166,6 +166,24 @@ def test_export_rejects_half_a_size(model_file: Path) -> None:
     assert result.returncode == 2 and result.stderr.startswith("error: give both --height and --width")
 
 
+def test_export_refuses_an_existing_output_without_overwrite(model_file: Path, tmp_path: Path, capsys) -> None:
+    """The tools' overwrite rule (core.cli.check_output_file), checked before the model is read; the model file is
+    never an output, even with --overwrite."""
+    from scripts.export import main
+
+    existing = tmp_path / "earlier.onnx"
+    existing.write_bytes(b"an earlier export")
+    for target, extra, message in (
+        (existing, [], "exists: pass --overwrite or choose another -o"),
+        (model_file, ["--overwrite"], "is the model"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            main([str(model_file), "--format", "onnx", "-o", str(target), *extra])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith("error: ") and message in err, err
+    assert existing.read_bytes() == b"an earlier export"
+
+
 @pytest.mark.slow
 def test_convert_writes_our_format_with_its_source(tmp_path: Path) -> None:
     ours = TransformerNet(**legacy_config(8, 2)).eval()

@@ -281,8 +281,8 @@ def test_stylize_cli_takes_a_mix_as_users_type_it(multi_model: Path, tmp_path: P
 
 
 def test_other_tools_take_one_style_of_a_multi_style_model(multi_model: Path, tmp_path: Path, capsys) -> None:
+    from evaluation.reports import precision_check
     from interop.legacy import legacy_config, to_legacy_state_dict
-    from scripts import precision_check
 
     # pytorch/examples' format holds one style: refused with one line
     with pytest.raises(FaststyleError, match="pick one style"):
@@ -295,7 +295,7 @@ def test_other_tools_take_one_style_of_a_multi_style_model(multi_model: Path, tm
 
 
 def test_compare_runs_points_multi_style_runs_to_compare_styles(multi_model: Path, tmp_path: Path) -> None:
-    import scripts.compare_runs as cr
+    from evaluation.runs import load_runs
     from tests.test_compare_runs import _compose, _save_hydra_files
 
     run = tmp_path / "multi"
@@ -303,4 +303,4 @@ def test_compare_runs_points_multi_style_runs_to_compare_styles(multi_model: Pat
     (run / "model.pth").write_bytes(multi_model.read_bytes())
     _save_hydra_files(run, _compose(["experiment=multistyle_demo"]), Path(__file__).resolve().parents[1])
     with pytest.raises(FaststyleError, match="compare_styles"):
-        cr.load_runs([run], tmp_path, torch.device("cpu"))
+        load_runs([run], tmp_path, torch.device("cpu"))

@@ -439,13 +439,14 @@ def test_cuda_mixed_precision_step_close_to_fp32(name: str) -> None:
 
 
 def test_precision_check_script_compares_through_the_runner(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """scripts/precision_check.py runs stylize's Runner in fp32 and bf16 (also through pytorch/examples' format) and
-    prints PSNRs: finite and high for a small network, and the images it says it wrote exist."""
+    """The precision_check report runs the network stylize runs in fp32 and bf16 (also through pytorch/examples'
+    format, and tiled through stylize's Runner) and prints PSNRs: finite and high for a small network, and the images
+    it says it wrote exist."""
     import re
 
+    from evaluation.reports import precision_check
     from interop.legacy import legacy_config
     from models.modelfile import save_model
-    from scripts import precision_check
 
     torch.manual_seed(0)
     model = tmp_path / "run" / "model.pth"

@@ -5,14 +5,14 @@ process, without doing the work:
 
 - ``python train.py`` / ``python stylize.py``: ``core.cli.preflight``, the parse, compose and range checks their
   command line runs before any work (multirun ``-m``: the override syntax, as the program itself does);
-- ``python -m scripts.NAME ...`` / ``python -m benchmarks NAME ...``: that script's or benchmark's own argparse
-  parser (every module and every flag must exist);
+- ``python -m scripts.NAME ...`` / ``python -m evaluation NAME ...`` / ``python -m benchmarks NAME ...``: that
+  tool's, report's or benchmark's own argparse parser (every module and every flag must exist);
 - ``torchrun ...``: torchrun's own parser, then the training script's options as above;
 - ``make TARGET``: ``make -n TARGET``; ``bash scripts/X.sh``: run with ``--dry-run``; any other program
   (``tensorboard``): an executable beside this Python.
 
-Inline ``python -m scripts.NAME --flag`` and ``python -m benchmarks NAME --flag`` spans in the prose and tables are
-checked for the module and its flags.
+Inline ``python -m scripts.NAME --flag``, ``python -m evaluation NAME --flag`` and ``python -m benchmarks NAME
+--flag`` spans in the prose and tables are checked for the module and its flags.
 
 ``make readme-check`` (``FASTSTYLE_README_RUN=1``) also *runs* every command, in README order, in a temporary folder
 that links the repository's ``data/`` and holds small fixtures under the README's own names (``photo.jpg``,
@@ -254,12 +254,13 @@ def test_the_check_refuses_what_a_shell_would_fail(tmp_path: Path) -> None:
         "python -m scripts.prepare_dataset SRC DST --size 288",  # the flag is --short-side
         "python -m scripts.no_such_script --help",
         "python -m benchmarks norm --size 4,8,8,8",  # the flag is --shape
+        "python -m evaluation compare_runs runs/ --no-such-flag",
         "python stylize.py model=m.pth input=photo.jpg strenght=0.7",
         "torchrun --standalone --nproc_per_node=2 train.py train.steps=abc",
         "make no-such-target",
     )
     commands = readme_commands(broken, {"HOME": FAKE_HOME})
-    assert len(commands) == 7
+    assert len(commands) == 8
     for command in commands:
         assert check_options(concrete(command.argv), tmp_path) is not None, command.text
     assert "~/photos" in check_options(commands[0].argv, tmp_path)
@@ -286,8 +287,9 @@ def test_placeholders_and_shell_expansions() -> None:
 
 
 def _inline_script_spans(text: str) -> list[tuple[int, str, list[str], list[str]]]:
-    """``python -m scripts.NAME [WORD] ... --flag ...`` (or ``python -m benchmarks NAME ...``) in inline code outside
-    the code blocks: (line, module, the first word if it is not an option (a benchmark's name), flags)."""
+    """``python -m scripts.NAME [WORD] ... --flag ...`` (or ``python -m evaluation NAME ...``, ``python -m benchmarks
+    NAME ...``) in inline code outside the code blocks: (line, module, the first word if it is not an option (a
+    subcommand such as ``benchmarks train`` or ``evaluation compare_runs``), flags)."""
     found, inside = [], False
     for number, line in enumerate(text.splitlines(), start=1):
         if line.startswith("```"):
@@ -295,8 +297,8 @@ def _inline_script_spans(text: str) -> list[tuple[int, str, list[str], list[str]
             continue
         if inside:
             continue
-        for span in re.findall(r"`([^`]*python -m (?:scripts\.|benchmarks\b)[^`]*)`", line):
-            module, first = re.search(r"python -m (scripts\.\w+|benchmarks) ?([\w.]*)", span).groups()
+        for span in re.findall(r"`([^`]*python -m (?:scripts\.|benchmarks\b|evaluation\b)[^`]*)`", line):
+            module, first = re.search(r"python -m (scripts\.\w+|benchmarks|evaluation) ?([\w.]*)", span).groups()
             flags = re.findall(r"(?<![\w-])--[a-z][\w-]*", span)
             found.append((number, module, [first] if first else [], flags))
     return found

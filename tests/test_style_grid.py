@@ -1,6 +1,6 @@
 """scripts/style_grid.py: the picture of a tiny 3-style model on a real photo (rows, tile sizes, distinct styles, the
-strip's ends equal to the styles alone, captions), its refusals (one-style model, unknown style, output onto an
-input) and running it by path."""
+strip's ends equal to the styles alone, captions; the drawing is data/pictures.py's), its refusals (one-style model,
+unknown style, output onto an input, an existing output without --overwrite) and running it by path."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from data.io import load_image, resize_max_side
+from data.pictures import MAX_CAPTION_LINES, MIN_FONT_PX, font_size_for, load_font, wrap_caption
 from models.modelfile import save_model
 from models.transformer import TransformerNet
 from scripts import style_grid as sg
@@ -90,7 +91,7 @@ def test_two_rows_photo_plus_every_style_then_the_strip(grid: dict) -> None:
     columns = max(layout.row_lengths)
     assert columns * photo_tile.width < width <= columns * photo_tile.width + (columns + 1) * layout.gap
     assert 2 * (photo_tile.height + layout.caption_height) < height
-    assert layout.caption_height >= sg.MIN_FONT_PX
+    assert layout.caption_height >= MIN_FONT_PX
     tiles = _tiles(grid)
     # the first tile is the photo itself: the layout's boxes are where the tiles really are
     assert _same(tiles[0][0], photo_tile)
@@ -147,10 +148,10 @@ def test_strip_mixes_and_labels() -> None:
 
 
 def test_captions_fit_their_tile() -> None:
-    font = sg.load_font(sg.font_size_for(96))
+    font = load_font(font_size_for(96))
     for text in [STYLES[1], f"{STYLES[0]}:0.75,{STYLES[1]}:0.25", "x" * 200]:
-        lines = sg.wrap_caption(text, font, 94)
-        assert 1 <= len(lines) <= sg.MAX_CAPTION_LINES
+        lines = wrap_caption(text, font, 94)
+        assert 1 <= len(lines) <= MAX_CAPTION_LINES
         assert all(font.getlength(line) <= 94 for line in lines), lines
 
 
@@ -184,6 +185,22 @@ def test_output_onto_an_input_is_refused(tmp_path: Path, capsys: pytest.CaptureF
         assert exit_info.value.code == 2
         assert "choose another -o" in capsys.readouterr().err
     assert (Path(photo).read_bytes(), model.read_bytes()) == before
+
+
+def test_an_existing_output_needs_overwrite(grid: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The tools' overwrite rule (core.cli.check_output_file): refused with one line, replaced with --overwrite."""
+    out = tmp_path / "grid.png"
+    out.write_bytes(b"an earlier file")
+    args = [str(grid["model"]), str(PHOTO), "-o", str(out), "--max-side", "48", "--steps", "2", "--device", "cpu"]
+    with pytest.raises(SystemExit) as exit_info:
+        sg.main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "exists: pass --overwrite" in err
+    assert out.read_bytes() == b"an earlier file"
+    assert sg.main([*args, "--overwrite"]) == 0
+    with Image.open(out) as picture:
+        assert picture.format == "PNG"
 
 
 def test_runs_by_path(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
-"""scripts/video_clips.py and scripts/video_stability.py: the warping error of Lai et al. 2018 on clips with known
-motion (exactly 0 for a steady "model" on a whole-pixel pan, clearly positive for a flickering one), DIS flow against
-the true motion, the non-occlusion mask at a pan's border and behind a moving object, and the report end to end."""
+"""evaluation/clips.py, evaluation/warping.py and the video_stability report: the warping error of Lai et al. 2018
+on clips with known motion (exactly 0 for a steady "model" on a whole-pixel pan, clearly positive for a flickering
+one), DIS flow against the true motion, the non-occlusion mask at a pan's border and behind a moving object, and the
+report end to end."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data.io import load_image
+from evaluation import clips as vc
+from evaluation import warping as wp
+from evaluation.held_out import DEFAULT_HELD_OUT
+from evaluation.reports import video_stability as vs
 from models.modelfile import save_model
 from models.transformer import TransformerNet
-from scripts import video_clips as vc
-from scripts import video_stability as vs
 from tests.conftest import randomise_style_tables
 
 pytest.importorskip("cv2", reason="the optical flow of the report needs opencv-python-headless (requirements-dev)")
@@ -40,11 +43,11 @@ def one_opencv_thread():
 
 @pytest.fixture(scope="module")
 def photos() -> dict[str, Image.Image]:
-    return {name: load_image(vc.HELD_OUT / f"{name}.{ext}") for name, ext in (("china", "jpg"), ("camera", "png"))}
+    return {name: load_image(DEFAULT_HELD_OUT / f"{name}.{ext}") for name, ext in (("china", "jpg"), ("camera", "png"))}
 
 
 def _error(frames: torch.Tensor, backward: torch.Tensor, forward: torch.Tensor) -> float:
-    return vc.warping_error(frames, backward, vc.non_occlusion_mask(backward, forward)).value
+    return wp.warping_error(frames, backward, wp.non_occlusion_mask(backward, forward)).value
 
 
 def _flicker(frames: torch.Tensor, std: float = 0.1) -> torch.Tensor:
@@ -69,7 +72,7 @@ def test_steady_models_on_a_whole_pixel_pan_score_zero_and_flicker_does_not(phot
     assert torch.equal(clip.forward, -clip.backward)
     # whole-pixel steps: every frame is an exact copy of the previous one shifted, so a steady "model" scores 0
     for frames in (clip.frames, _colour_map(clip.frames)):
-        error = vc.warping_error(frames, clip.backward, vc.non_occlusion_mask(clip.backward, clip.forward))
+        error = wp.warping_error(frames, clip.backward, wp.non_occlusion_mask(clip.backward, clip.forward))
         assert error.value == 0.0 and torch.equal(error.per_pair, torch.zeros(5))
     flicker = _error(_flicker(clip.frames), clip.backward, clip.forward)
     assert flicker > 0.01  # noise of std 0.1: about 2 * 0.1^2, a little less after clamping to [0, 1]
@@ -97,11 +100,11 @@ def test_backward_warp_is_bilinear_sampling() -> None:
     ys, xs = torch.meshgrid(torch.arange(20.0), torch.arange(30.0), indexing="ij")
     grid = torch.stack([(xs + flow[:, 0]) / 29 * 2 - 1, (ys + flow[:, 1]) / 19 * 2 - 1], dim=-1)
     expected = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=True)
-    torch.testing.assert_close(vc.backward_warp(images, flow), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(wp.backward_warp(images, flow), expected, atol=1e-5, rtol=0)
     # whole-pixel flows copy pixels exactly
     shift = torch.zeros(1, 2, 20, 30)
     shift[:, 0] = 2
-    assert torch.equal(vc.backward_warp(images[:1], shift)[..., :-2], images[:1, :, :, 2:])
+    assert torch.equal(wp.backward_warp(images[:1], shift)[..., :-2], images[:1, :, :, 2:])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -110,7 +113,7 @@ def test_backward_warp_is_bilinear_sampling() -> None:
 
 def test_dis_recovers_the_pan_within_a_few_tenths_of_a_pixel(photos) -> None:
     clip = vc.pan_clip(photos["china"], SIZE, frames=4, step=(2.25, 0.5))
-    backward, forward = vs.estimate_flows(clip.frames, "dis-fine")
+    backward, forward = wp.estimate_flows(clip.frames, "dis-fine")
     assert backward.shape == clip.backward.shape and forward.shape == clip.forward.shape
     # the interior: 8 pixels from every edge, beyond the strip of new content and DIS's 8-pixel patches
     for estimated, exact in ((backward, clip.backward), (forward, clip.forward)):
@@ -120,13 +123,13 @@ def test_dis_recovers_the_pan_within_a_few_tenths_of_a_pixel(photos) -> None:
 
 def test_the_mask_leaves_out_what_the_pan_uncovers(photos) -> None:
     clip = vc.pan_clip(photos["china"], SIZE, frames=4, step=(3, 1))
-    exact = vc.non_occlusion_mask(clip.backward, clip.forward)
+    exact = wp.non_occlusion_mask(clip.backward, clip.forward)
     # frame t's last 3 columns and last row were outside frame t - 1; everything else was seen
     expected = torch.ones_like(exact)
     expected[:, :, -3:] = 0
     expected[:, -1:, :] = 0
     assert torch.equal(exact, expected)
-    estimated = vc.non_occlusion_mask(*vs.estimate_flows(clip.frames, "dis-fine"))
+    estimated = wp.non_occlusion_mask(*wp.estimate_flows(clip.frames, "dis-fine"))
     assert estimated[:, :, -3:].mean() < 0.05 and estimated[:, -1:, :].mean() < 0.05
     assert estimated[:, 4:-4, 4:-4].mean() > 0.95
 
@@ -136,19 +139,19 @@ def test_the_mask_leaves_out_the_background_a_moving_object_uncovers(photos) -> 
     # background pixels of frame t that an object covered in frame t - 1: nothing to compare them with
     uncovered = (clip.backward.abs().sum(dim=1) == 0) & (clip.forward.abs().sum(dim=1) > 0)
     assert uncovered.sum() > 100
-    exact = vc.non_occlusion_mask(clip.backward, clip.forward)
+    exact = wp.non_occlusion_mask(clip.backward, clip.forward)
     assert exact[uncovered].sum() == 0
     assert exact.mean() > 0.9  # the rest (objects' interiors, the static background) is kept
     assert _error(clip.frames, clip.backward, clip.forward) == 0.0  # whole-pixel moves: the input is exact
     # with the estimated flow, the consistency check and the motion boundaries catch most of them
-    estimated = vc.non_occlusion_mask(*vs.estimate_flows(clip.frames, "dis-fine"))
+    estimated = wp.non_occlusion_mask(*wp.estimate_flows(clip.frames, "dis-fine"))
     assert estimated[uncovered].mean() < 0.3
     assert estimated.mean() > 0.6
 
 
 def test_flicker_scores_far_above_a_per_pixel_model_with_the_estimated_flow(photos) -> None:
     clip = vc.pan_clip(photos["china"], SIZE, frames=5)  # the report's sub-pixel steps
-    backward, forward = vs.estimate_flows(clip.frames, "dis-fine")
+    backward, forward = wp.estimate_flows(clip.frames, "dis-fine")
     steady, colour, flicker = (
         _error(f, backward, forward) for f in (clip.frames, _colour_map(clip.frames), _flicker(clip.frames))
     )

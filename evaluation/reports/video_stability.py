@@ -1,11 +1,11 @@
 """How much a style network flickers on video: the warping error of Lai et al. 2018 on test clips with known motion.
 
-    python -m scripts.video_stability outputs/train/<date>/<time>-<style>/model.pth
-    python -m scripts.video_stability plain/model.pth temporal/model.pth --names plain temporal --strip
-    python -m scripts.video_stability multi/model.pth --style hokusai_great_wave --size 256x256 --frames 30
+    python -m evaluation video_stability outputs/train/<date>/<time>-<style>/model.pth
+    python -m evaluation video_stability plain/model.pth temporal/model.pth --names plain temporal --strip
+    python -m evaluation video_stability multi/model.pth --style hokusai_great_wave --size 256x256 --frames 30
 
 A per-frame network turns the small changes between video frames into changes of its texture: flicker. This report
-stylizes three clips made at run time from the held-out photos (scripts/video_clips.py: a pan with sub-pixel steps,
+stylizes three clips made at run time from the held-out photos (evaluation/clips.py: a pan with sub-pixel steps,
 a zoom, objects moving over a background and occluding it) with each model and prints, per clip and model, the
 warping error of Lai et al. 2018 ("Learning Blind Video Temporal Consistency", ECCV 2018):
 
@@ -23,10 +23,11 @@ Farneback) and reused for every model. The clips' true motion is known, so each 
 exact flow: where the two rows agree, the estimated flow is not what the numbers measure. The last row is the mean
 over clips (estimated flow); with several models, B/A (and C/A, ...) is each model's error over the first's.
 
-Models: faststyle ``model.pth`` files or pytorch/examples state dicts (``interop.legacy.load_any_model``); a
-multi-style model runs the one-style network of ``--style`` (``TransformerNet.for_style``, as stylize does). Frames
-go through the network directly, ``--batch`` at a time, in ``--precision`` (default fp32) on ``--device`` (default
-cpu), and are rounded to 8 bits as every image faststyle writes.
+Models: any model file stylize reads, made ready by inference.network (the call stylize uses); a multi-style
+model runs the one-style network of ``--style`` (``TransformerNet.for_style``, as stylize does), a one-style model
+ignores it. Frames go through the network directly, ``--batch`` at a time, in ``--precision`` (default fp32) on
+``--device`` (default auto), and are rounded to 8 bits as every image faststyle writes. The measure itself is
+evaluation/warping.py.
 
 ``--strip [PATH]`` (default outputs/reports/video_stability/strip.jpg): a picture for the README: a few
 consecutive frames of one clip (``--strip-clip``), one row for the input and one per model, each row ending with its
@@ -47,28 +48,26 @@ import argparse
 import math
 import re
 import string
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from core.cli import add_device_option, run_tool, tool_parser
+from evaluation.clips import DEFAULT_FRAMES, DEFAULT_SIZE
+from evaluation.warping import FLOW_METHODS
+
 if TYPE_CHECKING:
-    import numpy as np
     import torch
-    from PIL import Image
 
     from core.precision import PrecisionPolicy
-    from scripts.video_clips import Clip, WarpingError
+    from evaluation.clips import Clip
+    from evaluation.warping import WarpingError
+    from inference.network import StyleNetwork
 
-FLOW_METHODS = ("dis-fine", "dis-medium", "farneback")
 CLIP_NAMES = ("pan", "zoom", "objects")
-OPENCV_HINT = "pip install opencv-python-headless"
 MIN_SIDE = 32  # DIS needs a few pyramid levels of 8-pixel patches
 MAX_FRAMES = 500
 SCALE = 1000.0  # errors are printed x 1000
-ERROR_MAP_GAIN = 4.0  # the strip's error maps show sqrt(D_t) x 4
-OCCLUDED_COLOUR = (0.2, 0.35, 0.9)  # the strip's error maps: pixels the mask leaves out
 # Under outputs/ (git-ignored) rather than the current folder, which is usually the repository root.
 DEFAULT_STRIP = Path("outputs/reports/video_stability/strip.jpg")
 DEFAULT_CLIPS_DIR = Path("outputs/reports/video_stability/clips")
@@ -86,9 +85,9 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from scripts.video_clips import DEFAULT_FRAMES, DEFAULT_SIZE
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The report's options, then the checks between them that argparse cannot express (long: one call per option,
+    kept together so the command line reads in one place)."""
+    parser = tool_parser("python -m evaluation video_stability", __doc__)
     parser.add_argument("models", type=Path, nargs="+", metavar="MODEL", help="model.pth files (A, B, ...)")
     parser.add_argument("--names", nargs="+", help="a short name per model for the table and the strip")
     parser.add_argument("--style", help="multi-style models: the style (name, index or mix) to measure")
@@ -124,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="optical flow: OpenCV DIS (fine: the MEDIUM preset at full resolution; medium: the preset) or "
         "Farneback (default dis-fine)",
     )
-    parser.add_argument("--device", default="cpu", help="where the networks run: cpu (default), cuda, mps, auto")
+    add_device_option(parser, "where the networks run")
     parser.add_argument(
         "--precision", default="fp32", choices=("fp32", "bf16", "fp16", "auto"), help="network precision (fp32)"
     )
@@ -170,73 +169,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Optical flow (OpenCV)
-
-
-def import_cv2():
-    """OpenCV, or a FaststyleError saying how to install it (it is an optional dependency of this report only)."""
-    from core.errors import FaststyleError
-
-    try:
-        import cv2
-    except ImportError:
-        raise FaststyleError(f"the video stability report needs OpenCV for the optical flow: {OPENCV_HINT}") from None
-    return cv2
-
-
-def flow_function(method: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """``calc(first, second)`` -> (H, W, 2) float32 flow mapping each pixel of ``first`` into ``second`` (8-bit
-    grayscale frames). "dis-fine" is DIS's MEDIUM preset run down to the full-resolution pyramid level (OpenCV's
-    presets stop at MEDIUM, whose finest level is half resolution); it follows the objects' edges much better."""
-    cv2 = import_cv2()
-    if method == "farneback":
-        return lambda first, second: cv2.calcOpticalFlowFarneback(first, second, None, 0.5, 4, 15, 3, 5, 1.2, 0)
-    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
-    if method == "dis-fine":
-        dis.setFinestScale(0)
-    elif method != "dis-medium":
-        raise ValueError(f"unknown flow method {method!r}")
-    return lambda first, second: dis.calc(first, second, None)
-
-
-def grayscale(frame: torch.Tensor) -> np.ndarray:
-    """A (3, H, W) frame in [0, 1] as the (H, W) uint8 luma OpenCV's flow takes."""
-    cv2 = import_cv2()
-    from data.io import to_uint8
-
-    rgb = to_uint8(frame).permute(1, 2, 0).contiguous().numpy()
-    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-
-
-def estimate_flows(frames: torch.Tensor, method: str = FLOW_METHODS[0]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(backward, forward) flows (T - 1, 2, H, W) of ``frames`` (T, 3, H, W): entry t - 1 holds frame t's flow to
-    t - 1 and frame t - 1's flow to t (scripts/video_clips.py, "Flow convention")."""
-    import torch
-
-    calc = flow_function(method)
-    gray = [grayscale(frame) for frame in frames]
-
-    def flow(first: int, second: int) -> torch.Tensor:
-        return torch.from_numpy(calc(gray[first], gray[second])).permute(2, 0, 1).float()
-
-    backward = torch.stack([flow(t, t - 1) for t in range(1, len(gray))])
-    forward = torch.stack([flow(t - 1, t) for t in range(1, len(gray))])
-    return backward, forward
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Models
 
 
 @dataclass
-class Stylizer:
-    """One model to measure: its network (one style, on the device, in the policy's precision) and names."""
+class Model:
+    """One model to measure: its network (one style, ready to run: inference.network) and names."""
 
     letter: str
     name: str
     path: Path
     note: str
-    net: torch.nn.Module
+    network: StyleNetwork
     frames: dict[str, torch.Tensor] = field(default_factory=dict)  # stylized clips, by clip name
 
 
@@ -245,45 +189,39 @@ def model_name(path: Path) -> str:
     return path.parent.name if path.stem == "model" and path.parent.name else path.stem
 
 
-def load_stylizer(
-    path: Path, letter: str, name: str | None, style: str | None, device: torch.device, policy: PrecisionPolicy
-) -> Stylizer:
-    """The network of ``path`` ready to run: a multi-style one folded to ``style`` (FaststyleError without one)."""
-    import torch
+def load_model(path: Path, letter: str, name: str | None, args: argparse.Namespace) -> Model:
+    """The network of ``path`` ready to run in ``--precision`` on ``--device``: a multi-style one folded to
+    ``--style`` (FaststyleError without one)."""
+    from evaluation.runs import load_model_network
 
-    from core.errors import FaststyleError
-    from interop.legacy import load_any_model
-    from models.styles import parse_style, style_names
-
-    net, meta = load_any_model(path, device="cpu")
-    if net.num_styles > 1:
-        names = style_names(meta, net.num_styles)
-        if style is None:
-            raise FaststyleError(f"{path} holds {net.num_styles} styles: pick one with --style ({', '.join(names)})")
-        choice = parse_style(style, names)
-        net = net.for_style(torch.tensor(choice.weights, dtype=torch.float32))
-        what = f"style {choice.label}"
+    network = load_model_network(
+        path,
+        style=args.style,
+        device=args.device,
+        precision=args.precision,
+        channels_last="auto",
+        style_option="--style",
+    )
+    meta = network.meta
+    if network.choice is not None:
+        what = f"style {network.choice.label}"
     else:
         what = str(meta.get("style_stem") or meta.get("style") or "one style")
     steps = meta.get("steps")
     note = f"{path} ({what}{f', {steps} steps' if steps is not None else ''})"
-    net = policy.prepare_module(net.eval(), device)
-    return Stylizer(letter, name or model_name(path), path, note, net)
+    return Model(letter, name or model_name(path), path, note, network)
 
 
-def stylize(net: torch.nn.Module, frames: torch.Tensor, policy: PrecisionPolicy, device: torch.device, batch: int):
-    """``frames`` (T, 3, H, W) through ``net``, ``batch`` frames a call; float32 on the CPU, rounded to 8 bits like
-    every image faststyle writes (``data.io.to_uint8``)."""
+def stylize_frames(network: StyleNetwork, frames: torch.Tensor, batch: int) -> torch.Tensor:
+    """``frames`` (T, 3, H, W) through ``network``, ``batch`` frames a call; float32 on the CPU, rounded to 8 bits
+    like every image faststyle writes (``data.io.to_uint8``)."""
     import torch
 
     from data.io import to_uint8
 
-    out = []
-    with torch.inference_mode():
-        for lo in range(0, frames.shape[0], batch):
-            y = net(policy.batch_to(frames[lo : lo + batch], device))
-            out.append(to_uint8(y).cpu().float().div_(255.0))
-    return torch.cat(out)
+    return torch.cat(
+        [to_uint8(network(frames[lo : lo + batch])).float().div_(255.0) for lo in range(0, len(frames), batch)]
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -301,7 +239,7 @@ class ClipResult:
 
 def measure_clip(clip: Clip, method: str) -> ClipResult:
     """Estimate ``clip``'s flow and masks once (and take its exact ones where known), and its input's own error."""
-    from scripts.video_clips import non_occlusion_mask, warping_error
+    from evaluation.warping import estimate_flows, non_occlusion_mask, warping_error
 
     backward, forward = estimate_flows(clip.frames, method)
     flows = {"estimated": (backward, non_occlusion_mask(backward, forward))}
@@ -315,7 +253,7 @@ def measure_clip(clip: Clip, method: str) -> ClipResult:
 
 def add_model(result: ClipResult, letter: str, frames: torch.Tensor) -> None:
     """The warping error of one model's stylized ``frames`` of ``result.clip``, with every flow of the clip."""
-    from scripts.video_clips import warping_error
+    from evaluation.warping import warping_error
 
     for kind, (flow, mask) in result.flows.items():
         result.errors[kind][letter] = warping_error(frames, flow, mask)
@@ -333,9 +271,9 @@ def _ratio(a: float, b: float) -> str:
     return f"{b / a:.3f}" if a > 0 and math.isfinite(a) and math.isfinite(b) else "n/a"
 
 
-def table(results: list[ClipResult], stylizers: list[Stylizer], method: str) -> str:
+def table(results: list[ClipResult], models: list[Model], method: str) -> str:
     """The Markdown table: a row per clip and flow, the mean over clips; columns input, models, ratios to A."""
-    letters = [s.letter for s in stylizers]
+    letters = [m.letter for m in models]
     ratios = [f"{letter}/{letters[0]}" for letter in letters[1:]]
     header = ["clip", "flow", "mask", "input (floor)", *letters, *ratios]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -358,80 +296,35 @@ def table(results: list[ClipResult], stylizers: list[Stylizer], method: str) -> 
     return "\n".join(lines) + "\n"
 
 
-def header_text(stylizers: list[Stylizer], policy: PrecisionPolicy, method: str, args: argparse.Namespace) -> str:
+def header_text(models: list[Model], policy: PrecisionPolicy, method: str, args: argparse.Namespace) -> str:
+    """What the table measures, how the models ran, and which model each letter is."""
     width, height = args.size
-    models = "\n".join(f"- {s.letter} = {s.name}: {s.note}" for s in stylizers)
+    listed = "\n".join(f"- {m.letter} = {m.name}: {m.note}" for m in models)
     clips = f"the synthetic clips are {args.frames} frames of {width}x{height}; " if args.clips else ""
     return (
         f"Warping error E_warp (Lai et al. 2018) x {SCALE:g}, lower is steadier: RGB in [0, 1], squared difference "
         "averaged over the 3 channels and over the pixels of the non-occlusion mask (Ruder et al. 2016; 'mask' = "
         f"share of pixels kept), then over a clip's frame pairs ({clips}flow of the input frames: {method}, and "
         "the generator's exact one where known). 'input': the unstylized clip's own error, about the floor a "
-        f"perfectly steady stylization would reach.\nStylized with {policy.describe()}.\n{models}\n\n"
+        f"perfectly steady stylization would reach.\nStylized with {policy.describe()}.\n{listed}\n\n"
     )
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Pictures and frames
+# Frames
 
 
-def error_map(frames: torch.Tensor, t: int, backward: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(3, H, W) picture of sqrt(D_t) x ERROR_MAP_GAIN in grey, pixels out of the mask in OCCLUDED_COLOUR."""
-    import torch
-
-    from scripts.video_clips import backward_warp
-
-    warped = backward_warp(frames[t - 1 : t], backward[t - 1 : t])[0]
-    grey = (frames[t] - warped).pow(2).mean(dim=0).sqrt().mul(ERROR_MAP_GAIN).clamp(0, 1).expand(3, -1, -1)
-    colour = torch.tensor(OCCLUDED_COLOUR).view(3, 1, 1).expand_as(grey)
-    return torch.where(mask[t - 1].bool(), grey, colour)
-
-
-def strip_picture(result: ClipResult, stylizers: list[Stylizer], count: int) -> Image.Image:
-    """The frame strip: ``count`` consecutive frames from the middle of the clip, a row for the input and one per
-    model, each row ending with its error map of its last frame (estimated flow)."""
-    from data.io import tensor_to_pil
-    from scripts.style_grid import draw_grid
-
-    clip = result.clip
-    first = max(1, (clip.frames.shape[0] - count) // 2)
-    shown = range(first, min(first + count, clip.frames.shape[0]))
-    backward, mask = result.flows["estimated"]
-    rows = []
-    for label, frames in [("input", clip.frames), *((f"{s.letter}: {s.name}", s.frames[clip.name]) for s in stylizers)]:
-        row = [(tensor_to_pil(frames[t]), f"{label}, frame {t}" if t == first else f"frame {t}") for t in shown]
-        row.append(
-            (tensor_to_pil(error_map(frames, shown[-1], backward, mask)), f"error x{ERROR_MAP_GAIN:g}, blue: left out")
-        )
-        rows.append(row)
-    picture, _ = draw_grid(rows)
-    return picture
-
-
-def save_clips(folder: Path, results: list[ClipResult], stylizers: list[Stylizer]) -> None:
+def save_clips(folder: Path, results: list[ClipResult], models: list[Model]) -> None:
     """Every clip's frames as PNG sequences: folder/<clip>/input/000.png, folder/<clip>/<letter>/000.png, ..."""
     from data.io import save_image
 
     for result in results:
         clip = result.clip
-        for label, frames in [("input", clip.frames), *((s.letter, s.frames[clip.name]) for s in stylizers)]:
+        for label, frames in [("input", clip.frames), *((m.letter, m.frames[clip.name]) for m in models)]:
             target = folder / clip.name / label
             target.mkdir(parents=True, exist_ok=True)
             for t, frame in enumerate(frames):
                 save_image(frame, target / f"{t:03d}.png")
-
-
-def check_output(path: Path, inputs: list[Path]) -> None:
-    """FaststyleError unless ``path`` is a picture file faststyle can write that is none of the models."""
-    from core.errors import FaststyleError
-    from core.fileio import refuse_output_among_inputs
-    from data.io import WRITE_FORMATS
-
-    if path.is_dir():
-        raise FaststyleError(f"--strip {path} is a folder: give a file name, e.g. {path / 'video_strip.jpg'}")
-    if path.suffix.lower() not in WRITE_FORMATS:
-        raise FaststyleError(f"cannot write {path.name}: use one of the extensions {', '.join(WRITE_FORMATS)}")
-    refuse_output_among_inputs(path, {f"model {i + 1}": model for i, model in enumerate(inputs)}, "--strip")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -439,97 +332,69 @@ def check_output(path: Path, inputs: list[Path]) -> None:
 
 
 def make_clips(names: list[str], size: tuple[int, int], frames: int) -> list[Clip]:
-    from scripts.video_clips import default_clips
+    from evaluation.clips import default_clips
 
     return [clip for clip in default_clips(size, frames) if clip.name in names] if names else []
 
 
-def file_clip(path: Path, size: tuple[int, int], frames: int) -> Clip:
-    """The first ``frames`` frames of a video file, decoded by data/video.py (upright, scaled so the long side is at
-    most ``size``'s, as stylize scales it); its motion is unknown, so it has no exact flow."""
-    import contextlib
-
-    import torch
-
-    from core.errors import FaststyleError
-    from scripts.video_clips import Clip
-
-    try:
-        from data.video import read_frames
-    except ImportError as err:
-        raise FaststyleError(f"--clip needs PyAV to decode video: pip install av ({err})") from None
-    decoded = []
-    with contextlib.closing(read_frames(path, max_side_px=max(size))) as stream:
-        for frame in stream:
-            decoded.append(frame.tensor())
-            if len(decoded) == frames:
-                break
-    if len(decoded) < 2:
-        raise FaststyleError(f"{path} gave {len(decoded)} frame(s): the warping error needs at least 2")
-    width, height = decoded[0].shape[-1], decoded[0].shape[-2]
-    text = f"{path.name}, frames 0-{len(decoded) - 1} at {width}x{height}"
-    return Clip(path.name, text, torch.stack(decoded))
-
-
 def run(args: argparse.Namespace) -> str:
     """Measure (module docstring) and return the report's text; writes the strip and the frames when asked."""
-    import_cv2()  # before any work: without OpenCV there is nothing to measure
-    from core.cli import absolute_user_path
-    from core.device import resolve_device
+    from core.cli import absolute_user_path, check_output_file
     from core.errors import FaststyleError
-    from core.precision import configure_backends, resolve_precision
+    from core.precision import configure_backends
+    from data.io import WRITE_FORMATS, save_image
+    from evaluation.clips import file_clip
+    from evaluation.figures import frame_strip
+    from evaluation.warping import import_cv2
 
-    models = [absolute_user_path(path) for path in args.models]
-    for path in models:
+    import_cv2()  # before any work: without OpenCV there is nothing to measure
+    paths = [absolute_user_path(path) for path in args.models]
+    for path in paths:
         if not path.is_file():
             raise FaststyleError(f"model not found: {path}")
     strip = absolute_user_path(args.strip) if args.strip is not None else None
-    if strip is not None:
-        check_output(strip, models)
-    device = resolve_device(args.device)
-    policy = resolve_precision(device, args.precision, "auto", False, training=False)
-    configure_backends(policy)
+    if strip is not None:  # the report's own picture: replaced when it exists
+        inputs = {f"model {i + 1}": path for i, path in enumerate(paths)}
+        check_output_file(strip, inputs, True, "--strip", "video_strip.jpg", WRITE_FORMATS)
     letters = string.ascii_uppercase
-    if len(models) > len(letters):
-        raise FaststyleError(f"at most {len(letters)} models at a time, got {len(models)}")
-    names = args.names or [None] * len(models)
-    stylizers = [load_stylizer(path, letters[i], names[i], args.style, device, policy) for i, path in enumerate(models)]
+    if len(paths) > len(letters):
+        raise FaststyleError(f"at most {len(letters)} models at a time, got {len(paths)}")
+    names = args.names or [None] * len(paths)
+    models = [load_model(path, letters[i], names[i], args) for i, path in enumerate(paths)]
+    policy = models[0].network.policy
+    configure_backends(policy)
 
     results = []
     clips = make_clips(args.clips, args.size, args.frames)
     clips += [file_clip(absolute_user_path(path), args.size, args.frames) for path in args.clip]
     for clip in clips:
         result = measure_clip(clip, args.flow)
-        for stylizer in stylizers:
-            stylizer.frames[clip.name] = stylize(stylizer.net, clip.frames, policy, device, args.batch)
-            add_model(result, stylizer.letter, stylizer.frames[clip.name])
+        for model in models:
+            model.frames[clip.name] = stylize_frames(model.network, clip.frames, args.batch)
+            add_model(result, model.letter, model.frames[clip.name])
         results.append(result)
 
-    text = header_text(stylizers, policy, args.flow, args) + table(results, stylizers, args.flow)
+    text = header_text(models, policy, args.flow, args) + table(results, models, args.flow)
     if strip is not None:
-        from data.io import save_image
-
         chosen = next(r for r in results if r.clip.name == args.strip_clip)
-        save_image(strip_picture(chosen, stylizers, args.strip_frames), strip)
+        rows = [("input", chosen.clip.frames), *((f"{m.letter}: {m.name}", m.frames[chosen.clip.name]) for m in models)]
+        save_image(frame_strip(rows, *chosen.flows["estimated"], args.strip_frames), strip)
         text += f"\nwrote {strip} ({args.strip_clip}, {args.strip_frames} frames per row)\n"
     if args.save_clips is not None:
         folder = absolute_user_path(args.save_clips)
-        save_clips(folder, results, stylizers)
+        save_clips(folder, results, models)
         text += f"wrote the frames to {folder}/<clip>/<input|A|B...>/NNN.png\n"
     return text
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from core.errors import FaststyleError, exit_with_error
 
-    try:
-        text = run(args)
-    except FaststyleError as err:
-        exit_with_error(err)
-    print(text, end="")
-    return 0
+    def work() -> None:
+        print(run(args), end="")
+
+    return run_tool(work)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -4,8 +4,8 @@ alone: the figures of Dumoulin et al. 2017's claims on our own runs.
     python train.py experiment=multistyle_demo hydra.run.dir=runs/multi
     python train.py experiment=multistyle_demo style=data/samples/styles/hokusai_great_wave.jpg train.steps=200 \\
         hydra.run.dir=runs/hokusai_great_wave                                  # ... one run per style
-    python -m scripts.compare_styles runs/multi runs/hokusai_great_wave runs/van_gogh_village_street_auvers ...
-    python -m scripts.compare_styles runs/multi runs/... --added runs/extended --alone runs/mona_lisa
+    python -m evaluation compare_styles runs/multi runs/hokusai_great_wave runs/van_gogh_village_street_auvers ...
+    python -m evaluation compare_styles runs/multi runs/... --added runs/extended --alone runs/mona_lisa
 
 Prints (and with --out writes) a Markdown table: per style, the held-out content, style and total loss of the
 multi-style network in that style against the one-style network of that style, each measured with the same loss (the
@@ -13,9 +13,10 @@ multi-style run's loss settings, that style's image: ``training.run`` builds it 
 photos (--content, default data/samples/held_out), and the parameter counts of the one network against the N
 networks.
 
-``--speed``: seconds per image of stylize's Runner (default stylize options: precision auto, untiled) on a
-1920x1080 photo, the multi-style network in the first single's style (folded by ``for_style``, as stylize runs
-it) against that single, alternated over --reps runs each after a warm-up, with the ratio of the medians.
+``--speed``: seconds per image of the network stylize runs (inference.network.load_network: default stylize
+options, precision auto, untiled) on a 1920x1080 photo, the multi-style network in the first single's style (folded
+by ``for_style``, as stylize runs it) against that single, alternated over --reps runs each after a warm-up, with
+the ratio of the medians.
 
 ``--added RUN --alone RUN``: ``RUN`` of ``train.extend`` (a style added to a trained network, only its (gamma, beta)
 trained) against a one-style run of the same style with the same batches: the first logged step at which the added
@@ -26,34 +27,19 @@ multi-style run and the alone run as its single to compare their held-out losses
 
 from __future__ import annotations
 
-import argparse
 import copy
-import logging
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from core.errors import FaststyleError, exit_with_error
-from scripts.compare_runs import (
-    Run,
-    eval_stylizer,
-    held_out_images,
-    held_out_losses,
-    load_run,
-    read_scalars,
-    training_loss,
-)
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-log = logging.getLogger(__name__)
-
-
-def parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+from core.cli import add_device_option, run_tool, tool_parser
+from core.errors import FaststyleError
+from evaluation.held_out import DEFAULT_HELD_OUT, held_out_images
+from evaluation.measures import eval_stylizer, held_out_losses, parameters, training_loss
+from evaluation.runs import Run, load_run, read_scalars
 
 
 def style_loss_for(multi: Run, style_file: Path, device: torch.device) -> nn.Module:
@@ -67,19 +53,19 @@ def style_loss_for(multi: Run, style_file: Path, device: torch.device) -> nn.Mod
 def compare_styles(multi: Run, singles: list[Run], images: list[torch.Tensor], device: torch.device) -> list[dict]:
     """Per style of the singles: held-out losses of the multi-style network in that style and of the single."""
     names = list(multi.meta.get("styles") or [])
-    if multi.model.num_styles < 2 or len(names) != multi.model.num_styles:
+    if multi.styles < 2 or len(names) != multi.styles:
         raise FaststyleError(f"{multi.path} is not a multi-style run (its model.pth lists no styles)")
     rows = []
     for single in singles:
         name = str(single.meta.get("style_stem") or "")
-        if single.model.num_styles != 1 or name not in names:
+        if single.styles != 1 or name not in names:
             raise FaststyleError(f"{single.path} is not a one-style run of one of {multi.path.name}'s styles")
-        index = names.index(name)
         loss = style_loss_for(multi, Path(str(single.cfg.style)), device)
+        in_style = multi.network.with_style(names.index(name)).net
         rows.append(
             {
                 "style": name,
-                "multi": held_out_losses(eval_stylizer(multi.model.for_style(index)), loss, images),
+                "multi": held_out_losses(eval_stylizer(in_style), loss, images),
                 "single": held_out_losses(eval_stylizer(single.model), loss, images),
                 "single_steps": int(single.meta.get("steps", 0)),
             }
@@ -112,44 +98,44 @@ def added_style_text(added: Path, alone: Path) -> str:
     return "\n" + "\n".join(lines) + "\n"
 
 
-def stylize_speed(multi: Run, single: Run, photo: Path, reps: int) -> str:
-    """Seconds per 1920x1080 image through stylize's Runner: multi in the single's style vs the single."""
-    from data.io import load_image, resize_to
-    from inference.jobs import Job
-    from inference.runner import Loaded, Runner
-    from stylize import compose_config
+def stylize_speed(multi: Run, single: Run, photo: Path, reps: int, device: torch.device) -> str:
+    """Seconds per 1920x1080 image of the network stylize runs (inference.network.load_network, stylize's defaults:
+    precision auto, untiled): multi in the single's style vs the single."""
+    from core.precision import configure_backends
+    from data.io import load_image, pil_to_tensor, resize_to
+    from inference.network import load_network
 
     name = str(single.meta.get("style_stem"))
     index = list(multi.meta["styles"]).index(name)
-    cfg = compose_config([f"model={multi.path / 'model.pth'}", f"input={photo}"])
+    multi_file = load_network(multi.path / "model.pth", style=index, device=device)
     start = time.perf_counter()
-    folded = multi.model.for_style(index)
+    networks = {"multi": multi_file.with_style(index)}
     fold_seconds = time.perf_counter() - start
-    device = next(single.model.parameters()).device
-    runners = {"multi": Runner(folded, device, cfg), "one": Runner(single.model, device, cfg)}
-    image = resize_to(load_image(photo), 1920, 1080)
-    item = Loaded(Job(photo, photo), image, size=(1080, 1920))
-    times: dict[str, list[float]] = {key: [] for key in runners}
+    networks["one"] = load_network(single.path / "model.pth", device=device)
+    configure_backends(networks["one"].policy)
+    image = pil_to_tensor(resize_to(load_image(photo), 1920, 1080)).unsqueeze(0)
+    times: dict[str, list[float]] = {key: [] for key in networks}
     for rep in range(reps + 1):
-        for key, runner in runners.items():
+        for key, network in networks.items():
             start = time.perf_counter()
-            runner([item])
+            network(image)
             if rep:  # the first round warms up (kernel build, allocator)
                 times[key].append(time.perf_counter() - start)
     multi_s, one_s = statistics.median(times["multi"]), statistics.median(times["one"])
     return (
-        f"\nStylize speed, 1920x1080, {runners['one'].policy.describe()}, median of {reps}: multi-style in "
+        f"\nStylize speed, 1920x1080, {networks['one'].policy.describe()}, median of {reps}: multi-style in "
         f"{name} {multi_s:.3f} s/image, one-style {one_s:.3f} s/image, ratio {multi_s / one_s:.3f} "
         f"(folding the style into the network once: {1000 * fold_seconds:.1f} ms).\n"
     )
 
 
 def table(multi: Run, singles: list[Run], rows: list[dict], images: int) -> str:
+    """The Markdown table of :func:`compare_styles`' rows, under a line saying what was compared."""
     total_single = sum(parameters(s.model) for s in singles)
     lines = [
         f"Held-out losses on {images} photos, each style measured with the same loss for both networks; "
-        f"multi-style `{multi.path.name}` ({int(multi.meta.get('steps', 0))} steps, {multi.model.num_styles} styles, "
-        f"{parameters(multi.model):,} parameters) vs {len(singles)} one-style networks "
+        f"multi-style `{multi.path.name}` ({int(multi.meta.get('steps', 0))} steps, {multi.styles} styles, "
+        f"{parameters(multi.network.source):,} parameters) vs {len(singles)} one-style networks "
         f"({', '.join(str(r['single_steps']) for r in rows)} steps; {total_single:,} parameters together).",
         "",
         "| style | content multi | content one | style multi | style one | total multi | total one | total multi/one |",
@@ -165,25 +151,28 @@ def table(multi: Run, singles: list[Run], rows: list[dict], images: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = tool_parser("python -m evaluation compare_styles", __doc__, summary_only=True)
     parser.add_argument("multi", type=Path, help="the multi-style run dir")
     parser.add_argument("singles", type=Path, nargs="*", help="one-style run dirs of some of its styles")
-    parser.add_argument("--content", default=str(REPO_ROOT / "data" / "samples" / "held_out"), help="held-out photos")
+    parser.add_argument("--content", default=str(DEFAULT_HELD_OUT), help="held-out photos")
     parser.add_argument("--max-images", type=int, default=8)
     parser.add_argument("--size", type=int, default=256, help="long side of the held-out photos (px)")
     parser.add_argument("--added", type=Path, help="a train.extend run dir (the style added to a trained network)")
     parser.add_argument("--alone", type=Path, help="a one-style run of the added style, same batches")
     parser.add_argument("--speed", action="store_true", help="also time stylize: multi vs the first single")
     parser.add_argument("--reps", type=int, default=5, help="--speed: timed runs of each network")
-    parser.add_argument("--photo", type=Path, default=REPO_ROOT / "data" / "samples" / "held_out" / "china.jpg")
+    parser.add_argument("--photo", type=Path, default=DEFAULT_HELD_OUT / "china.jpg")
     parser.add_argument("--out", type=Path, help="also write the table to this Markdown file")
-    parser.add_argument("--device", default="cpu")
+    add_device_option(parser, "where the networks run")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+
+    def work() -> None:
+        from core.device import resolve_device
+        from core.fileio import atomic_write_text
+
         if (args.added is None) != (args.alone is None):
             raise FaststyleError("give --added and --alone together")
-        device = torch.device(args.device)
+        device = resolve_device(args.device)
         multi = load_run(args.multi, args.multi.name, device)
         singles = [load_run(path, path.name, device) for path in args.singles]
         text = ""
@@ -193,18 +182,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.speed:
             if not singles:
                 raise FaststyleError("--speed compares the multi-style network with a single: give one")
-            text += stylize_speed(multi, singles[0], args.photo, args.reps)
+            text += stylize_speed(multi, singles[0], args.photo, args.reps, device)
         if args.added is not None:
             text += added_style_text(args.added, args.alone)
         print(text, end="")
         if args.out is not None:
-            from core.fileio import atomic_write_text
-
             atomic_write_text(args.out, text)
-    except FaststyleError as err:
-        exit_with_error(err)  # one line, exit status 2
-    return 0
+
+    return run_tool(work)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
