@@ -1,5 +1,5 @@
 // Fused CPU kernels for models/norm.py's InstanceNorm (float32, float64, bfloat16 and float16), compiled on first use
-// by torch.utils.cpp_extension.load and registered as torch.ops.faststyle_norm.{forward,backward}.
+// by models/kernels/build.py (torch.utils.cpp_extension) and registered as torch.ops.faststyle_norm.{forward,backward}.
 //
 // Memory layouts (the ops take (N, C, *spatial) tensors whole, see check_input; M = the spatial positions):
 //   rows  (NCHW):          x is (N, C, M), one row of M spatial positions per (n, c); rows run in parallel and each
