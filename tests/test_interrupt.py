@@ -24,10 +24,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import train
 from models.loss import PerceptualLoss
 from models.transformer import TransformerNet
-from training import interrupt
+from training import interrupt, rundir
 from training.checkpoint import load_checkpoint
 from training.loop import RunOutputs, RunRecord, TrainingInterrupted, TrainOptions, fit
 
@@ -256,13 +255,14 @@ def test_resume_command_replaces_train_resume_and_quotes_for_shell_and_hydra(mon
     from hydra.core.hydra_config import HydraConfig
 
     overrides = ["style=my painting.jpg", "train.resume=outputs/old", "loss.style_layers={relu1_2:1.0}"]
+    rundir.register_resolvers()  # hydra.run.dir names the run after its style, as train.py declares
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     monkeypatch.setattr(sys, "argv", ["train.py"])
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     HydraConfig.instance().set_config(cfg)
     try:
-        words = shlex.split(train.resume_command("/runs/a b"))
+        words = shlex.split(rundir.resume_command("/runs/a b"))
         assert words == [
             "python",
             "train.py",
@@ -273,7 +273,7 @@ def test_resume_command_replaces_train_resume_and_quotes_for_shell_and_hydra(mon
         monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
         monkeypatch.setenv("GROUP_WORLD_SIZE", "1")
-        assert train.resume_command("/runs/r") == (
+        assert rundir.resume_command("/runs/r") == (
             "torchrun --nproc_per_node=4 train.py 'style=my painting.jpg' "
             "'loss.style_layers={relu1_2:1.0}' train.resume=/runs/r"
         )

@@ -7,8 +7,6 @@ functions with a config from ``hydra.compose`` (the loss and style-target set-up
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from configs.schema import check_train_config, min_image_size
 from core.cli import absolute_user_path
 from core.errors import FaststyleError
-from core.fileio import remove_stale_temp_files
+from training.rundir import remove_stale_temp_files, style_stem
 
 log = logging.getLogger(__name__)
-
-
-def style_stem(path: Any) -> str:
-    """Run-dir suffix from the style image path: its file stem with characters other than [A-Za-z0-9_-] dropped;
-    ``<n>styles`` for a list of several paths (a multi-style run)."""
-    if not isinstance(path, str) and isinstance(path, Sequence):
-        if len(path) != 1:
-            return f"{len(path)}styles"
-        path = path[0]
-    return re.sub(r"[^A-Za-z0-9_-]+", "", Path(str(path)).stem)[:40] or "style"
 
 
 def style_paths(cfg: DictConfig) -> list[Path]:
@@ -180,15 +168,6 @@ def build_model(cfg: DictConfig, num_styles: int = 1) -> Any:
         raise FaststyleError(f"bad model config: {err}") from err
 
 
-def _remove_stale_temp_files(run_dir: Path, resume_path: Path | None) -> None:
-    """Temporary files a killed run (kill -9, power loss) left behind, in this run and in the one it resumes."""
-    folders = [run_dir, run_dir / "checkpoints"]
-    if resume_path is not None:
-        folders += [resume_path, resume_path / "checkpoints"] if resume_path.is_dir() else [resume_path.parent]
-    for folder in folders:
-        remove_stale_temp_files(folder)
-
-
 def _check_resume(
     resume: dict, resume_path: Path, model: Any, data_state: dict, style_record: Any, overridden: bool = False
 ) -> None:
@@ -321,7 +300,7 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path, set_keys: set[str] | None =
     dataset = ImageFolderDataset(data_root, int(cfg.data.image_size), train=True)
     val_images = dataset.fixed_batch(int(cfg.data.val_images))  # centre crops of the first files: fixed
     if ctx.is_main:
-        _remove_stale_temp_files(run_dir, resume_path)
+        remove_stale_temp_files(run_dir, resume_path)
 
     torch.manual_seed(int(cfg.seed))  # model initialisation; the data order has its own seeded sampler
     base, names, model, meta = _style_setup(cfg, paths)
