@@ -27,7 +27,7 @@ from pathlib import Path
 
 from core.errors import FaststyleError, exit_with_error
 from core.fileio import atomic_write, atomic_write_text
-from data.images import DECODE_ERRORS, scan_image_files
+from data.dataset import DECODE_ERRORS, scan_image_files
 from data.io import load_image, resize_short_side
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

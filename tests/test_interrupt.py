@@ -228,12 +228,12 @@ def test_second_ctrl_c_exits_at_once_and_leaves_the_last_checkpoint_intact(
 # A Ctrl-C while the data folder is scanned, before the loop exists.
 CTRL_C_WHILE_LOADING = """
 import os, runpy, signal, sys
-import data.images
-real_init = data.images.ImageFolderDataset.__init__
+import data.dataset
+real_init = data.dataset.ImageFolderDataset.__init__
 def init(self, *args, **kwargs):
     os.kill(os.getpid(), signal.SIGINT)
     real_init(self, *args, **kwargs)
-data.images.ImageFolderDataset.__init__ = init
+data.dataset.ImageFolderDataset.__init__ = init
 sys.argv = ["train.py", *sys.argv[1:]]
 runpy.run_path("train.py", run_name="__main__")
 """

@@ -213,7 +213,7 @@ def _style_setup(cfg: DictConfig, paths: list[Path]) -> tuple[Any, list[str], An
     extend_path = absolute(cfg.train.extend)
     if extend_path is None:
         return None, names, build_model(cfg, len(paths)), _model_meta(cfg, paths, names)
-    from training.extend import extension_network, load_base
+    from training.add_style import extension_network, load_base
 
     base, base_meta, base_names = load_base(extend_path)
     if names[0] in base_names:
@@ -275,8 +275,8 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path, set_keys: set[str] | None =
     import torch
 
     from core.device import reuse_freed_memory
-    from data.images import ImageFolderDataset, make_train_loader
-    from training.extend import add_trained_style
+    from data.dataset import ImageFolderDataset, make_train_loader
+    from training.add_style import add_trained_style
     from training.loop import RunOutputs, RunRecord, TrainOptions, fit
     from training.memory import check_training_fits
 
