@@ -3,7 +3,7 @@
 
 Examples (run from the repository root)::
 
-    # the embedded demo (4 photos in data/samples, ~5 minutes on a laptop CPU): what `make demo` runs
+    # the embedded demo (4 photos in data/samples, minutes on a CPU: README, "Two commands"): what `make demo` runs
     python train.py experiment=demo
 
     # COCO (scripts/download_coco.sh), your painting: all a user needs to type

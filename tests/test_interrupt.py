@@ -3,7 +3,7 @@ is finished and saved to checkpoints/last.pt, one line gives the resume command,
 second Ctrl-C exits at once, and torchrun ranks all stop after the same step.
 
 The CLI tests run train.py for real on a very small problem (32 px, base width 8, the random loss network cut after
-relu1_2: about 100 steps/s here) and signal it once its progress bar shows a few steps.
+relu1_2: many steps per second) and signal it once its progress bar shows a few steps.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ RESUME_LINE = re.compile(
 
 
 def _env() -> dict[str, str]:
-    # One intra-op thread: faster for these tiny tensors on a 2-core machine, and two runs can share it.
+    # One intra-op thread: thread start-up costs more than these tiny tensors' work, and two runs share the CPU.
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
         env.pop(key, None)
