@@ -577,6 +577,7 @@ def fit(
             ``checkpoints/last.pt`` first; while ``model.pth`` is written: at once, carrying the last checkpoint.
         NonFiniteLossError: the loss became NaN/inf (found at a log point); nothing of it is saved.
     """
+    # Long for its docstring, the loop's whole contract; the work is Trainer's (set-up, step) and _StepLoop's.
     options.validate()
     trainer = Trainer(
         model,

@@ -271,13 +271,13 @@ def _recorded_config(cfg: DictConfig, style_record: Any) -> dict:
 
 
 def _train(cfg: DictConfig, ctx: Any, run_dir: Path, set_keys: set[str] | None = None) -> Path:
-    """The body of :func:`train` on one process (``ctx``: training.distributed.DistContext)."""
+    """The body of :func:`train` on one process (``ctx``: training.distributed.DistContext): the run's inputs,
+    network and loss, then :func:`_fit`."""
     import torch
 
-    from core.device import reuse_freed_memory
-    from data.dataset import ImageFolderDataset, make_train_loader
+    from data.dataset import ImageFolderDataset
     from training.add_style import add_trained_style
-    from training.loop import RunOutputs, RunRecord, TrainOptions, fit
+    from training.loop import RunRecord
     from training.memory import check_training_fits
 
     cfg, resume, changed = _resume(cfg, set_keys)  # first: a resumed run's style and data are the checkpoint's
@@ -285,17 +285,12 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path, set_keys: set[str] | None =
         raise FaststyleError("data.root is required: pass data.root=<folder of photos, e.g. data/coco/train2014>")
     paths, data_root = style_paths(cfg), absolute(cfg.data.root)
     resume_path = absolute(cfg.train.resume)
-    options = TrainOptions.from_config(OmegaConf.to_container(cfg.train, resolve=True))
-    if cfg.train.malloc_reuse:
-        reuse_freed_memory()  # before the first large allocation
-    options.validate()
-    device = ctx.device
-    policy = options.precision_policy(device)  # fp16 without CUDA fails here, not after the model is built
+    options, policy = _options(cfg, ctx.device)
 
     # Inputs first, so that a wrong path fails in a second, before the loss network is loaded; then what the run
     # will need against what the machine has, before anything large is allocated.
     styles = style_images(cfg)
-    check_training_fits(cfg, policy, device, [image.size for image in styles])
+    check_training_fits(cfg, policy, ctx.device, [image.size for image in styles])
     style_image = style_target(cfg, styles)
     dataset = ImageFolderDataset(data_root, int(cfg.data.image_size), train=True)
     val_images = dataset.fixed_batch(int(cfg.data.val_images))  # centre crops of the first files: fixed
@@ -306,15 +301,64 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path, set_keys: set[str] | None =
     base, names, model, meta = _style_setup(cfg, paths)
     style_record = str(paths[0]) if len(paths) == 1 else [str(path) for path in paths]
     # The loader is a pure function of (seed, step, batch size): storing them reproduces the exact batches.
-    data_state = {
-        "seed": int(cfg.seed),
-        "batch_size": int(cfg.train.batch_size),
-        "world_size": ctx.world_size,
-        "dataset_size": len(dataset),
-    }
+    data_state = {"seed": int(cfg.seed), "batch_size": int(cfg.train.batch_size), "world_size": ctx.world_size}
+    data_state["dataset_size"] = len(dataset)
     if resume is not None:
         _check_resume(resume, resume_path, model, data_state, style_record, bool(changed))
-    loss_fn = build_loss(cfg, style_image, device)
+    loss_fn = build_loss(cfg, style_image, ctx.device)
+    record = RunRecord(
+        style_image,
+        val_images,
+        checkpoint_extra={
+            "config": _recorded_config(cfg, style_record),
+            "data": data_state,
+            "style_path": style_record,
+        },
+        meta=meta,
+        hparams=_flat_hparams(cfg),
+        style_names=names if len(paths) > 1 else [],
+        final_model=add_trained_style(base) if base is not None else None,
+        seed=int(cfg.seed),
+    )
+    log.info(
+        "training %s on %d images from %s, device %s, run dir %s",
+        ", ".join(path.name for path in paths) if len(paths) < 4 else f"{len(paths)} styles",
+        len(dataset),
+        data_root,
+        ctx.device,
+        run_dir,
+    )
+    return _fit(cfg, ctx, run_dir, dataset, model, loss_fn, options, record, resume)
+
+
+def _options(cfg: DictConfig, device: Any) -> tuple[Any, Any]:
+    """The loop's options (training.loop.TrainOptions, checked) and the precision policy they give on ``device``
+    (fp16 without CUDA fails here, not after the model is built)."""
+    from core.device import reuse_freed_memory
+    from training.loop import TrainOptions
+
+    options = TrainOptions.from_config(OmegaConf.to_container(cfg.train, resolve=True))
+    if cfg.train.malloc_reuse:
+        reuse_freed_memory()  # before the first large allocation
+    options.validate()
+    return options, options.precision_policy(device)
+
+
+def _fit(
+    cfg: DictConfig,
+    ctx: Any,
+    run_dir: Path,
+    dataset: Any,
+    model: Any,
+    loss_fn: Any,
+    options: Any,
+    record: Any,
+    resume: dict | None,
+) -> Path:
+    """The training loop (training.loop.fit) over the run's loader, from the checkpoint's step when resuming; the
+    loader and the run's outputs are closed however it ends."""
+    from data.dataset import make_train_loader
+    from training.loop import RunOutputs, fit
 
     start_step = int(resume["step"]) if resume is not None else 0
     loader = make_train_loader(
@@ -322,42 +366,14 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path, set_keys: set[str] | None =
         int(cfg.train.batch_size),
         int(cfg.data.num_workers),
         int(cfg.seed),
-        pin_memory=device.type == "cuda",
+        pin_memory=ctx.device.type == "cuda",
         rank=ctx.rank,
         world_size=ctx.world_size,
         start_step=start_step,
     )
-    resolved = _recorded_config(cfg, style_record)
-    log.info(
-        "training %s on %d images from %s, device %s, run dir %s",
-        ", ".join(path.name for path in paths) if len(paths) < 4 else f"{len(paths)} styles",
-        len(dataset),
-        data_root,
-        device,
-        run_dir,
-    )
     outputs = RunOutputs(run_dir, options.steps, start_step, enabled=ctx.is_main)  # rank 0 alone writes
     try:
-        model_path = fit(
-            model,
-            loss_fn,
-            loader,
-            options,
-            device,
-            outputs,
-            RunRecord(
-                style_image,
-                val_images,
-                checkpoint_extra={"config": resolved, "data": data_state, "style_path": style_record},
-                meta=meta,
-                hparams=_flat_hparams(cfg),
-                style_names=names if len(paths) > 1 else [],
-                final_model=add_trained_style(base) if base is not None else None,
-                seed=int(cfg.seed),
-            ),
-            resume=resume,
-            dist_ctx=ctx,
-        )
+        model_path = fit(model, loss_fn, loader, options, ctx.device, outputs, record, resume=resume, dist_ctx=ctx)
     finally:
         outputs.close()
         loader.close()
