@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.images import ImageFolderDataset, make_train_loader
+from data.dataset import ImageFolderDataset, make_train_loader
 from data.io import MAX_DECODE_PIXELS, load_image, pil_to_tensor, resize_short_side
 
 

@@ -15,7 +15,6 @@ interrupted by Ctrl-C / SIGTERM.
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import os
 import sys
@@ -166,116 +165,6 @@ def preflight(
         return choose_outputs(cfg, parsed, bool(args.multirun)) if choose_outputs is not None else []
     except FaststyleError as err:
         usage_error(str(err))
-
-
-def holds_run(folder: Path) -> bool:
-    """True when ``folder`` holds what a finished or resumable run leaves: ``model.pth`` or a checkpoint.
-
-    TensorBoard events, a log or Hydra's ``.hydra/`` alone (a run stopped before its first checkpoint) are not a
-    run: nothing there can be resumed, so a new run may use the folder (:func:`run_leftovers` says what was there).
-    """
-    if (folder / "model.pth").exists() or (folder / "last.pt").is_file():
-        return True
-    checkpoints = folder / "checkpoints"
-    try:
-        return any(child.suffix == ".pt" and not child.name.startswith(".") for child in checkpoints.iterdir())
-    except OSError:  # no checkpoints/ folder (or not a folder)
-        return False
-
-
-def run_leftovers(folder: Path) -> list[str]:
-    """What a run that never reached its first checkpoint left in ``folder`` (names, for a message)."""
-    return [name for name in ("tb", "checkpoints", ".hydra", "train.log") if (folder / name).exists()]
-
-
-_HELD_RUN_DIRS: dict[Path, int] = {}
-"""Run folders this process holds (path -> open descriptor carrying the lock), for the life of the process."""
-
-
-def hold_run_dir(path: Path) -> bool:
-    """Take an exclusive lock on the run folder ``path`` for the rest of this process; False when another live
-    process holds it (a run training there right now).
-
-    ``flock`` on the folder itself: atomic, nothing is written into the folder, and the kernel releases the lock
-    when the process ends however it ends (a ``kill -9`` leaves no stale claim behind, so a killed run can be
-    resumed in place). Where locks are unsupported (no ``fcntl``, some network file systems) the folder is used
-    unlocked.
-    """
-    path = Path(path)
-    if path in _HELD_RUN_DIRS:
-        return True
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        return True
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return False
-    except OSError:
-        os.close(fd)
-        return True
-    _HELD_RUN_DIRS[path] = fd
-    return True
-
-
-def claim_fresh_dir(path: Path) -> Path:
-    """Create, lock (:func:`hold_run_dir`) and return ``path``, or ``path-2``, ``path-3``, ... whichever does not
-    exist yet.
-
-    ``mkdir`` either creates the folder or fails, atomically, so two runs started in the same second with the same
-    name get two folders, never one shared folder.
-    """
-    for number in itertools.count(1):
-        candidate = path if number == 1 else path.with_name(f"{path.name}-{number}")
-        try:
-            candidate.mkdir(parents=True)
-        except FileExistsError:
-            continue
-        hold_run_dir(candidate)
-        return candidate
-    raise AssertionError("unreachable")
-
-
-HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
-"""What Hydra writes into a run's ``.hydra/`` folder."""
-
-
-def remove_unused_run_dir(path: Path, log_name: str) -> bool:
-    """Remove the run folder ``path`` when it holds nothing but what Hydra put there before the run stopped
-    (``.hydra/`` with its three files, the log ``log_name``); True when it is gone.
-
-    Only those names are deleted, one by one, and the folders with ``rmdir``, which fails on a folder that holds
-    anything else: a file the user (or the run) put there is never removed. For the run that created the folder.
-    """
-    import logging
-
-    path = Path(path)
-    hydra_dir = path / ".hydra"
-    known = {".hydra", log_name}
-    try:
-        if not set(os.listdir(path)) <= known:
-            return False
-        if hydra_dir.is_dir() and not set(os.listdir(hydra_dir)) <= set(HYDRA_FILES):
-            return False
-        for handler in logging.getLogger().handlers:  # Hydra's file handler still has the log open
-            if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == path:
-                handler.close()
-                logging.getLogger().removeHandler(handler)
-        for name in HYDRA_FILES:
-            (hydra_dir / name).unlink(missing_ok=True)
-        if hydra_dir.is_dir():
-            hydra_dir.rmdir()
-        (path / log_name).unlink(missing_ok=True)
-        path.rmdir()
-    except OSError:
-        return False
-    fd = _HELD_RUN_DIRS.pop(path, None)
-    if fd is not None:
-        os.close(fd)
-    return True
 
 
 def absolute_user_path(path: str | os.PathLike) -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from core.errors import FaststyleError
 from core.fileio import atomic_write, atomic_write_text
-from data.images import DECODE_ERRORS, scan_image_files
+from data.dataset import DECODE_ERRORS, scan_image_files
 from data.io import load_image, resize_short_side
 
 log = logging.getLogger(__name__)

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +37,21 @@ from core.fileio import atomic_output
 from data.io import resize_to
 
 logger = logging.getLogger(__name__)
+
+
+class _PyAV:
+    """PyAV (a requirement), imported at its first use instead of with this module: stylize imports this module for
+    its names (``VIDEO_EXTENSIONS``, ``is_video_file``, ``output_size``) on every run, and loading PyAV, which loads
+    ffmpeg's libraries, is a start-up cost that a run on images alone must not pay. Every use below goes through the
+    one name ``av``, as after ``import av``."""
+
+    def __getattr__(self, name: str) -> Any:
+        import av as pyav
+
+        return getattr(pyav, name)
+
+
+av = _PyAV()
 
 VIDEO_CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".avi": "avi"}
 """Video extensions (lower case, with the dot) read and written, and the container (ffmpeg muxer) each writes."""
@@ -62,8 +78,6 @@ def _reason(err: BaseException) -> str:
 @contextlib.contextmanager
 def _encoding_errors(name: str) -> Iterator[None]:
     """ffmpeg errors while writing ``name`` as OSError (one failed file, not a bug)."""
-    import av
-
     try:
         yield
     except av.FFmpegError as err:
@@ -117,9 +131,7 @@ def upright_transpose(matrix: tuple[int, ...] | None) -> Image.Transpose | None:
 
 
 def _display_matrix(frame: object) -> tuple[int, ...] | None:
-    from av.sidedata.sidedata import Type
-
-    data = frame.side_data.get(Type.DISPLAYMATRIX)
+    data = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
     if data is None:
         return None
     raw = bytes(data)
@@ -187,8 +199,6 @@ def _cut_short_hint(path: Path) -> str:
 
 
 def _open_input(path: Path) -> object:
-    import av
-
     if path.is_dir():
         raise FaststyleError(f"{path} is a folder, not a video file: give the path of one video")
     if not path.is_file():
@@ -214,8 +224,6 @@ def _video_stream(container: object, path: Path) -> object:
 
 def _first_frame(path: Path) -> object:
     """The first decoded frame of ``path`` (opened on its own: no seeking back); FaststyleError when there is none."""
-    import av
-
     container = _open_input(path)
     try:
         stream = _video_stream(container, path)
@@ -239,8 +247,6 @@ class VideoReader:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        import av
-
         self.path = Path(path)
         first = _first_frame(self.path)  # its side data holds the display matrix
         self._container = _open_input(self.path)
@@ -296,8 +302,6 @@ class VideoReader:
     @property
     def start_time(self) -> float:
         """Where the file's timeline starts (seconds; frame times count from the same origin)."""
-        import av
-
         start = self._container.start_time
         return start / av.time_base if start is not None else 0.0
 
@@ -325,8 +329,6 @@ class VideoReader:
         """The frames in display order, upright, resized to ``size`` (width, height) when given (Lanczos down,
         bicubic up: data.io). ``on_packet`` receives each audio packet (PyAV Packet, its ``stream`` one of
         ``audio_streams``) as the file is read. Only the frames of one packet are held here at a time."""
-        import av
-
         if self._started:
             raise RuntimeError("VideoReader.frames() can be iterated once")
         self._started = True
@@ -383,8 +385,6 @@ class VideoReader:
 
     def _expected_end(self) -> float | None:
         """The time the file's header says its streams end at (seconds), or None when it does not say."""
-        import av
-
         if self._container.duration is None:
             return None
         return self.start_time + self._container.duration / av.time_base
@@ -407,8 +407,6 @@ class VideoReader:
 def frame_span(path: str | os.PathLike) -> tuple[float, float]:
     """The times (seconds) of the first and the last frame of ``path``'s video, read from the packets without
     decoding them (a pass over the file's bytes); for packets without timestamps, from their count and the rate."""
-    import av
-
     with VideoReader(path) as reader:
         container, stream = reader._container, reader.stream
         first = last = None
@@ -510,8 +508,6 @@ class VideoWriter:
     """Encodes frames and copies audio into one open output container (see :func:`open_video_writer`)."""
 
     def __init__(self, file: Path, container_format: str, settings: VideoSettings, name: str) -> None:
-        import av
-
         if settings.width % 2 or settings.height % 2:
             raise ValueError(f"yuv420p needs an even size, got {settings.width}x{settings.height} (see even_size)")
         self.name = name
@@ -595,8 +591,6 @@ class VideoWriter:
             raise OSError(f"{self.name}: the video writer is closed")
 
     def _write(self, rgb: np.ndarray, pts: int | None) -> None:
-        import av
-
         settings = self.settings
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
         frame = frame.reformat(
@@ -667,8 +661,6 @@ _SUPPORTED: dict[str, frozenset[str]] = {}
 
 def _supported_codecs(container: str) -> frozenset[str]:
     """The codec names ``container`` can hold (ffmpeg's avformat_query_codec), computed once per container."""
-    import av
-
     if container not in _SUPPORTED:
         with av.open(os.devnull, mode="w", format=container) as probe:
             _SUPPORTED[container] = frozenset(probe.supported_codecs)

@@ -9,8 +9,8 @@ with the biased variance, exactly like ``torch.nn.InstanceNorm2d``.
 
 Three implementations of that formula, chosen per call:
 
-* CPU, float32/float64/bfloat16/float16: a fused C++ kernel (``models/instance_norm_kernel.cpp``,
-  ``_FusedInstanceNormFunction``), compiled on first use with torch.utils.cpp_extension and cached in torch's
+* CPU, float32/float64/bfloat16/float16: a fused C++ kernel (``models/kernels/instance_norm.cpp``,
+  ``_FusedInstanceNormFunction``), compiled on first use by ``models/kernels/build.py`` and cached in torch's
   extension directory. It reads each tensor from memory about once per pass, which is what lets it beat
   ``nn.InstanceNorm2d`` (README, "Speed and memory"; ``python -m scripts.bench_norm`` measures both). A 16-bit
   tensor stays 16-bit in memory: the kernel widens it chunk by chunk and does all its arithmetic in float32, with
@@ -34,24 +34,15 @@ Channels-last inputs are reduced as (N, M, C) views without a copy and keep thei
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import math
-import os
-import platform
-import shutil
-import time
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from core.device import cpu_flags
+from models.kernels import INSTANCE_NORM, load_kernel
 
 NORM_KINDS = ("instance", "batch", "none")
-
-log = logging.getLogger(__name__)
 
 
 def _cl_format(dim: int) -> torch.memory_format | None:
@@ -173,107 +164,9 @@ class _InstanceNormFunction(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# The fused C++ kernel (CPU; float32/float64/bfloat16/float16): models/instance_norm_kernel.cpp, compiled on first use.
+# The fused C++ kernel (CPU; float32/float64/bfloat16/float16): models/kernels/instance_norm.cpp, built on first use by
+# models/kernels/build.py.
 # ------------------------------------------------------------------------------------------------------------------
-
-_KERNEL_SOURCE = Path(__file__).with_name("instance_norm_kernel.cpp")
-# None: not tried yet in this process; True: torch.ops.faststyle_norm is registered; False: build failed (warned once).
-_kernel_state: bool | None = None
-
-
-def _cpu_tag() -> str:
-    """A short hash of the CPU's instruction-set flags: the kernel is built with -march=native, so a home directory
-    shared between different machines must not reuse a build made for another CPU."""
-    flags = cpu_flags()
-    described = " ".join(flags) if flags is not None else platform.processor()
-    return hashlib.sha1(f"{platform.machine()} {described}".encode()).hexdigest()[:8]
-
-
-def _failure_cause(exc: BaseException) -> str:
-    """One line saying why the build failed: the first compiler 'error' line if there is one, else the message."""
-    text = str(exc)
-    for line in text.splitlines():
-        if "error" in line.lower() and "Error building extension" not in line:
-            return line.strip()[:300]
-    return (text.splitlines() or [type(exc).__name__])[0].strip()[:300]
-
-
-def _missing_build_tool() -> str | None:
-    """Why the kernel cannot be built here (no C++ compiler, no ninja), or None when the tools are there.
-
-    cpp_extension runs ``ninja`` from PATH; the pip package (requirements.txt) installs it into the virtual
-    environment's bin directory, which is not on PATH when the venv is not activated (``.venv/bin/python``), so that
-    directory is added to PATH here.
-    """
-    if not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
-        return "no C++ compiler (c++/g++/clang++) on PATH"
-    if shutil.which("ninja") is not None:
-        return None
-    try:
-        import ninja
-
-        bin_dir = str(ninja.BIN_DIR)
-    except (ImportError, AttributeError):
-        bin_dir = ""
-    if bin_dir and shutil.which("ninja", path=bin_dir):
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-        return None
-    return "the ninja build tool is not installed (pip install ninja)"
-
-
-def _build_and_load(source: Path) -> None:
-    """Compile ``source`` (or reuse the cached build) and load it, registering torch.ops.faststyle_norm; raises on
-    any failure. The build is named after the CPU (``_cpu_tag``) because it targets that CPU's instruction set."""
-    name = f"{source.stem}_{_cpu_tag()}"
-    # Importing cpp_extension logs a CUDA_HOME warning on CPU-only machines: irrelevant for this CPU kernel.
-    ext_log = logging.getLogger("torch.utils.cpp_extension")
-    level = ext_log.level
-    ext_log.setLevel(logging.ERROR)
-    try:
-        from torch.utils import cpp_extension
-    finally:
-        ext_log.setLevel(level)
-    start = time.perf_counter()
-    cpp_extension.load(
-        name=name,
-        sources=[str(source)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-        verbose=False,
-    )
-    seconds = time.perf_counter() - start
-    # a build (first use) is worth a line on the console; loading the cached library on every run is not
-    log.log(
-        logging.INFO if seconds > 1.0 else logging.DEBUG,
-        "fused InstanceNorm CPU kernel %s ready in %.1f s",
-        name,
-        seconds,
-    )
-
-
-def _load_kernels() -> bool:
-    """Compile (first use; cached in torch's extension directory, ~/.cache/torch_extensions) and load the fused
-    kernel. Returns False, after ONE warning naming the cause, where that is impossible (no compiler, no ninja...)."""
-    if os.environ.get("FASTSTYLE_NORM_KERNEL", "1") == "0":
-        # an explicit opt-out (to compare against, or to debug, the eager path): said at INFO, not a failure
-        log.info("fused InstanceNorm CPU kernel disabled by FASTSTYLE_NORM_KERNEL=0: using the eager path")
-        return False
-    cause = _missing_build_tool()
-    if cause is None:
-        try:
-            _build_and_load(_KERNEL_SOURCE)
-            return True
-        except Exception as exc:  # noqa: BLE001  (any build/load failure: fall back, loudly, below)
-            cause = f"{type(exc).__name__}: {_failure_cause(exc)}"
-    log.warning(
-        "InstanceNorm: could not build the fused CPU kernel %s (%s); falling back to the eager path, which is "
-        "2-3x slower on CPU",
-        _KERNEL_SOURCE.name,
-        cause,
-    )
-    return False
-
 
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -282,12 +175,9 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 def _use_fused_kernel(x: Tensor) -> bool:
     """True when the fused C++ kernel handles ``x`` (CPU float32/float64/bfloat16/float16), building it on first
     use."""
-    global _kernel_state
     if x.device.type != "cpu" or x.dtype not in _KERNEL_DTYPES:
         return False
-    if _kernel_state is None:
-        _kernel_state = _load_kernels()
-    return _kernel_state
+    return load_kernel(INSTANCE_NORM)
 
 
 class _FusedInstanceNormFunction(torch.autograd.Function):

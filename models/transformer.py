@@ -313,7 +313,7 @@ class TransformerNet(nn.Module):
     def with_added_style(self, style_net: TransformerNet) -> TransformerNet:
         """A network holding this network's styles plus one more: ``style_net``'s (gamma, beta), taken from its
         norms. ``style_net`` must be a one-style network with the same convolutions (trained with them frozen:
-        training/extend.py); ValueError otherwise. The existing styles' rows are copied unchanged."""
+        training/add_style.py); ValueError otherwise. The existing styles' rows are copied unchanged."""
         base = {key: value for key, value in self.config().items() if key != "num_styles"}
         if style_net.config() != base:
             raise ValueError(f"the new style's network {style_net.config()} differs from this one's {base}")

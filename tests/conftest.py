@@ -25,7 +25,8 @@ def seeded_rngs():
 
 @pytest.fixture
 def one_thread():
-    """Small tensors: one intra-op thread is ~7x faster than two on this shared 2-core machine (measured).
+    """One intra-op thread for tests on small tensors: starting and synchronising threads costs more than such small
+    ops themselves, the more so when other processes share the CPU (README, "Using the environment", has a figure).
 
     Use per module with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
     threads = torch.get_num_threads()

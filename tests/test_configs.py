@@ -11,10 +11,11 @@ from omegaconf import OmegaConf
 
 import train  # noqa: F401  (registers the style_stem resolver that hydra.run.dir uses)
 from configs.schema import check_against_schema, check_stylize_config, check_train_config
-from core.cli import claim_fresh_dir, hydra_error_line, quoted_override
+from core.cli import hydra_error_line, quoted_override
 from core.errors import FaststyleError
 from training.loop import TrainOptions
 from training.run import train as run_training
+from training.rundir import claim_fresh_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

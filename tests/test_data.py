@@ -1,4 +1,4 @@
-"""Tests for data/images.py: scanning, decoding to RGB, crops, corrupt files, the step-based loader."""
+"""Tests for data/dataset.py: scanning, decoding to RGB, crops, corrupt files, the step-based loader."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from core.errors import FaststyleError
-from data.images import (
+from data.dataset import (
     ImageFolderDataset,
     StepBatchSampler,
     _crop_box,
@@ -160,7 +160,7 @@ def _corrupt_folder(folder: Path) -> list[Path]:
 def test_corrupt_files_are_substituted_warned_and_counted(folder: Path, caplog: pytest.LogCaptureFixture) -> None:
     bad = _corrupt_folder(folder)
     dataset = ImageFolderDataset(folder, 16)
-    with caplog.at_level(logging.WARNING, logger="data.images"):
+    with caplog.at_level(logging.WARNING, logger="data.dataset"):
         images = [dataset[i] for i in range(len(dataset))]
     assert all(image.shape == (3, 16, 16) for image in images)
     assert dataset.skipped == 3 and sorted(dataset.skipped_files) == [str(p) for p in bad]
@@ -175,7 +175,7 @@ def test_loader_keeps_batch_size_and_counts_bad_files_across_workers(
     bad = _corrupt_folder(folder)
     dataset = ImageFolderDataset(folder, 16)
     loader = make_train_loader(dataset, batch_size=3, num_workers=num_workers, seed=0)
-    with caplog.at_level(logging.WARNING, logger="data.images"):
+    with caplog.at_level(logging.WARNING, logger="data.dataset"):
         batches = [next(loader) for _ in range(6)]  # 18 samples: every file of the 8 is met at least once
     loader.close()
     assert all(batch.shape == (3, 3, 16, 16) for batch in batches)
@@ -317,7 +317,7 @@ def test_a_bad_file_met_by_validation_and_by_workers_is_logged_and_counted_once(
 ) -> None:
     (folder / "img0.jpg").write_bytes(b"broken")
     dataset = ImageFolderDataset(folder, 16)
-    with caplog.at_level(logging.WARNING, logger="data.images"):
+    with caplog.at_level(logging.WARNING, logger="data.dataset"):
         dataset.fixed_batch(2)  # in this process: meets img0.jpg
         loader = make_train_loader(dataset, batch_size=5, num_workers=1, seed=0)
         next(loader)  # a whole pass in a worker: meets it again

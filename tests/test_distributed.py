@@ -106,7 +106,7 @@ def _train(
     training.loop.style_indices gives it (a function of the step, the rank and the global sample order)."""
     import os
 
-    from data.images import ImageFolderDataset, make_train_loader
+    from data.dataset import ImageFolderDataset, make_train_loader
     from models.loss import PerceptualLoss
     from training.loop import style_indices
 

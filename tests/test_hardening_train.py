@@ -20,9 +20,9 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-import train as train_entry
 from core.errors import FaststyleError
 from core.fileio import disk_full_error
+from training import rundir
 from training.checkpoint import open_checkpoint, save_checkpoint
 from training.memory import MemoryNeed, check_fits, estimate
 from training.resume import resumed_config, set_keys
@@ -152,7 +152,7 @@ def test_an_unwritable_run_dir_is_refused_in_preflight(tmp_path: Path, monkeypat
     # Through os.access, which is what the check asks: root may write anywhere, so chmod alone proves nothing.
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != folder)
     with pytest.raises(FaststyleError, match="is not writable"):
-        train_entry._make_run_folder("hydra.run.dir", str(folder), folder)
+        rundir.make_named_run_folder("hydra.run.dir", str(folder), folder)
 
 
 def test_an_error_after_the_folder_was_made_leaves_no_empty_run_folder(tmp_path: Path) -> None:

@@ -3,7 +3,7 @@ is finished and saved to checkpoints/last.pt, one line gives the resume command,
 second Ctrl-C exits at once, and torchrun ranks all stop after the same step.
 
 The CLI tests run train.py for real on a very small problem (32 px, base width 8, the random loss network cut after
-relu1_2: about 100 steps/s here) and signal it once its progress bar shows a few steps.
+relu1_2: many steps per second) and signal it once its progress bar shows a few steps.
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import train
 from models.loss import PerceptualLoss
 from models.transformer import TransformerNet
-from training import interrupt
+from training import interrupt, rundir
 from training.checkpoint import load_checkpoint
 from training.loop import RunOutputs, RunRecord, TrainingInterrupted, TrainOptions, fit
 
@@ -66,7 +65,7 @@ RESUME_LINE = re.compile(
 
 
 def _env() -> dict[str, str]:
-    # One intra-op thread: faster for these tiny tensors on a 2-core machine, and two runs can share it.
+    # One intra-op thread: thread start-up costs more than these tiny tensors' work, and two runs share the CPU.
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
         env.pop(key, None)
@@ -229,12 +228,12 @@ def test_second_ctrl_c_exits_at_once_and_leaves_the_last_checkpoint_intact(
 # A Ctrl-C while the data folder is scanned, before the loop exists.
 CTRL_C_WHILE_LOADING = """
 import os, runpy, signal, sys
-import data.images
-real_init = data.images.ImageFolderDataset.__init__
+import data.dataset
+real_init = data.dataset.ImageFolderDataset.__init__
 def init(self, *args, **kwargs):
     os.kill(os.getpid(), signal.SIGINT)
     real_init(self, *args, **kwargs)
-data.images.ImageFolderDataset.__init__ = init
+data.dataset.ImageFolderDataset.__init__ = init
 sys.argv = ["train.py", *sys.argv[1:]]
 runpy.run_path("train.py", run_name="__main__")
 """
@@ -256,13 +255,14 @@ def test_resume_command_replaces_train_resume_and_quotes_for_shell_and_hydra(mon
     from hydra.core.hydra_config import HydraConfig
 
     overrides = ["style=my painting.jpg", "train.resume=outputs/old", "loss.style_layers={relu1_2:1.0}"]
+    rundir.register_resolvers()  # hydra.run.dir names the run after its style, as train.py declares
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     monkeypatch.setattr(sys, "argv", ["train.py"])
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     HydraConfig.instance().set_config(cfg)
     try:
-        words = shlex.split(train.resume_command("/runs/a b"))
+        words = shlex.split(rundir.resume_command("/runs/a b"))
         assert words == [
             "python",
             "train.py",
@@ -273,7 +273,7 @@ def test_resume_command_replaces_train_resume_and_quotes_for_shell_and_hydra(mon
         monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
         monkeypatch.setenv("GROUP_WORLD_SIZE", "1")
-        assert train.resume_command("/runs/r") == (
+        assert rundir.resume_command("/runs/r") == (
             "torchrun --nproc_per_node=4 train.py 'style=my painting.jpg' "
             "'loss.style_layers={relu1_2:1.0}' train.resume=/runs/r"
         )

@@ -13,8 +13,8 @@ from models.transformer import TransformerNet
 from tests.test_train import CONTENT, SMALL, compose_train, read_events, scalar_values
 from training.checkpoint import load_checkpoint
 from training.loop import style_counts, style_indices
-from training.run import style_stem
 from training.run import train as run_training
+from training.rundir import style_stem
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -229,7 +229,7 @@ def test_make_norm_kinds_and_errors() -> None:
         make_norm("layer", 8)
 
 
-# ------------------------------------------------------------ the fused C++ kernel (models/instance_norm_kernel.cpp)
+# ------------------------------------------------------------ the fused C++ kernel (models/kernels/instance_norm.cpp)
 _HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
 
 
@@ -309,12 +309,16 @@ def test_fused_kernel_stable_at_large_offset_and_gradcheck(channels_last: bool) 
 def test_kernel_build_failure_warns_once_and_falls_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from models import norm
+    import dataclasses
 
-    broken = tmp_path / "faststyle_broken_norm_kernel.cpp"
+    from models import norm
+    from models.kernels import build
+
+    broken = tmp_path / "faststyle_broken_norm.cpp"
     broken.write_text('#error "forced failure for the fallback test"\n')
-    monkeypatch.setattr(norm, "_KERNEL_SOURCE", broken)
-    monkeypatch.setattr(norm, "_kernel_state", None)
+    kernel = dataclasses.replace(norm.INSTANCE_NORM, name=broken.stem, source_dir=tmp_path)
+    monkeypatch.setattr(norm, "INSTANCE_NORM", kernel)
+    monkeypatch.setattr(build, "_loaded", {})
     # the build directory of the broken source goes to tmp_path, not to the user's extension cache
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     torch.manual_seed(13)
@@ -329,7 +333,7 @@ def test_kernel_build_failure_warns_once_and_falls_back(
     assert "could not build the fused CPU kernel" in message and "eager path" in message
     # the cause is named: the compiler's error line, or the missing tool
     assert "forced failure" in message or "compiler" in message or "ninja" in message
-    assert norm._kernel_state is False
+    assert build._loaded[kernel.name] is False
     torch.testing.assert_close(y1, ref(x), atol=1e-5, rtol=0)
     torch.testing.assert_close(y2, y1, atol=0, rtol=0)
 
@@ -508,8 +512,9 @@ def test_bf16_autocast_gradients_reach_float32_parameters(channels_last: bool) -
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_input_eager_fallback_upcasts(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     from models import norm
+    from models.kernels import build
 
-    monkeypatch.setattr(norm, "_kernel_state", False)  # as if the kernel could not be built
+    monkeypatch.setitem(build._loaded, norm.INSTANCE_NORM.name, False)  # as if the kernel could not be built
     torch.manual_seed(17)
     ours, _ = _affine_pair(4)
     x = _memory_format((torch.randn(2, 4, 9, 10) * 3 + 2).to(dtype), True).requires_grad_(True)

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from core.errors import FaststyleError
-from data.images import ImageFolderDataset
+from data.dataset import ImageFolderDataset
 
 REPO = Path(__file__).resolve().parents[1]
 DOWNLOAD = REPO / "scripts" / "download_coco.sh"

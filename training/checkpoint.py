@@ -20,9 +20,7 @@ import torch
 from core.errors import FaststyleError
 from core.fileio import atomic_torch_save, safe_torch_load
 from models.modelfile import CHECKPOINT_FORMAT, FORMAT_VERSION, check_format
-
-LAST_CHECKPOINT_NAME = "last.pt"
-CHECKPOINT_DIR_NAME = "checkpoints"
+from training.rundir import CHECKPOINT_DIR_NAME, LAST_CHECKPOINT_NAME, run_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +105,7 @@ def open_checkpoint(path: str | os.PathLike) -> tuple[Path, dict]:
             f"no complete checkpoint in {path}: {', '.join(skipped)} cannot be read (cut short?); start the run "
             "again without train.resume"
         )
-    if any((path / name).exists() for name in ("tb", "train.log", ".hydra")):
+    if set(run_leftovers(path)) - {CHECKPOINT_DIR_NAME}:
         raise FaststyleError(
             f"no checkpoint in {path}: its run stopped before its first checkpoint (written every "
             "train.checkpoint_interval_steps), so there is nothing to resume; start the run again without "

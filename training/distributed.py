@@ -8,7 +8,7 @@ variables it is a plain single-process run and nothing is initialised, so the sa
 
 Conventions used by training/run.py and training/loop.py:
 
-- every rank runs the same loop on its own shard of each global batch (data/images.py's sampler does the sharding),
+- every rank runs the same loop on its own shard of each global batch (data/dataset.py's sampler does the sharding),
   :func:`wrap_ddp` all-reduces (averages) the gradients during ``backward``, so every rank applies the same update;
 - only the main process (rank 0, :attr:`DistContext.is_main`) logs, writes TensorBoard, checkpoints and
   ``model.pth``; train.py, which decides before torch is imported, reads torchrun's ``RANK`` variable instead;

@@ -44,20 +44,14 @@ from torch import nn
 from core import precision
 from core.errors import FaststyleError
 from models.modelfile import save_model, unwrap_model
-from training.checkpoint import (
-    CHECKPOINT_DIR_NAME,
-    LAST_CHECKPOINT_NAME,
-    capture_rng_state,
-    restore_rng_state,
-    save_checkpoint,
-)
+from training.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
 from training.distributed import DistContext, agree_to_stop, all_reduce_mean, wait_for_ranks, wrap_ddp
 from training.interrupt import StopSignals, TrainingInterrupted, stop_signals
+from training.rundir import CHECKPOINT_DIR_NAME, LAST_CHECKPOINT_NAME, MODEL_FILE_NAME, TB_DIR_NAME
 
 log = logging.getLogger(__name__)
 
 LR_SCHEDULES = ("none", "cosine", "linear")
-MODEL_FILE_NAME = "model.pth"
 NOT_LOOP_KEYS = ("batch_size", "resume", "resume_override", "extend", "malloc_reuse")
 """Keys of the config's ``train:`` block that the data loader or the process set-up use, not :func:`fit`."""
 
@@ -239,7 +233,7 @@ class RunOutputs:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
-        self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+        self.writer = SummaryWriter(log_dir=str(self.run_dir / TB_DIR_NAME))
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
@@ -583,6 +577,7 @@ def fit(
             ``checkpoints/last.pt`` first; while ``model.pth`` is written: at once, carrying the last checkpoint.
         NonFiniteLossError: the loss became NaN/inf (found at a log point); nothing of it is saved.
     """
+    # Long for its docstring, the loop's whole contract; the work is Trainer's (set-up, step) and _StepLoop's.
     options.validate()
     trainer = Trainer(
         model,

@@ -35,7 +35,7 @@ resident memory (minus the process's memory before training) to the count, over 
 bf16 (with and without train.malloc_reuse), so that the estimate errs low."""
 HALF_PRECISION_BYTES = 3
 """Bytes per counted element under bf16/fp16 autocast: between 2 and 4, as autocast keeps the norms, the Grams
-and the losses in float32 (a bf16 step took most of an fp32 step's memory when measured)."""
+and the losses in float32, so a bf16 step holds most of an fp32 step's memory."""
 
 _GIB = 2**30
 

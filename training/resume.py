@@ -141,6 +141,32 @@ def resumed_config(
                 fixed[key] = f"{key}={_show(value)} (given: {_show(mine[key])})"
             else:
                 changed.append((key, value, mine[key]))
+    _refuse_changes(source, saved, mine, fixed, changed, bool(cfg.train.get("resume_override", False)))
+    news = [f"{key}={_show(given)} (the run's: {_show(value)})" for key, value, given in changed]
+    if news:
+        log.warning("train.resume_override: training %s on with %s", source, "; ".join(news))
+    if taken:
+        log.info("resuming %s with its own %s", source, ", ".join(f"{key}={_show(mine[key])}" for key in taken))
+    merged: dict[str, Any] = {}
+    for key, value in mine.items():
+        group, _, child = key.partition(".")
+        if child and group in GROUPS:
+            merged.setdefault(group, {})[child] = value
+        else:
+            merged[key] = value
+    return OmegaConf.create(merged), news
+
+
+def _refuse_changes(
+    source: Path,
+    saved: dict[str, Any],
+    mine: dict[str, Any],
+    fixed: dict[str, str],
+    changed: list[tuple[str, Any, Any]],
+    override: bool,
+) -> None:
+    """FaststyleError for what a resumed run may not change: its network (``fixed``: ``model.*``, ``train.extend``)
+    ever, its other learned options (``changed``) without ``train.resume_override`` (``override``)."""
     if "train.extend" in fixed:
         was, given = saved["train.extend"], mine["train.extend"]
         raise FaststyleError(
@@ -155,22 +181,9 @@ def resumed_config(
             f"train.resume={source}: a run keeps its network: it was trained with {'; '.join(fixed.values())}; leave "
             "model.* and train.extend out (or pass the same model.* options), or start a new run"
         )
-    if changed and not bool(cfg.train.get("resume_override", False)):
+    if changed and not override:
         was = "; ".join(f"{key}={_show(value)} (given: {_show(given)})" for key, value, given in changed)
         raise FaststyleError(
             f"train.resume={source}: the run was trained with {was}: leave these out to continue it as it was, or "
             "add train.resume_override=true to train its weights on towards the new settings"
         )
-    news = [f"{key}={_show(given)} (the run's: {_show(value)})" for key, value, given in changed]
-    if news:
-        log.warning("train.resume_override: training %s on with %s", source, "; ".join(news))
-    if taken:
-        log.info("resuming %s with its own %s", source, ", ".join(f"{key}={_show(mine[key])}" for key in taken))
-    merged: dict[str, Any] = {}
-    for key, value in mine.items():
-        group, _, child = key.partition(".")
-        if child and group in GROUPS:
-            merged.setdefault(group, {})[child] = value
-        else:
-            merged[key] = value
-    return OmegaConf.create(merged), news

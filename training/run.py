@@ -7,8 +7,6 @@ functions with a config from ``hydra.compose`` (the loss and style-target set-up
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from configs.schema import check_train_config, min_image_size
 from core.cli import absolute_user_path
 from core.errors import FaststyleError
-from core.fileio import remove_stale_temp_files
+from training.rundir import remove_stale_temp_files, style_stem
 
 log = logging.getLogger(__name__)
-
-
-def style_stem(path: Any) -> str:
-    """Run-dir suffix from the style image path: its file stem with characters other than [A-Za-z0-9_-] dropped;
-    ``<n>styles`` for a list of several paths (a multi-style run)."""
-    if not isinstance(path, str) and isinstance(path, Sequence):
-        if len(path) != 1:
-            return f"{len(path)}styles"
-        path = path[0]
-    return re.sub(r"[^A-Za-z0-9_-]+", "", Path(str(path)).stem)[:40] or "style"
 
 
 def style_paths(cfg: DictConfig) -> list[Path]:
@@ -180,15 +168,6 @@ def build_model(cfg: DictConfig, num_styles: int = 1) -> Any:
         raise FaststyleError(f"bad model config: {err}") from err
 
 
-def _remove_stale_temp_files(run_dir: Path, resume_path: Path | None) -> None:
-    """Temporary files a killed run (kill -9, power loss) left behind, in this run and in the one it resumes."""
-    folders = [run_dir, run_dir / "checkpoints"]
-    if resume_path is not None:
-        folders += [resume_path, resume_path / "checkpoints"] if resume_path.is_dir() else [resume_path.parent]
-    for folder in folders:
-        remove_stale_temp_files(folder)
-
-
 def _check_resume(
     resume: dict, resume_path: Path, model: Any, data_state: dict, style_record: Any, overridden: bool = False
 ) -> None:
@@ -234,7 +213,7 @@ def _style_setup(cfg: DictConfig, paths: list[Path]) -> tuple[Any, list[str], An
     extend_path = absolute(cfg.train.extend)
     if extend_path is None:
         return None, names, build_model(cfg, len(paths)), _model_meta(cfg, paths, names)
-    from training.extend import extension_network, load_base
+    from training.add_style import extension_network, load_base
 
     base, base_meta, base_names = load_base(extend_path)
     if names[0] in base_names:
@@ -292,13 +271,13 @@ def _recorded_config(cfg: DictConfig, style_record: Any) -> dict:
 
 
 def _train(cfg: DictConfig, ctx: Any, run_dir: Path, set_keys: set[str] | None = None) -> Path:
-    """The body of :func:`train` on one process (``ctx``: training.distributed.DistContext)."""
+    """The body of :func:`train` on one process (``ctx``: training.distributed.DistContext): the run's inputs,
+    network and loss, then :func:`_fit`."""
     import torch
 
-    from core.device import reuse_freed_memory
-    from data.images import ImageFolderDataset, make_train_loader
-    from training.extend import add_trained_style
-    from training.loop import RunOutputs, RunRecord, TrainOptions, fit
+    from data.dataset import ImageFolderDataset
+    from training.add_style import add_trained_style
+    from training.loop import RunRecord
     from training.memory import check_training_fits
 
     cfg, resume, changed = _resume(cfg, set_keys)  # first: a resumed run's style and data are the checkpoint's
@@ -306,36 +285,80 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path, set_keys: set[str] | None =
         raise FaststyleError("data.root is required: pass data.root=<folder of photos, e.g. data/coco/train2014>")
     paths, data_root = style_paths(cfg), absolute(cfg.data.root)
     resume_path = absolute(cfg.train.resume)
-    options = TrainOptions.from_config(OmegaConf.to_container(cfg.train, resolve=True))
-    if cfg.train.malloc_reuse:
-        reuse_freed_memory()  # before the first large allocation
-    options.validate()
-    device = ctx.device
-    policy = options.precision_policy(device)  # fp16 without CUDA fails here, not after the model is built
+    options, policy = _options(cfg, ctx.device)
 
     # Inputs first, so that a wrong path fails in a second, before the loss network is loaded; then what the run
     # will need against what the machine has, before anything large is allocated.
     styles = style_images(cfg)
-    check_training_fits(cfg, policy, device, [image.size for image in styles])
+    check_training_fits(cfg, policy, ctx.device, [image.size for image in styles])
     style_image = style_target(cfg, styles)
     dataset = ImageFolderDataset(data_root, int(cfg.data.image_size), train=True)
     val_images = dataset.fixed_batch(int(cfg.data.val_images))  # centre crops of the first files: fixed
     if ctx.is_main:
-        _remove_stale_temp_files(run_dir, resume_path)
+        remove_stale_temp_files(run_dir, resume_path)
 
     torch.manual_seed(int(cfg.seed))  # model initialisation; the data order has its own seeded sampler
     base, names, model, meta = _style_setup(cfg, paths)
     style_record = str(paths[0]) if len(paths) == 1 else [str(path) for path in paths]
     # The loader is a pure function of (seed, step, batch size): storing them reproduces the exact batches.
-    data_state = {
-        "seed": int(cfg.seed),
-        "batch_size": int(cfg.train.batch_size),
-        "world_size": ctx.world_size,
-        "dataset_size": len(dataset),
-    }
+    data_state = {"seed": int(cfg.seed), "batch_size": int(cfg.train.batch_size), "world_size": ctx.world_size}
+    data_state["dataset_size"] = len(dataset)
     if resume is not None:
         _check_resume(resume, resume_path, model, data_state, style_record, bool(changed))
-    loss_fn = build_loss(cfg, style_image, device)
+    loss_fn = build_loss(cfg, style_image, ctx.device)
+    record = RunRecord(
+        style_image,
+        val_images,
+        checkpoint_extra={
+            "config": _recorded_config(cfg, style_record),
+            "data": data_state,
+            "style_path": style_record,
+        },
+        meta=meta,
+        hparams=_flat_hparams(cfg),
+        style_names=names if len(paths) > 1 else [],
+        final_model=add_trained_style(base) if base is not None else None,
+        seed=int(cfg.seed),
+    )
+    log.info(
+        "training %s on %d images from %s, device %s, run dir %s",
+        ", ".join(path.name for path in paths) if len(paths) < 4 else f"{len(paths)} styles",
+        len(dataset),
+        data_root,
+        ctx.device,
+        run_dir,
+    )
+    return _fit(cfg, ctx, run_dir, dataset, model, loss_fn, options, record, resume)
+
+
+def _options(cfg: DictConfig, device: Any) -> tuple[Any, Any]:
+    """The loop's options (training.loop.TrainOptions, checked) and the precision policy they give on ``device``
+    (fp16 without CUDA fails here, not after the model is built)."""
+    from core.device import reuse_freed_memory
+    from training.loop import TrainOptions
+
+    options = TrainOptions.from_config(OmegaConf.to_container(cfg.train, resolve=True))
+    if cfg.train.malloc_reuse:
+        reuse_freed_memory()  # before the first large allocation
+    options.validate()
+    return options, options.precision_policy(device)
+
+
+def _fit(
+    cfg: DictConfig,
+    ctx: Any,
+    run_dir: Path,
+    dataset: Any,
+    model: Any,
+    loss_fn: Any,
+    options: Any,
+    record: Any,
+    resume: dict | None,
+) -> Path:
+    """The training loop (training.loop.fit) over the run's loader, from the checkpoint's step when resuming; the
+    loader and the run's outputs are closed however it ends."""
+    from data.dataset import make_train_loader
+    from training.loop import RunOutputs, fit
 
     start_step = int(resume["step"]) if resume is not None else 0
     loader = make_train_loader(
@@ -343,42 +366,14 @@ def _train(cfg: DictConfig, ctx: Any, run_dir: Path, set_keys: set[str] | None =
         int(cfg.train.batch_size),
         int(cfg.data.num_workers),
         int(cfg.seed),
-        pin_memory=device.type == "cuda",
+        pin_memory=ctx.device.type == "cuda",
         rank=ctx.rank,
         world_size=ctx.world_size,
         start_step=start_step,
     )
-    resolved = _recorded_config(cfg, style_record)
-    log.info(
-        "training %s on %d images from %s, device %s, run dir %s",
-        ", ".join(path.name for path in paths) if len(paths) < 4 else f"{len(paths)} styles",
-        len(dataset),
-        data_root,
-        device,
-        run_dir,
-    )
     outputs = RunOutputs(run_dir, options.steps, start_step, enabled=ctx.is_main)  # rank 0 alone writes
     try:
-        model_path = fit(
-            model,
-            loss_fn,
-            loader,
-            options,
-            device,
-            outputs,
-            RunRecord(
-                style_image,
-                val_images,
-                checkpoint_extra={"config": resolved, "data": data_state, "style_path": style_record},
-                meta=meta,
-                hparams=_flat_hparams(cfg),
-                style_names=names if len(paths) > 1 else [],
-                final_model=add_trained_style(base) if base is not None else None,
-                seed=int(cfg.seed),
-            ),
-            resume=resume,
-            dist_ctx=ctx,
-        )
+        model_path = fit(model, loss_fn, loader, options, ctx.device, outputs, record, resume=resume, dist_ctx=ctx)
     finally:
         outputs.close()
         loader.close()

@@ -1,5 +1,5 @@
 // Fused CPU kernels for models/norm.py's InstanceNorm (float32, float64, bfloat16 and float16), compiled on first use
-// by torch.utils.cpp_extension.load and registered as torch.ops.faststyle_norm.{forward,backward}.
+// by models/kernels/build.py (torch.utils.cpp_extension) and registered as torch.ops.faststyle_norm.{forward,backward}.
 //
 // Memory layouts (the ops take (N, C, *spatial) tensors whole, see check_input; M = the spatial positions):
 //   rows  (NCHW):          x is (N, C, M), one row of M spatial positions per (n, c); rows run in parallel and each
@@ -427,6 +427,9 @@ void forward_rows(const S* x, S* y, const T* w, const T* b, int64_t N, int64_t C
   });
 }
 
+// Long on purpose (as forward_chans and backward_chans): one parallel loop whose sweeps share the per-task buffers
+// and partial sums while they are in cache; split into functions, those would be passed around by the dozen without
+// making either sweep easier to follow.
 template <typename S, typename T = acc_t<S>>
 void backward_rows(const S* g, const S* x, S* dx, const double* mean, const double* rstd, const T* w, int64_t N,
                    int64_t C, int64_t M, double* sg_out, double* sgxhat_out) {
@@ -510,6 +513,7 @@ std::vector<acc_t<S>> chunk_buffer(int64_t C) {
   return std::vector<acc_t<S>>(kNarrow<S> ? chunk_positions(C) * C : 0);
 }
 
+// Long on purpose: one parallel loop whose sweeps share per-task buffers and sums in cache (see backward_rows).
 template <typename S, typename T = acc_t<S>>
 void forward_chans(const S* x, S* y, const T* w, const T* b, int64_t N, int64_t C, int64_t M, double eps,
                    double* mean, double* var, double* rstd) {
@@ -617,6 +621,7 @@ void forward_chans(const S* x, S* y, const T* w, const T* b, int64_t N, int64_t 
   });
 }
 
+// Long on purpose: one parallel loop whose sweeps share per-task buffers and sums in cache (see backward_rows).
 template <typename S, typename T = acc_t<S>>
 void backward_chans(const S* g, const S* x, S* dx, const double* mean, const double* rstd, const T* w, int64_t N,
                     int64_t C, int64_t M, double* sg_out, double* sgxhat_out) {
