@@ -18,23 +18,8 @@ from torch import nn
 
 from core.errors import FaststyleError
 from core.precision import PrecisionPolicy, resolve_precision
+from interop.read import read_model_file
 from models.styles import StyleChoice, parse_style, style_names
-
-
-def read_model_file(
-    path: str | os.PathLike, device: str | torch.device = "cpu", pixel_range: str | int = "auto"
-) -> tuple[nn.Module, dict]:
-    """(network, meta) of any model file stylize runs: a faststyle ``model.pth``, a pytorch/examples state dict, or
-    an ``.onnx`` export (run by onnxruntime; ``pixel_range`` applies to foreign ONNX files only). Torch networks come
-    back in eval mode on ``device``; nothing in the file is executed."""
-    path = Path(path)
-    if path.suffix.lower() == ".onnx":
-        from inference.onnx_runner import load_onnx_model
-
-        return load_onnx_model(path, device=device, pixel_range=pixel_range)
-    from interop.legacy import load_any_model
-
-    return load_any_model(path, device=device)
 
 
 def style_count(net: object) -> int:

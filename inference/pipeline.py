@@ -108,7 +108,8 @@ def stylize(cfg: DictConfig) -> Summary:
     FaststyleError before any image is processed; per-image failures are collected in the summary; Ctrl-C
     (KeyboardInterrupt) raises StylizeInterrupted once the writes in flight are complete."""
     from core.device import resolve_device
-    from interop.legacy import load_any_model
+    from interop.onnx_model import read_onnx_file
+    from interop.read import read_torch_model_file
 
     check_stylize_config(cfg)
     if cfg.malloc_reuse:
@@ -116,11 +117,9 @@ def stylize(cfg: DictConfig) -> Summary:
     model_path = model_file(cfg.model)
     device = resolve_device(str(cfg.device))
     if model_path.suffix.lower() == ".onnx":  # exported models run through onnxruntime, untiled only
-        from inference.onnx_runner import load_onnx_model
-
-        net, meta = load_onnx_model(model_path, device=device, pixel_range=cfg.onnx_pixel_range)
+        net, meta = read_onnx_file(model_path, device=device, pixel_range=cfg.onnx_pixel_range)
     else:
-        net, meta = load_any_model(model_path, device="cpu")
+        net, meta = read_torch_model_file(model_path, device="cpu")
     choices = style_choices(net, meta, cfg.style)
     end = ramp_end_choice(net, meta, cfg.style_end, cfg.style)
     labels = [c.label for c in choices] if choices else None

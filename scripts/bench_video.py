@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(_worker(args)))
         return 0
     from core.device import resolve_device, reuse_freed_memory
-    from interop.legacy import load_any_model
+    from interop.read import read_torch_model_file as load_any_model
 
     reuse_freed_memory()  # as stylize does by default (malloc_reuse): the network rows must not page-fault more
     device = resolve_device(args.device)

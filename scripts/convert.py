@@ -18,7 +18,7 @@ from pathlib import Path
 
 from core.errors import FaststyleError, exit_with_error
 from core.fileio import same_file
-from interop.legacy import load_legacy_file
+from interop.pytorch_examples import read_examples_file as load_legacy_file
 from models.modelfile import save_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from core.errors import FaststyleError, exit_with_error
-from interop.export import DEFAULT_OPSET, ONNX_STYLE_INPUT_NAME, export_onnx, export_torchscript
-from interop.legacy import load_any_model
+from interop.onnx_export import DEFAULT_OPSET, ONNX_STYLE_INPUT_NAME, export_onnx
+from interop.read import read_torch_model_file as load_any_model
+from interop.torchscript_export import export_torchscript
 from models.styles import style_names
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +66,7 @@ def verify(net: torch.nn.Module, path: Path, fmt: str, sizes: list[tuple[int, in
     """Max |export - PyTorch| over random (2, 3, H, W) batches of the given sizes (and, for a multi-style model,
     over verify_mixes); raises FaststyleError above VERIFY_TOLERANCE."""
     if fmt == "onnx":
-        from inference.onnx_runner import OnnxStyleModel
+        from interop.onnx_model import OnnxStyleModel
 
         onnx_model = OnnxStyleModel(path)
 

@@ -73,7 +73,8 @@ def _one_style(net: torch.nn.Module, meta: dict, style: str | None) -> torch.nn.
 
 def _as_examples(path: Path, tmp: Path, style: str | None) -> Path:
     """``path`` written in pytorch/examples' format (a bare state dict) into ``tmp``; refuses other architectures."""
-    from interop.legacy import load_any_model, to_legacy_state_dict
+    from interop.pytorch_examples import to_examples_state_dict as to_legacy_state_dict
+    from interop.read import read_torch_model_file as load_any_model
 
     net, meta = load_any_model(path, device="cpu")
     net = _one_style(net, meta, style)
@@ -86,7 +87,7 @@ def check(path: Path, args: argparse.Namespace, device: torch.device, tmp: Path)
     from data.io import load_image, resize_to, save_image
     from inference.jobs import Job
     from inference.runner import Loaded
-    from interop.legacy import load_any_model
+    from interop.read import read_torch_model_file as load_any_model
 
     source = _as_examples(path, tmp, args.style) if args.as_examples else path
     net, meta = load_any_model(source, device="cpu")

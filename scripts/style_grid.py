@@ -275,7 +275,7 @@ def make_grid(
     from core.errors import FaststyleError
     from core.fileio import refuse_output_among_inputs
     from data.io import WRITE_FORMATS, load_image, pil_to_tensor, resize_max_side, save_image
-    from interop.legacy import load_any_model
+    from interop.read import read_torch_model_file as load_any_model
     from models.styles import all_styles, parse_style, style_names
 
     model, photo = absolute_user_path(model), absolute_user_path(photo)

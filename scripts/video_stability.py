@@ -252,7 +252,7 @@ def load_stylizer(
     import torch
 
     from core.errors import FaststyleError
-    from interop.legacy import load_any_model
+    from interop.read import read_torch_model_file as load_any_model
     from models.styles import parse_style, style_names
 
     net, meta = load_any_model(path, device="cpu")

@@ -292,7 +292,7 @@ def test_runner_runs_onnx_models_in_fp32(fake_gpu: dict) -> None:
     CPU has native bf16; an explicit 16-bit request is refused."""
     from inference.runner import Runner
 
-    class OnnxLike:  # what inference.onnx_runner.OnnxStyleModel offers the Runner: not an nn.Module
+    class OnnxLike:  # what interop.onnx_model.OnnxStyleModel offers the Runner: not an nn.Module
         def eval(self) -> OnnxLike:
             return self
 
@@ -443,13 +443,13 @@ def test_precision_check_script_compares_through_the_runner(tmp_path: Path, caps
     prints PSNRs: finite and high for a small network, and the images it says it wrote exist."""
     import re
 
-    from interop.legacy import legacy_config
+    from interop.pytorch_examples import examples_config
     from models.modelfile import save_model
     from scripts import precision_check
 
     torch.manual_seed(0)
     model = tmp_path / "run" / "model.pth"
-    save_model(model, TransformerNet(**legacy_config(8, 1)).eval(), {"style_stem": "x"})
+    save_model(model, TransformerNet(**examples_config(8, 1)).eval(), {"style_stem": "x"})
     args = [str(model), "--width", "64", "--height", "48", "--tiled-budget-mb", "4", "--out", str(tmp_path / "o")]
     assert precision_check.main([*args, "--as-examples"]) == 0
     line = capsys.readouterr().out.splitlines()[-1]

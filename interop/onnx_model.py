@@ -1,18 +1,19 @@
-"""Run an exported ``.onnx`` style network through onnxruntime with the same call contract as TransformerNet.
+"""``.onnx`` style networks in: an onnxruntime session wrapped with TransformerNet's inference contract.
 
 ``OnnxStyleModel(path)(x)`` takes x (N, 3, H, W) float32 RGB in [0, 1] and returns (N, 3, H, W) in [0, 1] (the
 same range promise as the torch model it was exported from), so ``stylize.py`` can treat both alike for untiled
-inference. Files written by ``scripts/export.py`` carry the model's config and meta as JSON in the ONNX
-``metadata_props`` (key ``faststyle``) and take and give [0, 1]; they run exactly as exported.
+inference; interop.read reads ``.onnx`` files through :func:`read_onnx_file`. Files written by
+``scripts/export.py`` carry the model's config and meta as JSON in the ONNX ``metadata_props`` (key ``faststyle``)
+and take and give [0, 1]; they run exactly as exported.
 
 A multi-style export (``model_config["num_styles"]`` S > 1 in that metadata) has a second input, ``style_weights``
-(S,) float32 (interop/export.py). ``num_styles`` says so (1 for every other file); ``model.for_style(weights)``
+(S,) float32 (interop/onnx_export.py). ``num_styles`` says so (1 for every other file); ``model.for_style(weights)``
 returns a one-style callable that feeds those weights, like ``TransformerNet.for_style``; calling the model itself
 without choosing a style raises FaststyleError.
 
 Any other ONNX file with one float (N, 3, H, W) input and output is *foreign*: nothing in it says its pixel range,
 and the common ones (pytorch/examples ``fast_neural_style --export_onnx``, the ONNX model zoo's fast-neural-style
-files) take and give RGB in 0-255, often at a fixed 1x3xHxW size. For those the runner
+files) take and give RGB in 0-255, often at a fixed 1x3xHxW size. For those the model
 
 - finds the pixel range (``pixel_range="auto"``, see ``detect_pixel_range``) or takes it as given (``"0-1"`` /
   ``"0-255"``), and scales input and output so callers still see [0, 1]; the output is clamped to [0, 1] like
@@ -532,10 +533,10 @@ class OnnxStyleModel:
         return f"OnnxStyleModel({str(self.path)!r}, providers={self.session.get_providers()}{style})"
 
 
-def load_onnx_model(
+def read_onnx_file(
     path: str | os.PathLike, device: str | torch.device = "cpu", pixel_range: str | int = "auto"
 ) -> tuple[OnnxStyleModel, dict]:
-    """Load an ``.onnx`` style network; returns (callable model, meta) like ``interop.legacy.load_any_model``.
+    """Load an ``.onnx`` style network; returns (callable model, meta) like the other readers of interop.read.
 
     ``pixel_range`` ("auto" | "0-1" | "0-255") applies to ONNX files not written by faststyle (see OnnxStyleModel).
     """
