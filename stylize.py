@@ -10,13 +10,13 @@
     python stylize.py model=multi/model.pth input=clip.mp4 style=0 style_end=1   # a video whose style changes
 
 Options and defaults: configs/stylize.yaml. A multi-style model writes every style (``style=`` picks one by name or
-index, or mixes several: weights >= 0, normalised). Outputs are named ``<input stem>_<style>.<ext>`` and go to
+index, or mixes several: weights >= 0, normalized). Outputs are named ``<input stem>_<style>.<ext>`` and go to
 ``<model dir>/stylized/`` unless ``output`` says otherwise; they never replace an input. Images whose untiled
 forward pass would exceed ``max_memory_mb`` run through the exact tiled executor (inference/tiled.py), which
 reproduces the untiled result (global instance-norm statistics) with bounded memory. A video (.mp4 .m4v .mov .mkv
-.webm .avi) is decoded, stylized in batches and encoded as a stream (inference/video.py): same frames, timestamps and
-audio, written upright. The work itself is ``inference.pipeline.stylize(cfg)``; this file is the command line around
-it.
+.webm .avi) is decoded, stylized in batches and encoded as a stream (inference/video_stylize.py): same frames,
+timestamps and audio, written upright. The work itself is ``inference.pipeline.stylize(cfg)``; this file is the
+command line around it.
 
 Exit status: 0 when every image was written or skipped, 1 when some failed (each is reported; a video that ends
 early is written up to there and counts as failed), 2 on a usage error (``error: ...`` on stderr), 3 on an internal

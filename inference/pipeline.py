@@ -1,6 +1,6 @@
 """A whole stylize run from a composed config (configs/stylize.yaml): load the model, plan the outputs, then decode,
 stylize and write every input with a small I/O thread pool, collecting per-image failures instead of stopping.
-Videos go to inference.video one by one (a stream of frame batches each), after the images of the same style.
+Videos go to inference.video_stylize one by one (a stream of frame batches each), after the images of the same style.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from core.errors import FaststyleError
 from core.fileio import DiskFullError, remove_stale_temp_files
 from inference.jobs import Job, output_location, plan_jobs
 from inference.runner import Loaded, Runner, batches, load_job, non_finite_error, save_result
-from inference.video import StyleRamp, stylize_video
+from inference.video_stylize import StyleRamp, stylize_video
 from models.styles import StyleChoice, all_styles, parse_style, style_names
 
 logger = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """The network side of stylizing: decode an input, run the model (batched untiled, or one image through the exact
-tiled executor when it does not fit ``max_memory_mb``), finish colours and write the result atomically.
+tiled executor when it does not fit ``max_memory_mb``), finish colors and write the result atomically.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from data.io import (
     to_uint8,
 )
 from data.video import output_size
-from inference.colour import finish_colors
+from inference.color import finish_colors
 from inference.jobs import Job
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def load_job(
     scale: float | None,
     network_bytes: Callable[[int, int], float] | None = None,
 ) -> Loaded:
-    """Decode (EXIF orientation, any colour mode, 16-bit) and resize one input; errors are returned, not raised,
+    """Decode (EXIF orientation, any color mode, 16-bit) and resize one input; errors are returned, not raised,
     so one bad file in a folder does not stop the others.
 
     Memory: the decoded 8-bit image (Pillow holds RGB and RGBA as 4 bytes per pixel) and nothing else once this
@@ -130,10 +130,10 @@ def load_job(
 
 
 def save_result(loaded: Loaded, stylized: torch.Tensor | Image.Image, cfg: DictConfig) -> Path:
-    """Colour handling, alpha re-attachment and an atomic write; returns the path written.
+    """Color handling, alpha re-attachment and an atomic write; returns the path written.
 
     ``stylized``: the untiled network output, (3, H, W) float32 in [0, 1], finished here; or the tiled path's
-    image (Runner), which is finished already (colours, alpha and 8-bit rounding applied strip by strip).
+    image (Runner), which is finished already (colors, alpha and 8-bit rounding applied strip by strip).
     """
     if isinstance(stylized, Image.Image):
         img = stylized
@@ -168,7 +168,7 @@ def non_finite_message(bad: int) -> str | None:
 
 
 FINISH_BYTES_PER_PX = 96
-"""Temporary bytes per pixel of the tiled path's colour finishing of one output strip (Runner._tiled_image): the
+"""Temporary bytes per pixel of the tiled path's color finishing of one output strip (Runner._tiled_image): the
 content rows (uint8 and float), finish_colors' float copies, the 8-bit conversion and the strip pasted into the
 image; measured 65 B/px with preserve_color=true and strength=0.6 (peak RSS growth on a 3000 x 1000 RGBA strip).
 Passed to the executor so that its strip sizes include it."""
@@ -254,7 +254,7 @@ class Runner:
     @torch.inference_mode()
     def stylize_pixels(self, frames: torch.Tensor) -> torch.Tensor:
         """Stylize (N, H, W, 3) uint8 RGB frames (CPU) that fit ``max_memory_mb`` untiled (see max_batch) and return
-        them finished as (N, H, W, 3) uint8 on the CPU: colours (preserve_color, strength) and data.io.to_uint8's
+        them finished as (N, H, W, 3) uint8 on the CPU: colors (preserve_color, strength) and data.io.to_uint8's
         rounding applied on the device, so that only 8-bit pixels cross to and from it (a quarter of the float32
         bytes) and the CPU does no per-pixel work. The same pixels as __call__ followed by save_result's finishing.
         RuntimeError when the model produced NaN or infinite values."""

@@ -1,7 +1,7 @@
 """Exact inference of a TransformerNet on images of any size, with bounded memory (layer-wise streaming).
 
-Why not naive tiling: instance norm normalises each channel with the mean and variance over the *whole* image
-(Ulyanov et al. 2016). Stylising tiles independently gives every tile its own statistics, which shows as tone jumps
+Why not naive tiling: instance norm normalizes each channel with the mean and variance over the *whole* image
+(Ulyanov et al. 2016). Stylizing tiles independently gives every tile its own statistics, which shows as tone jumps
 and seams. Overlapping tiles with blending hide the seams but still do not reproduce the untiled result.
 
 What this module does instead (exact up to floating-point summation order):
@@ -23,7 +23,7 @@ What this module does instead (exact up to floating-point summation order):
 6. Neither the input nor the output image is ever held as float32: the first convolution reads its strips from
    the caller's image through ``read_rows`` (uint8 rows converted to float per strip, the canvas padding gathered
    exactly), and the last convolution's strips are mapped to RGB and handed to the caller's ``sink`` one by one
-   (``TiledExecutor.stream``), without a store. stylize's sink (inference/runner.py) applies the colour options
+   (``TiledExecutor.stream``), without a store. stylize's sink (inference/runner.py) applies the color options
    and writes uint8.
 
 Every layer is computed once (plus the small halo rows), so the cost is about one untiled forward pass. Memory:
@@ -64,7 +64,7 @@ _FLOAT_BYTES = 4
 # mode): the peak RSS growth of a 1920x1080 forward (``python -m scripts.bench stylize``) is 700-960 B/px depending
 # on memory layout and allocator, and the margin above that makes an image that is estimated to fit really fit.
 UNTILED_BYTES_PER_PIXEL_W32 = 1100
-# Of those, the image's own float tensors (input, padded canvas, output, colour finishing: ~15 copies of 12 B/px)
+# Of those, the image's own float tensors (input, padded canvas, output, color finishing: ~15 copies of 12 B/px)
 # do not shrink with a narrower network; only the rest is scaled by base_width / 32.
 UNTILED_FIXED_BYTES_PER_PIXEL = 200
 MIN_STRIP_MB = 64
@@ -291,7 +291,7 @@ def _relu(t: Tensor, inplace: bool) -> Tensor:
 
 
 def _norm_needs_stats(module: nn.Module) -> bool:
-    """True when ``module`` normalises with statistics of its input (instance norm, or a norm without buffers)."""
+    """True when ``module`` normalizes with statistics of its input (instance norm, or a norm without buffers)."""
     if isinstance(module, nn.Identity):
         return False
     if isinstance(module, nn.BatchNorm2d):
@@ -526,7 +526,7 @@ class TiledExecutor:
     # -- public ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def __call__(self, image: Tensor) -> Tensor:
-        """Stylise one image: (1, 3, H, W) or (3, H, W) float in [0, 1] -> (1, 3, H, W) float32 on the CPU, in
+        """Stylize one image: (1, 3, H, W) or (3, H, W) float in [0, 1] -> (1, 3, H, W) float32 on the CPU, in
         [0, 1]; equal to ``net(image)`` up to floating-point summation order."""
         if image.dim() == 3:
             image = image.unsqueeze(0)
@@ -546,7 +546,7 @@ class TiledExecutor:
     def stream(
         self, read_rows: RowReader, height: int, width: int, sink: StripSink, sink_bytes_per_px: int = 0
     ) -> None:
-        """Stylise one height x width image that is read and delivered in row strips; nothing image-sized is
+        """Stylize one height x width image that is read and delivered in row strips; nothing image-sized is
         allocated here.
 
         Args:
@@ -836,7 +836,7 @@ def canvas_size(height: int, width: int) -> tuple[int, int]:
 
 def untiled_bytes_estimate(net: TransformerNet, height: int, width: int) -> int:
     """Estimated peak bytes of a plain ``net(x)`` on one (height, width) image (float32, CPU), with the image's own
-    float copies (input, canvas, output, colour finishing) that do not shrink with a narrower network."""
+    float copies (input, canvas, output, color finishing) that do not shrink with a narrower network."""
     base_width = net.config().get("base_width", 32)
     canvas = math.prod(canvas_size(height, width))
     scaled = (UNTILED_BYTES_PER_PIXEL_W32 - UNTILED_FIXED_BYTES_PER_PIXEL) * max(base_width, 1) / 32

@@ -8,7 +8,7 @@ for every size and maps to the runtimes' own operators:
   ops, a dozen elementwise ONNX nodes) for its ``to_torch()`` equivalent, an ``nn.InstanceNorm2d`` with the same
   weight, bias and eps, which the ONNX exporter turns into one ``InstanceNormalization`` node (ONNX operator spec:
   per-instance, per-channel mean and biased variance over the spatial axes,
-  ``y = scale * (x - mean) / sqrt(var + epsilon) + B``: the same formula as ours). Only layers that normalise with
+  ``y = scale * (x - mean) / sqrt(var + epsilon) + B``: the same formula as ours). Only layers that normalize with
   the input's statistics (``track_running_stats=False``) are swapped; others keep their running statistics and
   export as plain arithmetic (:func:`swap_instance_norms`);
 - it always pads bottom/right up to a multiple of 4 with reflection (``(-H) % 4`` rows, zero when already a
@@ -65,7 +65,7 @@ class ExportableStyleNet(nn.Module):
 
     ``forward(x)``: x (N, 3, H, W) float32 RGB in [0, 1], H, W >= MIN_SIDE -> (N, 3, H, W) in [0, 1].
     ``forward(x, style_weights)`` for a multi-style network: style_weights (num_styles,) float32 >= 0, not all 0,
-    normalised to sum 1 in the graph and applied to every image of the batch.
+    normalized to sum 1 in the graph and applied to every image of the batch.
     """
 
     def __init__(self, net: TransformerNet) -> None:
@@ -90,7 +90,7 @@ class ExportableStyleNet(nn.Module):
         if style_weights is None:
             y = self.net.decoder(self.net.residuals(self.net.encoder(canvas)))
         else:
-            # Normalised in the graph so apps can feed raw slider values; one mix for every image of the batch.
+            # Normalized in the graph so apps can feed raw slider values; one mix for every image of the batch.
             weights = style_weights.to(torch.float32).reshape(1, self.num_styles)
             mix = (weights / weights.sum()).expand(x.shape[0], self.num_styles)
             y = self.net.body(canvas, mix)

@@ -44,7 +44,7 @@ def export_onnx(
     meta: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``net`` as an ONNX model: input ``image`` (N, 3, H, W) float32 [0, 1] -> output ``stylized``; a
-    multi-style network takes a second input ``style_weights`` (num_styles,) float32, normalised in the graph.
+    multi-style network takes a second input ``style_weights`` (num_styles,) float32, normalized in the graph.
 
     With ``height``/``width`` None the batch, height and width are dynamic (H, W >= MIN_SIDE); otherwise they are
     fixed to the given size (batch stays dynamic). The model config and ``meta`` (plus, for several styles, their

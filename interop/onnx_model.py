@@ -73,7 +73,7 @@ little (their stylize scripts clamp), a wrong scale misses it by a factor of 255
 PLAUSIBLE_FRACTION = 0.9
 PLAUSIBLE_MIN_STD = 0.03
 """...and must vary (about 8 levels of 255): a stylized photo has contrast, while a 0-1 network fed 0-255 and
-instance-normalised after its first conv returns its usual output, which divided by 255 is nearly flat."""
+instance-normalized after its first conv returns its usual output, which divided by 255 is nearly flat."""
 SIZE_MULTIPLES = (1, 4, 8, 16, 32)
 """Paddings tried, smallest first, until a dynamic-size graph returns its input's size (strided encoders)."""
 MAX_EXTRA_PX = max(SIZE_MULTIPLES) - 1
@@ -296,7 +296,7 @@ class OnnxStyleModel:
 
     def for_style(self, weights: Any) -> OnnxStyleModel:
         """A callable with this model's contract that runs the style mix ``weights`` (a sequence or tensor of
-        ``num_styles`` numbers >= 0, not all 0; normalised to sum 1), like ``TransformerNet.for_style``: it shares
+        ``num_styles`` numbers >= 0, not all 0; normalized to sum 1), like ``TransformerNet.for_style``: it shares
         this model's session, has ``num_styles`` 1 and a config without ``num_styles``. A one-style model (or one
         already chosen) is returned as a copy, unchanged. Bad weights raise FaststyleError."""
         chosen = copy.copy(self)
@@ -311,7 +311,7 @@ class OnnxStyleModel:
         total = sum(values)
         if not all(math.isfinite(v) and v >= 0 for v in values) or total <= 0:
             raise FaststyleError(f"style weights must be finite, >= 0 and not all 0, got {values}")
-        # Normalised here too (the graph does it again), so ``style_weights`` reads as the mix that runs.
+        # Normalized here too (the graph does it again), so ``style_weights`` reads as the mix that runs.
         chosen._style_feed = np.asarray([v / total for v in values], dtype=np.float32)
         chosen.num_styles = 1
         chosen._config = {k: v for k, v in self._config.items() if k != "num_styles"}

@@ -31,7 +31,7 @@ def export_torchscript(
     meta: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``net`` as a TorchScript module (``torch.jit.load(path)(x)``, x (N, 3, H, W) [0, 1] -> same; a
-    multi-style network is called ``(x, style_weights)``, style_weights (num_styles,) float32, normalised inside).
+    multi-style network is called ``(x, style_weights)``, style_weights (num_styles,) float32, normalized inside).
 
     Traced with torch.jit.trace; the pad-and-crop arithmetic on ``x.shape`` is recorded as graph ops, so any
     H, W >= MIN_SIDE works (checked by the tests at odd sizes); a given ``height``/``width`` only sets the example

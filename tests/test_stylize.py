@@ -15,7 +15,7 @@ from torch import nn
 
 from core.errors import FaststyleError
 from core.metrics import psnr
-from inference.colour import rgb_to_ycbcr, ycbcr_to_rgb
+from inference.color import rgb_to_ycbcr, ycbcr_to_rgb
 from inference.pipeline import stylize
 from models.modelfile import save_model
 from models.transformer import TransformerNet

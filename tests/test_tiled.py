@@ -161,7 +161,7 @@ def test_stylize_8bit_strips_equal_the_float_path(tmp_path: Path, norm: str, mod
     data.io.tensor_to_pil, alpha re-attached. Bit-exact, because the same strips give the same network values and
     every later step is pointwise; in bf16 too (the network cast to bf16, as stylize's precision policy casts it)."""
     from data.io import pil_to_tensor, tensor_to_pil
-    from inference.colour import finish_colors
+    from inference.color import finish_colors
     from models.modelfile import load_model
 
     model = make_model(tmp_path / f"{norm}.pth", norm=norm, seed=3)

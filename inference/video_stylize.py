@@ -1,5 +1,5 @@
 """Stylize one video file: decode (data.video) -> Runner (batches, or the exact tiled executor for large frames)
--> finish colours (preserve_color, strength) -> encode, as a stream.
+-> finish colors (preserve_color, strength) -> encode, as a stream.
 
 Three threads share the work so the network is rarely idle: a reader decodes and converts frames ahead (and hands
 the audio packets to the writer), the calling thread runs the network, and a writer encodes and muxes. The queues
@@ -279,7 +279,7 @@ def _stylize_batch(
     span: tuple[float, float] | None,
 ) -> list[tuple[Frame, np.ndarray]]:
     """Run one batch of frames (of one size) through the network; returns each frame with its finished (H, W, 3)
-    uint8 pixels. Frames that fit max_memory_mb untiled go through Runner.stylize_pixels (colours finished on the
+    uint8 pixels. Frames that fit max_memory_mb untiled go through Runner.stylize_pixels (colors finished on the
     device); larger ones one by one through the exact tiled executor, which returns them finished too."""
     if ramp is not None:
         first, last = span if span is not None else (batch[0].time, batch[0].time)
