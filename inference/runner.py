@@ -36,6 +36,8 @@ from data.io import (
 from data.video import output_size
 from inference.color import finish_colors
 from inference.jobs import Job
+from inference.network import StyleModel, StyleNetwork
+from models.styles import StyleChoice
 
 logger = logging.getLogger(__name__)
 
@@ -178,23 +180,16 @@ class Runner:
     """Runs the model on decoded images of one size: in batches through the untiled network when they fit
     ``max_memory_mb``, otherwise one by one through the exact tiled executor, reading and writing 8-bit strips."""
 
-    def __init__(self, net: torch.nn.Module, device: torch.device, cfg: DictConfig) -> None:
+    def __init__(self, network: StyleNetwork, cfg: DictConfig) -> None:
+        """Run ``network`` (inference.network: the model's style, prepared under its precision policy) with
+        stylize's options in ``cfg`` (max_memory_mb, tmp_dir, preserve_color, strength). Applies the policy's
+        process-wide backend settings and logs them (core.precision.configure_backends)."""
         from inference.tiled import untiled_bytes_estimate
 
-        name = str(cfg.precision)
-        if not isinstance(net, torch.nn.Module):  # an .onnx model: onnxruntime computes in float32 whatever we ask
-            if name not in ("auto", "fp32"):
-                raise FaststyleError(
-                    f"precision={name}: .onnx models run in fp32 through onnxruntime: use precision=auto or fp32, "
-                    "or the .pth model"
-                )
-            name = "fp32"  # a 16-bit input would only round the photo before onnxruntime converts it back
-        # Precision, memory format and the cast of the network: core.precision's policy (stylize never compiles:
-        # each image size would compile again).
-        self.policy = precision.resolve_precision(device, name, cfg.channels_last, False, training=False)
+        self.network = network
+        self.policy = network.policy
         precision.configure_backends(self.policy)
-        self.net = self.policy.prepare_module(net, device).eval()
-        self.device = device
+        self.net, self.device = network.net, network.device
         self.budget_mb = float(cfg.max_memory_mb)
         if self.budget_mb <= 0:
             raise FaststyleError("max_memory_mb must be positive")
@@ -203,13 +198,22 @@ class Runner:
         self._estimate = untiled_bytes_estimate
         self._tiled = None
         self.tiled_images = 0
-        self._sizes_told: set[tuple[int, int]] = set()  # shared by for_network copies: one line per size and run
+        self._sizes_told: set[tuple[int, int]] = set()  # shared by with_style copies: one line per size and run
 
-    def for_network(self, net: torch.nn.Module) -> Runner:
-        """A Runner with these settings for another network of the same kind (the next style of a multi-style
-        model): the policy is not resolved, and the backends not configured, a second time."""
+    @classmethod
+    def from_module(cls, net: torch.nn.Module, device: torch.device, cfg: DictConfig) -> Runner:
+        """A Runner for a one-style network already in memory (tests, benchmarks), under the policy that
+        ``cfg.precision`` and ``cfg.channels_last`` give it on ``device`` (inference.network.inference_policy)."""
+        model = StyleModel.from_network(net, device, precision=cfg.precision, channels_last=cfg.channels_last)
+        return cls(model.network(), cfg)
+
+    def with_style(self, style: str | int | StyleChoice) -> Runner:
+        """A Runner with these settings for another style or mix of the same model (the next style of a
+        multi-style model, a video's changing mix): the policy is not resolved, and the backends not configured, a
+        second time."""
         other = copy.copy(self)
-        other.net = self.policy.prepare_module(net, self.device).eval()
+        other.network = self.network.with_style(style)
+        other.net = other.network.net
         other._tiled = None
         return other
 

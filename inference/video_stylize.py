@@ -30,6 +30,7 @@ from core.errors import FaststyleError
 from data.video import Frame, VideoReader, VideoSettings, even_size, frame_span, open_video_writer, output_size
 from inference.jobs import Job
 from inference.runner import Loaded, Runner, memory_problem
+from models.styles import StyleChoice
 
 logger = logging.getLogger(__name__)
 
@@ -59,20 +60,23 @@ class VideoResult:
 
 @dataclass(frozen=True)
 class StyleRamp:
-    """A mix that moves linearly from ``start`` at the first frame to ``end`` at the last, per frame: both are
-    (num_styles,) weights summing to 1; ``net`` the multi-style network (TransformerNet or OnnxStyleModel)."""
+    """A mix of a multi-style model that moves linearly from ``start`` at the first frame to ``end`` at the last:
+    each frame's network is the model's plain network of that frame's mix (Runner.with_style)."""
 
-    net: object
-    start: tuple[float, ...]
-    end: tuple[float, ...]
+    start: StyleChoice
+    end: StyleChoice
 
     def weights(self, t: float) -> tuple[float, ...]:
         """The mix at position ``t`` in [0, 1]: exactly ``start`` at 0 and exactly ``end`` at 1."""
         if t <= 0.0:
-            return self.start
+            return self.start.weights
         if t >= 1.0:
-            return self.end
-        return tuple((1.0 - t) * a + t * b for a, b in zip(self.start, self.end, strict=True))
+            return self.end.weights
+        return tuple((1.0 - t) * a + t * b for a, b in zip(self.start.weights, self.end.weights, strict=True))
+
+    def choice(self, t: float) -> StyleChoice:
+        """The mix at position ``t`` as a style choice (labelled like the video's output name)."""
+        return StyleChoice(f"{self.start.label}_to_{self.end.label}", self.weights(t))
 
 
 class _Worker:
@@ -284,7 +288,7 @@ def _stylize_batch(
     if ramp is not None:
         first, last = span if span is not None else (batch[0].time, batch[0].time)
         t = 0.0 if last <= first else (batch[0].time - first) / (last - first)
-        runner = runner.for_network(ramp.net.for_style(ramp.weights(t)))
+        runner = runner.with_style(ramp.choice(t))
     height, width = batch[0].pixels.shape[:2]
     if runner.max_batch(height, width) >= len(batch):
         out = runner.stylize_pixels(torch.from_numpy(np.stack([frame.pixels for frame in batch])))

@@ -124,7 +124,7 @@ def bench_network(net: torch.nn.Module, device: torch.device, precision: str, si
     width, height = size
     # stylize's own defaults; a budget no frame exceeds keeps it untiled (bench_stylize times the tiled executor).
     cfg = compose_config([f"precision={precision}", "max_memory_mb=1000000000"])
-    runner = Runner(net, device, cfg)
+    runner = Runner.from_module(net, device, cfg)
     frames = torch.from_numpy(np.stack(list(_pan_frames(width, height, batch))))
 
     def call() -> None:

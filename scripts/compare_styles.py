@@ -126,7 +126,7 @@ def stylize_speed(multi: Run, single: Run, photo: Path, reps: int) -> str:
     folded = multi.model.for_style(index)
     fold_seconds = time.perf_counter() - start
     device = next(single.model.parameters()).device
-    runners = {"multi": Runner(folded, device, cfg), "one": Runner(single.model, device, cfg)}
+    runners = {"multi": Runner.from_module(folded, device, cfg), "one": Runner.from_module(single.model, device, cfg)}
     image = resize_to(load_image(photo), 1920, 1080)
     item = Loaded(Job(photo, photo), image, size=(1080, 1920))
     times: dict[str, list[float]] = {key: [] for key in runners}

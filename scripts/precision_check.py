@@ -51,7 +51,7 @@ def _stylized(net: torch.nn.Module, loaded, device: torch.device, precision: str
     from data.io import pil_to_tensor, to_uint8
     from inference.runner import Runner
 
-    runner = Runner(copy.deepcopy(net), device, _cfg(precision, max_memory_mb))
+    runner = Runner.from_module(copy.deepcopy(net), device, _cfg(precision, max_memory_mb))
     (out,) = runner([loaded])
     if isinstance(out, torch.Tensor):  # untiled: the float result, finished as save_result would
         return out, to_uint8(out)
