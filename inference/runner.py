@@ -17,7 +17,6 @@ from PIL import Image
 
 from core import precision
 from core.cli import absolute_user_path
-from core.device import host_memory_available
 from core.errors import FaststyleError
 from data.io import (
     ALPHA_FORMATS,
@@ -36,6 +35,7 @@ from data.io import (
 from data.video import output_size
 from inference.color import finish_colors
 from inference.jobs import Job
+from inference.memory import DECODED_BYTES_PER_PX, FINISH_BYTES_PER_PX, memory_problem, untiled_bytes_estimate
 from inference.network import StyleModel, StyleNetwork
 from models.styles import StyleChoice
 
@@ -55,32 +55,6 @@ class Loaded:
     def tensor(self) -> torch.Tensor:
         """The whole image as a (3, H, W) float32 tensor in [0, 1] (alpha left out): for the untiled path only."""
         return rows_to_tensor(image_rows(self.pixels, 0, self.size[0]))
-
-
-def _gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.1f} GiB"
-
-
-def memory_problem(
-    what: str, size: tuple[int, int], pixel_bytes: float, network_bytes: float, scale: float | None
-) -> str | None:
-    """One line saying that stylizing ``what`` at ``size`` (width, height) needs more memory than is available and
-    what to change; None when it fits, or when the available memory is unknown (core.device)."""
-    available = host_memory_available()
-    need = pixel_bytes + network_bytes
-    if available is None or need <= available:
-        return None
-    # Memory grows with the pixel count: the longer side that would fit shrinks with the square root (10% margin).
-    side = max(16, int(max(size) * math.sqrt(0.9 * available / need)))
-    fixes = [f"max_side_px={side} or less"]
-    if scale is not None and scale > 1:
-        fixes.insert(0, "a smaller scale")
-    if network_bytes > pixel_bytes:
-        fixes.append("a smaller max_memory_mb")
-    return (
-        f"{what} at {size[0]}x{size[1]} needs about {_gib(need)} of memory ({_gib(pixel_bytes)} for its pixels, "
-        f"{_gib(network_bytes)} for the network) but {_gib(available)} is available: set {' or '.join(fixes)}"
-    )
 
 
 def _header_size(path: Path) -> tuple[int, int] | None:
@@ -111,7 +85,7 @@ def load_job(
     header = _header_size(job.source)
     if header is not None:
         width, height = output_size(*header, scale, max_side_px)
-        pixels = 4.0 * (header[0] * header[1] + width * height)  # the decoded image and its resized copy
+        pixels = DECODED_BYTES_PER_PX * (header[0] * header[1] + width * height)  # decoded, and resized
         network = network_bytes(height, width) if network_bytes is not None else 0.0
         problem = memory_problem(f"stylizing {job.source.name}", (width, height), pixels, network, scale)
         if problem is not None:
@@ -169,13 +143,6 @@ def non_finite_message(bad: int) -> str | None:
     return f"the model produced {bad} NaN or infinite values for this image (is the model broken?); nothing written"
 
 
-FINISH_BYTES_PER_PX = 96
-"""Temporary bytes per pixel of the tiled path's color finishing of one output strip (Runner._tiled_image): the
-content rows (uint8 and float), finish_colors' float copies, the 8-bit conversion and the strip pasted into the
-image; measured 65 B/px with preserve_color=true and strength=0.6 (peak RSS growth on a 3000 x 1000 RGBA strip).
-Passed to the executor so that its strip sizes include it."""
-
-
 class Runner:
     """Runs the model on decoded images of one size: in batches through the untiled network when they fit
     ``max_memory_mb``, otherwise one by one through the exact tiled executor, reading and writing 8-bit strips."""
@@ -184,8 +151,6 @@ class Runner:
         """Run ``network`` (inference.network: the model's style, prepared under its precision policy) with
         stylize's options in ``cfg`` (max_memory_mb, tmp_dir, preserve_color, strength). Applies the policy's
         process-wide backend settings and logs them (core.precision.configure_backends)."""
-        from inference.tiled import untiled_bytes_estimate
-
         self.network = network
         self.policy = network.policy
         precision.configure_backends(self.policy)

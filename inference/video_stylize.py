@@ -29,7 +29,8 @@ from tqdm import tqdm
 from core.errors import FaststyleError
 from data.video import Frame, VideoReader, VideoSettings, even_size, frame_span, open_video_writer, output_size
 from inference.jobs import Job
-from inference.runner import Loaded, Runner, memory_problem
+from inference.memory import FRAME_FLOAT_BYTES_PER_PX, memory_problem
+from inference.runner import Loaded, Runner
 from models.styles import StyleChoice
 
 logger = logging.getLogger(__name__)
@@ -210,7 +211,10 @@ def stylize_video(
         read_depth, write_depth = queue_depths(batch_size, frame_bytes)
         # Frames queued for the network and the encoder, the batch in hand and its float copies: checked before the
         # first frame is decoded, so that a frame size the machine cannot hold fails with one line.
-        pixels = frame_bytes * (read_depth + write_depth + batch_size) + 16.0 * width * height * batch_size
+        pixels = (
+            frame_bytes * (read_depth + write_depth + batch_size)
+            + FRAME_FLOAT_BYTES_PER_PX * width * height * batch_size
+        )
         problem = memory_problem(
             f"stylizing {job.source.name}",
             (width, height),
