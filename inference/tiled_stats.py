@@ -39,7 +39,7 @@ class ChannelStats:
         """Merge the statistics of an (h, W, C) tile (Chan, Golub & LeVeque 1979, pairwise update).
 
         Within the tile: two passes in float32 (mean by torch's cascade sum, then the sum of squared deviations),
-        which is stable and about twice as fast as torch.var_mean on CPU.
+        which is stable, and faster on the CPU than torch.var_mean over an (h, W, C) tile.
         """
         n_b = tile.shape[0] * tile.shape[1]
         mean_b32 = tile.sum(dim=(0, 1)) / n_b
