@@ -38,6 +38,8 @@ from core.cli import EXIT_INTERNAL, EXIT_USAGE, model_file, plain_warnings
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
+    from inference.pipeline import StylizeInterrupted
+
 CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "stylize.yaml"
 
 
@@ -96,18 +98,7 @@ def main(cfg: DictConfig) -> None:
         exit_with_error(err)
         return
     except StylizeInterrupted as stop:
-        done = stop.summary
-        video = (
-            f" (the video being written, {done.video_in_progress.name}, was removed: no partial file is kept)"
-            if done.video_in_progress is not None
-            else ""
-        )
-        print(
-            f"interrupted ({'SIGTERM' if stop.signum == 15 else 'Ctrl-C'}): {len(done.written)} written, "
-            f"{stop.remaining} not done{video}; run the same command again to finish them (finished outputs are "
-            "skipped)",
-            file=sys.stderr,
-        )
+        print(interrupted_line(stop), file=sys.stderr)
         raise SystemExit(128 + stop.signum) from None
     except StylizeOutOfSpace as full:  # one line for every image left, not one failure line each
         for source, reason in full.summary.failed:
@@ -125,6 +116,21 @@ def main(cfg: DictConfig) -> None:
     print(summary.line())
     if summary.failed:
         raise SystemExit(1)
+
+
+def interrupted_line(stop: StylizeInterrupted) -> str:
+    """The one line printed when Ctrl-C or SIGTERM stopped the run: what was written, what is left, and that the
+    same command finishes it."""
+    done = stop.summary
+    video = (
+        f" (the video being written, {done.video_in_progress.name}, was removed: no partial file is kept)"
+        if done.video_in_progress is not None
+        else ""
+    )
+    return (
+        f"interrupted ({'SIGTERM' if stop.signum == 15 else 'Ctrl-C'}): {len(done.written)} written, "
+        f"{stop.remaining} not done{video}; run the same command again to finish them (finished outputs are skipped)"
+    )
 
 
 def quote_style_mix(arg: str) -> str:

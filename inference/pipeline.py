@@ -121,19 +121,7 @@ def stylize(cfg: DictConfig) -> Summary:
         channels_last=cfg.channels_last,
         pixel_range=cfg.onnx_pixel_range,
     )
-    choices = style_choices(model, cfg.style)
-    end = ramp_end_choice(model, cfg.style_end, cfg.style)
-    labels = [c.label for c in choices] if choices else None
-    if end is not None:
-        labels = [f"{choices[0].label}_to_{end.label}"]
-    jobs, passed_over = plan_jobs(cfg, model_path, model.meta, labels)
-    if end is not None:
-        images = [job.source for job in jobs if not job.is_video]
-        if images:
-            raise FaststyleError(
-                f"style_end={cfg.style_end} changes the style over a video, but {images[0]} is an image: give "
-                "videos only, or leave style_end out"
-            )
+    choices, end, jobs, passed_over = _plan(cfg, model, model_path)
     output, single_file = output_location(cfg, model_path)
     summary = Summary(passed_over=passed_over, output=str(output) if single_file else f"{output}/")
     for path, reason in passed_over:
@@ -168,6 +156,27 @@ def stylize(cfg: DictConfig) -> Summary:
         raise StylizeOutOfSpace(summary, len(todo) - done, full) from None
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _plan(
+    cfg: DictConfig, model: StyleModel, model_path: Path
+) -> tuple[list[StyleChoice] | None, StyleChoice | None, list[Job], list[tuple[Path, str]]]:
+    """The styles to write (None: a one-style model), the style a video ends in (``style_end``), the jobs and the
+    entries passed over; FaststyleError for a usage error."""
+    choices = style_choices(model, cfg.style)
+    end = ramp_end_choice(model, cfg.style_end, cfg.style)
+    labels = [c.label for c in choices] if choices else None
+    if end is not None:
+        labels = [f"{choices[0].label}_to_{end.label}"]
+    jobs, passed_over = plan_jobs(cfg, model_path, model.meta, labels)
+    if end is not None:
+        images = [job.source for job in jobs if not job.is_video]
+        if images:
+            raise FaststyleError(
+                f"style_end={cfg.style_end} changes the style over a video, but {images[0]} is an image: give "
+                "videos only, or leave style_end out"
+            )
+    return choices, end, jobs, passed_over
 
 
 def _to_do(jobs: list[Job], overwrite: bool, summary: Summary) -> list[Job]:

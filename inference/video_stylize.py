@@ -192,16 +192,7 @@ def stylize_video(
         info = reader.info
         logger.info("%s: %s", job.source.name, info.describe())
         width, height = output_size(info.width, info.height, scale, max_side)
-        even_w, even_h = even_size(width, height)
-        if (even_w, even_h) != (width, height):
-            logger.info(
-                "%s: %dx%d frames are written %dx%d (yuv420p needs even sizes: the last column/row is dropped)",
-                job.source.name,
-                width,
-                height,
-                even_w,
-                even_h,
-            )
+        even_w, even_h = _even_size(job, width, height)
         span = frame_span(job.source) if ramp is not None else None
         batch_size = max(1, min(int(cfg.batch_size), runner.max_batch(height, width)))
         if ramp is not None:
@@ -209,21 +200,7 @@ def stylize_video(
         settings = VideoSettings.like(reader, even_w, even_h, crf=int(cfg.video_crf))
         frame_bytes = width * height * 3
         read_depth, write_depth = queue_depths(batch_size, frame_bytes)
-        # Frames queued for the network and the encoder, the batch in hand and its float copies: checked before the
-        # first frame is decoded, so that a frame size the machine cannot hold fails with one line.
-        pixels = (
-            frame_bytes * (read_depth + write_depth + batch_size)
-            + FRAME_FLOAT_BYTES_PER_PX * width * height * batch_size
-        )
-        problem = memory_problem(
-            f"stylizing {job.source.name}",
-            (width, height),
-            pixels,
-            runner.network_bytes(height, width, batch_size),
-            scale,
-        )
-        if problem is not None:
-            raise FaststyleError(f"{problem}; nothing written")
+        _check_memory(job, runner, (width, height), batch_size, read_depth + write_depth, scale)
         disable = None if progress is None else not progress  # tqdm: None = shown on a terminal only
         bar = tqdm(total=info.frames, unit="frame", desc=job.source.name, disable=disable)
         first_time = last_time = None
@@ -252,13 +229,35 @@ def stylize_video(
         result = VideoResult(job.target, written, seconds, time.perf_counter() - start, reader.stopped)
         logger.info(
             "%s: %d frames in %.1f s (%.2f frames/s, %.3gx real time)",
-            job.target.name,
-            written,
-            result.wall_s,
-            written / result.wall_s,
-            seconds / result.wall_s,
+            *(job.target.name, written, result.wall_s, written / result.wall_s, seconds / result.wall_s),
         )
         return result
+
+
+def _even_size(job: Job, width: int, height: int) -> tuple[int, int]:
+    """The size frames are written at (data.video.even_size), with one log line when it differs."""
+    even_w, even_h = even_size(width, height)
+    if (even_w, even_h) != (width, height):
+        logger.info(
+            "%s: %dx%d frames are written %dx%d (yuv420p needs even sizes: the last column/row is dropped)",
+            *(job.source.name, width, height, even_w, even_h),
+        )
+    return even_w, even_h
+
+
+def _check_memory(
+    job: Job, runner: Runner, size: tuple[int, int], batch_size: int, queued: int, scale: float | None
+) -> None:
+    """FaststyleError (nothing written) when the frames ``queued`` for the network and the encoder, the batch in
+    hand with its float copies and the network's share of max_memory_mb do not fit the memory available. Checked
+    before the first frame is decoded, so that a frame size the machine cannot hold fails with one line."""
+    width, height = size
+    frame_bytes = width * height * 3
+    pixels = frame_bytes * (queued + batch_size) + FRAME_FLOAT_BYTES_PER_PX * width * height * batch_size
+    network = runner.network_bytes(height, width, batch_size)
+    problem = memory_problem(f"stylizing {job.source.name}", size, pixels, network, scale)
+    if problem is not None:
+        raise FaststyleError(f"{problem}; nothing written")
 
 
 def _encode(writer: object, item: object) -> None:

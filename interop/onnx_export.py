@@ -53,7 +53,7 @@ def export_onnx(
     """
     check_export_size(height, width)
     try:
-        import onnx
+        import onnx  # noqa: F401  (_save writes with it)
         import onnxscript  # noqa: F401  (the torch.export-based exporter imports it lazily; fail early and clearly)
     except ImportError as err:
         raise FaststyleError(
@@ -88,12 +88,7 @@ def export_onnx(
     model_proto = program.model_proto
     info = {"format": ONNX_FORMAT, "model_config": net.config(), "meta": dict(meta or {}), "min_side": MIN_SIDE}
     info.update(module.style_info(meta))
-    entry = model_proto.metadata_props.add()
-    entry.key, entry.value = ONNX_METADATA_KEY, json.dumps(info, sort_keys=True)
-    model_proto.producer_name = "faststyle"
-    onnx.checker.check_model(model_proto)
-    with atomic_output(path) as tmp:
-        onnx.save_model(model_proto, str(tmp))
+    _save(model_proto, info, path)
     ops = {node.op_type for node in model_proto.graph.node}
     log.info(
         "wrote %s (opset %d, %d instance norms swapped, ops: %s)",
@@ -103,3 +98,15 @@ def export_onnx(
         ", ".join(sorted(ops)),
     )
     return path
+
+
+def _save(model_proto: Any, info: dict[str, Any], path: Path) -> None:
+    """Store ``info`` as JSON in the graph's metadata (key ``faststyle``), check the graph and write it atomically."""
+    import onnx
+
+    entry = model_proto.metadata_props.add()
+    entry.key, entry.value = ONNX_METADATA_KEY, json.dumps(info, sort_keys=True)
+    model_proto.producer_name = "faststyle"
+    onnx.checker.check_model(model_proto)
+    with atomic_output(path) as tmp:
+        onnx.save_model(model_proto, str(tmp))

@@ -177,6 +177,28 @@ def detect_pixel_range(run: Callable[[Tensor], Tensor], photo: Tensor, name: str
     )
 
 
+def _session(path: Path, device: str | torch.device, threads: int | None) -> Any:
+    """An onnxruntime InferenceSession of ``path`` on ``device``'s execution provider; FaststyleError (one line)
+    when onnxruntime is missing or the file is not a usable ONNX model."""
+    if not onnxruntime_available():
+        raise FaststyleError("running .onnx models needs onnxruntime: pip install onnxruntime")
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise FaststyleError(f"ONNX model file not found: {path}")
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+    # onnxruntime logs a warning for every initializer that also appears as a graph input; those are noise.
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=_providers_for(device))
+    except FaststyleError:
+        raise
+    except Exception as err:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+        raise FaststyleError(f"{path} is not a usable ONNX model ({_first_line(err)}): re-export it") from err
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -207,23 +229,7 @@ class OnnxStyleModel:
     ):
         path = Path(path)
         requested_range = normalize_pixel_range(pixel_range)  # a bad value fails before the session is built
-        if not onnxruntime_available():
-            raise FaststyleError("running .onnx models needs onnxruntime: pip install onnxruntime")
-        import onnxruntime as ort
-
-        if not path.is_file():
-            raise FaststyleError(f"ONNX model file not found: {path}")
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = int(threads)
-        # onnxruntime logs a warning for every initializer that also appears as a graph input; those are noise.
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=_providers_for(device))
-        except FaststyleError:
-            raise
-        except Exception as err:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-            raise FaststyleError(f"{path} is not a usable ONNX model ({_first_line(err)}): re-export it") from err
+        self.session = _session(path, device, threads)
         self.path = path
         info = self._read_metadata()
         all_inputs, outputs = self.session.get_inputs(), self.session.get_outputs()

@@ -139,6 +139,33 @@ def examples_shape(state: Mapping[str, Tensor]) -> tuple[int, int]:
     return base_width, len(numbers)
 
 
+def _key_problems(
+    state: Mapping[str, Any], key_map: Mapping[str, str], ours: Mapping[str, Tensor]
+) -> tuple[list[str], list[str]]:
+    """(what is wrong with ``state``'s keys against ``key_map``: missing, unexpected or mis-shaped ones; the unused
+    running-stat buffers to drop)."""
+    present = set(state)
+    dropped = sorted(k for k in present if _DROPPED_BUFFER.match(k))
+    missing = sorted(set(key_map) - present)
+    unexpected = sorted(present - set(key_map) - set(dropped))
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_describe(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_describe(unexpected)}")
+    wrong = []
+    for theirs, mine in key_map.items():
+        value = state.get(theirs)
+        if value is None:
+            continue
+        if not isinstance(value, Tensor) or tuple(value.shape) != tuple(ours[mine].shape):
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            wrong.append(f"{theirs} {got} (expected {tuple(ours[mine].shape)})")
+    if wrong:
+        problems.append(f"mis-shaped keys: {_describe(wrong, limit=4)}")
+    return problems, dropped
+
+
 def from_examples_state_dict(state: Mapping[str, Any]) -> TransformerNet:
     """Build our TransformerNet (eval mode, on CPU) holding a pytorch/examples network's weights.
 
@@ -160,27 +187,7 @@ def from_examples_state_dict(state: Mapping[str, Any]) -> TransformerNet:
     base_width, residual_blocks = examples_shape(state)
     net = TransformerNet(**examples_config(base_width, residual_blocks))
     key_map = _key_map(net)
-    ours = net.state_dict()
-
-    present = set(state)
-    dropped = sorted(k for k in present if _DROPPED_BUFFER.match(k))
-    missing = sorted(set(key_map) - present)
-    unexpected = sorted(present - set(key_map) - set(dropped))
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_describe(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_describe(unexpected)}")
-    wrong = []
-    for theirs, mine in key_map.items():
-        value = state.get(theirs)
-        if value is None:
-            continue
-        if not isinstance(value, Tensor) or tuple(value.shape) != tuple(ours[mine].shape):
-            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            wrong.append(f"{theirs} {got} (expected {tuple(ours[mine].shape)})")
-    if wrong:
-        problems.append(f"mis-shaped keys: {_describe(wrong, limit=4)}")
+    problems, dropped = _key_problems(state, key_map, net.state_dict())
     if problems:
         raise FaststyleError(
             f"pytorch/examples file (width {base_width}, {residual_blocks} residual blocks) does not match its "
