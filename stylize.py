@@ -10,13 +10,13 @@
     python stylize.py model=multi/model.pth input=clip.mp4 style=0 style_end=1   # a video whose style changes
 
 Options and defaults: configs/stylize.yaml. A multi-style model writes every style (``style=`` picks one by name or
-index, or mixes several: weights >= 0, normalised). Outputs are named ``<input stem>_<style>.<ext>`` and go to
+index, or mixes several: weights >= 0, normalized). Outputs are named ``<input stem>_<style>.<ext>`` and go to
 ``<model dir>/stylized/`` unless ``output`` says otherwise; they never replace an input. Images whose untiled
 forward pass would exceed ``max_memory_mb`` run through the exact tiled executor (inference/tiled.py), which
 reproduces the untiled result (global instance-norm statistics) with bounded memory. A video (.mp4 .m4v .mov .mkv
-.webm .avi) is decoded, stylized in batches and encoded as a stream (inference/video.py): same frames, timestamps and
-audio, written upright. The work itself is ``inference.pipeline.stylize(cfg)``; this file is the command line around
-it.
+.webm .avi) is decoded, stylized in batches and encoded as a stream (inference/video_stylize.py): same frames,
+timestamps and audio, written upright. The work itself is ``inference.pipeline.stylize(cfg)``; this file is the
+command line around it.
 
 Exit status: 0 when every image was written or skipped, 1 when some failed (each is reported; a video that ends
 early is written up to there and counts as failed), 2 on a usage error (``error: ...`` on stderr), 3 on an internal
@@ -36,6 +36,8 @@ from core.cli import EXIT_INTERNAL, EXIT_USAGE, model_file, plain_warnings
 # a missing model answers with its one line in a fraction of a second instead of after the torch import.
 if TYPE_CHECKING:
     from omegaconf import DictConfig
+
+    from inference.pipeline import StylizeInterrupted
 
 
 def register_config() -> None:
@@ -86,18 +88,7 @@ def main(cfg: DictConfig) -> None:
         exit_with_error(err)
         return
     except StylizeInterrupted as stop:
-        done = stop.summary
-        video = (
-            f" (the video being written, {done.video_in_progress.name}, was removed: no partial file is kept)"
-            if done.video_in_progress is not None
-            else ""
-        )
-        print(
-            f"interrupted ({'SIGTERM' if stop.signum == 15 else 'Ctrl-C'}): {len(done.written)} written, "
-            f"{stop.remaining} not done{video}; run the same command again to finish them (finished outputs are "
-            "skipped)",
-            file=sys.stderr,
-        )
+        print(interrupted_line(stop), file=sys.stderr)
         raise SystemExit(128 + stop.signum) from None
     except StylizeOutOfSpace as full:  # one line for every image left, not one failure line each
         for source, reason in full.summary.failed:
@@ -115,6 +106,21 @@ def main(cfg: DictConfig) -> None:
     print(summary.line())
     if summary.failed:
         raise SystemExit(1)
+
+
+def interrupted_line(stop: StylizeInterrupted) -> str:
+    """The one line printed when Ctrl-C or SIGTERM stopped the run: what was written, what is left, and that the
+    same command finishes it."""
+    done = stop.summary
+    video = (
+        f" (the video being written, {done.video_in_progress.name}, was removed: no partial file is kept)"
+        if done.video_in_progress is not None
+        else ""
+    )
+    return (
+        f"interrupted ({'SIGTERM' if stop.signum == 15 else 'Ctrl-C'}): {len(done.written)} written, "
+        f"{stop.remaining} not done{video}; run the same command again to finish them (finished outputs are skipped)"
+    )
 
 
 def quote_style_mix(arg: str) -> str:

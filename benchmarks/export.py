@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import time_call
-from inference.onnx_runner import OnnxStyleModel
-from interop.export import export_onnx
+from interop.onnx_export import export_onnx
+from interop.onnx_model import OnnxStyleModel
 from models.transformer import TransformerNet
 
 CPU = torch.device("cpu")

@@ -125,7 +125,7 @@ def bench_network(net: torch.nn.Module, device: torch.device, precision: str, si
     # stylize's own defaults; a budget no frame exceeds keeps it untiled (the stylize benchmark times the tiled
     # executor).
     cfg = compose_stylize_config([f"precision={precision}", "max_memory_mb=1000000000"])
-    runner = Runner(net, device, cfg)
+    runner = Runner.from_module(net, device, cfg)
     frames = torch.from_numpy(np.stack(list(_pan_frames(width, height, batch))))
 
     def call() -> None:
@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(_worker(args)))
         return 0
     from core.device import resolve_device, reuse_freed_memory
-    from inference.network import read_model_file
+    from interop.read import read_model_file
 
     reuse_freed_memory()  # as stylize does by default (malloc_reuse): the network rows must not page-fault more
     device = resolve_device(args.device)

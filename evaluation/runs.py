@@ -160,26 +160,17 @@ def load_model_network(
     multi-style file is folded to ``style``, or without one to its first style (or, with ``style_option``, refused
     with one line naming that option); a one-style file ignores ``style``. fp32 and NCHW by default: the
     reports measure the network as trained."""
-    from inference.network import prepare_network, read_model_file, style_count
-    from models.styles import style_names
+    from inference.network import load_style_model
 
-    path = Path(path)
-    source, meta = read_model_file(path)
-    count = style_count(source)
-    if count > 1 and style is None:
+    model = load_style_model(path, device=device, precision=precision, channels_last=channels_last)
+    if model.num_styles > 1 and style is None:
         if style_option is not None:
-            names = ", ".join(style_names(meta, count))
-            raise FaststyleError(f"{path} holds {count} styles: pick one with {style_option} ({names})")
+            names = ", ".join(model.style_names)
+            raise FaststyleError(
+                f"{model.path} holds {model.num_styles} styles: pick one with {style_option} ({names})"
+            )
         style = 0
-    return prepare_network(
-        source,
-        meta,
-        path,
-        style=style if count > 1 else None,
-        device=device,
-        precision=precision,
-        channels_last=channels_last,
-    )
+    return model.network(style if model.num_styles > 1 else None)
 
 
 def load_run(run_dir: Path, name: str, device: torch.device) -> Run:

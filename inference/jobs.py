@@ -154,16 +154,7 @@ def plan_jobs(
     paths (symbolic links resolved) and file identities (hard links): ``overwrite=true`` never applies to an input.
     """
     files, base, skipped = find_inputs(str(cfg.input), bool(cfg.recursive))
-    if style_labels is None:
-        names = [str(cfg.suffix) if cfg.suffix else style_name(model_path, meta)]
-    elif len(style_labels) == 1 and cfg.suffix:
-        names = [str(cfg.suffix)]
-    else:
-        labels = [file_name_part(label) for label in style_labels]
-        # Two styles of one name (a hand-made model, or names that differ only in characters file names cannot
-        # hold) get their index too: the index is what style= takes to pick one of them.
-        labels = [f"{label}_{i}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
-        names = [f"{cfg.suffix}_{label}" if cfg.suffix else label for label in labels]
+    names = _output_names(cfg, model_path, meta, style_labels)
     forced_ext = None
     if cfg.format:
         forced_ext = OUTPUT_FORMATS.get(str(cfg.format).lower().lstrip("."))
@@ -187,33 +178,60 @@ def plan_jobs(
     if not files:
         raise FaststyleError(f"every input image is inside the output folder {output}: choose another output")
     if single_file:
-        if len(files) != 1:
-            raise FaststyleError(
-                f"output={cfg.output} is a file but {len(files)} images were found: give a folder (a trailing / "
-                "makes any name a folder)"
-            )
-        if len(names) != 1:
-            raise FaststyleError(
-                f"output={cfg.output} is a file but the model writes {len(names)} styles: pick one with "
-                "style=<name> or give an output folder"
-            )
-        if is_video_file(files[0]):
-            if output.suffix.lower() not in VIDEO_CONTAINERS:
-                raise FaststyleError(
-                    f"cannot write the video {files[0].name} to {output.name}: give a video output "
-                    f"({', '.join(VIDEO_EXTENSIONS)}) or a folder"
-                )
-        elif output.suffix.lower() not in WRITE_FORMATS:
-            raise FaststyleError(
-                f"cannot write {output.name}: use a {', '.join(sorted(set(OUTPUT_FORMATS.values())))} output"
-            )
-        jobs = [Job(files[0], output)]
+        jobs = [_single_file_job(cfg, output, files, names)]
     else:
         jobs = [
             Job(f, output / f.relative_to(base).parent / f"{f.stem}_{name}{ext_for(f)}", style=index)
             for index, name in enumerate(names)
             for f in files
         ]
+    _keep_alpha(jobs)
+    _name_apart(jobs)
+    _refuse_outputs_among_inputs(jobs, files, single_file=single_file)
+    return jobs, skipped
+
+
+def _output_names(cfg: DictConfig, model_path: Path, meta: dict, style_labels: list[str] | None) -> list[str]:
+    """The part of the output names after the input's stem, one per style written (plan_jobs)."""
+    if style_labels is None:
+        return [str(cfg.suffix) if cfg.suffix else style_name(model_path, meta)]
+    if len(style_labels) == 1 and cfg.suffix:
+        return [str(cfg.suffix)]
+    labels = [file_name_part(label) for label in style_labels]
+    # Two styles of one name (a hand-made model, or names that differ only in characters file names cannot
+    # hold) get their index too: the index is what style= takes to pick one of them.
+    labels = [f"{label}_{i}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
+    return [f"{cfg.suffix}_{label}" if cfg.suffix else label for label in labels]
+
+
+def _single_file_job(cfg: DictConfig, output: Path, files: list[Path], names: list[str]) -> Job:
+    """The one job of an ``output=`` that names a file: one input, one style, a format that file can hold."""
+    if len(files) != 1:
+        raise FaststyleError(
+            f"output={cfg.output} is a file but {len(files)} images were found: give a folder (a trailing / "
+            "makes any name a folder)"
+        )
+    if len(names) != 1:
+        raise FaststyleError(
+            f"output={cfg.output} is a file but the model writes {len(names)} styles: pick one with "
+            "style=<name> or give an output folder"
+        )
+    if is_video_file(files[0]):
+        if output.suffix.lower() not in VIDEO_CONTAINERS:
+            raise FaststyleError(
+                f"cannot write the video {files[0].name} to {output.name}: give a video output "
+                f"({', '.join(VIDEO_EXTENSIONS)}) or a folder"
+            )
+    elif output.suffix.lower() not in WRITE_FORMATS:
+        raise FaststyleError(
+            f"cannot write {output.name}: use a {', '.join(sorted(set(OUTPUT_FORMATS.values())))} output"
+        )
+    return Job(files[0], output)
+
+
+def _keep_alpha(jobs: list[Job]) -> None:
+    """Images with transparency bound for a format without alpha are written as PNG instead (jobs changed in
+    place)."""
     for job in jobs:
         if job.is_video:
             continue
@@ -224,9 +242,6 @@ def plan_jobs(
                 "%s has transparency, which JPEG cannot hold: writing %s instead", job.source, new_target.name
             )
             job.target = new_target
-    _name_apart(jobs)
-    _refuse_outputs_among_inputs(jobs, files, single_file=single_file)
-    return jobs, skipped
 
 
 def _name_apart(jobs: list[Job]) -> None:

@@ -4,37 +4,37 @@ reading, style folding and the policy are applied the same way everywhere.
 
     ready = load_network("runs/x/model.pth", style="hokusai:0.3,van_gogh:0.7", device="cpu")
     out = ready(photos)  # (N, 3, H, W) float32 in [0, 1] -> the same, on the CPU
+
+Two steps, for callers that need the file before they choose a style (stylize writes every style of a
+multi-style model, or a video whose mix changes per frame):
+
+    model = load_style_model("multi/model.pth", device="cpu")  # read once, policy resolved once
+    for name in model.style_names:
+        ready = model.network(name)
+
+The policy is resolved here and only here for inference (``inference_policy``); the Runner takes it from the
+:class:`StyleNetwork` it is given.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from core import precision as precisions
 from core.errors import FaststyleError
-from core.precision import PrecisionPolicy, resolve_precision
+from core.precision import PrecisionPolicy
+from interop.onnx_model import OnnxStyleModel
+from interop.read import is_onnx_file, read_model_file
 from models.styles import StyleChoice, parse_style, style_names
 
-
-def read_model_file(
-    path: str | os.PathLike, device: str | torch.device = "cpu", pixel_range: str | int = "auto"
-) -> tuple[nn.Module, dict]:
-    """(network, meta) of any model file stylize runs: a faststyle ``model.pth``, a pytorch/examples state dict, or
-    an ``.onnx`` export (run by onnxruntime; ``pixel_range`` applies to foreign ONNX files only). Torch networks come
-    back in eval mode on ``device``; nothing in the file is executed."""
-    path = Path(path)
-    if path.suffix.lower() == ".onnx":
-        from inference.onnx_runner import load_onnx_model
-
-        return load_onnx_model(path, device=device, pixel_range=pixel_range)
-    from interop.legacy import load_any_model
-
-    return load_any_model(path, device=device)
+Network = nn.Module | OnnxStyleModel
+"""What a model file gives: a TransformerNet, or an ONNX graph run by onnxruntime (same call contract)."""
 
 
 def style_count(net: object) -> int:
@@ -42,20 +42,117 @@ def style_count(net: object) -> int:
     return int(getattr(net, "num_styles", 1))
 
 
+def inference_policy(
+    net: Network, device: torch.device, precision: str = "auto", channels_last: bool | str = "auto"
+) -> PrecisionPolicy:
+    """The precision policy a network runs under on ``device`` (core.precision's inference column; inference never
+    compiles: each image size would compile again). ONNX graphs run in fp32: onnxruntime computes in float32
+    whatever it is given, so a 16-bit input would only round the photo; a 16-bit request for one is refused."""
+    name = str(precision)
+    if not isinstance(net, nn.Module):
+        if name not in ("auto", "fp32"):
+            raise FaststyleError(
+                f"precision={name}: .onnx models run in fp32 through onnxruntime: use precision=auto or fp32, "
+                "or the .pth model"
+            )
+        name = "fp32"
+    return precisions.resolve_precision(device, name, channels_last, False, training=False)
+
+
+@dataclass
+class StyleModel:
+    """A model file read for inference, every style of it, with the precision policy for ``device`` resolved.
+
+    ``source`` is the network as read (on the CPU for torch networks; an ONNX session on its device) and is never
+    changed: :meth:`network` folds each style or mix from it and prepares that copy under ``policy``."""
+
+    source: Network
+    meta: dict
+    path: Path
+    device: torch.device
+    policy: PrecisionPolicy
+
+    @classmethod
+    def from_network(
+        cls,
+        net: Network,
+        device: str | torch.device = "cpu",
+        *,
+        precision: str = "auto",
+        channels_last: bool | str = "auto",
+        meta: dict | None = None,
+        path: str | os.PathLike = "<network in memory>",
+    ) -> StyleModel:
+        """A network already in memory (tests, benchmarks, a network being trained) under the same policy."""
+        device = _device(device)
+        return cls(net, dict(meta or {}), Path(path), device, inference_policy(net, device, precision, channels_last))
+
+    @property
+    def num_styles(self) -> int:
+        return style_count(self.source)
+
+    @property
+    def style_names(self) -> list[str]:
+        """The names of a multi-style model's styles, in table order (meta["styles"], else style_0, style_1, ...)."""
+        return style_names(self.meta, self.num_styles)
+
+    def choice(self, style: str | int | StyleChoice) -> StyleChoice:
+        """``style`` (a name, an index, a mix as stylize's ``style=`` takes it, or a choice made already) as a
+        StyleChoice of this multi-style model; FaststyleError names the valid styles."""
+        if isinstance(style, StyleChoice):
+            if len(style.weights) != self.num_styles:
+                raise FaststyleError(f"{style.label}: {self.path} holds {self.num_styles} styles")
+            return style
+        return parse_style(style, self.style_names)
+
+    def network(self, style: str | int | StyleChoice | None = None) -> StyleNetwork:
+        """The network of ``style`` (required for a multi-style model, refused for a one-style one), moved, cast and
+        laid out as the policy says, in eval mode."""
+        choice = None
+        if self.num_styles > 1:
+            if style is None:
+                names = ", ".join(self.style_names)
+                raise FaststyleError(f"{self.path} holds {self.num_styles} styles: pick one or a mix ({names})")
+            choice = self.choice(style)
+            net = self.source.for_style(choice.weights)
+        elif style is not None:
+            raise FaststyleError(f"style {style}: {self.path} holds one style; leave the style out")
+        else:
+            # The policy moves and casts in place: the source stays as read for the next network.
+            net = copy.deepcopy(self.source) if isinstance(self.source, nn.Module) else self.source
+        if isinstance(net, nn.Module):
+            net = self.policy.prepare_module(net, self.device).eval()
+        return StyleNetwork(net, self, choice)
+
+
 @dataclass
 class StyleNetwork:
-    """A network of one style (or mix), moved, cast and laid out as ``policy`` says, in eval mode.
+    """A network of one style (or mix) of a :class:`StyleModel`, ready under its policy; ``choice`` is None for a
+    one-style model."""
 
-    ``source`` is the network as read (on the CPU, every style) so that :meth:`with_style` folds another style
-    without reading the file again; ``choice`` is None for a one-style model."""
-
-    net: nn.Module
-    meta: dict
-    policy: PrecisionPolicy
-    device: torch.device
-    path: Path
+    net: Network
+    model: StyleModel
     choice: StyleChoice | None = None
-    source: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def meta(self) -> dict:
+        return self.model.meta
+
+    @property
+    def policy(self) -> PrecisionPolicy:
+        return self.model.policy
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def path(self) -> Path:
+        return self.model.path
+
+    @property
+    def source(self) -> Network:
+        return self.model.source
 
     @property
     def label(self) -> str:
@@ -67,13 +164,11 @@ class StyleNetwork:
     @property
     def style_names(self) -> list[str]:
         """The styles this model file holds (one name for a one-style model)."""
-        count = style_count(self.source if self.source is not None else self.net)
-        return style_names(self.meta, count) if count > 1 else [self.label]
+        return self.model.style_names if self.model.num_styles > 1 else [self.label]
 
     def with_style(self, style: str | int | StyleChoice) -> StyleNetwork:
-        """The same model file in another style or mix (as text, an index, or a StyleChoice whose weights a caller
-        computed), under the same policy (the file is not read again)."""
-        return _ready(self.source, self.meta, self.path, style, self.device, self.policy)
+        """The same model file in another style or mix, under the same policy (the file is not read again)."""
+        return self.model.network(style)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,30 +177,26 @@ class StyleNetwork:
         return self.net(self.policy.batch_to(x, self.device)).to("cpu", torch.float32)
 
 
-def _ready(
-    source: nn.Module,
-    meta: dict,
-    path: Path,
-    style: str | int | StyleChoice | None,
-    device: torch.device,
-    policy: PrecisionPolicy,
-) -> StyleNetwork:
-    count = style_count(source)
-    choice = None
-    if count > 1:
-        names = style_names(meta, count)
-        if style is None:
-            raise FaststyleError(f"{path} holds {count} styles: pick one or a mix ({', '.join(names)})")
-        choice = style if isinstance(style, StyleChoice) else parse_style(style, names)
-        net = source.for_style(choice.weights)
-    elif style is not None:
-        raise FaststyleError(f"style {style}: {path} holds one style; leave the style out")
-    else:
-        # The policy moves and casts in place: keep the source as read so with_style can fold it again.
-        net = copy.deepcopy(source) if isinstance(source, nn.Module) else source
-    if isinstance(net, nn.Module):
-        net = policy.prepare_module(net, device).eval()
-    return StyleNetwork(net, meta, policy, device, path, choice, source)
+def _device(device: str | torch.device) -> torch.device:
+    from core.device import resolve_device
+
+    return device if isinstance(device, torch.device) else resolve_device(str(device))
+
+
+def load_style_model(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    precision: str = "auto",
+    channels_last: bool | str = "auto",
+    pixel_range: str | int = "auto",
+) -> StyleModel:
+    """Read ``path`` (interop.read.read_model_file: torch networks onto the CPU, to be prepared per style; ONNX
+    graphs onto ``device``'s execution provider) and resolve the policy for ``device``; no style chosen yet."""
+    device = _device(device)
+    path = Path(path)
+    source, meta = read_model_file(path, device=device if is_onnx_file(path) else "cpu", pixel_range=pixel_range)
+    return StyleModel(source, meta, path, device, inference_policy(source, device, precision, channels_last))
 
 
 def load_network(
@@ -120,42 +211,7 @@ def load_network(
     """Read ``path`` (:func:`read_model_file`), fold a multi-style network to ``style`` (a name, an index or a mix
     as stylize's ``style=`` takes it; required for a multi-style model, refused for a one-style one) and prepare it
     under the inference precision policy for ``device``. ONNX files run by onnxruntime in fp32."""
-    from core.device import resolve_device
-
-    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
-    path = Path(path)
-    source, meta = read_model_file(
-        path, device="cpu" if path.suffix.lower() != ".onnx" else device, pixel_range=pixel_range
+    model = load_style_model(
+        path, device=device, precision=precision, channels_last=channels_last, pixel_range=pixel_range
     )
-    return prepare_network(
-        source, meta, path, style=style, device=device, precision=precision, channels_last=channels_last
-    )
-
-
-def prepare_network(
-    source: nn.Module,
-    meta: dict,
-    path: str | os.PathLike,
-    *,
-    style: str | int | StyleChoice | None = None,
-    device: str | torch.device = "cpu",
-    precision: str = "auto",
-    channels_last: bool | str = "auto",
-) -> StyleNetwork:
-    """The second half of :func:`load_network`, for a caller that looks at the network read by
-    :func:`read_model_file` before choosing the style (a report that takes one ``--style`` for several files, which
-    only the multi-style ones use). ``source`` is kept as read: the ready network is a copy."""
-    from core.device import resolve_device
-
-    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
-    path = Path(path)
-    if not isinstance(source, nn.Module) and str(precision) not in ("auto", "fp32"):
-        raise FaststyleError(f"precision={precision}: .onnx models run in fp32 through onnxruntime: use auto or fp32")
-    policy = resolve_precision(
-        device,
-        "fp32" if not isinstance(source, nn.Module) else str(precision),
-        channels_last,
-        False,
-        training=False,
-    )
-    return _ready(source, meta, path, style, device, policy)
+    return model.network(style)

@@ -1,6 +1,6 @@
 """A whole stylize run from a composed config (configs/stylize.yaml): load the model, plan the outputs, then decode,
 stylize and write every input with a small I/O thread pool, collecting per-image failures instead of stopping.
-Videos go to inference.video one by one (a stream of frame batches each), after the images of the same style.
+Videos go to inference.video_stylize one by one (a stream of frame batches each), after the images of the same style.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from core.device import reuse_freed_memory
 from core.errors import FaststyleError
 from core.fileio import DiskFullError, remove_stale_temp_files
 from inference.jobs import Job, output_location, plan_jobs
+from inference.network import StyleModel, load_style_model
 from inference.runner import Loaded, Runner, batches, load_job, non_finite_error, save_result
-from inference.video import StyleRamp, stylize_video
-from models.styles import StyleChoice, all_styles, parse_style, style_names
+from inference.video_stylize import StyleRamp, stylize_video
+from models.styles import StyleChoice, all_styles, parse_style
 
 logger = logging.getLogger(__name__)
 
@@ -107,52 +108,25 @@ def stylize(cfg: DictConfig) -> Summary:
     """Stylize every input named by ``cfg`` (configs/stylize.yaml); returns the counts. Usage errors raise
     FaststyleError before any image is processed; per-image failures are collected in the summary; Ctrl-C
     (KeyboardInterrupt) raises StylizeInterrupted once the writes in flight are complete."""
-    from core.device import resolve_device
-    from interop.legacy import load_any_model
-
     check_stylize_config(cfg)
     if cfg.malloc_reuse:
         reuse_freed_memory()
     model_path = model_file(cfg.model)
-    device = resolve_device(str(cfg.device))
-    if model_path.suffix.lower() == ".onnx":  # exported models run through onnxruntime, untiled only
-        from inference.onnx_runner import load_onnx_model
-
-        net, meta = load_onnx_model(model_path, device=device, pixel_range=cfg.onnx_pixel_range)
-    else:
-        net, meta = load_any_model(model_path, device="cpu")
-    choices = style_choices(net, meta, cfg.style)
-    end = ramp_end_choice(net, meta, cfg.style_end, cfg.style)
-    labels = [c.label for c in choices] if choices else None
-    if end is not None:
-        labels = [f"{choices[0].label}_to_{end.label}"]
-    jobs, passed_over = plan_jobs(cfg, model_path, meta, labels)
-    if end is not None:
-        images = [job.source for job in jobs if not job.is_video]
-        if images:
-            raise FaststyleError(
-                f"style_end={cfg.style_end} changes the style over a video, but {images[0]} is an image: give "
-                "videos only, or leave style_end out"
-            )
+    # Read once, the precision policy resolved once (a refused precision fails here, before any output is planned);
+    # each style is folded from the model as its turn comes. .onnx models run through onnxruntime, untiled only.
+    model = load_style_model(
+        model_path,
+        device=str(cfg.device),
+        precision=cfg.precision,
+        channels_last=cfg.channels_last,
+        pixel_range=cfg.onnx_pixel_range,
+    )
+    choices, end, jobs, passed_over = _plan(cfg, model, model_path)
     output, single_file = output_location(cfg, model_path)
     summary = Summary(passed_over=passed_over, output=str(output) if single_file else f"{output}/")
     for path, reason in passed_over:
         logger.warning("passed over %s: %s", path, reason)
-    todo = []
-    for job in jobs:
-        try:
-            exists = job.target.exists()
-        except OSError as err:  # ENAMETOOLONG: a deep input tree, mirrored under a longer output folder
-            summary.failed.append((job.source, _unusable_target(job.target, err)))
-            continue
-        if exists and not cfg.overwrite:
-            summary.skipped.append(job.source)
-        else:
-            todo.append(job)
-    if summary.skipped:
-        logger.info("%d outputs exist already and are skipped (overwrite=true redoes them)", len(summary.skipped))
-    for folder in sorted({job.target.parent for job in todo}):
-        remove_stale_temp_files(folder)  # left by a stylize run that was killed mid-write
+    todo = _to_do(jobs, bool(cfg.overwrite), summary)
     start = time.perf_counter()
     runner = None
     try:
@@ -164,12 +138,11 @@ def stylize(cfg: DictConfig) -> Summary:
                 logger.info("style %d/%d: %s", index + 1, len(choices), choice.label)
             # A multi-style model runs as the plain network of the chosen style or mix: same cost per image as a
             # one-style model, and the tiled executor, bf16 and channels_last apply unchanged.
-            style_net = net.for_style(choice.weights) if choice else net
-            runner = Runner(style_net, device, cfg) if runner is None else runner.for_network(style_net)
+            runner = Runner(model.network(choice), cfg) if runner is None else runner.with_style(choice)
             image_jobs = [job for job in style_jobs if not job.is_video]
             if image_jobs:
                 _run(image_jobs, runner, cfg, summary)
-            ramp = StyleRamp(net, choice.weights, end.weights) if end is not None else None
+            ramp = StyleRamp(choice, end) if end is not None else None
             for job in style_jobs:
                 if job.is_video:
                     _run_video(job, runner, cfg, summary, ramp)
@@ -185,6 +158,49 @@ def stylize(cfg: DictConfig) -> Summary:
     return summary
 
 
+def _plan(
+    cfg: DictConfig, model: StyleModel, model_path: Path
+) -> tuple[list[StyleChoice] | None, StyleChoice | None, list[Job], list[tuple[Path, str]]]:
+    """The styles to write (None: a one-style model), the style a video ends in (``style_end``), the jobs and the
+    entries passed over; FaststyleError for a usage error."""
+    choices = style_choices(model, cfg.style)
+    end = ramp_end_choice(model, cfg.style_end, cfg.style)
+    labels = [c.label for c in choices] if choices else None
+    if end is not None:
+        labels = [f"{choices[0].label}_to_{end.label}"]
+    jobs, passed_over = plan_jobs(cfg, model_path, model.meta, labels)
+    if end is not None:
+        images = [job.source for job in jobs if not job.is_video]
+        if images:
+            raise FaststyleError(
+                f"style_end={cfg.style_end} changes the style over a video, but {images[0]} is an image: give "
+                "videos only, or leave style_end out"
+            )
+    return choices, end, jobs, passed_over
+
+
+def _to_do(jobs: list[Job], overwrite: bool, summary: Summary) -> list[Job]:
+    """The jobs to run: those whose output does not exist yet (all with ``overwrite``); the others are recorded in
+    ``summary`` as skipped, or failed when their output path cannot be used. Clears the stale temporary files of a
+    killed run from the output folders."""
+    todo = []
+    for job in jobs:
+        try:
+            exists = job.target.exists()
+        except OSError as err:  # ENAMETOOLONG: a deep input tree, mirrored under a longer output folder
+            summary.failed.append((job.source, _unusable_target(job.target, err)))
+            continue
+        if exists and not overwrite:
+            summary.skipped.append(job.source)
+        else:
+            todo.append(job)
+    if summary.skipped:
+        logger.info("%d outputs exist already and are skipped (overwrite=true redoes them)", len(summary.skipped))
+    for folder in sorted({job.target.parent for job in todo}):
+        remove_stale_temp_files(folder)  # left by a stylize run that was killed mid-write
+    return todo
+
+
 def _unusable_target(target: Path, err: OSError) -> str:
     """Why an output path cannot be written, checked before its image is decoded (one failure line)."""
     if err.errno == errno.ENAMETOOLONG:
@@ -196,29 +212,26 @@ def _unusable_target(target: Path, err: OSError) -> str:
     return f"cannot write {target}: {err.strerror or err}"
 
 
-def style_choices(net: object, meta: dict, spec: str | int | None) -> list[StyleChoice] | None:
+def style_choices(model: StyleModel, spec: str | int | None) -> list[StyleChoice] | None:
     """The styles to write: None for a one-style model (``style=`` refused), else every style of a multi-style
     model (``style=null``) or the one style or mix ``spec`` names (models/styles.py)."""
-    count = int(getattr(net, "num_styles", 1))
-    if count == 1:
+    if model.num_styles == 1:
         if spec is not None:
             raise FaststyleError(f"style={spec}: this model holds one style; leave style out")
         return None
-    names = style_names(meta, count)
-    return all_styles(names) if spec is None else [parse_style(spec, names)]
+    return all_styles(model.style_names) if spec is None else [model.choice(spec)]
 
 
-def ramp_end_choice(net: object, meta: dict, spec: str | int | None, start: str | int | None) -> StyleChoice | None:
+def ramp_end_choice(model: StyleModel, spec: str | int | None, start: str | int | None) -> StyleChoice | None:
     """The style or mix a video ends in (``style_end=``), or None. Needs a multi-style model and ``style=`` (the
     style or mix at the first frame)."""
     if spec is None:
         return None
-    count = int(getattr(net, "num_styles", 1))
-    if count == 1:
+    if model.num_styles == 1:
         raise FaststyleError(f"style_end={spec}: this model holds one style, it cannot change; leave style_end out")
     if start is None:
         raise FaststyleError(f"style_end={spec} needs style=<the style or mix at the first frame> as well")
-    return parse_style(spec, style_names(meta, count), option="style_end")
+    return parse_style(spec, model.style_names, option="style_end")
 
 
 def _run_video(job: Job, runner: Runner, cfg: DictConfig, summary: Summary, ramp: StyleRamp | None) -> None:

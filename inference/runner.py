@@ -1,5 +1,5 @@
 """The network side of stylizing: decode an input, run the model (batched untiled, or one image through the exact
-tiled executor when it does not fit ``max_memory_mb``), finish colours and write the result atomically.
+tiled executor when it does not fit ``max_memory_mb``), finish colors and write the result atomically.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from PIL import Image
 
 from core import precision
 from core.cli import absolute_user_path
-from core.device import host_memory_available
 from core.errors import FaststyleError
 from data.io import (
     ALPHA_FORMATS,
@@ -34,8 +33,11 @@ from data.io import (
     to_uint8,
 )
 from data.video import output_size
-from inference.colour import finish_colors
+from inference.color import finish_colors
 from inference.jobs import Job
+from inference.memory import DECODED_BYTES_PER_PX, FINISH_BYTES_PER_PX, memory_problem, untiled_bytes_estimate
+from inference.network import StyleModel, StyleNetwork
+from models.styles import StyleChoice
 
 logger = logging.getLogger(__name__)
 
@@ -55,32 +57,6 @@ class Loaded:
         return rows_to_tensor(image_rows(self.pixels, 0, self.size[0]))
 
 
-def _gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.1f} GiB"
-
-
-def memory_problem(
-    what: str, size: tuple[int, int], pixel_bytes: float, network_bytes: float, scale: float | None
-) -> str | None:
-    """One line saying that stylizing ``what`` at ``size`` (width, height) needs more memory than is available and
-    what to change; None when it fits, or when the available memory is unknown (core.device)."""
-    available = host_memory_available()
-    need = pixel_bytes + network_bytes
-    if available is None or need <= available:
-        return None
-    # Memory grows with the pixel count: the longer side that would fit shrinks with the square root (10% margin).
-    side = max(16, int(max(size) * math.sqrt(0.9 * available / need)))
-    fixes = [f"max_side_px={side} or less"]
-    if scale is not None and scale > 1:
-        fixes.insert(0, "a smaller scale")
-    if network_bytes > pixel_bytes:
-        fixes.append("a smaller max_memory_mb")
-    return (
-        f"{what} at {size[0]}x{size[1]} needs about {_gib(need)} of memory ({_gib(pixel_bytes)} for its pixels, "
-        f"{_gib(network_bytes)} for the network) but {_gib(available)} is available: set {' or '.join(fixes)}"
-    )
-
-
 def _header_size(path: Path) -> tuple[int, int] | None:
     """(width, height) from an image file's header, without decoding it (None when it cannot be read: load_image
     then says why)."""
@@ -97,7 +73,7 @@ def load_job(
     scale: float | None,
     network_bytes: Callable[[int, int], float] | None = None,
 ) -> Loaded:
-    """Decode (EXIF orientation, any colour mode, 16-bit) and resize one input; errors are returned, not raised,
+    """Decode (EXIF orientation, any color mode, 16-bit) and resize one input; errors are returned, not raised,
     so one bad file in a folder does not stop the others.
 
     Memory: the decoded 8-bit image (Pillow holds RGB and RGBA as 4 bytes per pixel) and nothing else once this
@@ -109,7 +85,7 @@ def load_job(
     header = _header_size(job.source)
     if header is not None:
         width, height = output_size(*header, scale, max_side_px)
-        pixels = 4.0 * (header[0] * header[1] + width * height)  # the decoded image and its resized copy
+        pixels = DECODED_BYTES_PER_PX * (header[0] * header[1] + width * height)  # decoded, and resized
         network = network_bytes(height, width) if network_bytes is not None else 0.0
         problem = memory_problem(f"stylizing {job.source.name}", (width, height), pixels, network, scale)
         if problem is not None:
@@ -130,10 +106,10 @@ def load_job(
 
 
 def save_result(loaded: Loaded, stylized: torch.Tensor | Image.Image, cfg: DictConfig) -> Path:
-    """Colour handling, alpha re-attachment and an atomic write; returns the path written.
+    """Color handling, alpha re-attachment and an atomic write; returns the path written.
 
     ``stylized``: the untiled network output, (3, H, W) float32 in [0, 1], finished here; or the tiled path's
-    image (Runner), which is finished already (colours, alpha and 8-bit rounding applied strip by strip).
+    image (Runner), which is finished already (colors, alpha and 8-bit rounding applied strip by strip).
     """
     if isinstance(stylized, Image.Image):
         img = stylized
@@ -167,34 +143,18 @@ def non_finite_message(bad: int) -> str | None:
     return f"the model produced {bad} NaN or infinite values for this image (is the model broken?); nothing written"
 
 
-FINISH_BYTES_PER_PX = 96
-"""Temporary bytes per pixel of the tiled path's colour finishing of one output strip (Runner._tiled_image): the
-content rows (uint8 and float), finish_colors' float copies, the 8-bit conversion and the strip pasted into the
-image; measured 65 B/px with preserve_color=true and strength=0.6 (peak RSS growth on a 3000 x 1000 RGBA strip).
-Passed to the executor so that its strip sizes include it."""
-
-
 class Runner:
     """Runs the model on decoded images of one size: in batches through the untiled network when they fit
     ``max_memory_mb``, otherwise one by one through the exact tiled executor, reading and writing 8-bit strips."""
 
-    def __init__(self, net: torch.nn.Module, device: torch.device, cfg: DictConfig) -> None:
-        from inference.tiled import untiled_bytes_estimate
-
-        name = str(cfg.precision)
-        if not isinstance(net, torch.nn.Module):  # an .onnx model: onnxruntime computes in float32 whatever we ask
-            if name not in ("auto", "fp32"):
-                raise FaststyleError(
-                    f"precision={name}: .onnx models run in fp32 through onnxruntime: use precision=auto or fp32, "
-                    "or the .pth model"
-                )
-            name = "fp32"  # a 16-bit input would only round the photo before onnxruntime converts it back
-        # Precision, memory format and the cast of the network: core.precision's policy (stylize never compiles:
-        # each image size would compile again).
-        self.policy = precision.resolve_precision(device, name, cfg.channels_last, False, training=False)
+    def __init__(self, network: StyleNetwork, cfg: DictConfig) -> None:
+        """Run ``network`` (inference.network: the model's style, prepared under its precision policy) with
+        stylize's options in ``cfg`` (max_memory_mb, tmp_dir, preserve_color, strength). Applies the policy's
+        process-wide backend settings and logs them (core.precision.configure_backends)."""
+        self.network = network
+        self.policy = network.policy
         precision.configure_backends(self.policy)
-        self.net = self.policy.prepare_module(net, device).eval()
-        self.device = device
+        self.net, self.device = network.net, network.device
         self.budget_mb = float(cfg.max_memory_mb)
         if self.budget_mb <= 0:
             raise FaststyleError("max_memory_mb must be positive")
@@ -203,13 +163,22 @@ class Runner:
         self._estimate = untiled_bytes_estimate
         self._tiled = None
         self.tiled_images = 0
-        self._sizes_told: set[tuple[int, int]] = set()  # shared by for_network copies: one line per size and run
+        self._sizes_told: set[tuple[int, int]] = set()  # shared by with_style copies: one line per size and run
 
-    def for_network(self, net: torch.nn.Module) -> Runner:
-        """A Runner with these settings for another network of the same kind (the next style of a multi-style
-        model): the policy is not resolved, and the backends not configured, a second time."""
+    @classmethod
+    def from_module(cls, net: torch.nn.Module, device: torch.device, cfg: DictConfig) -> Runner:
+        """A Runner for a one-style network already in memory (tests, benchmarks), under the policy that
+        ``cfg.precision`` and ``cfg.channels_last`` give it on ``device`` (inference.network.inference_policy)."""
+        model = StyleModel.from_network(net, device, precision=cfg.precision, channels_last=cfg.channels_last)
+        return cls(model.network(), cfg)
+
+    def with_style(self, style: str | int | StyleChoice) -> Runner:
+        """A Runner with these settings for another style or mix of the same model (the next style of a
+        multi-style model, a video's changing mix): the policy is not resolved, and the backends not configured, a
+        second time."""
         other = copy.copy(self)
-        other.net = self.policy.prepare_module(net, self.device).eval()
+        other.network = self.network.with_style(style)
+        other.net = other.network.net
         other._tiled = None
         return other
 
@@ -254,7 +223,7 @@ class Runner:
     @torch.inference_mode()
     def stylize_pixels(self, frames: torch.Tensor) -> torch.Tensor:
         """Stylize (N, H, W, 3) uint8 RGB frames (CPU) that fit ``max_memory_mb`` untiled (see max_batch) and return
-        them finished as (N, H, W, 3) uint8 on the CPU: colours (preserve_color, strength) and data.io.to_uint8's
+        them finished as (N, H, W, 3) uint8 on the CPU: colors (preserve_color, strength) and data.io.to_uint8's
         rounding applied on the device, so that only 8-bit pixels cross to and from it (a quarter of the float32
         bytes) and the CPU does no per-pixel work. The same pixels as __call__ followed by save_result's finishing.
         RuntimeError when the model produced NaN or infinite values."""

@@ -140,7 +140,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     """Read a ``save_model`` file and return ``(TransformerNet in eval mode on device, meta)``.
 
     A missing, corrupt, unsafe (pickled code) or foreign file raises FaststyleError. pytorch/examples files are
-    read by ``interop.legacy.load_any_model``, which accepts both.
+    read by ``interop.read.read_torch_model_file``, which accepts both.
     """
     path = Path(path)
     return model_from_dict(safe_torch_load(path, "model file", fix=MODEL_FIX), path, device)

@@ -12,7 +12,7 @@ Three implementations of that formula, chosen per call:
 * CPU, float32/float64/bfloat16/float16: a fused C++ kernel (``models/kernels/instance_norm.cpp``,
   ``_FusedInstanceNormFunction``), compiled on first use by ``models/kernels/build.py`` and cached in torch's
   extension directory. It reads each tensor from memory about once per pass, which is what lets it beat
-  ``nn.InstanceNorm2d`` (README, "Speed and memory"; ``python -m scripts.bench_norm`` measures both). A 16-bit
+  ``nn.InstanceNorm2d`` (README, "Speed and memory"; ``python -m benchmarks norm`` measures both). A 16-bit
   tensor stays 16-bit in memory: the kernel widens it chunk by chunk and does all its arithmetic in float32, with
   weight and bias (and their gradients) in float32. When it cannot be built, ONE warning names the cause and the
   eager path below runs instead.

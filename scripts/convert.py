@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from core.cli import add_overwrite_option, check_output_file, run_tool, tool_parser
-from interop.legacy import load_legacy_file
+from interop.pytorch_examples import read_examples_file
 from models.modelfile import save_model
 
 
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def convert(source: Path, output: Path, style: str | None = None, overwrite: bool = False) -> dict:
     """Import ``source`` and write it to ``output`` with save_model; returns the meta written."""
     check_output_file(output, {"source file": source}, overwrite)
-    net, meta = load_legacy_file(source)
+    net, meta = read_examples_file(source)
     if style:
         meta["style"] = style
     meta["converted_by"] = "scripts/convert.py"

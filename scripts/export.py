@@ -6,7 +6,7 @@
     python -m scripts.export styles/model.pth --format onnx --verify -o styles.onnx     # multi-style: 2 inputs
     python stylize.py model=mosaic.onnx input=photo.jpg                                   # runs via onnxruntime
 
-Input: anything ``interop.legacy.load_any_model`` reads (our model.pth, or a pytorch/examples state dict).
+Input: anything ``interop.read.read_torch_model_file`` reads (our model.pth, or a pytorch/examples state dict).
 Both formats take ``image`` (N, 3, H, W) float32 RGB in [0, 1], H, W >= 8, and return the stylized (N, 3, H, W)
 in [0, 1]. A multi-style model (num_styles S > 1) takes a second input ``style_weights``: (S,) float32 weights
 >= 0, not all 0, in the order of meta["styles"], normalised to sum 1 inside the graph (so raw slider values work;
@@ -27,8 +27,9 @@ import torch
 
 from core.cli import add_overwrite_option, check_output_file, run_tool, tool_parser
 from core.errors import FaststyleError
-from interop.export import DEFAULT_OPSET, ONNX_STYLE_INPUT_NAME, export_onnx, export_torchscript
-from interop.legacy import load_any_model
+from interop.onnx_export import DEFAULT_OPSET, ONNX_STYLE_INPUT_NAME, export_onnx
+from interop.read import read_torch_model_file
+from interop.torchscript_export import export_torchscript
 from models.styles import style_names
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts"}
@@ -65,7 +66,7 @@ def verify(net: torch.nn.Module, path: Path, fmt: str, sizes: list[tuple[int, in
     """Max |export - PyTorch| over random (2, 3, H, W) batches of the given sizes (and, for a multi-style model,
     over verify_mixes); raises FaststyleError above VERIFY_TOLERANCE."""
     if fmt == "onnx":
-        from inference.onnx_runner import OnnxStyleModel
+        from interop.onnx_model import OnnxStyleModel
 
         onnx_model = OnnxStyleModel(path)
 
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         if (args.height is None) != (args.width is None):
             raise FaststyleError("give both --height and --width for a fixed-size export, or --dynamic")
         check_output_file(output, {"model": args.model}, args.overwrite)
-        net, meta = load_any_model(args.model, device="cpu")
+        net, meta = read_torch_model_file(args.model, device="cpu")
         if args.format == "onnx":
             export_onnx(net, output, height=args.height, width=args.width, opset=args.opset, meta=meta)
         else:

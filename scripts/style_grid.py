@@ -141,20 +141,20 @@ def make_grid(
     from core.errors import FaststyleError
     from data.io import WRITE_FORMATS, load_image, pil_to_tensor, resize_max_side, save_image
     from data.pictures import draw_grid
-    from inference.network import prepare_network, read_model_file, style_count
+    from inference.network import load_style_model
     from models.styles import StyleChoice, all_styles, parse_style
 
     model, photo = absolute_user_path(model), absolute_user_path(photo)
     output = absolute_user_path(output) if output is not None else default_output(model, photo)
     check_output_file(output, {"model": model, "photo": photo}, overwrite, "-o", "style_grid.png", WRITE_FORMATS)
 
-    source, meta = read_model_file(model)
-    if style_count(source) < 2:
+    style_model = load_style_model(model, device=device, precision="fp32")
+    if style_model.num_styles < 2:
         raise FaststyleError(
             f"{model.name} holds one style, so there is nothing to grid: "
             f"stylize the photo with python stylize.py model={model} input={photo}"
         )
-    network = prepare_network(source, meta, model, style=0, device=device, precision="fp32")
+    network = style_model.network(0)
     names = network.style_names
     start, end = (parse_style(spec, names) for spec in (between or ["0", "1"]))
     if start.weights == end.weights:

@@ -1,4 +1,5 @@
-"""ONNX and TorchScript export (interop/export.py, scripts/export.py), the onnxruntime runner, convert.py.
+"""ONNX and TorchScript export (interop/onnx_export.py, interop/torchscript_export.py, scripts/export.py), running
+the export (interop/onnx_model.py), convert.py.
 
 Exported graphs must match PyTorch within 1e-4 at several sizes, odd ones included. ONNX tests skip when onnx,
 onnxscript or onnxruntime are not installed (they are test-only dependencies).
@@ -19,8 +20,8 @@ from PIL import Image
 
 from core.errors import FaststyleError
 from data.io import save_image
-from interop.legacy import legacy_config, to_legacy_state_dict
-from interop.legacy import load_any_model as load_model
+from interop.pytorch_examples import examples_config, to_examples_state_dict
+from interop.read import read_torch_model_file
 from models.modelfile import save_model
 from models.norm import InstanceNorm
 from models.transformer import TransformerNet
@@ -84,11 +85,11 @@ def dynamic_onnx(model_file: Path) -> Path:
 def test_dynamic_onnx_export_matches_pytorch(model_file: Path, dynamic_onnx: Path) -> None:
     import onnx
 
-    from inference.onnx_runner import OnnxStyleModel
+    from interop.onnx_model import OnnxStyleModel
 
     graph = onnx.load(str(dynamic_onnx)).graph
     ops = [node.op_type for node in graph.node]
-    net, _ = load_model(model_file)
+    net, _ = read_torch_model_file(model_file)
     norms = sum(isinstance(m, InstanceNorm) for m in net.modules())
     assert ops.count("InstanceNormalization") == norms == 7
     runner = OnnxStyleModel(dynamic_onnx)
@@ -139,8 +140,8 @@ def test_stylize_runs_onnx_models_untiled_only(model_file: Path, dynamic_onnx: P
 @needs_onnx
 @pytest.mark.slow
 def test_fixed_size_onnx_export_and_its_size_check(tmp_path: Path) -> None:
-    from inference.onnx_runner import OnnxStyleModel
-    from interop.export import export_onnx
+    from interop.onnx_export import export_onnx
+    from interop.onnx_model import OnnxStyleModel
 
     net = _net(output="linear")
     path = export_onnx(net, tmp_path / "fixed.onnx", height=36, width=20)
@@ -151,7 +152,7 @@ def test_fixed_size_onnx_export_and_its_size_check(tmp_path: Path) -> None:
 
 
 def test_torchscript_export_matches_pytorch_at_odd_sizes(tmp_path: Path) -> None:
-    from interop.export import export_torchscript
+    from interop.torchscript_export import export_torchscript
 
     net = _net()
     path = export_torchscript(net, tmp_path / "model.ts", meta={"style": "unit"})
@@ -186,20 +187,20 @@ def test_export_refuses_an_existing_output_without_overwrite(model_file: Path, t
 
 @pytest.mark.slow
 def test_convert_writes_our_format_with_its_source(tmp_path: Path) -> None:
-    ours = TransformerNet(**legacy_config(8, 2)).eval()
+    ours = TransformerNet(**examples_config(8, 2)).eval()
     source = tmp_path / "candy.model"
-    torch.save(to_legacy_state_dict(ours), source)
+    torch.save(to_examples_state_dict(ours), source)
     out = tmp_path / "candy_faststyle.pth"
     result = _run("convert.py", str(source), "-o", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    converted, meta = load_model(out)
+    converted, meta = read_torch_model_file(out)
     assert meta["source"] == "pytorch/examples" and meta["source_file"] == "candy.model"
     assert meta["style"] == "candy" and len(meta["source_sha256"]) == 64
     x = torch.rand(1, 3, 24, 28)
     with torch.no_grad():
         torch.testing.assert_close(converted(x), ours(x), atol=1e-5, rtol=1e-5)
     # their file also loads directly (stylize.py model=candy.model)
-    direct, direct_meta = load_model(source)
+    direct, direct_meta = read_torch_model_file(source)
     assert direct.config() == ours.config() and direct_meta["source_sha256"] == meta["source_sha256"]
     again = _run("convert.py", str(source), "-o", str(out), cwd=tmp_path)
     assert again.returncode == 2 and "exists" in again.stderr

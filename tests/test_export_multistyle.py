@@ -1,4 +1,5 @@
-"""Export of multi-style networks (interop/export.py, scripts/export.py) and running them (inference/onnx_runner.py).
+"""Export of multi-style networks (interop/exportable.py, interop/onnx_export.py, scripts/export.py) and running
+them (interop/onnx_model.py).
 
 A 3-style network with distinct (gamma, beta) rows per style is exported once per format (module-scoped fixtures:
 exports take seconds) through ``scripts.export.main --verify``; the files must match ``net(x, weights)`` within 1e-4
@@ -18,7 +19,8 @@ import torch
 from torch import nn
 
 from core.errors import FaststyleError
-from interop.export import ONNX_INPUT_NAME, ONNX_OUTPUT_NAME, ONNX_STYLE_INPUT_NAME, ExportableStyleNet
+from interop.exportable import ExportableStyleNet
+from interop.onnx_export import ONNX_INPUT_NAME, ONNX_OUTPUT_NAME, ONNX_STYLE_INPUT_NAME
 from models.modelfile import ONNX_METADATA_KEY, save_model
 from models.norm import ConditionalInstanceNorm
 from models.transformer import TransformerNet
@@ -170,7 +172,7 @@ def test_torchscript_matches_pytorch_for_each_style_and_a_mix_normalised_or_not(
 @needs_onnx
 @pytest.mark.slow
 def test_onnx_style_model_for_style_round_trip(onnx_file: Path, net: TransformerNet) -> None:
-    from inference.onnx_runner import OnnxStyleModel
+    from interop.onnx_model import OnnxStyleModel
 
     model = OnnxStyleModel(onnx_file)
     assert model.num_styles == 3 and model.style_names == STYLES and model.meta["styles"] == STYLES
@@ -192,7 +194,7 @@ def test_onnx_style_model_for_style_round_trip(onnx_file: Path, net: Transformer
 @needs_onnx
 @pytest.mark.slow
 def test_onnx_multistyle_model_without_a_style_or_with_bad_weights(onnx_file: Path) -> None:
-    from inference.onnx_runner import OnnxStyleModel
+    from interop.onnx_model import OnnxStyleModel
 
     model = OnnxStyleModel(onnx_file)
     with pytest.raises(FaststyleError) as err:
@@ -229,7 +231,7 @@ def _two_input_onnx(path: Path, style_shape: list[int], metadata: dict | None) -
     reason="needs onnx and onnxruntime",
 )
 def test_two_input_onnx_files_are_refused_unless_faststyle_multistyle(tmp_path: Path) -> None:
-    from inference.onnx_runner import OnnxStyleModel
+    from interop.onnx_model import OnnxStyleModel
 
     foreign = _two_input_onnx(tmp_path / "foreign.onnx", [3], None)
     with pytest.raises(FaststyleError, match="is not a style network: expected one"):

@@ -29,7 +29,8 @@ from configs.schema import ModelSchema
 from core.errors import FaststyleError
 from core.fileio import check_regular_file, regular_file_problem
 from core.limits import MODEL_RANGES
-from interop.legacy import load_any_model, load_legacy_file, to_legacy_state_dict
+from interop.pytorch_examples import read_examples_file, to_examples_state_dict
+from interop.read import read_torch_model_file
 from models.modelfile import load_model, save_model
 from models.transformer import TransformerNet
 from training.checkpoint import load_checkpoint
@@ -95,7 +96,7 @@ def _small_model(path: Path, **config) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 def test_every_random_file_is_not_a_model_file(tmp_path: Path) -> None:
     for path in _random_files(tmp_path / "random"):
-        for loader, origin in ((load_any_model, "faststyle or pytorch/examples"), (load_model, "faststyle")):
+        for loader, origin in ((read_torch_model_file, "faststyle or pytorch/examples"), (load_model, "faststyle")):
             message = _message(loader, path)
             assert message.startswith(f"{path} is not a {origin} model file: it is "), message
             assert message.endswith("pass the model.pth of a training run)") or "fast_neural_style" in message
@@ -117,7 +118,7 @@ def test_damaged_torch_files_are_not_model_files(tmp_path: Path) -> None:
     with zipfile.ZipFile(tmp_path / "other.pth", "w") as archive:  # a zip archive that torch did not write
         archive.writestr("notes.txt", "hello")
     for name in [*cases, "other.pth"]:
-        message = _message(load_any_model, tmp_path / name)
+        message = _message(read_torch_model_file, tmp_path / name)
         assert "is not a faststyle or pytorch/examples model file: it is corrupt" in message, message
 
 
@@ -147,7 +148,7 @@ def _code_files(folder: Path, marker: Path) -> dict[str, Path]:
 def test_files_that_carry_code_are_refused_for_safety_in_one_plain_line(tmp_path: Path) -> None:
     marker = tmp_path / "MARKER_code_ran"
     for label, path in _code_files(tmp_path, marker).items():
-        for loader in (load_any_model, load_model, load_legacy_file, load_checkpoint):
+        for loader in (read_torch_model_file, load_model, read_examples_file, load_checkpoint):
             message = _message(loader, path)
             assert message.startswith(f"refusing to load {path}: it would import "), (label, message)
             assert "system" in message, (label, message)  # names what it would call (posix.system, nt.system)
@@ -158,7 +159,7 @@ def test_a_whole_pickled_network_is_refused_and_named(tmp_path: Path) -> None:
     """torch.save(model) instead of a state dict: a common mistake; the pickle names the class it would build."""
     path = tmp_path / "whole.pth"
     torch.save(TransformerNet(base_width=4, residual_blocks=0), path)
-    message = _message(load_any_model, path)
+    message = _message(read_torch_model_file, path)
     assert message.startswith(f"refusing to load {path}: it would import models.transformer.TransformerNet")
 
 
@@ -167,10 +168,10 @@ def test_an_old_format_pytorch_examples_file_loads_without_warnings(tmp_path: Pa
     torch.manual_seed(0)
     net = TransformerNet(base_width=4, residual_blocks=1, output="linear")
     path = tmp_path / "old.pth"
-    torch.save(to_legacy_state_dict(net), path, _use_new_zipfile_serialization=False)
+    torch.save(to_examples_state_dict(net), path, _use_new_zipfile_serialization=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loaded, meta = load_any_model(path)
+        loaded, meta = read_torch_model_file(path)
     assert not caught, [str(w.message) for w in caught]
     assert meta["source"] == "pytorch/examples" and loaded.config()["base_width"] == 4
 
@@ -203,17 +204,17 @@ def test_a_config_outside_the_ranges_is_refused_before_allocating(
     obj = _small_model(tmp_path / "model.pth")
     path = tmp_path / "absurd.pth"
     torch.save({**obj, "model_config": {**obj["model_config"], key: value}}, path)
-    message = _message(load_any_model, path)
+    message = _message(read_torch_model_file, path)
     assert message.startswith(f"{path} describes a network with {shown}"), message
 
 
 def test_a_pytorch_examples_file_claiming_a_huge_width_is_refused(tmp_path: Path) -> None:
     """A stride-0 view claims a billion output channels on one float of storage: refused from its shape."""
-    state = to_legacy_state_dict(TransformerNet(base_width=4, residual_blocks=1, output="linear"))
+    state = to_examples_state_dict(TransformerNet(base_width=4, residual_blocks=1, output="linear"))
     state["conv1.conv2d.weight"] = torch.zeros(1).expand(10**9, 3, 9, 9)
     path = tmp_path / "huge.pth"
     torch.save(state, path)
-    assert "base_width=1000000000, outside the allowed range 1..256" in _message(load_any_model, path)
+    assert "base_width=1000000000, outside the allowed range 1..256" in _message(read_torch_model_file, path)
 
 
 def test_a_network_larger_than_the_memory_left_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -222,7 +223,7 @@ def test_a_network_larger_than_the_memory_left_is_refused(tmp_path: Path, monkey
     path = tmp_path / "model.pth"
     save_model(path, TransformerNet(), {})  # the paper's network: 1.68 M weights, 6 MiB
     monkeypatch.setattr(models.modelfile, "host_memory_available", lambda: 2**20)
-    message = _message(load_any_model, path)
+    message = _message(read_torch_model_file, path)
     assert "describes a network of 1,679,235 weights (6 MiB), more than the 1 MiB of memory available" in message
 
 
@@ -267,8 +268,8 @@ def test_paths_that_are_not_regular_files_say_what_they_are(odd_paths: dict[str,
         assert message.startswith(expected) and "pass model=<run dir>/model.pth" in message, message
     assert regular_file_problem(PHOTO) is None
     # The loaders check the same way, before opening anything (a FIFO opened for reading would block).
-    assert "not a regular file" in _message(load_any_model, odd_paths["fifo"])
-    assert "not a regular file" in _message(load_legacy_file, odd_paths["zero"])
+    assert "not a regular file" in _message(read_torch_model_file, odd_paths["fifo"])
+    assert "not a regular file" in _message(read_examples_file, odd_paths["zero"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

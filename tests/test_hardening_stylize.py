@@ -438,10 +438,11 @@ def test_images_decode_only_in_the_listed_formats(corpus: Path, tmp_path: Path) 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the header is over 89 MP on purpose
 def test_memory_is_estimated_before_decoding(corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import inference.memory
     import inference.runner as runner
     from inference.jobs import Job
 
-    monkeypatch.setattr(runner, "host_memory_available", lambda: 2**30)
+    monkeypatch.setattr(inference.memory, "host_memory_available", lambda: 2**30)
     job = Job(corpus / "in" / "good.jpg", corpus / "unused.jpg")
     loaded = runner.load_job(job, None, 16.0, lambda h, w: 0.0)  # 768 x 576: 1.7 MB + 36 x 48
     assert loaded.error is None

@@ -1,4 +1,4 @@
-"""Import of pytorch/examples fast_neural_style networks (interop/legacy.py).
+"""Import of pytorch/examples fast_neural_style networks (interop/pytorch_examples.py).
 
 ``ReferenceNet`` below is an independent re-statement of their network from the published format facts (key names,
 reflection padding, nearest x2 before deconv1/2, affine instance norm, 0-255 in and out, no output activation),
@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.errors import FaststyleError
-from interop.legacy import (
-    infer_legacy_shape,
-    is_legacy_state_dict,
-    legacy_config,
-    load_legacy_file,
-    load_legacy_state_dict,
-    to_legacy_state_dict,
+from interop.pytorch_examples import (
+    examples_config,
+    examples_shape,
+    from_examples_state_dict,
+    is_examples_state_dict,
+    read_examples_file,
+    to_examples_state_dict,
 )
 from models.transformer import TransformerNet
 
@@ -103,9 +103,9 @@ def reference() -> ReferenceNet:
 
 def test_imported_network_matches_reference_implementation(reference: ReferenceNet) -> None:
     state = reference.state_dict()
-    assert is_legacy_state_dict(state)
-    net = load_legacy_state_dict(state)
-    assert net.config() == legacy_config(8, 2)
+    assert is_examples_state_dict(state)
+    net = from_examples_state_dict(state)
+    assert net.config() == examples_config(8, 2)
     x = torch.rand(2, 3, 32, 44, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         theirs = reference(x * 255.0)
@@ -120,10 +120,10 @@ def test_imported_network_matches_reference_implementation(reference: ReferenceN
 
 def test_round_trip_from_our_weights_gives_our_output(tmp_path) -> None:
     torch.manual_seed(3)
-    ours = _randomised(TransformerNet(**legacy_config(16, 3)), seed=3).eval()
+    ours = _randomised(TransformerNet(**examples_config(16, 3)), seed=3).eval()
     path = tmp_path / "mosaic.pth"
-    torch.save(to_legacy_state_dict(ours), path)
-    imported, meta = load_legacy_file(path)
+    torch.save(to_examples_state_dict(ours), path)
+    imported, meta = read_examples_file(path)
     assert imported.config() == ours.config()
     assert meta["source"] == "pytorch/examples" and meta["source_file"] == "mosaic.pth"
     assert len(meta["source_sha256"]) == 64
@@ -135,8 +135,8 @@ def test_round_trip_from_our_weights_gives_our_output(tmp_path) -> None:
 @pytest.mark.parametrize(("width", "blocks"), [(32, 5), (16, 5), (8, 5), (8, 3), (16, 0)])
 def test_width_and_block_count_are_inferred(width: int, blocks: int) -> None:
     state = ReferenceNet(w=width, blocks=blocks).state_dict()
-    assert infer_legacy_shape(state) == (width, blocks)
-    assert load_legacy_state_dict(state).config() == legacy_config(width, blocks)
+    assert examples_shape(state) == (width, blocks)
+    assert from_examples_state_dict(state).config() == examples_config(width, blocks)
 
 
 def test_old_running_stat_buffers_are_dropped(reference: ReferenceNet) -> None:
@@ -144,10 +144,10 @@ def test_old_running_stat_buffers_are_dropped(reference: ReferenceNet) -> None:
     for name in ("in1", "in4", "res1.in2"):
         state[f"{name}.running_mean"] = torch.zeros(1)  # old files: any shape, never used
         state[f"{name}.running_var"] = torch.ones(1)
-    net = load_legacy_state_dict(state)
+    net = from_examples_state_dict(state)
     x = torch.rand(1, 3, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(net(x), load_legacy_state_dict(reference.state_dict())(x))
+        torch.testing.assert_close(net(x), from_examples_state_dict(reference.state_dict())(x))
 
 
 def test_missing_extra_and_misshaped_keys_are_named(reference: ReferenceNet) -> None:
@@ -156,7 +156,7 @@ def test_missing_extra_and_misshaped_keys_are_named(reference: ReferenceNet) -> 
     state["res1.extra.weight"] = torch.zeros(3)
     state["in4.weight"] = torch.zeros(7)
     with pytest.raises(FaststyleError) as info:
-        load_legacy_state_dict(state)
+        from_examples_state_dict(state)
     message = str(info.value)
     assert "\n" not in message
     assert "missing keys: res2.in1.bias" in message
@@ -167,16 +167,16 @@ def test_missing_extra_and_misshaped_keys_are_named(reference: ReferenceNet) -> 
 def test_gap_in_residual_numbering_is_refused(reference: ReferenceNet) -> None:
     state = {k.replace("res2.", "res3."): v for k, v in reference.state_dict().items()}
     with pytest.raises(FaststyleError, match=r"numbered \[1, 3\]"):
-        load_legacy_state_dict(state)
+        from_examples_state_dict(state)
 
 
 def test_detector_rejects_other_objects() -> None:
-    assert not is_legacy_state_dict({"format": "faststyle-model", "state_dict": {}})
-    assert not is_legacy_state_dict(TransformerNet(base_width=8, residual_blocks=1).state_dict())
-    assert not is_legacy_state_dict({"conv1.conv2d.weight": 1, "deconv3.conv2d.weight": 2})
-    assert not is_legacy_state_dict([])
+    assert not is_examples_state_dict({"format": "faststyle-model", "state_dict": {}})
+    assert not is_examples_state_dict(TransformerNet(base_width=8, residual_blocks=1).state_dict())
+    assert not is_examples_state_dict({"conv1.conv2d.weight": 1, "deconv3.conv2d.weight": 2})
+    assert not is_examples_state_dict([])
 
 
 def test_only_representable_networks_export_to_their_layout() -> None:
     with pytest.raises(FaststyleError, match="output=sigmoid"):
-        to_legacy_state_dict(TransformerNet(base_width=8, residual_blocks=1))
+        to_examples_state_dict(TransformerNet(base_width=8, residual_blocks=1))

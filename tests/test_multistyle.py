@@ -282,11 +282,11 @@ def test_stylize_cli_takes_a_mix_as_users_type_it(multi_model: Path, tmp_path: P
 
 def test_other_tools_take_one_style_of_a_multi_style_model(multi_model: Path, tmp_path: Path, capsys) -> None:
     from evaluation.reports import precision_check
-    from interop.legacy import legacy_config, to_legacy_state_dict
+    from interop.pytorch_examples import examples_config, to_examples_state_dict
 
     # pytorch/examples' format holds one style: refused with one line
     with pytest.raises(FaststyleError, match="pick one style"):
-        to_legacy_state_dict(TransformerNet(**legacy_config(8, 1), num_styles=2))
+        to_examples_state_dict(TransformerNet(**examples_config(8, 1), num_styles=2))
     # precision_check folds the style it is given (the first by default), as stylize runs it
     args = [str(multi_model), "--width", "40", "--height", "32", "--tiled-budget-mb", "4", "--out", str(tmp_path)]
     assert precision_check.main([*args, "--style", "street"]) == 0

@@ -1,4 +1,4 @@
-"""ONNX files not written by faststyle (no metadata) through inference/onnx_runner.py.
+"""ONNX files not written by faststyle (no metadata) through interop/onnx_model.py.
 
 The files are built here at test time in the pytorch/examples ``fast_neural_style`` layout (their key names,
 reflection padding, affine instance norm, nearest x2 before deconv1/2, RGB 0-255 in and out, no output activation),
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from core.errors import FaststyleError
-from interop.legacy import legacy_config, load_legacy_state_dict, to_legacy_state_dict
+from interop.pytorch_examples import examples_config, from_examples_state_dict, to_examples_state_dict
 from models.norm import InstanceNorm
 from models.transformer import TransformerNet
 
@@ -38,7 +38,7 @@ WIDTH, BLOCKS = 8, 1
 FIXED_HW = (48, 64)  # multiples of 4: their network keeps the size there
 TOLERANCE = 1e-3  # on [0, 1] outputs; measured differences are ~1e-6 (float32 rounding of 0-255 arithmetic)
 OPSET = 17
-LOG = "inference.onnx_runner"
+LOG = "interop.onnx_model"
 
 
 class _TorchOps:
@@ -179,13 +179,13 @@ def state() -> dict[str, Tensor]:
     """Random, deterministic weights in their layout and 0-255 scale, with the last conv calibrated so a photo
     comes out like a trained network's (mean 128, spread 60 of 255) rather than a random one's."""
     torch.manual_seed(0)
-    net = TransformerNet(**legacy_config(WIDTH, BLOCKS))
+    net = TransformerNet(**examples_config(WIDTH, BLOCKS))
     with torch.no_grad():  # non-trivial affine norms, so a dropped weight/bias would show
         for module in net.modules():
             if isinstance(module, InstanceNorm):
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.3, 0.3)
-    theirs = to_legacy_state_dict(net.eval())
+    theirs = to_examples_state_dict(net.eval())
     y = reference(theirs, _photo("chelsea.jpg", 84, 128)[None] * 255.0)
     bias = theirs["deconv3.conv2d.bias"]
     gain = 60.0 / float(y.std())
@@ -216,9 +216,9 @@ def _max_diff(a: Tensor, b: Tensor) -> float:
 
 
 def test_fixed_size_0_255_file_is_detected_and_matches_pytorch(files, state) -> None:
-    from inference.onnx_runner import load_onnx_model
+    from interop.onnx_model import read_onnx_file
 
-    model, meta = load_onnx_model(files["fixed"])
+    model, meta = read_onnx_file(files["fixed"])
     assert meta == {} and model.foreign
     assert model.pixel_range == "0-255"
     fits = model.pixel_range_fits
@@ -229,14 +229,14 @@ def test_fixed_size_0_255_file_is_detected_and_matches_pytorch(files, state) -> 
     expected = (reference(state, x * 255.0) / 255.0).clamp(0, 1)
     assert out.shape == x.shape
     assert _max_diff(out, expected) < TOLERANCE
-    # the same network imported by interop/legacy.py (a third implementation, weights folded to 0-1)
+    # the same network imported by interop/pytorch_examples.py (a third implementation, weights folded to 0-1)
     with torch.no_grad():
-        assert _max_diff(out, load_legacy_state_dict(state)(x)) < TOLERANCE
+        assert _max_diff(out, from_examples_state_dict(state)(x)) < TOLERANCE
     assert 0.2 < float(out.mean()) < 0.8 and float(out.std()) > 0.1  # a picture, not the old near-white one
 
 
 def test_fixed_size_resizes_with_one_warning(files, state, caplog) -> None:
-    from inference.onnx_runner import OnnxStyleModel
+    from interop.onnx_model import OnnxStyleModel
 
     model = OnnxStyleModel(files["fixed"])
     x = _batch(40, 52)
@@ -253,7 +253,7 @@ def test_fixed_size_resizes_with_one_warning(files, state, caplog) -> None:
 
 
 def test_fixed_size_off_multiple_of_4_output_is_cropped(tmp_path, state, caplog) -> None:
-    from inference.onnx_runner import OnnxStyleModel
+    from interop.onnx_model import OnnxStyleModel
 
     model = OnnxStyleModel(write_onnx(tmp_path / "odd.onnx", state, [1, 3, 46, 62]), pixel_range="0-255")
     x = _batch(46, 62)
@@ -265,7 +265,7 @@ def test_fixed_size_off_multiple_of_4_output_is_cropped(tmp_path, state, caplog)
 
 
 def test_dynamic_axes_file_pads_to_a_multiple_of_4_like_transformer_net(files, state, caplog) -> None:
-    from inference.onnx_runner import OnnxStyleModel
+    from interop.onnx_model import OnnxStyleModel
 
     with caplog.at_level(logging.WARNING, logger=LOG):
         model = OnnxStyleModel(files["dynamic"])
@@ -277,11 +277,11 @@ def test_dynamic_axes_file_pads_to_a_multiple_of_4_like_transformer_net(files, s
     expected = (reference(state, padded * 255.0)[:, :, :33, :47] / 255.0).clamp(0, 1)
     assert out.shape == x.shape and _max_diff(out, expected) < TOLERANCE
     with torch.no_grad():
-        assert _max_diff(out, load_legacy_state_dict(state)(x)) < TOLERANCE
+        assert _max_diff(out, from_examples_state_dict(state)(x)) < TOLERANCE
 
 
 def test_0_1_foreign_file_is_detected(files, state) -> None:
-    from inference.onnx_runner import OnnxStyleModel
+    from interop.onnx_model import OnnxStyleModel
 
     model = OnnxStyleModel(files["unit"])
     assert model.pixel_range == "0-1"
@@ -292,10 +292,10 @@ def test_0_1_foreign_file_is_detected(files, state) -> None:
 
 
 def test_explicit_pixel_range_overrides_detection(files, state) -> None:
-    from inference.onnx_runner import OnnxStyleModel, load_onnx_model
+    from interop.onnx_model import OnnxStyleModel, read_onnx_file
 
     x = _batch(*FIXED_HW)
-    model, _ = load_onnx_model(files["fixed"], pixel_range=255)  # what YAML makes of onnx_pixel_range=255
+    model, _ = read_onnx_file(files["fixed"], pixel_range=255)  # what YAML makes of onnx_pixel_range=255
     assert model.pixel_range == "0-255" and model.pixel_range_fits == {}  # given: no probe run
     assert _max_diff(model(x), (reference(state, x * 255.0) / 255.0).clamp(0, 1)) < TOLERANCE
     wrong = OnnxStyleModel(files["fixed"], pixel_range="0-1")  # honoured even when wrong: the old near-white image
@@ -307,7 +307,7 @@ def test_explicit_pixel_range_overrides_detection(files, state) -> None:
 
 @pytest.mark.parametrize(("name", "verdict"), [("negated", "neither"), ("identity", "both")])
 def test_undecidable_pixel_range_is_a_one_line_error(files, name: str, verdict: str) -> None:
-    from inference.onnx_runner import OnnxStyleModel
+    from interop.onnx_model import OnnxStyleModel
 
     with pytest.raises(FaststyleError) as info:
         OnnxStyleModel(files[name])
@@ -320,7 +320,7 @@ def test_undecidable_pixel_range_is_a_one_line_error(files, name: str, verdict: 
 
 
 def test_missing_probe_photo_asks_for_the_range(files, monkeypatch) -> None:
-    import inference.onnx_runner as runner
+    import interop.onnx_model as runner
 
     monkeypatch.setattr(runner, "PROBE_PHOTO", REPO_ROOT / "no_such_photo.jpg")
     with pytest.raises(FaststyleError, match=r"test photo .* is missing; pass onnx_pixel_range=0-255"):
@@ -330,7 +330,7 @@ def test_missing_probe_photo_asks_for_the_range(files, monkeypatch) -> None:
 def test_fixed_batch_above_1_and_size_changing_graphs_are_refused(tmp_path, state) -> None:
     from onnx import TensorProto, helper
 
-    from inference.onnx_runner import OnnxStyleModel
+    from interop.onnx_model import OnnxStyleModel
 
     with pytest.raises(FaststyleError, match="accepts only batches of exactly 2: re-export"):
         OnnxStyleModel(write_onnx(tmp_path / "batch2.onnx", state, [2, 3, *FIXED_HW]))
@@ -353,7 +353,7 @@ def test_faststyle_metadata_files_run_as_before(tmp_path, state) -> None:
     """A file with faststyle metadata: no probe, no clamp, no resize (fixed size still refused), 0-255 refused."""
     import onnxruntime as ort
 
-    from inference.onnx_runner import OnnxStyleModel
+    from interop.onnx_model import OnnxStyleModel
 
     info = {"format": "faststyle-onnx", "model_config": {"base_width": WIDTH}, "meta": {"style": "unit"}, "min_side": 8}
     path = write_onnx(tmp_path / "ours.onnx", _unit_range(state), ["batch", 3, *FIXED_HW], metadata=info)

@@ -263,11 +263,13 @@ def _stylize_cfg(**values: object):
 def test_runner_takes_its_settings_from_the_policy(fake_gpu: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     from inference.runner import Runner
 
-    reference = Runner(TransformerNet(base_width=8, residual_blocks=1), CPU, _stylize_cfg())
+    reference = Runner.from_module(TransformerNet(base_width=8, residual_blocks=1), CPU, _stylize_cfg())
     assert reference.policy == P.resolve_precision(CPU, "auto", "auto", False, training=False)
     assert reference.net.encoder[0].conv.weight.is_contiguous(memory_format=torch.channels_last)  # stylize auto: on
     calls = _recording_resolve(monkeypatch, channels_last=False, name="fp16", dtype=torch.float16)
-    runner = Runner(TransformerNet(base_width=8, residual_blocks=1), CPU, _stylize_cfg(channels_last="auto"))
+    runner = Runner.from_module(
+        TransformerNet(base_width=8, residual_blocks=1), CPU, _stylize_cfg(channels_last="auto")
+    )
     assert calls == [{"device": CPU, "args": ("auto", "auto", False), "training": False}]
     weight = runner.net.encoder[0].conv.weight
     assert weight.dtype is torch.float16 and not weight.is_contiguous(memory_format=torch.channels_last)
@@ -281,9 +283,11 @@ def test_runner_refuses_what_stylize_cannot_run() -> None:
 
     net = TransformerNet(base_width=8, residual_blocks=1)
     with pytest.raises(FaststyleError, match=r"^precision=fp16 needs a CUDA device \(device is cpu\)"):
-        Runner(net, CPU, _stylize_cfg(precision="fp16"))
-    assert Runner(net, CPU, _stylize_cfg(channels_last="false")).policy.channels_last is False  # not truthy
-    bf16 = Runner(net, CPU, _stylize_cfg(precision="bf16"))  # the network is cast: inference has no autocast
+        Runner.from_module(net, CPU, _stylize_cfg(precision="fp16"))
+    assert Runner.from_module(net, CPU, _stylize_cfg(channels_last="false")).policy.channels_last is False  # not truthy
+    bf16 = Runner.from_module(
+        net, CPU, _stylize_cfg(precision="bf16")
+    )  # the network is cast: inference has no autocast
     assert bf16.policy.name == "bf16" and bf16.net.encoder[0].conv.weight.dtype is torch.bfloat16
 
 
@@ -292,7 +296,7 @@ def test_runner_runs_onnx_models_in_fp32(fake_gpu: dict) -> None:
     CPU has native bf16; an explicit 16-bit request is refused."""
     from inference.runner import Runner
 
-    class OnnxLike:  # what inference.onnx_runner.OnnxStyleModel offers the Runner: not an nn.Module
+    class OnnxLike:  # what interop.onnx_model.OnnxStyleModel offers the Runner: not an nn.Module
         def eval(self) -> OnnxLike:
             return self
 
@@ -300,9 +304,9 @@ def test_runner_runs_onnx_models_in_fp32(fake_gpu: dict) -> None:
             return self
 
     fake_gpu["cpu"] = "AMX"
-    assert Runner(OnnxLike(), CPU, _stylize_cfg()).policy.name == "fp32"
+    assert Runner.from_module(OnnxLike(), CPU, _stylize_cfg()).policy.name == "fp32"
     with pytest.raises(FaststyleError, match=r"^precision=bf16: \.onnx models run in fp32"):
-        Runner(OnnxLike(), CPU, _stylize_cfg(precision="bf16"))
+        Runner.from_module(OnnxLike(), CPU, _stylize_cfg(precision="bf16"))
 
 
 def test_bench_train_times_the_trainers_step(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -445,12 +449,12 @@ def test_precision_check_script_compares_through_the_runner(tmp_path: Path, caps
     import re
 
     from evaluation.reports import precision_check
-    from interop.legacy import legacy_config
+    from interop.pytorch_examples import examples_config
     from models.modelfile import save_model
 
     torch.manual_seed(0)
     model = tmp_path / "run" / "model.pth"
-    save_model(model, TransformerNet(**legacy_config(8, 1)).eval(), {"style_stem": "x"})
+    save_model(model, TransformerNet(**examples_config(8, 1)).eval(), {"style_stem": "x"})
     args = [str(model), "--width", "64", "--height", "48", "--tiled-budget-mb", "4", "--out", str(tmp_path / "o")]
     assert precision_check.main([*args, "--as-examples"]) == 0
     line = capsys.readouterr().out.splitlines()[-1]

@@ -340,7 +340,7 @@ def _make_fixtures(work: Path, env: dict[str, str]) -> None:
     import torch
 
     from benchmarks.video import make_clip
-    from interop.legacy import legacy_config, to_legacy_state_dict
+    from interop.pytorch_examples import examples_config, to_examples_state_dict
     from models.transformer import TransformerNet
 
     samples = REPO / "data" / "samples"
@@ -361,7 +361,7 @@ def _make_fixtures(work: Path, env: dict[str, str]) -> None:
     for name in ("clip.mp4", "clip.mov", "footage/clip.mp4"):
         make_clip(work / name, 64, 48, 6)
     torch.manual_seed(0)
-    torch.save(to_legacy_state_dict(TransformerNet(**legacy_config(8, 1))), work / "mosaic.pth")
+    torch.save(to_examples_state_dict(TransformerNet(**examples_config(8, 1))), work / "mosaic.pth")
     for experiment, folder in (("demo", "run"), ("multistyle_demo", "multi")):
         _run(
             [

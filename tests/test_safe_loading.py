@@ -1,5 +1,6 @@
 """Model and checkpoint files are read with torch.load(weights_only=True): a pickle carrying code is refused with
-a clear FaststyleError and the code never runs (training/checkpoint.py, interop/legacy.py, scripts/convert.py)."""
+a clear FaststyleError and the code never runs (training/checkpoint.py, interop/read.py, interop/pytorch_examples.py,
+scripts/convert.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 from core.errors import FaststyleError
-from interop.legacy import load_any_model, load_legacy_file
+from interop.pytorch_examples import read_examples_file
+from interop.read import read_torch_model_file
 from models.modelfile import load_model
 from training.checkpoint import load_checkpoint
 
@@ -49,7 +51,7 @@ def evil_file(tmp_path: Path) -> tuple[Path, Path]:
     return path, marker
 
 
-LOADERS = [load_model, load_checkpoint, load_any_model, load_legacy_file]
+LOADERS = [load_model, load_checkpoint, read_torch_model_file, read_examples_file]
 
 
 @pytest.mark.parametrize("loader", LOADERS, ids=lambda f: f.__name__)

@@ -15,7 +15,7 @@ from torch import nn
 
 from core.errors import FaststyleError
 from core.metrics import psnr
-from inference.colour import rgb_to_ycbcr, ycbcr_to_rgb
+from inference.color import rgb_to_ycbcr, ycbcr_to_rgb
 from inference.pipeline import stylize
 from models.modelfile import save_model
 from models.transformer import TransformerNet
@@ -298,13 +298,13 @@ def test_a_model_that_outputs_nan_gets_one_message_whole_tiled_or_as_frames() ->
     pixels = torch.randint(0, 256, (1, 40, 48, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     expected = non_finite_message(40 * 48 * 3)
     assert expected and "NaN or infinite values" in expected and non_finite_message(0) is None
-    whole = Runner(net, torch.device("cpu"), OmegaConf.create({**cfg, "max_memory_mb": 2048}))
+    whole = Runner.from_module(net, torch.device("cpu"), OmegaConf.create({**cfg, "max_memory_mb": 2048}))
     assert non_finite_error(whole([Loaded(None, PILImage.fromarray(pixels[0].numpy()), size=(40, 48))])[0]) == expected
     with pytest.raises(RuntimeError) as frames:
         whole.stylize_pixels(pixels)
     # The executor's self-check compares tiled with untiled output on a random image: a network whose output is
     # not finite there is left to the output check, which gives the same line as untiled.
-    tiled = Runner(net, torch.device("cpu"), OmegaConf.create({**cfg, "max_memory_mb": 0.01}))
+    tiled = Runner.from_module(net, torch.device("cpu"), OmegaConf.create({**cfg, "max_memory_mb": 0.01}))
     with pytest.raises(RuntimeError) as tiles:
         tiled([Loaded(None, PILImage.fromarray(pixels[0].numpy()), size=(40, 48))])
     assert str(frames.value) == str(tiles.value) == expected

@@ -1,4 +1,4 @@
-"""Exact tiled inference (inference/tiled.py): strips equal the untiled network, for every norm kind; stylize.py's
+"""Exact tiled inference (inference/tiled*.py): strips equal the untiled network, for every norm kind; stylize.py's
 8-bit strip path equals the float path; peak memory stays within the documented bound."""
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ from PIL import Image
 from torch import nn
 
 from core.metrics import psnr
-from inference.tiled import ChannelStats, DiskStore, RamStore, SourceStore, TiledExecutor, build_plan
+from inference.tiled import TiledExecutor
+from inference.tiled_plan import build_plan
+from inference.tiled_stats import ChannelStats
+from inference.tiled_stores import DiskStore, RamStore, SourceStore
 from models.modelfile import save_model
 from models.transformer import SIZE_MULTIPLE, TransformerNet, pad_to_multiple
 from tests.conftest import perturb_weights, perturbed_net
@@ -161,7 +164,7 @@ def test_stylize_8bit_strips_equal_the_float_path(tmp_path: Path, norm: str, mod
     data.io.tensor_to_pil, alpha re-attached. Bit-exact, because the same strips give the same network values and
     every later step is pointwise; in bf16 too (the network cast to bf16, as stylize's precision policy casts it)."""
     from data.io import pil_to_tensor, tensor_to_pil
-    from inference.colour import finish_colors
+    from inference.color import finish_colors
     from models.modelfile import load_model
 
     model = make_model(tmp_path / f"{norm}.pth", norm=norm, seed=3)

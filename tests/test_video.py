@@ -1,6 +1,6 @@
-"""stylize.py on videos (data/video.py, inference/video.py): frames, timing, audio copy, rotation, containers, folders,
-bad files, refusals, bounded memory, tiling, multi-style mixes and Ctrl-C. Clips are made here with PyAV: a window
-moving over a real photo, with a sine-tone audio track."""
+"""stylize.py on videos (data/video.py, inference/video_stylize.py): frames, timing, audio copy, rotation,
+containers, folders, bad files, refusals, bounded memory, tiling, multi-style mixes and Ctrl-C. Clips are made
+here with PyAV: a window moving over a real photo, with a sine-tone audio track."""
 
 from __future__ import annotations
 

@@ -303,7 +303,7 @@ class Trainer:
     """What one optimizer step needs, set up as :func:`fit` sets it up: the policy (core.precision) resolved and
     applied, the network on the device in the policy's memory format, the loss network, Adam, the GradScaler, the
     resumed state, DDP, compilation. :meth:`step` is the training step that ``fit`` runs and
-    scripts/bench_train.py times.
+    python -m benchmarks train times.
 
     ``model`` stays the plain module (checkpoints, images, ``model.pth``); ``step_model`` is what the step calls
     (DDP first, then compiled: PyTorch's DDP + torch.compile guidance).

@@ -10,9 +10,10 @@ same photo resized to 1920x1080 (--device, default auto). Printed per model: PSN
 exact tiled executor in the 16-bit precision (forced by a small memory budget) against the untiled fp32 result. The
 issue's quality gate is PSNR >= 45 dB.
 
-``--as-examples`` first writes each model in pytorch/examples' file format (interop.legacy.to_legacy_state_dict;
-needs their architecture: nearest upsampling, linear output) and reads it back through the importer, as a user's
-downloaded pytorch/examples file would be read. The PNGs (fp32, 16-bit, |difference| x 20) go to ``--out``.
+``--as-examples`` first writes each model in pytorch/examples' file format
+(interop.pytorch_examples.to_examples_state_dict; needs their architecture: nearest upsampling, linear output)
+and reads it back through the importer, as a user's downloaded pytorch/examples file would be read. The PNGs
+(fp32, 16-bit, |difference| x 20) go to ``--out``.
 Figures are printed, never asserted.
 """
 
@@ -62,13 +63,13 @@ def _tiled(network, loaded, device: torch.device, precision: str, max_memory_mb:
 
 def _as_examples(path: Path, tmp: Path, style: str | None) -> Path:
     """``path`` written in pytorch/examples' format (a bare state dict) into ``tmp``; refuses other architectures."""
-    from interop.legacy import to_legacy_state_dict
+    from interop.pytorch_examples import to_examples_state_dict
 
     network = load_model_network(path, style=style, device="cpu")
     if network.choice is not None:
         print(f"multi-style model: checking style {network.choice.label}", flush=True)
     target = tmp / f"{path.parent.name}_{path.stem}_examples.pth"
-    torch.save(to_legacy_state_dict(network.net), target)
+    torch.save(to_examples_state_dict(network.net), target)
     return target
 
 

@@ -1,5 +1,5 @@
 """Stylize one video file: decode (data.video) -> Runner (batches, or the exact tiled executor for large frames)
--> finish colours (preserve_color, strength) -> encode, as a stream.
+-> finish colors (preserve_color, strength) -> encode, as a stream.
 
 Three threads share the work so the network is rarely idle: a reader decodes and converts frames ahead (and hands
 the audio packets to the writer), the calling thread runs the network, and a writer encodes and muxes. The queues
@@ -29,7 +29,9 @@ from tqdm import tqdm
 from core.errors import FaststyleError
 from data.video import Frame, VideoReader, VideoSettings, even_size, frame_span, open_video_writer, output_size
 from inference.jobs import Job
-from inference.runner import Loaded, Runner, memory_problem
+from inference.memory import FRAME_FLOAT_BYTES_PER_PX, memory_problem
+from inference.runner import Loaded, Runner
+from models.styles import StyleChoice
 
 logger = logging.getLogger(__name__)
 
@@ -59,20 +61,23 @@ class VideoResult:
 
 @dataclass(frozen=True)
 class StyleRamp:
-    """A mix that moves linearly from ``start`` at the first frame to ``end`` at the last, per frame: both are
-    (num_styles,) weights summing to 1; ``net`` the multi-style network (TransformerNet or OnnxStyleModel)."""
+    """A mix of a multi-style model that moves linearly from ``start`` at the first frame to ``end`` at the last:
+    each frame's network is the model's plain network of that frame's mix (Runner.with_style)."""
 
-    net: object
-    start: tuple[float, ...]
-    end: tuple[float, ...]
+    start: StyleChoice
+    end: StyleChoice
 
     def weights(self, t: float) -> tuple[float, ...]:
         """The mix at position ``t`` in [0, 1]: exactly ``start`` at 0 and exactly ``end`` at 1."""
         if t <= 0.0:
-            return self.start
+            return self.start.weights
         if t >= 1.0:
-            return self.end
-        return tuple((1.0 - t) * a + t * b for a, b in zip(self.start, self.end, strict=True))
+            return self.end.weights
+        return tuple((1.0 - t) * a + t * b for a, b in zip(self.start.weights, self.end.weights, strict=True))
+
+    def choice(self, t: float) -> StyleChoice:
+        """The mix at position ``t`` as a style choice (labelled like the video's output name)."""
+        return StyleChoice(f"{self.start.label}_to_{self.end.label}", self.weights(t))
 
 
 class _Worker:
@@ -187,16 +192,7 @@ def stylize_video(
         info = reader.info
         logger.info("%s: %s", job.source.name, info.describe())
         width, height = output_size(info.width, info.height, scale, max_side)
-        even_w, even_h = even_size(width, height)
-        if (even_w, even_h) != (width, height):
-            logger.info(
-                "%s: %dx%d frames are written %dx%d (yuv420p needs even sizes: the last column/row is dropped)",
-                job.source.name,
-                width,
-                height,
-                even_w,
-                even_h,
-            )
+        even_w, even_h = _even_size(job, width, height)
         span = frame_span(job.source) if ramp is not None else None
         batch_size = max(1, min(int(cfg.batch_size), runner.max_batch(height, width)))
         if ramp is not None:
@@ -204,18 +200,7 @@ def stylize_video(
         settings = VideoSettings.like(reader, even_w, even_h, crf=int(cfg.video_crf))
         frame_bytes = width * height * 3
         read_depth, write_depth = queue_depths(batch_size, frame_bytes)
-        # Frames queued for the network and the encoder, the batch in hand and its float copies: checked before the
-        # first frame is decoded, so that a frame size the machine cannot hold fails with one line.
-        pixels = frame_bytes * (read_depth + write_depth + batch_size) + 16.0 * width * height * batch_size
-        problem = memory_problem(
-            f"stylizing {job.source.name}",
-            (width, height),
-            pixels,
-            runner.network_bytes(height, width, batch_size),
-            scale,
-        )
-        if problem is not None:
-            raise FaststyleError(f"{problem}; nothing written")
+        _check_memory(job, runner, (width, height), batch_size, read_depth + write_depth, scale)
         disable = None if progress is None else not progress  # tqdm: None = shown on a terminal only
         bar = tqdm(total=info.frames, unit="frame", desc=job.source.name, disable=disable)
         first_time = last_time = None
@@ -244,13 +229,35 @@ def stylize_video(
         result = VideoResult(job.target, written, seconds, time.perf_counter() - start, reader.stopped)
         logger.info(
             "%s: %d frames in %.1f s (%.2f frames/s, %.3gx real time)",
-            job.target.name,
-            written,
-            result.wall_s,
-            written / result.wall_s,
-            seconds / result.wall_s,
+            *(job.target.name, written, result.wall_s, written / result.wall_s, seconds / result.wall_s),
         )
         return result
+
+
+def _even_size(job: Job, width: int, height: int) -> tuple[int, int]:
+    """The size frames are written at (data.video.even_size), with one log line when it differs."""
+    even_w, even_h = even_size(width, height)
+    if (even_w, even_h) != (width, height):
+        logger.info(
+            "%s: %dx%d frames are written %dx%d (yuv420p needs even sizes: the last column/row is dropped)",
+            *(job.source.name, width, height, even_w, even_h),
+        )
+    return even_w, even_h
+
+
+def _check_memory(
+    job: Job, runner: Runner, size: tuple[int, int], batch_size: int, queued: int, scale: float | None
+) -> None:
+    """FaststyleError (nothing written) when the frames ``queued`` for the network and the encoder, the batch in
+    hand with its float copies and the network's share of max_memory_mb do not fit the memory available. Checked
+    before the first frame is decoded, so that a frame size the machine cannot hold fails with one line."""
+    width, height = size
+    frame_bytes = width * height * 3
+    pixels = frame_bytes * (queued + batch_size) + FRAME_FLOAT_BYTES_PER_PX * width * height * batch_size
+    network = runner.network_bytes(height, width, batch_size)
+    problem = memory_problem(f"stylizing {job.source.name}", size, pixels, network, scale)
+    if problem is not None:
+        raise FaststyleError(f"{problem}; nothing written")
 
 
 def _encode(writer: object, item: object) -> None:
@@ -279,12 +286,12 @@ def _stylize_batch(
     span: tuple[float, float] | None,
 ) -> list[tuple[Frame, np.ndarray]]:
     """Run one batch of frames (of one size) through the network; returns each frame with its finished (H, W, 3)
-    uint8 pixels. Frames that fit max_memory_mb untiled go through Runner.stylize_pixels (colours finished on the
+    uint8 pixels. Frames that fit max_memory_mb untiled go through Runner.stylize_pixels (colors finished on the
     device); larger ones one by one through the exact tiled executor, which returns them finished too."""
     if ramp is not None:
         first, last = span if span is not None else (batch[0].time, batch[0].time)
         t = 0.0 if last <= first else (batch[0].time - first) / (last - first)
-        runner = runner.for_network(ramp.net.for_style(ramp.weights(t)))
+        runner = runner.with_style(ramp.choice(t))
     height, width = batch[0].pixels.shape[:2]
     if runner.max_batch(height, width) >= len(batch):
         out = runner.stylize_pixels(torch.from_numpy(np.stack([frame.pixels for frame in batch])))

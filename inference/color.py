@@ -1,4 +1,4 @@
-"""Colour handling after the network: luminance-only transfer (``preserve_color``) and blending (``strength``).
+"""Color handling after the network: luminance-only transfer (``preserve_color``) and blending (``strength``).
 
 Pointwise in the content pixel, so the tiled executor applies it strip by strip and gets the same result.
 """
@@ -34,7 +34,7 @@ def preserve_colors(stylized: torch.Tensor, content: torch.Tensor) -> torch.Tens
 
 
 def finish_colors(stylized: torch.Tensor, content: torch.Tensor, preserve_color: bool, strength: float) -> torch.Tensor:
-    """Apply colour preservation, then blend with the content: ``strength * s + (1 - strength) * content``."""
+    """Apply color preservation, then blend with the content: ``strength * s + (1 - strength) * content``."""
     if preserve_color:
         stylized = preserve_colors(stylized, content)
     if strength >= 1.0:

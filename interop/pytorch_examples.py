@@ -1,4 +1,4 @@
-"""Import style networks trained with the pytorch/examples ``fast_neural_style`` code.
+"""pytorch/examples ``fast_neural_style`` model files in and out: their state dicts as our TransformerNet, and back.
 
 Those files are a bare ``state_dict`` of their TransformerNet (``torch.save(transformer.state_dict(), path)``).
 Format facts this module relies on (from the published format, no code taken from it):
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from core.errors import FaststyleError
 from core.fileio import file_sha256, safe_torch_load
-from models.modelfile import MODEL_FIX, check_finite, check_model_config, model_from_dict
+from models.modelfile import check_finite, check_model_config
 from models.transformer import ConvLayer, TransformerNet, UpsampleConvLayer
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,10 @@ _RESIDUAL_KEY = re.compile(r"^res(\d+)\.")
 _DROPPED_BUFFER = re.compile(r"^(res\d+\.)?in\d+\.(running_mean|running_var|num_batches_tracked)$")
 # The keys whose presence identifies the format (first and last conv of their network).
 _SIGNATURE_KEYS = ("conv1.conv2d.weight", "deconv3.conv2d.weight")
-_LEGACY_FIX = "pass a state_dict saved by their fast_neural_style"
+EXAMPLES_FIX = "pass a state_dict saved by their fast_neural_style"
 
 
-def legacy_config(base_width: int, residual_blocks: int) -> dict[str, Any]:
+def examples_config(base_width: int, residual_blocks: int) -> dict[str, Any]:
     """The TransformerNet config that represents a pytorch/examples network exactly."""
     return {
         "norm": "instance",
@@ -64,10 +64,10 @@ def legacy_config(base_width: int, residual_blocks: int) -> dict[str, Any]:
     }
 
 
-def is_legacy_state_dict(obj: object) -> bool:
+def is_examples_state_dict(obj: object) -> bool:
     """True when ``obj`` looks like a pytorch/examples TransformerNet state dict (string keys -> tensors with
     ``conv1.conv2d.weight`` and ``deconv3.conv2d.weight``). Says nothing about whether it is complete: that is
-    checked, with an error naming the keys, by ``load_legacy_state_dict``."""
+    checked, with an error naming the keys, by ``from_examples_state_dict``."""
     if not isinstance(obj, Mapping) or not obj:
         return False
     if not all(isinstance(k, str) for k in obj):
@@ -85,7 +85,7 @@ def _key_pairs(net: TransformerNet) -> list[tuple[str, str]]:
         convs = [m for m in modules if isinstance(m, (ConvLayer, UpsampleConvLayer))]
         norms = [m for m in modules if not isinstance(m, (ConvLayer, UpsampleConvLayer, nn.ReLU))]
         if len(convs) != len(conv_names) or len(norms) != len(norm_names):
-            raise RuntimeError("TransformerNet structure changed: update interop/legacy.py's mapping")
+            raise RuntimeError("TransformerNet structure changed: update interop/pytorch_examples.py's mapping")
         pairs.extend((names[id(m)] + ".conv", f"{theirs}.conv2d") for m, theirs in zip(convs, conv_names, strict=True))
         pairs.extend((names[id(m)], theirs) for m, theirs in zip(norms, norm_names, strict=True))
 
@@ -118,7 +118,7 @@ def _describe(keys: list[str], limit: int = 6) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def infer_legacy_shape(state: Mapping[str, Tensor]) -> tuple[int, int]:
+def examples_shape(state: Mapping[str, Tensor]) -> tuple[int, int]:
     """(base_width, residual_blocks) of a pytorch/examples state dict, from its tensor shapes and key names.
 
     Raises FaststyleError when conv1's weight is missing or not (w, 3, 9, 9), or the residual blocks are not
@@ -139,29 +139,11 @@ def infer_legacy_shape(state: Mapping[str, Tensor]) -> tuple[int, int]:
     return base_width, len(numbers)
 
 
-def load_legacy_state_dict(state: Mapping[str, Any]) -> TransformerNet:
-    """Build our TransformerNet (eval mode, on CPU) holding a pytorch/examples network's weights.
-
-    Args:
-        state: their ``state_dict`` (key -> tensor), as read by ``torch.load(path, weights_only=True)``.
-
-    Returns:
-        ``TransformerNet(**legacy_config(w, R))`` whose ``forward(x)`` for x (N, 3, H, W) in [0, 1] equals their
-        ``forward(255 * x) / 255`` (clamped to [0, 1] in eval mode) for H, W multiples of 4; other sizes go through
-        our usual bottom/right padding and crop (their network would change the image size there).
-
-    Raises:
-        FaststyleError naming the missing, unexpected or mis-shaped keys.
-    """
-    if not is_legacy_state_dict(state):
-        raise FaststyleError(
-            "not a pytorch/examples style network (no conv1.conv2d.weight / deconv3.conv2d.weight tensors)"
-        )
-    base_width, residual_blocks = infer_legacy_shape(state)
-    net = TransformerNet(**legacy_config(base_width, residual_blocks))
-    key_map = _key_map(net)
-    ours = net.state_dict()
-
+def _key_problems(
+    state: Mapping[str, Any], key_map: Mapping[str, str], ours: Mapping[str, Tensor]
+) -> tuple[list[str], list[str]]:
+    """(what is wrong with ``state``'s keys against ``key_map``: missing, unexpected or mis-shaped ones; the unused
+    running-stat buffers to drop)."""
     present = set(state)
     dropped = sorted(k for k in present if _DROPPED_BUFFER.match(k))
     missing = sorted(set(key_map) - present)
@@ -181,6 +163,31 @@ def load_legacy_state_dict(state: Mapping[str, Any]) -> TransformerNet:
             wrong.append(f"{theirs} {got} (expected {tuple(ours[mine].shape)})")
     if wrong:
         problems.append(f"mis-shaped keys: {_describe(wrong, limit=4)}")
+    return problems, dropped
+
+
+def from_examples_state_dict(state: Mapping[str, Any]) -> TransformerNet:
+    """Build our TransformerNet (eval mode, on CPU) holding a pytorch/examples network's weights.
+
+    Args:
+        state: their ``state_dict`` (key -> tensor), as read by ``torch.load(path, weights_only=True)``.
+
+    Returns:
+        ``TransformerNet(**examples_config(w, R))`` whose ``forward(x)`` for x (N, 3, H, W) in [0, 1] equals their
+        ``forward(255 * x) / 255`` (clamped to [0, 1] in eval mode) for H, W multiples of 4; other sizes go through
+        our usual bottom/right padding and crop (their network would change the image size there).
+
+    Raises:
+        FaststyleError naming the missing, unexpected or mis-shaped keys.
+    """
+    if not is_examples_state_dict(state):
+        raise FaststyleError(
+            "not a pytorch/examples style network (no conv1.conv2d.weight / deconv3.conv2d.weight tensors)"
+        )
+    base_width, residual_blocks = examples_shape(state)
+    net = TransformerNet(**examples_config(base_width, residual_blocks))
+    key_map = _key_map(net)
+    problems, dropped = _key_problems(state, key_map, net.state_dict())
     if problems:
         raise FaststyleError(
             f"pytorch/examples file (width {base_width}, {residual_blocks} residual blocks) does not match its "
@@ -202,11 +209,12 @@ def load_legacy_state_dict(state: Mapping[str, Any]) -> TransformerNet:
     return net.eval()
 
 
-def to_legacy_state_dict(net: TransformerNet) -> dict[str, Tensor]:
-    """The inverse of ``load_legacy_state_dict``: our network's weights in pytorch/examples' layout and scale.
+def to_examples_state_dict(net: TransformerNet) -> dict[str, Tensor]:
+    """The inverse of ``from_examples_state_dict``: our network's weights in pytorch/examples' layout and scale.
 
     Only networks that format can hold: norm="instance", upsample="nearest", output="linear" (a sigmoid output has
-    no equivalent there). The tests build files in their layout with it; no command writes that format.
+    no equivalent there). The tests and the precision report build files in their layout with it; no user
+    command writes that format.
     """
     config = net.config()
     if net.num_styles > 1:
@@ -228,7 +236,7 @@ def to_legacy_state_dict(net: TransformerNet) -> dict[str, Tensor]:
     return state
 
 
-def legacy_meta(path: str | os.PathLike) -> dict[str, Any]:
+def examples_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The ``meta`` recorded for an imported file: where it came from (name and SHA-256) and what it is."""
     path = Path(path)
     return {
@@ -239,35 +247,27 @@ def legacy_meta(path: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def _import(obj: Mapping[str, Any], path: Path, device: str | torch.device) -> tuple[TransformerNet, dict[str, Any]]:
+def import_examples_state(
+    obj: Mapping[str, Any], path: Path, device: str | torch.device = "cpu"
+) -> tuple[TransformerNet, dict[str, Any]]:
+    """(network in eval mode on ``device``, meta) from a pytorch/examples state dict already read safely from
+    ``path`` (interop.read decides which format a file holds). Raises FaststyleError as the checks below say."""
     # The shape its tensors claim is checked before anything is built or scanned: a tensor may be a stride-0 view
     # claiming billions of elements on a few bytes of storage.
-    check_model_config(legacy_config(*infer_legacy_shape(obj)), path)
-    net = load_legacy_state_dict(obj)
+    check_model_config(examples_config(*examples_shape(obj)), path)
+    net = from_examples_state_dict(obj)
     check_finite(net.state_dict(), path)  # the weights used (unused running-stat buffers were dropped)
-    return net.to(device).eval(), legacy_meta(path)
+    return net.to(device).eval(), examples_meta(path)
 
 
-def load_legacy_file(path: str | os.PathLike) -> tuple[TransformerNet, dict[str, Any]]:
+def read_examples_file(path: str | os.PathLike) -> tuple[TransformerNet, dict[str, Any]]:
     """Read a pytorch/examples ``.pth`` / ``.model`` file safely and import it; returns (eval network, meta).
     Anything else is refused (scripts/convert.py converts only their files)."""
     path = Path(path)
-    obj = safe_torch_load(path, "model file", origin=SOURCE_NAME, fix=_LEGACY_FIX)
-    if not is_legacy_state_dict(obj):
+    obj = safe_torch_load(path, "model file", origin=SOURCE_NAME, fix=EXAMPLES_FIX)
+    if not is_examples_state_dict(obj):
         raise FaststyleError(
             f"{path} is not a pytorch/examples style network (no conv1.conv2d.weight / deconv3.conv2d.weight): "
-            f"{_LEGACY_FIX}"
+            f"{EXAMPLES_FIX}"
         )
-    return _import(obj, path, "cpu")
-
-
-def load_any_model(
-    path: str | os.PathLike, device: str | torch.device = "cpu"
-) -> tuple[TransformerNet, dict[str, Any]]:
-    """Read a model file of either kind, safely: a faststyle ``model.pth`` or a pytorch/examples state dict (imported
-    on the fly, its source recorded in the meta). Returns (network in eval mode on ``device``, meta)."""
-    path = Path(path)
-    obj = safe_torch_load(path, "model file", origin=f"faststyle or {SOURCE_NAME}", fix=f"{MODEL_FIX} or {_LEGACY_FIX}")
-    if is_legacy_state_dict(obj):
-        return _import(obj, path, device)
-    return model_from_dict(obj, path, device)
+    return import_examples_state(obj, path)

@@ -1,18 +1,19 @@
-"""Run an exported ``.onnx`` style network through onnxruntime with the same call contract as TransformerNet.
+"""``.onnx`` style networks in: an onnxruntime session wrapped with TransformerNet's inference contract.
 
 ``OnnxStyleModel(path)(x)`` takes x (N, 3, H, W) float32 RGB in [0, 1] and returns (N, 3, H, W) in [0, 1] (the
 same range promise as the torch model it was exported from), so ``stylize.py`` can treat both alike for untiled
-inference. Files written by ``scripts/export.py`` carry the model's config and meta as JSON in the ONNX
-``metadata_props`` (key ``faststyle``) and take and give [0, 1]; they run exactly as exported.
+inference; interop.read reads ``.onnx`` files through :func:`read_onnx_file`. Files written by
+``scripts/export.py`` carry the model's config and meta as JSON in the ONNX ``metadata_props`` (key ``faststyle``)
+and take and give [0, 1]; they run exactly as exported.
 
 A multi-style export (``model_config["num_styles"]`` S > 1 in that metadata) has a second input, ``style_weights``
-(S,) float32 (interop/export.py). ``num_styles`` says so (1 for every other file); ``model.for_style(weights)``
+(S,) float32 (interop/onnx_export.py). ``num_styles`` says so (1 for every other file); ``model.for_style(weights)``
 returns a one-style callable that feeds those weights, like ``TransformerNet.for_style``; calling the model itself
 without choosing a style raises FaststyleError.
 
 Any other ONNX file with one float (N, 3, H, W) input and output is *foreign*: nothing in it says its pixel range,
 and the common ones (pytorch/examples ``fast_neural_style --export_onnx``, the ONNX model zoo's fast-neural-style
-files) take and give RGB in 0-255, often at a fixed 1x3xHxW size. For those the runner
+files) take and give RGB in 0-255, often at a fixed 1x3xHxW size. For those the model
 
 - finds the pixel range (``pixel_range="auto"``, see ``detect_pixel_range``) or takes it as given (``"0-1"`` /
   ``"0-255"``), and scales input and output so callers still see [0, 1]; the output is clamped to [0, 1] like
@@ -72,7 +73,7 @@ little (their stylize scripts clamp), a wrong scale misses it by a factor of 255
 PLAUSIBLE_FRACTION = 0.9
 PLAUSIBLE_MIN_STD = 0.03
 """...and must vary (about 8 levels of 255): a stylized photo has contrast, while a 0-1 network fed 0-255 and
-instance-normalised after its first conv returns its usual output, which divided by 255 is nearly flat."""
+instance-normalized after its first conv returns its usual output, which divided by 255 is nearly flat."""
 SIZE_MULTIPLES = (1, 4, 8, 16, 32)
 """Paddings tried, smallest first, until a dynamic-size graph returns its input's size (strided encoders)."""
 MAX_EXTRA_PX = max(SIZE_MULTIPLES) - 1
@@ -176,6 +177,28 @@ def detect_pixel_range(run: Callable[[Tensor], Tensor], photo: Tensor, name: str
     )
 
 
+def _session(path: Path, device: str | torch.device, threads: int | None) -> Any:
+    """An onnxruntime InferenceSession of ``path`` on ``device``'s execution provider; FaststyleError (one line)
+    when onnxruntime is missing or the file is not a usable ONNX model."""
+    if not onnxruntime_available():
+        raise FaststyleError("running .onnx models needs onnxruntime: pip install onnxruntime")
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise FaststyleError(f"ONNX model file not found: {path}")
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+    # onnxruntime logs a warning for every initializer that also appears as a graph input; those are noise.
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=_providers_for(device))
+    except FaststyleError:
+        raise
+    except Exception as err:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+        raise FaststyleError(f"{path} is not a usable ONNX model ({_first_line(err)}): re-export it") from err
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -206,23 +229,7 @@ class OnnxStyleModel:
     ):
         path = Path(path)
         requested_range = normalize_pixel_range(pixel_range)  # a bad value fails before the session is built
-        if not onnxruntime_available():
-            raise FaststyleError("running .onnx models needs onnxruntime: pip install onnxruntime")
-        import onnxruntime as ort
-
-        if not path.is_file():
-            raise FaststyleError(f"ONNX model file not found: {path}")
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = int(threads)
-        # onnxruntime logs a warning for every initializer that also appears as a graph input; those are noise.
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=_providers_for(device))
-        except FaststyleError:
-            raise
-        except Exception as err:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-            raise FaststyleError(f"{path} is not a usable ONNX model ({_first_line(err)}): re-export it") from err
+        self.session = _session(path, device, threads)
         self.path = path
         info = self._read_metadata()
         all_inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
@@ -295,7 +302,7 @@ class OnnxStyleModel:
 
     def for_style(self, weights: Any) -> OnnxStyleModel:
         """A callable with this model's contract that runs the style mix ``weights`` (a sequence or tensor of
-        ``num_styles`` numbers >= 0, not all 0; normalised to sum 1), like ``TransformerNet.for_style``: it shares
+        ``num_styles`` numbers >= 0, not all 0; normalized to sum 1), like ``TransformerNet.for_style``: it shares
         this model's session, has ``num_styles`` 1 and a config without ``num_styles``. A one-style model (or one
         already chosen) is returned as a copy, unchanged. Bad weights raise FaststyleError."""
         chosen = copy.copy(self)
@@ -310,7 +317,7 @@ class OnnxStyleModel:
         total = sum(values)
         if not all(math.isfinite(v) and v >= 0 for v in values) or total <= 0:
             raise FaststyleError(f"style weights must be finite, >= 0 and not all 0, got {values}")
-        # Normalised here too (the graph does it again), so ``style_weights`` reads as the mix that runs.
+        # Normalized here too (the graph does it again), so ``style_weights`` reads as the mix that runs.
         chosen._style_feed = np.asarray([v / total for v in values], dtype=np.float32)
         chosen.num_styles = 1
         chosen._config = {k: v for k, v in self._config.items() if k != "num_styles"}
@@ -532,10 +539,10 @@ class OnnxStyleModel:
         return f"OnnxStyleModel({str(self.path)!r}, providers={self.session.get_providers()}{style})"
 
 
-def load_onnx_model(
+def read_onnx_file(
     path: str | os.PathLike, device: str | torch.device = "cpu", pixel_range: str | int = "auto"
 ) -> tuple[OnnxStyleModel, dict]:
-    """Load an ``.onnx`` style network; returns (callable model, meta) like ``interop.legacy.load_any_model``.
+    """Load an ``.onnx`` style network; returns (callable model, meta) like the other readers of interop.read.
 
     ``pixel_range`` ("auto" | "0-1" | "0-255") applies to ONNX files not written by faststyle (see OnnxStyleModel).
     """
