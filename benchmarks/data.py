@@ -4,7 +4,7 @@
     python -m benchmarks data --image-size 128     # small crops: JPEG draft mode decodes at 1/2 scale
     python -m benchmarks data --train-images-per-s 1.2   # also print the margin over a training step
 
-It generates COCO-like photos at run time (640x480 JPEGs, quality 90, smooth colour fields with edges and sensor-like
+It generates COCO-like photos at run time (640x480 JPEGs, quality 90, smooth color fields with edges and sensor-like
 noise, about the size of COCO's files) in a temporary folder, then times ``make_train_loader`` over them: with JPEG
 draft mode on and off, and from a ``data.prepare`` copy (what ``python -m scripts.prepare_dataset`` writes) whose
 short side is the crop size. Each figure includes the loader's start (worker processes), so it slightly under-states
@@ -28,7 +28,7 @@ from data.io import MAX_DECODE_PIXELS, load_image, pil_to_tensor, resize_short_s
 
 
 def photo_like(width: int, height: int, rng: np.random.Generator) -> Image.Image:
-    """A photo-like RGB image: smooth colour fields at three scales, a few hard-edged shapes, mild noise.
+    """A photo-like RGB image: smooth color fields at three scales, a few hard-edged shapes, mild noise.
 
     JPEG cost depends on content (entropy decoding dominates), so flat or pure-noise images would mis-state decode
     speed; this mix lands near COCO's typical 100-200 KB per 640x480 file at quality 90.

@@ -11,9 +11,9 @@ data/video.py. Then, per precision (``fp32``, ``bf16``, ``fp16``, ``auto``: what
 the device, core.precision):
 
 - ``network``: the stylize network alone on frames already decoded in memory (``Runner.stylize_pixels``, batches
-  of ``--batch-size``: 8-bit pixels in, network, colours, 8-bit pixels out): the cost a frame pays for the style.
+  of ``--batch-size``: 8-bit pixels in, network, colors, 8-bit pixels out): the cost a frame pays for the style.
 - ``end to end``: ``inference.pipeline.stylize`` on the clip file, as ``python stylize.py input=clip.mp4`` runs it
-  once the model is loaded: decode, network, colours, H.264 encode and mux, in a fresh process (its peak RSS is
+  once the model is loaded: decode, network, colors, H.264 encode and mux, in a fresh process (its peak RSS is
   its own). frames/s and the real-time factor (clip seconds per wall-clock second; >= 1 keeps up with playback).
 - ``I/O alone`` (once per size): decode and re-encode with no network: the ceiling the end-to-end figure can reach.
 
@@ -129,7 +129,7 @@ def bench_network(net: torch.nn.Module, device: torch.device, precision: str, si
     frames = torch.from_numpy(np.stack(list(_pan_frames(width, height, batch))))
 
     def call() -> None:
-        runner.stylize_pixels(frames)  # what a video frame pays: 8-bit in, network, colours, 8-bit out
+        runner.stylize_pixels(frames)  # what a video frame pays: 8-bit in, network, colors, 8-bit out
 
     return batch / time_call(call, device, warmup=1, repeats=3), runner.policy.describe()
 

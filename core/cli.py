@@ -184,8 +184,10 @@ def model_file(value: str | os.PathLike) -> Path:
     return path
 
 
-def resolve_user_path(path: str) -> Path:
-    """A path as the user meant it: ``~`` expanded, relative to the current folder, symlinks resolved."""
+def real_user_path(path: str) -> Path:
+    """The real place a user path names: ``~`` expanded, relative to the current folder, symbolic links resolved.
+    For deciding where things are (one folder inside another, the same folder twice); names shown to the user and
+    derived from theirs come from :func:`absolute_user_path`."""
     return Path(os.path.realpath(os.path.expanduser(path)))
 
 

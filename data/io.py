@@ -1,4 +1,4 @@
-"""Image files in and out: the one owner of pixel range, EXIF orientation, colour modes and resampling.
+"""Image files in and out: the one owner of pixel range, EXIF orientation, color modes and resampling.
 
 Every image crosses a module boundary as a float32 RGB tensor in [0, 1] (docs/architecture.md, "Images"). This
 module converts between files, PIL images and such tensors; values are clamped only when an image is written.

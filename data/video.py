@@ -10,8 +10,8 @@
   re-encodes the audio, and writes the file atomically (core.fileio.atomic_output): an error or Ctrl-C inside the
   block leaves no file behind.
 
-Frames here are 8-bit (H, W, 3) RGB. Decoding to RGB follows the source's colour-space and range tags (BT.601 when
-untagged, as ffmpeg does); the output is limited range in the source's colour space, tagged with its colour space,
+Frames here are 8-bit (H, W, 3) RGB. Decoding to RGB follows the source's color-space and range tags (BT.601 when
+untagged, as ffmpeg does); the output is limited range in the source's color space, tagged with its color space,
 primaries and transfer (10-bit sources are written with 8 bits).
 """
 
@@ -92,7 +92,7 @@ def is_video_file(path: str | os.PathLike) -> bool:
 
 
 def even_size(width: int, height: int) -> tuple[int, int]:
-    """The size written for a (width, height) frame: yuv420p stores one colour sample per 2 x 2 pixels, so H.264
+    """The size written for a (width, height) frame: yuv420p stores one color sample per 2 x 2 pixels, so H.264
     and VP9 encoders need even sizes; an odd width or height loses its last column or row (at least 2 kept)."""
     return max(2, width - width % 2), max(2, height - height % 2)
 
@@ -460,7 +460,7 @@ def read_frames(path: str | os.PathLike, max_side_px: int | None = None, scale: 
 @dataclass
 class VideoSettings:
     """How to encode: ``width`` x ``height`` (even), ``frame_rate`` (the encoder's nominal rate), ``time_base`` of
-    the pts given to ``write``, ``crf`` on H.264's 0-51 scale, and the colour tags of the source."""
+    the pts given to ``write``, ``crf`` on H.264's 0-51 scale, and the color tags of the source."""
 
     width: int
     height: int
@@ -487,7 +487,7 @@ class VideoSettings:
     def like(
         cls, reader: VideoReader, width: int, height: int, crf: int = DEFAULT_CRF, audio: bool = True
     ) -> VideoSettings:
-        """Settings that keep ``reader``'s timing, colour tags and (``audio``) audio, for frames of ``width`` x
+        """Settings that keep ``reader``'s timing, color tags and (``audio``) audio, for frames of ``width`` x
         ``height``. With audio, write while ``reader`` is open: its packets are copied from it."""
         return cls(
             width=width,

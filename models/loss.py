@@ -182,7 +182,7 @@ class PerceptualLoss(nn.Module):
     def forward(
         self, output: torch.Tensor, content: torch.Tensor, style: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """Loss of a stylised batch.
+        """Loss of a stylized batch.
 
         Args:
             output: (N, 3, H, W) RGB in [0, 1], the network's output (gradients flow through it).

@@ -139,12 +139,12 @@ class TemporalTerm:
                 image = (image + self.noise_std * noise).clamp(0.0, 1.0)
         return WarpedFrame(image, grid, inside_mask(grid))
 
-    def __call__(self, stylised: torch.Tensor, stylised_second: torch.Tensor, frame: WarpedFrame) -> torch.Tensor:
+    def __call__(self, stylized: torch.Tensor, stylized_second: torch.Tensor, frame: WarpedFrame) -> torch.Tensor:
         """``weight`` times the mean squared difference between the network's output for the second frame and its
         output for the photo warped the same way, over ``frame.valid`` pixels and the 3 channels (fp32 scalar;
         gradients flow into both outputs)."""
-        with torch.autocast(device_type=stylised.device.type, enabled=False):
-            moved = warp(stylised, frame.grid)
-            diff = (stylised_second.float() - moved).pow(2) * frame.valid
-            count = frame.valid.sum() * stylised.shape[1]
+        with torch.autocast(device_type=stylized.device.type, enabled=False):
+            moved = warp(stylized, frame.grid)
+            diff = (stylized_second.float() - moved).pow(2) * frame.valid
+            count = frame.valid.sum() * stylized.shape[1]
             return self.weight * diff.sum() / count.clamp_min(1.0)

@@ -234,7 +234,7 @@ class TransformerNet(nn.Module):
         return z if self.training else z.clamp(0.0, 1.0)
 
     def forward(self, x: torch.Tensor, style: torch.Tensor | int | None = None) -> torch.Tensor:
-        """Stylise a batch.
+        """Stylize a batch.
 
         Args:
             x: (N, 3, H, W) float RGB in [0, 1], any H, W >= 1.

@@ -24,7 +24,7 @@ from data.io import load_image, pil_to_tensor, resize_short_side
 
 
 def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A smooth, photo-like RGB image (low-frequency colour field plus a little noise)."""
+    """A smooth, photo-like RGB image (low-frequency color field plus a little noise)."""
     rng = np.random.default_rng(seed)
     small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), "RGB")
     field = np.asarray(small.resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
@@ -92,7 +92,7 @@ def _mode_images() -> dict[str, tuple[Image.Image, dict]]:
     }
 
 
-def test_every_colour_mode_becomes_rgb_in_unit_range(tmp_path: Path) -> None:
+def test_every_color_mode_becomes_rgb_in_unit_range(tmp_path: Path) -> None:
     for name, (img, options) in _mode_images().items():
         _write(tmp_path / name, img, **options)
     assert Image.open(tmp_path / "sixteen.png").mode.startswith("I")  # really a 16-bit file

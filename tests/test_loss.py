@@ -118,7 +118,7 @@ def test_training_against_real_vgg19_lowers_the_loss() -> None:
     weights content 1, style 10 (style-heavy so the style term visibly drops in 30 steps)."""
     torch.manual_seed(0)
     loss = PerceptualLoss("vgg19", ["relu2_2"], {"relu1_2": 1.0, "relu2_2": 1.0, "relu3_3": 1.0}, 1.0, 10.0, 0.0)
-    style = torch.rand(1, 3, 8, 8).repeat_interleave(8, 2).repeat_interleave(8, 3)  # blocky colour texture
+    style = torch.rand(1, 3, 8, 8).repeat_interleave(8, 2).repeat_interleave(8, 3)  # blocky color texture
     loss.set_style(style)
     net = TransformerNet(base_width=8, residual_blocks=1)
     optimizer = torch.optim.Adam(net.parameters(), lr=5e-3)

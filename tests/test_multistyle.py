@@ -231,7 +231,7 @@ def test_stylize_writes_every_style_and_picks_or_mixes_one(multi_model: Path, tm
     assert (mixed - expected).abs().max() <= 1 / 255 + 1e-6
 
 
-def test_stylize_multi_style_with_tiling_bf16_and_colour_options(multi_model: Path, tmp_path: Path) -> None:
+def test_stylize_multi_style_with_tiling_bf16_and_color_options(multi_model: Path, tmp_path: Path) -> None:
     inputs = _photos(tmp_path / "in")
     plain = tmp_path / "plain"
     _stylize(multi_model, inputs / "b.png", output=plain, style="street", preserve_color=True, strength=0.6)

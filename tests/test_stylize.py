@@ -1,4 +1,4 @@
-"""stylize.py: inputs (mixed folders, EXIF, alpha, modes), outputs, skip/overwrite, colour controls, tiling, CLI."""
+"""stylize.py: inputs (mixed folders, EXIF, alpha, modes), outputs, skip/overwrite, color controls, tiling, CLI."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def model_file(tmp_path_factory) -> Path:
 
 
 def photo(width: int = 48, height: int = 32, seed: int = 0) -> Image.Image:
-    """A smooth colourful RGB test image (gradients + a blob), deterministic."""
+    """A smooth colorful RGB test image (gradients + a blob), deterministic."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     r = x / max(width - 1, 1)
@@ -146,8 +146,8 @@ def test_preserve_color_keeps_chroma(model_file: Path, tmp_path: Path) -> None:
         kept_t = torch.from_numpy(np.asarray(k, dtype=np.float32) / 255).permute(2, 0, 1)
         styled_t = torch.from_numpy(np.asarray(s, dtype=np.float32) / 255).permute(2, 0, 1)
     content_chroma = chroma(content)
-    # Where stylized luminance + original chroma is a valid RGB colour, the chroma must be the content's (up to
-    # 8-bit rounding, ~0.004). Elsewhere (e.g. a white stylized pixel cannot carry a strong colour) the clamp to
+    # Where stylized luminance + original chroma is a valid RGB color, the chroma must be the content's (up to
+    # 8-bit rounding, ~0.004). Elsewhere (e.g. a white stylized pixel cannot carry a strong color) the clamp to
     # [0, 1] desaturates; those pixels are excluded from the chroma measure but must be a minority.
     unclamped = ycbcr_to_rgb(torch.cat([rgb_to_ycbcr(kept_t)[:1], content_chroma]))
     in_gamut = ((unclamped > 0.02) & (unclamped < 0.98)).all(0)

@@ -77,9 +77,9 @@ def test_the_term_is_zero_for_a_network_that_commutes_with_the_warp() -> None:
     x = torch.rand(4, 3, 48, 64)
     frame = term.second_frame(x, torch.Generator().manual_seed(0))
     assert frame.valid.mean() < 1  # the warp did invent a border
-    colour_map = torch.nn.Conv2d(3, 3, 1)  # per pixel and linear: commutes with any bilinear warp
+    color_map = torch.nn.Conv2d(3, 3, 1)  # per pixel and linear: commutes with any bilinear warp
     with torch.no_grad():
-        assert term(colour_map(x), colour_map(frame.image), frame) < 1e-10
+        assert term(color_map(x), color_map(frame.image), frame) < 1e-10
 
 
 def test_the_term_is_positive_for_a_network_that_does_not_commute() -> None:

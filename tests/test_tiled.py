@@ -180,8 +180,8 @@ def test_stylize_8bit_strips_equal_the_float_path(tmp_path: Path, norm: str, mod
         net = net.to(torch.bfloat16)
     content = pil_to_tensor(Image.fromarray(pixels[..., :3], "RGB"))
     stylized = TiledExecutor(net, budget_mb=0.02)(content)[0]
-    colour = ("preserve_color=true" in options, 0.6 if "strength=0.6" in options else 1.0)
-    want = tensor_to_pil(finish_colors(stylized, content, *colour))
+    color = ("preserve_color=true" in options, 0.6 if "strength=0.6" in options else 1.0)
+    want = tensor_to_pil(finish_colors(stylized, content, *color))
     if mode == "RGBA":
         want.putalpha(Image.fromarray(pixels[..., 3], "L"))
     assert got.shape == (70, 91, len(mode)) and got.std() > 10

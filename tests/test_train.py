@@ -86,10 +86,10 @@ def test_train_through_hydra_writes_model_checkpoints_and_tensorboard(tmp_path: 
     expected |= {f"loss/style/{layer}" for layer in style_layers}
     assert expected <= set(events.Tags()["scalars"])
     assert sorted(scalar_values(events, "loss/total")) == [1, 2, 3, 4]
-    assert set(events.Tags()["images"]) == {"style", "val/content_stylised"}
-    grids = events.Images("val/content_stylised")
+    assert set(events.Tags()["images"]) == {"style", "val/content_stylized"}
+    grids = events.Images("val/content_stylized")
     assert [g.step for g in grids] == [2, 4]
-    # Two validation photos, one row each, content | stylised: 2 columns of 64 px plus 2 px padding.
+    # Two validation photos, one row each, content | stylized: 2 columns of 64 px plus 2 px padding.
     assert (grids[0].width, grids[0].height) == (2 + 2 * (64 + 2), 2 + 2 * (64 + 2))
     assert len(events.Images("style")) == 1
     # The hparams summary lives in this run's event file, with the final losses as its metrics.

@@ -174,8 +174,8 @@ def test_variable_frame_rate_keeps_every_timestamp(model_file: Path, tmp_path: P
     assert sorted({round(b - a, 3) for a, b in zip(times[:-1], times[1:], strict=True)}) == [0.05, 0.1, 0.15]
 
 
-def test_colour_tags_are_followed(model_file: Path, tmp_path: Path) -> None:
-    """A full-range BT.709 clip comes back with the same colours (strength 0 returns the frames themselves): the
+def test_color_tags_are_followed(model_file: Path, tmp_path: Path) -> None:
+    """A full-range BT.709 clip comes back with the same colors (strength 0 returns the frames themselves): the
     RGB conversions follow the tags both ways, and the output says what it holds."""
     y, x = np.mgrid[0:48, 0:64]
     rgb = np.stack([x * 4, y * 5, 255 - x * 3], -1).clip(0, 255).astype(np.uint8)

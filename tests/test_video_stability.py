@@ -56,7 +56,7 @@ def _flicker(frames: torch.Tensor, std: float = 0.1) -> torch.Tensor:
     return (frames + std * noise).clamp(0, 1)
 
 
-def _colour_map(frames: torch.Tensor) -> torch.Tensor:
+def _color_map(frames: torch.Tensor) -> torch.Tensor:
     """A per-pixel "model": a tone curve and a channel swap, the same for every frame."""
     return frames.pow(0.5)[:, [2, 0, 1]]
 
@@ -71,7 +71,7 @@ def test_steady_models_on_a_whole_pixel_pan_score_zero_and_flicker_does_not(phot
     assert torch.equal(clip.backward, torch.tensor([3.0, 1.0]).view(1, 2, 1, 1).expand(5, 2, SIZE[1], SIZE[0]))
     assert torch.equal(clip.forward, -clip.backward)
     # whole-pixel steps: every frame is an exact copy of the previous one shifted, so a steady "model" scores 0
-    for frames in (clip.frames, _colour_map(clip.frames)):
+    for frames in (clip.frames, _color_map(clip.frames)):
         error = wp.warping_error(frames, clip.backward, wp.non_occlusion_mask(clip.backward, clip.forward))
         assert error.value == 0.0 and torch.equal(error.per_pair, torch.zeros(5))
     flicker = _error(_flicker(clip.frames), clip.backward, clip.forward)
@@ -152,11 +152,11 @@ def test_the_mask_leaves_out_the_background_a_moving_object_uncovers(photos) -> 
 def test_flicker_scores_far_above_a_per_pixel_model_with_the_estimated_flow(photos) -> None:
     clip = vc.pan_clip(photos["china"], SIZE, frames=5)  # the report's sub-pixel steps
     backward, forward = wp.estimate_flows(clip.frames, "dis-fine")
-    steady, colour, flicker = (
-        _error(f, backward, forward) for f in (clip.frames, _colour_map(clip.frames), _flicker(clip.frames))
+    steady, color, flicker = (
+        _error(f, backward, forward) for f in (clip.frames, _color_map(clip.frames), _flicker(clip.frames))
     )
-    assert 0 < steady < 0.002 and colour < 0.002  # the bilinear warp's floor at sub-pixel steps
-    assert flicker > 10 * max(steady, colour)
+    assert 0 < steady < 0.002 and color < 0.002  # the bilinear warp's floor at sub-pixel steps
+    assert flicker > 10 * max(steady, color)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ class RunRecord:
     style_image: torch.Tensor | list[torch.Tensor]
     """(1, 3, H, W) in [0, 1], logged once to TensorBoard; a list of them, one per style, for several styles."""
     val_images: torch.Tensor
-    """(N, 3, S, S) in [0, 1]: fixed photos stylised into a grid every ``image_interval_steps`` (N = 0: none)."""
+    """(N, 3, S, S) in [0, 1]: fixed photos stylized into a grid every ``image_interval_steps`` (N = 0: none)."""
     checkpoint_extra: dict[str, Any] = field(default_factory=dict)
     """Plain values stored in every checkpoint (resolved config, data order state, ...)."""
     meta: dict[str, Any] = field(default_factory=dict)
@@ -149,12 +149,12 @@ def lr_factor(step: int, options: TrainOptions) -> float:
     return 1.0 - progress
 
 
-def image_grid(content: torch.Tensor, stylised: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) photos and their stylisations in [0, 1] -> (3, H', W') grid; rows: content | stylised."""
+def image_grid(content: torch.Tensor, stylized: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) photos and their stylizations in [0, 1] -> (3, H', W') grid; rows: content | stylized."""
     from torchvision.utils import make_grid
 
-    # On the CPU in float32: the photos come from the loader, the stylisations from the device (maybe in bf16).
-    pairs = torch.stack([content.float().cpu(), stylised.float().cpu()], dim=1).flatten(0, 1)  # c0, s0, c1, s1, ...
+    # On the CPU in float32: the photos come from the loader, the stylizations from the device (maybe in bf16).
+    pairs = torch.stack([content.float().cpu(), stylized.float().cpu()], dim=1).flatten(0, 1)  # c0, s0, c1, s1, ...
     return make_grid(pairs.clamp(0, 1), nrow=2, padding=2, pad_value=1.0)
 
 
@@ -190,7 +190,7 @@ def train_step(
     FLOPs); PerceptualLoss keeps its Grams and reductions in fp32 itself. ``scaler`` is a disabled pass-through
     except for fp16. ``style``: (B,) style indices for a multi-style network, None for one style.
 
-    With the stability term (``loss_fn.temporal``, models/temporal.py) the network also stylises a warped, noisy
+    With the stability term (``loss_fn.temporal``, models/temporal.py) the network also stylizes a warped, noisy
     copy of the batch, drawn from ``generator``, in the same forward pass (2B images; instance norm keeps the
     samples independent, batch norm's statistics cover both halves); the perceptual terms see the B photos only,
     and ``temporal`` is added to ``total``.
@@ -203,10 +203,10 @@ def train_step(
             inputs = torch.cat([content, frame.image]).contiguous(memory_format=policy.memory_format)
             styles = None if style is None else torch.cat([style, style])
         output = model(inputs) if styles is None else model(inputs, styles)
-        stylised = output[: content.shape[0]]
-        losses = loss_fn(stylised, content) if style is None else loss_fn(stylised, content, style)
+        stylized = output[: content.shape[0]]
+        losses = loss_fn(stylized, content) if style is None else loss_fn(stylized, content, style)
         if term is not None:
-            losses["temporal"] = term(stylised, output[content.shape[0] :], frame)
+            losses["temporal"] = term(stylized, output[content.shape[0] :], frame)
             losses["total"] = losses["total"] + losses["temporal"]
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses["total"]).backward()
@@ -393,15 +393,15 @@ class Trainer:
         counts = style_counts(step, batch_size, len(self.style_names), self.world_size)
         return {f"per_style/{name}": count for name, count in zip(self.style_names, counts, strict=True)}
 
-    def stylise(self, images: torch.Tensor, style: int | None = None) -> torch.Tensor:
+    def stylize(self, images: torch.Tensor, style: int | None = None) -> torch.Tensor:
         """The plain network's output for (N, 3, H, W) CPU images (in style ``style`` of a multi-style network), in
         eval mode and without gradients (no DDP collective runs, so one rank may call it alone)."""
         self.model.eval()
         with torch.no_grad(), self.policy.autocast():
             x = self.to_device(images)
-            stylised = self.model(x) if style is None else self.model(x, style)
+            stylized = self.model(x) if style is None else self.model(x, style)
         self.model.train()
-        return stylised
+        return stylized
 
     def checkpoint_state(self, step: int, extra: Mapping[str, Any]) -> dict:
         """Everything a resume needs after ``step``, with ``extra`` (config, data order, ...) alongside."""
@@ -525,12 +525,12 @@ class _StepLoop:
         if not self.outputs.enabled or len(self.val_images) == 0:
             return
         if len(self.trainer.style_names) <= 1:
-            stylised = self.trainer.stylise(self.val_images)
-            self.outputs.image("val/content_stylised", image_grid(self.val_images, stylised), step)
+            stylized = self.trainer.stylize(self.val_images)
+            self.outputs.image("val/content_stylized", image_grid(self.val_images, stylized), step)
             return
         for index, name in enumerate(self.trainer.style_names):
-            stylised = self.trainer.stylise(self.val_images, style=index)
-            self.outputs.image(f"val/{name}", image_grid(self.val_images, stylised), step)
+            stylized = self.trainer.stylize(self.val_images, style=index)
+            self.outputs.image(f"val/{name}", image_grid(self.val_images, stylized), step)
 
     def _save(self, step: int, periodic: bool) -> None:
         self.outputs.checkpoint(self.trainer.checkpoint_state(step, self.checkpoint_extra), step, periodic=periodic)

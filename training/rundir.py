@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.cli import hydra_value, resolve_user_path
+from core.cli import hydra_value, real_user_path
 from core.errors import FaststyleError
 
 if TYPE_CHECKING:
@@ -208,7 +208,7 @@ def choose_run_dir(cfg: DictConfig, parsed_overrides: list, multirun: bool) -> l
             f"{key} is empty: name a folder for the run, e.g. {key}=outputs/train/my-run, or leave {key} out "
             "for a fresh one"
         )
-    path = resolve_user_path(folder)
+    path = real_user_path(folder)
     taken = _runs_in_sweep_dir(key, folder, path) if multirun else _claim_named_dir(cfg, key, folder, path)
     if taken:
         raise FaststyleError(
@@ -252,7 +252,7 @@ def _claim_named_dir(cfg: DictConfig, key: str, folder: str, path: Path) -> list
         )
     resume = cfg.train.resume
     resumes_it = bool(resume) and (
-        resolve_user_path(str(resume)) == path or path in resolve_user_path(str(resume)).parents
+        real_user_path(str(resume)) == path or path in real_user_path(str(resume)).parents
     )
     taken = [path] if holds_run(path) and not resumes_it else []
     leftovers = [] if taken or resumes_it else run_leftovers(path)
