@@ -251,9 +251,7 @@ def _claim_named_dir(cfg: DictConfig, key: str, folder: str, path: Path) -> list
             f"leave {key} out for a fresh one"
         )
     resume = cfg.train.resume
-    resumes_it = bool(resume) and (
-        real_user_path(str(resume)) == path or path in real_user_path(str(resume)).parents
-    )
+    resumes_it = bool(resume) and (real_user_path(str(resume)) == path or path in real_user_path(str(resume)).parents)
     taken = [path] if holds_run(path) and not resumes_it else []
     leftovers = [] if taken or resumes_it else run_leftovers(path)
     if leftovers:
