@@ -72,3 +72,63 @@ def test_the_import_reader_sees_function_level_imports(tmp_path: Path) -> None:
     source = tmp_path / "m.py"
     source.write_text("import os\n\ndef f():\n    from training.loop import fit\n    import models.norm\n")
     assert _imports(source) == {"os", "training", "models"}
+
+
+def _code_files() -> list[Path]:
+    """Every non-test source file of ours (Python and the C++ kernels), outside the virtual environment and runs."""
+    skip = {"tests", ".venv", "outputs", "multirun", ".git"}
+    return [
+        path
+        for pattern in ("*.py", "*.cpp")
+        for path in REPO.rglob(pattern)
+        if not skip & set(path.relative_to(REPO).parts)
+    ]
+
+
+def test_no_top_level_folder_holds_more_than_a_fifth_of_the_code() -> None:
+    """A folder that grows past a fifth of the code has become a drawer of several concerns: split it."""
+    lines: dict[str, int] = {}
+    for path in _code_files():
+        parts = path.relative_to(REPO).parts
+        folder = parts[0] if len(parts) > 1 else "."
+        lines[folder] = lines.get(folder, 0) + len(path.read_text().splitlines())
+    total = sum(lines.values())
+    too_big = {folder: f"{count / total:.0%}" for folder, count in lines.items() if count > 0.2 * total}
+    assert not too_big, f"of {total} lines: {too_big}"
+
+
+def _long_functions_without_reason(path: Path, limit: int = 60) -> list[str]:
+    """Functions whose body (after the docstring) is over ``limit`` lines and whose docstring or opening comment
+    does not say why with the word ``long``."""
+    source = path.read_text()
+    lines = source.splitlines()
+    found = []
+    for node in ast.walk(ast.parse(source, filename=str(path))):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        docstring = ast.get_docstring(node) or ""
+        first = node.body[0]
+        has_doc = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+        start = first.end_lineno + 1 if has_doc else first.lineno
+        if node.end_lineno - start + 1 <= limit:
+            continue
+        opening = " ".join(lines[node.lineno - 1 : start + 2])  # the signature down to the first statements
+        if "long" not in docstring.lower() and "# long" not in opening.lower():
+            found.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - start + 1} lines)")
+    return found
+
+
+def test_long_functions_say_why() -> None:
+    long = [found for path in _code_files() if path.suffix == ".py" for found in _long_functions_without_reason(path)]
+    assert not long, f"split these, or say in their docstring or first comment why they are long: {long}"
+
+
+def test_the_length_check_can_fail(tmp_path: Path) -> None:
+    body = "".join(f"    x{i} = {i}\n" for i in range(61))
+    (tmp_path / "m.py").write_text(f'def f():\n    """Short."""\n{body}\n\ndef g():\n    # Long: a table.\n{body}')
+    global REPO
+    repo, REPO = REPO, tmp_path
+    try:
+        assert [line.split()[1] for line in _long_functions_without_reason(tmp_path / "m.py")] == ["f"]
+    finally:
+        REPO = repo
