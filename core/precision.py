@@ -15,23 +15,10 @@ Settings (config keys ``train.precision`` / ``precision``, ``train.channels_last
   small losses underflow to zero otherwise (Micikevicius et al. 2018, "Mixed Precision Training").
 - channels_last ``true``: NHWC memory layout for the network and its inputs; compile ``true``: ``torch.compile``.
 - ``auto`` (every setting): the fastest choice for the device whose results stay within the tolerances of
-  tests/test_precision.py, per the table below. ``"true"``/``"false"`` strings are accepted like booleans.
+  tests/test_precision.py. ``"true"``/``"false"`` strings are accepted like booleans.
 
-What ``auto`` resolves to (train = ``train.py``; stylize = ``stylize.py``):
-
-=============================  =======================================  ==============  =======
-device                         precision                                channels_last   compile
-=============================  =======================================  ==============  =======
-cpu with native bf16, train    bf16 autocast                            on              off
-cpu with native bf16, stylize  bf16 (network and inputs cast to bf16)   on              off
-other cpu, train               fp32                                     off             off
-other cpu, stylize             fp32                                     on              off
-cuda (Ampere+), train          bf16 autocast                            on              on
-cuda (older), train            fp16 autocast + GradScaler               on              on
-cuda (any), stylize            fp16 (network and inputs cast to fp16)   on              off
-mps, train                     fp32                                     off             off
-mps, stylize                   fp32                                     on              off
-=============================  =======================================  ==============  =======
+What ``auto`` resolves to per device, for training and for stylizing, is the table in docs/architecture.md
+("Precision policy"); :func:`auto_switches` and :func:`_precision_name` are the code of that table.
 
 "Native bf16" on a CPU: AMX-BF16 or AVX512-BF16, read from the CPU flags at run time (:func:`cpu_bf16_hardware`).
 
