@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from core.cli import tool_parser
 from data.dataset import ImageFolderDataset, make_train_loader
 from data.io import MAX_DECODE_PIXELS, load_image, pil_to_tensor, resize_short_side
 
@@ -205,8 +206,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = tool_parser("python -m benchmarks data", __doc__)
     add_arguments(parser)
     return run(parser.parse_args(argv))

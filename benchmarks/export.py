@@ -9,7 +9,6 @@ onnxruntime (CPU provider, default threads), plus the max |difference| between t
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import time_call
+from core.cli import tool_parser
 from interop.onnx_export import export_onnx
 from interop.onnx_model import OnnxStyleModel
 from models.transformer import TransformerNet
@@ -36,9 +36,7 @@ def _median_seconds(fn: Callable, x: torch.Tensor, repeats: int) -> tuple[float,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = tool_parser("python -m benchmarks export", __doc__)
     parser.add_argument("--height", type=int, default=1080)
     parser.add_argument("--width", type=int, default=1920)
     parser.add_argument("--base-width", type=int, default=32)

@@ -38,6 +38,8 @@ import time
 import zlib
 from pathlib import Path
 
+from core.cli import tool_parser
+
 # Not benchmarks.common: it imports torch, and this process must stay small (see the module docstring).
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = REPO_ROOT / "data" / "samples" / "content"
@@ -243,8 +245,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks huge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = tool_parser("python -m benchmarks huge", __doc__)
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from benchmarks.common import synchronize
+from core.cli import tool_parser
 from core.device import reuse_freed_memory
 from core.precision import PRECISION_DTYPES
 from models.norm import InstanceNorm
@@ -102,9 +103,7 @@ def bench_shape(
 
 def main(argv: list[str] | None = None) -> int:
     # Long: half of it is the command line's options; the rest is the side-by-side table.
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks norm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = tool_parser("python -m benchmarks norm", __doc__)
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CPU, and CUDA too when present"
     )

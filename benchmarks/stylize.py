@@ -46,6 +46,7 @@ from benchmarks.common import (
     synchronize,
     torch_instance_norms,
 )
+from core.cli import tool_parser
 from core.device import environment_line
 from core.precision import PRECISION_DTYPES, precision_name
 
@@ -466,8 +467,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks stylize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = tool_parser("python -m benchmarks stylize", __doc__)
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import common
+from core.cli import tool_parser
 
 OPTIONS = ("plain", "examples", "tnorm", "cl", "compile", "bf16", "fp16", "malloc", "temporal")
 RUN_STEPS = 40_000
@@ -318,8 +319,6 @@ def _run_variants(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = tool_parser("python -m benchmarks train", __doc__)
     add_arguments(parser)
     return run(parser.parse_args(argv))

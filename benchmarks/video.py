@@ -43,6 +43,7 @@ from benchmarks.common import (
     save_random_model,
     time_call,
 )
+from core.cli import add_device_option, tool_parser
 from core.device import environment_line
 
 PHOTO = REPO_ROOT / "data" / "samples" / "content" / "chelsea.jpg"
@@ -54,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default="640x360,1280x720", help="comma-separated WxH frame sizes")
     parser.add_argument("--frames", type=int, default=60, help="frames of each test clip (2 s at 30 fps)")
     parser.add_argument("--precisions", default="fp32,auto", help="comma-separated: fp32, bf16, fp16, auto")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto")
+    add_device_option(parser)
     parser.add_argument("--base-width", type=int, default=32, help="TransformerNet width (32: Johnson et al.)")
     parser.add_argument("--model", default=None, help="a model.pth to time instead of a random network")
     parser.add_argument("--batch-size", type=int, default=4, help="frames per network call (stylize batch_size)")
@@ -260,8 +261,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks video", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = tool_parser("python -m benchmarks video", __doc__)
     add_arguments(parser)
     return run(parser.parse_args(argv))
