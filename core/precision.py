@@ -137,9 +137,9 @@ def cpu_auto_precision(training: bool) -> tuple[str, str]:
     """What ``auto`` picks on this CPU, and why (for the log line): bf16 where the CPU computes it natively, fp32
     elsewhere.
 
-    bf16 was measured faster than fp32 on CPUs with native bf16, for the training step and for stylize, with the
-    quality figures in the README ("Speed and memory"); without native bf16 it is emulated and many times slower.
-    ``training`` lets the two modes differ (their gates were measured separately); today both pick bf16.
+    Native bf16 is faster than fp32 for the training step and for stylize and passes the quality gates (the figures
+    and their commands: README, "Speed and memory"); without native bf16 it is emulated and many times slower.
+    ``training`` is an argument because the two modes pass separate gates and may come to differ.
     """
     hardware = cpu_bf16_hardware()
     if hardware is None:
