@@ -20,7 +20,6 @@ Figures are printed, never asserted.
 from __future__ import annotations
 
 import argparse
-import copy
 import tempfile
 from pathlib import Path
 
@@ -35,25 +34,16 @@ from evaluation.runs import load_model_network
 CONTENT = DEFAULT_HELD_OUT / "china.jpg"
 
 
-def _tiled(network, loaded, device: torch.device, precision: str, max_memory_mb: float) -> torch.Tensor:
+def _tiled(network, loaded, max_memory_mb: float) -> torch.Tensor:
     """The 8-bit (3, H, W) image stylize's Runner writes for one decoded image when ``max_memory_mb`` forces the
-    exact tiled executor."""
+    exact tiled executor; ``network`` is the ready network (inference.network) under the precision checked."""
     from omegaconf import OmegaConf
 
     from data.io import pil_to_tensor
     from inference.runner import Runner
 
-    cfg = OmegaConf.create(
-        {
-            "precision": precision,
-            "channels_last": "auto",
-            "max_memory_mb": max_memory_mb,
-            "tmp_dir": None,
-            "preserve_color": False,
-            "strength": 1.0,
-        }
-    )
-    (out,) = Runner(copy.deepcopy(network.net), device, cfg)([loaded])
+    cfg = OmegaConf.create({"max_memory_mb": max_memory_mb, "tmp_dir": None, "preserve_color": False, "strength": 1.0})
+    (out,) = Runner(network, cfg)([loaded])
     if isinstance(out, torch.Tensor):  # untiled after all (a tiny image): rounded as save_result would
         from data.io import to_uint8
 
@@ -94,7 +84,7 @@ def check(path: Path, args: argparse.Namespace, device: torch.device, tmp: Path)
     ref, low = (networks[name](x)[0] for name in ("fp32", args.precision))
     ref8, low8 = to_uint8(ref), to_uint8(low)
     loaded = Loaded(Job(source=Path(args.image), target=tmp / "unused.png"), img.copy(), size=(img.height, img.width))
-    tiled8 = _tiled(networks[args.precision], loaded, device, args.precision, args.tiled_budget_mb)
+    tiled8 = _tiled(networks[args.precision], loaded, args.tiled_budget_mb)
     label = f"{path.parent.name}/{path.name}" + (" (as pytorch/examples file)" if args.as_examples else "")
     print(
         f"{label}, width {width}, {args.width}x{args.height}: {args.precision} vs fp32: "
