@@ -12,7 +12,7 @@ import torch
 
 from core.errors import FaststyleError
 from models.modelfile import load_model, save_model, unwrap_model
-from models.transformer import TransformerNet
+from tests.support import tiny_net
 from training.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -22,13 +22,8 @@ from training.checkpoint import (
 )
 
 
-def _small_net() -> TransformerNet:
-    torch.manual_seed(0)
-    return TransformerNet(norm="instance", base_width=8, residual_blocks=1)
-
-
 def test_save_model_round_trip_gives_same_output(tmp_path: Path) -> None:
-    net = _small_net().eval()
+    net = tiny_net()
     path = tmp_path / "model.pth"
     save_model(path, net, {"style": "wave", "steps": 3})
     loaded, meta = load_model(path)
@@ -42,7 +37,7 @@ def test_save_model_round_trip_gives_same_output(tmp_path: Path) -> None:
 
 def test_save_model_unwraps_compiled_module(tmp_path: Path) -> None:
     """A torch.compile wrapper's state_dict keys start with ``_orig_mod.``; the file must hold the plain keys."""
-    net = _small_net()
+    net = tiny_net()
     wrapped = torch.compile(net)  # compiling is lazy: nothing runs until the first call
     assert unwrap_model(wrapped) is net
     save_model(tmp_path / "m.pth", wrapped, {})
@@ -55,7 +50,7 @@ def test_load_model_rejects_missing_corrupt_foreign_and_unsafe_files(tmp_path: P
         load_model(tmp_path / "nope.pth")
 
     corrupt = tmp_path / "corrupt.pth"
-    save_model(corrupt, _small_net(), {})
+    save_model(corrupt, tiny_net(), {})
     corrupt.write_bytes(corrupt.read_bytes()[: corrupt.stat().st_size // 2])
     with pytest.raises(FaststyleError, match="corrupt"):
         load_model(corrupt)
@@ -91,7 +86,7 @@ class _Exploit:
 
 def test_load_model_rejects_mismatched_weights(tmp_path: Path) -> None:
     path = tmp_path / "model.pth"
-    save_model(path, _small_net(), {})
+    save_model(path, tiny_net(), {})
     obj = torch.load(path, weights_only=True)
     obj["model_config"]["base_width"] = 16
     torch.save(obj, path)
@@ -110,7 +105,7 @@ def test_an_absurd_width_in_a_model_file_fails_before_allocating(tmp_path: Path)
     import resource
 
     path = tmp_path / "model.pth"
-    save_model(path, _small_net(), {})
+    save_model(path, tiny_net(), {})
     obj = torch.load(path, weights_only=True)
     obj["model_config"]["base_width"] = 256
     torch.save(obj, path)
@@ -123,7 +118,7 @@ def test_an_absurd_width_in_a_model_file_fails_before_allocating(tmp_path: Path)
 @pytest.mark.parametrize("change", ["meta", "nan"])
 def test_damaged_model_files_are_one_line_errors(tmp_path: Path, change: str) -> None:
     path = tmp_path / "model.pth"
-    save_model(path, _small_net(), {})
+    save_model(path, tiny_net(), {})
     obj = torch.load(path, weights_only=True)
     if change == "meta":
         obj["meta"] = [1, 2]
@@ -153,7 +148,7 @@ def test_files_that_are_not_model_files_say_what_they_are(tmp_path: Path, conten
 
 
 def test_checkpoint_round_trip_and_resume_lookup(tmp_path: Path) -> None:
-    net = _small_net()
+    net = tiny_net().train()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     net(torch.rand(1, 3, 16, 16)).mean().backward()
     optimizer.step()
@@ -169,7 +164,7 @@ def test_checkpoint_round_trip_and_resume_lookup(tmp_path: Path) -> None:
     assert open_checkpoint(run_dir)[0] == run_dir / "checkpoints" / "last.pt"
     loaded = load_checkpoint(run_dir)  # a run dir resolves to its last checkpoint
     assert loaded["step"] == 7 and loaded["format"] == "faststyle-checkpoint"
-    fresh = torch.optim.Adam(_small_net().parameters(), lr=1e-3)
+    fresh = torch.optim.Adam(tiny_net().parameters(), lr=1e-3)
     fresh.load_state_dict(loaded["optimizer"])
     torch.testing.assert_close(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
     with pytest.raises(FaststyleError, match="no checkpoint"):

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 
@@ -32,10 +31,9 @@ from evaluation.measures import (
 from evaluation.reports import compare_runs as report
 from evaluation.runs import config_labels, find_run_dirs, flatten, read_scalars
 from models.transformer import TransformerNet
+from tests.support import REPO, compose_train, save_hydra_files
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = REPO_ROOT / "configs"
-HELD_OUT = REPO_ROOT / "data" / "samples" / "held_out"
+HELD_OUT = REPO / "data" / "samples" / "held_out"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -211,7 +209,7 @@ def test_held_out_images_must_not_be_training_images(tmp_path: Path) -> None:
     held_out = collect_images([HELD_OUT])
     assert len(held_out) >= 3
     # The shipped held-out photos are not among the demo training photos.
-    check_held_out(held_out, [REPO_ROOT / "data" / "samples" / "content"])
+    check_held_out(held_out, [REPO / "data" / "samples" / "content"])
     # A renamed copy inside a training root is caught by content, not by name.
     root = tmp_path / "train" / "sub"
     root.mkdir(parents=True)
@@ -337,20 +335,6 @@ def test_image_grid_layout() -> None:
 # End to end
 
 
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("train", overrides=overrides)
-
-
-def _save_hydra_files(run_dir: Path, cfg, launch_dir: Path) -> None:
-    """What Hydra writes for a run: the job config and, in hydra.yaml, the directory the command was started in."""
-    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
-    OmegaConf.save({"hydra": {"runtime": {"cwd": str(launch_dir)}}}, run_dir / ".hydra" / "hydra.yaml")
-
-
 FAKE = ["loss.network=random", "model.base_width=4", "model.residual_blocks=1", "style_size=64"]
 
 
@@ -362,9 +346,9 @@ def test_style_weight_sweep_end_to_end_without_training(tmp_path: Path, monkeypa
 
     multirun = tmp_path / "multirun"
     for job, weight in enumerate((0.5, 2.0)):
-        cfg = _compose([*FAKE, f"loss.style_weight={weight}"])
+        cfg = compose_train([*FAKE, f"loss.style_weight={weight}"])
         run_dir = multirun / f"{job}-van_gogh"
-        _save_hydra_files(run_dir, cfg, REPO_ROOT)
+        save_hydra_files(run_dir, cfg, REPO)
         torch.manual_seed(job)
         save_model(run_dir / "model.pth", build_model(cfg), {})
         _write_events(run_dir / "tb", 1.0 + job)
@@ -418,14 +402,14 @@ def _train_tiny(run_dir: Path, norm: str) -> None:
     """One real run through training.run.train with the in_vs_bn experiment, laid out like a Hydra multirun job."""
     from training.run import train as run_training
 
-    cfg = _compose([*TINY, f"model.norm={norm}"])
+    cfg = compose_train([*TINY, f"model.norm={norm}"])
     run_training(cfg, run_dir=run_dir)
-    _save_hydra_files(run_dir, cfg, REPO_ROOT)
+    save_hydra_files(run_dir, cfg, REPO)
 
 
 @pytest.mark.slow
 def test_end_to_end_on_two_tiny_real_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(REPO_ROOT)  # the configs' relative paths (style, data.root) are relative to the launch dir
+    monkeypatch.chdir(REPO)  # the configs' relative paths (style, data.root) are relative to the launch dir
     multirun = tmp_path / "multirun"
     _train_tiny(multirun / "0-instance", "instance")
     _train_tiny(multirun / "1-batch", "batch")

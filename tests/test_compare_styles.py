@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 
 from evaluation.reports import compare_styles as cs
-from tests.test_compare_runs import _compose, _save_hydra_files
+from tests.support import REPO, compose_train, save_hydra_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-REPO = Path(__file__).resolve().parents[1]
 STYLES = REPO / "data" / "samples" / "styles"
 TINY = [
     "experiment=multistyle_demo",
@@ -33,9 +32,9 @@ TINY = [
 def _run(run_dir: Path, *overrides: str) -> Path:
     from training.run import train as run_training
 
-    cfg = _compose([*TINY, *overrides])
+    cfg = compose_train([*TINY, *overrides])
     run_training(cfg, run_dir=run_dir)
-    _save_hydra_files(run_dir, cfg, REPO)
+    save_hydra_files(run_dir, cfg, REPO)
     return run_dir
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
@@ -13,17 +12,12 @@ import train  # noqa: F401  (registers the style_stem resolver that hydra.run.di
 from configs.schema import check_against_schema, check_stylize_config, check_train_config
 from core.cli import hydra_error_line, quoted_override
 from core.errors import FaststyleError
+from tests.support import REPO, compose_train
 from training.loop import TrainOptions
 from training.run import train as run_training
 from training.rundir import claim_fresh_dir
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-
-
-def compose_train(overrides: list[str], return_hydra_config: bool = False):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=return_hydra_config)
 
 
 def _options(group: str) -> list[str]:

@@ -3,7 +3,6 @@ DDP equivalence: 2 CPU processes (gloo) with per-rank batch B follow the same lo
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from torch import nn
 from core.errors import FaststyleError
 from models.modelfile import unwrap_model
 from models.transformer import TransformerNet
+from tests.support import free_port
 from training import distributed as D
 
 TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
@@ -76,12 +76,6 @@ STEPS = 4
 PER_RANK_BATCH = 2
 WORLD = 2
 IMAGE_SIZE = 64
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _make_images(root: Path, count: int) -> None:
@@ -185,7 +179,7 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path: Path, no_torchrun_
     single, multi = tmp_path / "single.pt", tmp_path / "ddp.pt"
 
     _train(0, 1, PER_RANK_BATCH * WORLD, str(data_root), str(single), 0, styles)
-    args = (WORLD, PER_RANK_BATCH, str(data_root), str(multi), _free_port(), styles)
+    args = (WORLD, PER_RANK_BATCH, str(data_root), str(multi), free_port(), styles)
     mp.spawn(_train, args=args, nprocs=WORLD, join=True)
 
     a, b = torch.load(single, weights_only=True), torch.load(multi, weights_only=True)

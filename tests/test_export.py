@@ -25,8 +25,8 @@ from interop.read import read_torch_model_file
 from models.modelfile import save_model
 from models.norm import InstanceNorm
 from models.transformer import TransformerNet
+from tests.support import tiny_net
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(8, 8), (33, 47), (64, 31), (40, 52)]
 TOLERANCE = 1e-4
 
@@ -35,14 +35,13 @@ needs_onnx = pytest.mark.skipif(bool(_missing), reason=f"ONNX export/run needs {
 
 
 def _net(output: str = "sigmoid") -> TransformerNet:
-    torch.manual_seed(0)
-    net = TransformerNet(base_width=8, residual_blocks=1, output=output)
+    net = tiny_net(output=output)
     with torch.no_grad():  # non-trivial affine norms, so a dropped weight/bias would show
         for module in net.modules():
             if isinstance(module, InstanceNorm):
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.3, 0.3)
-    return net.eval()
+    return net
 
 
 def _run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:

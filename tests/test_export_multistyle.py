@@ -24,7 +24,7 @@ from interop.onnx_export import ONNX_INPUT_NAME, ONNX_OUTPUT_NAME, ONNX_STYLE_IN
 from models.modelfile import ONNX_METADATA_KEY, save_model
 from models.norm import ConditionalInstanceNorm
 from models.transformer import TransformerNet
-from tests.conftest import randomise_style_tables
+from tests.support import tiny_net
 
 STYLES = ["wave", "night", "scream"]
 SIZES = [(40, 52), (33, 47)]  # a multiple of 4, and odd sides that need padding and cropping
@@ -39,10 +39,7 @@ needs_onnx = pytest.mark.skipif(bool(_missing), reason=f"ONNX export/run needs {
 
 def _multi_net() -> TransformerNet:
     """A small 3-style network whose styles differ (fresh tables are all ones and zeros, which hides mistakes)."""
-    torch.manual_seed(0)
-    net = TransformerNet(base_width=8, residual_blocks=1, num_styles=len(STYLES))
-    randomise_style_tables(net, seed=1)
-    return net.eval()
+    return tiny_net(num_styles=len(STYLES), style_seed=1)
 
 
 def _batch(height: int, width: int, seed: int = 0) -> torch.Tensor:

@@ -33,9 +33,9 @@ from interop.pytorch_examples import read_examples_file, to_examples_state_dict
 from interop.read import read_torch_model_file
 from models.modelfile import load_model, save_model
 from models.transformer import TransformerNet
+from tests.support import REPO, make_clip, noise_bytes, tiny_model_file
 from training.checkpoint import load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 PHOTO = REPO / "data" / "samples" / "content" / "chelsea.jpg"
 
 # First bytes that send a file past the magic-number check into torch.load (pickle protocols 2, 4, 5, a legacy
@@ -53,10 +53,6 @@ PREFIXES = [
 ]
 RANDOM_FILES = 27  # three per prefix
 TORCH_NOISE = ("Weights only", "PyTorch 2.6", "weights_only", "WeightsUnpickler", "add_safe_globals")
-
-
-def _noise(size: int, seed: int) -> bytes:
-    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
 
 
 def _random_files(folder: Path) -> list[Path]:
@@ -85,9 +81,8 @@ def _message(loader, path: Path) -> str:
     return message
 
 
-def _small_model(path: Path, **config) -> dict:
-    torch.manual_seed(0)
-    save_model(path, TransformerNet(base_width=4, residual_blocks=1, **config), {"style_stem": "wave"})
+def _small_model(path: Path) -> dict:
+    tiny_model_file(path, base_width=4)
     return torch.load(path, weights_only=True)
 
 
@@ -288,12 +283,11 @@ def _stylize(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_stylize_answers_each_bad_model_file_with_one_line(tmp_path: Path, odd_paths: dict[str, Path]) -> None:
-    from tests.test_video import make_clip
 
     obj = _small_model(tmp_path / "model.pth")
     torch.save({**obj, "model_config": {**obj["model_config"], "base_width": 10**9}}, tmp_path / "wide.pth")
     torch.save({**obj, "model_config": {**obj["model_config"], "residual_blocks": 10**6}}, tmp_path / "deep.pth")
-    (tmp_path / "pickle_noise.pth").write_bytes(b"\x80\x04\x95" + _noise(4096, seed=7))
+    (tmp_path / "pickle_noise.pth").write_bytes(b"\x80\x04\x95" + noise_bytes(4096, seed=7))
     code = _code_files(tmp_path, tmp_path / "MARKER_code_ran")["pickle protocol 2"]
     clip = make_clip(tmp_path / "clip.mp4", frames=4)
     out = tmp_path / "out"

@@ -26,8 +26,8 @@ from data.io import load_image, save_image
 from models.modelfile import save_model
 from models.styles import parse_style
 from models.transformer import TransformerNet
+from tests.support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO / "data" / "samples" / "content"
 MIX_NAMES = ["van_gogh_village_street_auvers", "hokusai_great_wave"]
 

@@ -22,13 +22,13 @@ from PIL import Image
 
 from core.errors import FaststyleError
 from core.fileio import disk_full_error
+from tests.support import REPO, compose_train
 from training import rundir
 from training.checkpoint import open_checkpoint, save_checkpoint
 from training.memory import MemoryNeed, check_fits, estimate
 from training.resume import resumed_config, set_keys
 from training.run import load_style_image
 
-REPO = Path(__file__).resolve().parents[1]
 STYLES = REPO / "data" / "samples" / "styles"
 PHOTOS = REPO / "data" / "samples" / "content"
 TINY = ["experiment=demo", "train.steps=2", "data.image_size=32", "model.base_width=8", "data.val_images=1"]
@@ -226,11 +226,7 @@ def test_a_disk_full_message_says_only_what_is_true(tmp_path: Path) -> None:
 
 
 def _cfg(**changes: object) -> object:
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=demo", *[f"{k}={v}" for k, v in changes.items()]])
-    return cfg
+    return compose_train(["experiment=demo", *[f"{k}={v}" for k, v in changes.items()]])
 
 
 def _checkpoint(cfg: object) -> dict:

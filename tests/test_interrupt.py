@@ -13,7 +13,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,15 +25,13 @@ import torch.multiprocessing as mp
 
 from models.loss import PerceptualLoss
 from models.transformer import TransformerNet
+from tests.support import CONTENT, REPO, STYLE, compose_train, free_port
 from training import interrupt, rundir
 from training.checkpoint import load_checkpoint
 from training.loop import RunOutputs, RunRecord, TrainingInterrupted, TrainOptions, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-REPO = Path(__file__).resolve().parents[1]
-CONTENT = REPO / "data" / "samples" / "content"
-STYLE = REPO / "data" / "samples" / "styles" / "hokusai_great_wave.jpg"
 TOTAL_STEPS = 100000
 
 FAST = [
@@ -251,13 +248,11 @@ def test_ctrl_c_before_the_first_step_prints_one_line(tmp_path: Path) -> None:
 
 
 def test_resume_command_replaces_train_resume_and_quotes_for_shell_and_hydra(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
     overrides = ["style=my painting.jpg", "train.resume=outputs/old", "loss.style_layers={relu1_2:1.0}"]
     rundir.register_resolvers()  # hydra.run.dir names the run after its style, as train.py declares
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    cfg = compose_train(overrides, return_hydra_config=True)
     monkeypatch.setattr(sys, "argv", ["train.py"])
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     HydraConfig.instance().set_config(cfg)
@@ -463,12 +458,6 @@ def test_a_signal_while_the_model_file_is_written_reports_the_final_checkpoint(t
 # --- torchrun: every rank stops after the same step ----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank(rank: int, world_size: int, run_dir: str, port: int) -> None:
     """One gloo rank of a tiny DDP run in which only rank 1 gets the Ctrl-C (during step 3), plus torchrun's
     follow-up SIGTERM. Writes what the rank saw to ``result_<rank>.pt``."""
@@ -515,7 +504,7 @@ def test_torchrun_ranks_agree_on_the_step_when_one_rank_gets_the_signal(
 ) -> None:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(key, raising=False)
-    mp.spawn(_rank, args=(2, str(tmp_path), _free_port()), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, str(tmp_path), free_port()), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"result_{r}.pt", weights_only=True) for r in (0, 1))
     assert rank1["step"] == 3 and rank1["signum"] == signal.SIGINT
     assert (rank0["step"], rank0["signum"]) == (3, signal.SIGINT)  # rank 0 got no signal: it learnt of it from the

@@ -12,16 +12,13 @@ from models.modelfile import load_model, save_model
 from models.norm import ConditionalInstanceNorm, InstanceNorm, make_norm
 from models.styles import all_styles, parse_style, style_names
 from models.transformer import TransformerNet
-from tests.conftest import randomise_style_tables
+from tests.support import MULTI_MODEL_STYLES, REPO, compose_train, randomise_style_tables, save_hydra_files, tiny_net
 
 STYLES = 3
 
 
 def _net(styles: int = STYLES, seed: int = 0) -> TransformerNet:
-    torch.manual_seed(seed)
-    net = TransformerNet(base_width=8, residual_blocks=2, num_styles=styles)
-    randomise_style_tables(net, seed)
-    return net.eval()
+    return tiny_net(residual_blocks=2, num_styles=styles, seed=seed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -170,14 +167,7 @@ def test_parse_style() -> None:
 
 # --- stylize.py with multi-style models ------------------------------------------------------------------------------
 
-NAMES = ["wave", "street", "composition"]
-
-
-@pytest.fixture(scope="module")
-def multi_model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("multi") / "model.pth"
-    save_model(path, _net(), {"styles": NAMES})
-    return path
+NAMES = MULTI_MODEL_STYLES  # conftest's multi_model: the network of _net()
 
 
 def _stylize(model: Path, inputs: Path, **options):
@@ -274,8 +264,7 @@ def test_stylize_cli_takes_a_mix_as_users_type_it(multi_model: Path, tmp_path: P
         assert quote_style_mix(unchanged) == unchanged
     inputs = _photos(tmp_path / "in")
     args = [f"model={multi_model}", f"input={inputs / 'a.png'}", f"output={tmp_path / 'out'}", "style=wave:1,street:1"]
-    repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "stylize.py", *args], cwd=repo, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "stylize.py", *args], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["a_wave-50_street-50.png"]
 
@@ -296,11 +285,10 @@ def test_other_tools_take_one_style_of_a_multi_style_model(multi_model: Path, tm
 
 def test_compare_runs_points_multi_style_runs_to_compare_styles(multi_model: Path, tmp_path: Path) -> None:
     from evaluation.runs import load_runs
-    from tests.test_compare_runs import _compose, _save_hydra_files
 
     run = tmp_path / "multi"
     run.mkdir()
     (run / "model.pth").write_bytes(multi_model.read_bytes())
-    _save_hydra_files(run, _compose(["experiment=multistyle_demo"]), Path(__file__).resolve().parents[1])
+    save_hydra_files(run, compose_train(["experiment=multistyle_demo"]), REPO)
     with pytest.raises(FaststyleError, match="compare_styles"):
         load_runs([run], tmp_path, torch.device("cpu"))

@@ -10,7 +10,7 @@ import torch
 from core.errors import FaststyleError
 from models.modelfile import load_model, save_model
 from models.transformer import TransformerNet
-from tests.test_train import CONTENT, SMALL, compose_train, read_events, scalar_values
+from tests.support import CONTENT, REPO, SMALL, compose_train, read_events, scalar_values, tiny_net
 from training.checkpoint import load_checkpoint
 from training.loop import style_counts, style_indices
 from training.run import train as run_training
@@ -18,7 +18,7 @@ from training.rundir import style_stem
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-STYLES = Path(__file__).resolve().parents[1] / "data" / "samples" / "styles"
+STYLES = REPO / "data" / "samples" / "styles"
 TWO = [STYLES / "hokusai_great_wave.jpg", STYLES / "van_gogh_village_street_auvers.jpg"]
 NEW = STYLES / "kandinsky_composition_8.jpg"
 
@@ -114,8 +114,7 @@ def test_bad_multistyle_configs_are_refused(overrides: list[str], message: str, 
 
 
 def _base_model(tmp_path: Path, styles: int) -> Path:
-    torch.manual_seed(3)
-    net = TransformerNet(base_width=8, residual_blocks=1, num_styles=styles)
+    net = tiny_net(num_styles=styles, seed=3)
     with torch.no_grad():
         for param in net.parameters():
             if param.dim() == 2:  # the (styles, C) tables: distinct styles

@@ -26,6 +26,7 @@ from core.errors import FaststyleError
 from interop.pytorch_examples import examples_config, from_examples_state_dict, to_examples_state_dict
 from models.norm import InstanceNorm
 from models.transformer import TransformerNet
+from tests.support import REPO
 
 _missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
 pytestmark = [
@@ -33,7 +34,6 @@ pytestmark = [
     pytest.mark.usefixtures("one_thread"),
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 WIDTH, BLOCKS = 8, 1
 FIXED_HW = (48, 64)  # multiples of 4: their network keeps the size there
 TOLERANCE = 1e-3  # on [0, 1] outputs; measured differences are ~1e-6 (float32 rounding of 0-255 arithmetic)
@@ -162,7 +162,7 @@ def write_onnx(path: Path, state: dict[str, Tensor] | None, shape: list, metadat
 def _photo(name: str, height: int, width: int) -> Tensor:
     from data.io import load_image, pil_to_tensor, resize_to
 
-    return pil_to_tensor(resize_to(load_image(REPO_ROOT / "data" / "samples" / "content" / name), width, height))
+    return pil_to_tensor(resize_to(load_image(REPO / "data" / "samples" / "content" / name), width, height))
 
 
 def _unit_range(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -322,7 +322,7 @@ def test_undecidable_pixel_range_is_a_one_line_error(files, name: str, verdict: 
 def test_missing_probe_photo_asks_for_the_range(files, monkeypatch) -> None:
     import interop.onnx_model as runner
 
-    monkeypatch.setattr(runner, "PROBE_PHOTO", REPO_ROOT / "no_such_photo.jpg")
+    monkeypatch.setattr(runner, "PROBE_PHOTO", REPO / "no_such_photo.jpg")
     with pytest.raises(FaststyleError, match=r"test photo .* is missing; pass onnx_pixel_range=0-255"):
         runner.OnnxStyleModel(files["dynamic"])
 

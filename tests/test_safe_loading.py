@@ -18,8 +18,6 @@ from interop.read import read_torch_model_file
 from models.modelfile import load_model
 from training.checkpoint import load_checkpoint
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 
 class _CreatesMarker:
     """Unpickling this object calls os.system("touch <marker>"): the classic code-carrying pickle."""

@@ -20,8 +20,8 @@ from PIL import Image
 
 from core.errors import FaststyleError
 from data.dataset import ImageFolderDataset
+from tests.support import REPO, run_command
 
-REPO = Path(__file__).resolve().parents[1]
 DOWNLOAD = REPO / "scripts" / "download_coco.sh"
 PREPARE = ["-m", "scripts.prepare_dataset"]
 BENCH = ["-m", "benchmarks", "data"]
@@ -29,12 +29,8 @@ BENCH = ["-m", "benchmarks", "data"]
 needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
 
-def _run(args: list[str], cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
-
-
 def _bash(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
-    return _run(["bash", str(DOWNLOAD), *args], cwd=cwd, env=env)
+    return run_command(["bash", str(DOWNLOAD), *args], cwd=cwd, env=env)
 
 
 def _photo(path: Path, width: int, height: int, seed: int = 0, fmt: str | None = None) -> Path:
@@ -168,7 +164,9 @@ def _load_script(name: str) -> ModuleType:
 def test_prepare_cli_writes_resized_copies_and_skips_corrupt_files(tmp_path: Path) -> None:
     src, dst = tmp_path / "src", tmp_path / "out"
     _dataset(src)
-    result = _run([sys.executable, *PREPARE, str(src), str(dst), "--short-side", "40", "--workers", "2", "--quiet"])
+    result = run_command(
+        [sys.executable, *PREPARE, str(src), str(dst), "--short-side", "40", "--workers", "2", "--quiet"]
+    )
     assert result.returncode == 0, result.stderr
     assert "4 images: 3 written, 0 already up to date, 1 unreadable skipped" in result.stdout
     assert "broken.jpg" in result.stderr  # the warning names the file
@@ -245,13 +243,13 @@ def test_bench_data_help_runs_in_process_and_through_the_dispatcher(capsys: pyte
     with pytest.raises(SystemExit) as info:
         bench_data.main(["--help"])
     assert info.value.code == 0 and "--workers" in capsys.readouterr().out
-    dispatched = _run([sys.executable, *BENCH, "--help"])
+    dispatched = run_command([sys.executable, *BENCH, "--help"])
     assert dispatched.returncode == 0 and "--train-images-per-s" in dispatched.stdout
 
 
 @pytest.mark.slow
 def test_bench_data_tiny_run_prints_the_table(tmp_path: Path) -> None:
-    result = _run(
+    result = run_command(
         [
             sys.executable,
             *BENCH,

@@ -16,24 +16,17 @@ from PIL import Image
 
 from data.io import load_image, resize_max_side
 from data.pictures import MAX_CAPTION_LINES, MIN_FONT_PX, font_size_for, load_font, wrap_caption
-from models.modelfile import save_model
-from models.transformer import TransformerNet
 from scripts import style_grid as sg
-from tests.conftest import randomise_style_tables
+from tests.support import CONTENT, REPO, tiny_model_file
 
-REPO = Path(__file__).resolve().parents[1]
-PHOTO = REPO / "data" / "samples" / "content" / "chelsea.jpg"
+PHOTO = CONTENT / "chelsea.jpg"
 STYLES = ["hokusai_great_wave", "van_gogh_village_street_auvers", "kandinsky_composition_8"]
 MAX_SIDE = 96  # small tiles keep the test fast; chelsea.jpg (451x300) becomes 96x64
 
 
 def _save_model(path: Path, styles: int) -> Path:
-    torch.manual_seed(0)
-    net = TransformerNet(base_width=8, residual_blocks=1, num_styles=styles)
-    if styles > 1:
-        randomise_style_tables(net)
-    save_model(path, net, {"styles": STYLES[:styles]} if styles > 1 else {"style": "hokusai_great_wave"})
-    return path
+    meta = {"styles": STYLES[:styles]} if styles > 1 else {"style": "hokusai_great_wave"}
+    return tiny_model_file(path, meta, num_styles=styles)
 
 
 @pytest.fixture(scope="module")

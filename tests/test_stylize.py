@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,19 +16,14 @@ from core.errors import FaststyleError
 from core.metrics import psnr
 from inference.color import rgb_to_ycbcr, ycbcr_to_rgb
 from inference.pipeline import stylize
-from models.modelfile import save_model
 from models.transformer import TransformerNet
 from stylize import compose_config
-from tests.conftest import perturbed_net
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO, start_stylize_until, tiny_model_file
 
 
 def make_model(path: Path, norm: str = "instance", seed: int = 0) -> Path:
     """A tiny model file whose output is far from flat (weights pushed off their initialisation)."""
-    net = perturbed_net(norm, base_width=4, scale=0.3, seed=seed)
-    save_model(path, net, {"style_stem": "wave"})
-    return path
+    return tiny_model_file(path, norm=norm, base_width=4, scale=0.3, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -233,26 +227,6 @@ def test_cli_errors_exit_2(model_file: Path, tmp_path: Path) -> None:
         proc = subprocess.run([sys.executable, "stylize.py", *args], cwd=REPO, capture_output=True, text=True)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
-
-
-def start_stylize_until(args: list[str], ready: Callable[[], bool]) -> subprocess.Popen:
-    """``python stylize.py *args`` started in the background (Ctrl-C left at Python's default, as in a terminal),
-    returned once ``ready()`` holds (or after 120 s), for a test to send it a signal."""
-    import signal
-    import time
-
-    proc = subprocess.Popen(
-        [sys.executable, "stylize.py", *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    deadline = time.monotonic() + 120
-    while not ready() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return proc
 
 
 @pytest.mark.slow

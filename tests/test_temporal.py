@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from core.errors import FaststyleError
 from models.temporal import TemporalTerm, inside_mask, random_affine, warp
-from tests.test_train import SMALL, compose_train, read_events, scalar_values
+from tests.support import SMALL, compose_train, read_events, scalar_values
 from training.run import train as run_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")

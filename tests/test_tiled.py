@@ -20,16 +20,13 @@ from inference.tiled_stats import ChannelStats
 from inference.tiled_stores import DiskStore, RamStore, SourceStore
 from models.modelfile import save_model
 from models.transformer import SIZE_MULTIPLE, TransformerNet, pad_to_multiple
-from tests.conftest import perturb_weights, perturbed_net
-from tests.test_stylize import make_model  # the same tiny, far-from-flat model file
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO, perturb_weights, tiny_model_file, tiny_net
 
 
 @pytest.mark.parametrize("norm", ["instance", "batch", "none"])
 @pytest.mark.parametrize("upsample", ["nearest", "transpose"])
 def test_tiled_matches_untiled_with_tiny_budget(norm: str, upsample: str) -> None:
-    net = perturbed_net(norm, residual_blocks=2, upsample=upsample)
+    net = tiny_net(norm, residual_blocks=2, upsample=upsample, scale=0.2)
     x = torch.rand(1, 3, 67, 93, generator=torch.Generator().manual_seed(1))  # odd sizes: padded canvas path
     # 0.05 MiB: every activation store goes to disk and strips are a few rows high.
     executor = TiledExecutor(net, budget_mb=0.05)
@@ -44,7 +41,7 @@ def test_tiled_matches_untiled_with_tiny_budget(norm: str, upsample: str) -> Non
 
 def test_strip_boundaries_do_not_matter() -> None:
     """Different strip heights (1 row, 5 rows, whole image) give the same image: no seams at strip borders."""
-    net = perturbed_net("instance", residual_blocks=2)
+    net = tiny_net("instance", residual_blocks=2, scale=0.2)
     x = torch.rand(1, 3, 40, 52, generator=torch.Generator().manual_seed(2))
     outs = [TiledExecutor(net, budget_mb=1024, strip_rows=r, verify=False)(x) for r in (1, 5, 1000)]
     assert psnr(outs[0], outs[2]) > 80.0 and psnr(outs[1], outs[2]) > 80.0
@@ -52,7 +49,7 @@ def test_strip_boundaries_do_not_matter() -> None:
 
 def test_budget_bounds_ram_stores() -> None:
     """With a budget smaller than the activations, RAM stores stay within it and the rest goes to disk."""
-    net = perturbed_net("instance", residual_blocks=2)
+    net = tiny_net("instance", residual_blocks=2, scale=0.2)
     executor = TiledExecutor(net, budget_mb=1.0)
     executor(torch.rand(1, 3, 96, 128))  # 8 x 96 x 128 x 4 B = 0.375 MiB per full-resolution activation
     assert 0 < executor.peak_store_bytes <= 1.0 * 2**20
@@ -60,7 +57,7 @@ def test_budget_bounds_ram_stores() -> None:
 
 
 def test_ram_budget_keeps_stores_in_ram() -> None:
-    net = perturbed_net("instance", residual_blocks=2)
+    net = tiny_net("instance", residual_blocks=2, scale=0.2)
     executor = TiledExecutor(net, budget_mb=512)
     executor(torch.rand(1, 3, 32, 32))
     assert executor.disk_stores_used == 0
@@ -135,7 +132,7 @@ def test_source_store_reads_the_padded_canvas_exactly(size: tuple[int, int]) -> 
 def test_stream_from_uint8_rows_equals_the_float_call() -> None:
     """stream() fed uint8 RGBA rows delivers, strip by strip and in order, exactly what __call__ returns for the
     same image as a float tensor (same executor, same strips)."""
-    net = perturbed_net("instance", residual_blocks=2)
+    net = tiny_net("instance", residual_blocks=2, scale=0.2)
     executor = TiledExecutor(net, budget_mb=0.05)
     pixels = torch.randint(0, 256, (41, 58, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
     want = executor(pixels[..., :3].permute(2, 0, 1).float().div(255.0))
@@ -167,7 +164,7 @@ def test_stylize_8bit_strips_equal_the_float_path(tmp_path: Path, norm: str, mod
     from inference.color import finish_colors
     from models.modelfile import load_model
 
-    model = make_model(tmp_path / f"{norm}.pth", norm=norm, seed=3)
+    model = tiny_model_file(tmp_path / f"{norm}.pth", norm=norm, base_width=4, scale=0.3, seed=3)
     rng = np.random.default_rng(5)
     pixels = rng.integers(0, 256, (70, 91, len(mode)), dtype=np.uint8)  # odd sizes: the canvas is padded
     Image.fromarray(pixels, mode).save(tmp_path / "c.png")
@@ -193,7 +190,7 @@ def test_untileable_image_is_one_failed_file(tmp_path: Path, monkeypatch: pytest
     goes on."""
     import inference.tiled
 
-    model = make_model(tmp_path / "m.pth", seed=3)
+    model = tiny_model_file(tmp_path / "m.pth", base_width=4, scale=0.3, seed=3)
     Image.fromarray(np.full((20, 300, 3), 120, np.uint8)).save(tmp_path / "wide.png")
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")
@@ -209,7 +206,7 @@ def test_untileable_image_is_one_failed_file(tmp_path: Path, monkeypatch: pytest
 
 
 def test_an_error_mid_image_removes_the_disk_stores(tmp_path: Path) -> None:
-    executor = TiledExecutor(perturbed_net("instance", residual_blocks=2), budget_mb=0.05, tmp_dir=str(tmp_path))
+    executor = TiledExecutor(tiny_net("instance", residual_blocks=2, scale=0.2), budget_mb=0.05, tmp_dir=str(tmp_path))
     pixels = torch.randint(0, 256, (40, 52, 3), dtype=torch.uint8)
 
     def failing_sink(row: int, strip: torch.Tensor) -> None:

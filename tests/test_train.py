@@ -16,55 +16,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from core.errors import FaststyleError
 from models.loss import PerceptualLoss
 from models.modelfile import load_model
 from models.transformer import TransformerNet
+from tests.support import CONTENT, REPO, SMALL, STYLE, compose_train, read_events, scalar_values
 from training.checkpoint import load_checkpoint
 from training.loop import NonFiniteLossError, RunOutputs, RunRecord, TrainOptions, fit
 from training.run import train as run_training
-
-REPO = Path(__file__).resolve().parents[1]
-CONTENT = REPO / "data" / "samples" / "content"
-STYLE = REPO / "data" / "samples" / "styles" / "hokusai_great_wave.jpg"
-
-SMALL = [
-    f"style={STYLE}",
-    f"data.root={CONTENT}",
-    "style_size=64",
-    "device=cpu",
-    "loss.network=random",
-    "model.base_width=8",
-    "model.residual_blocks=1",
-    "data.image_size=64",
-    "data.num_workers=0",
-    "data.val_images=2",
-    "train.batch_size=2",
-    "train.steps=4",
-    "train.log_interval_steps=1",
-    "train.image_interval_steps=2",
-    "train.checkpoint_interval_steps=2",
-]
-
-
-def compose_train(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose("train", overrides=overrides)
-
-
-def read_events(run_dir: Path) -> EventAccumulator:
-    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
-    events.Reload()
-    return events
-
-
-def scalar_values(events: EventAccumulator, tag: str) -> dict[int, float]:
-    return {event.step: event.value for event in events.Scalars(tag)}
 
 
 def test_train_through_hydra_writes_model_checkpoints_and_tensorboard(tmp_path: Path) -> None:

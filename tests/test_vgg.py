@@ -16,10 +16,11 @@ from torch import nn
 import models.vgg as vgg
 from core.errors import FaststyleError
 from models.vgg import build_loss_network, layer_names
+from tests.support import CONTENT
 
 # The embedded demo photos (byte-identical copies of the shared sample photos): part of every checkout, so the test
 # runs everywhere instead of skipping where a machine-specific data folder is missing.
-CONTENT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "samples", "content")
+CONTENT_DIR = str(CONTENT)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,6 +1,6 @@
 """stylize.py on videos (data/video.py, inference/video_stylize.py): frames, timing, audio copy, rotation,
 containers, folders, bad files, refusals, bounded memory, tiling, multi-style mixes and Ctrl-C. Clips are made
-here with PyAV: a window moving over a real photo, with a sine-tone audio track."""
+with PyAV (``tests.support.make_clip``): a window moving over a real photo, with a sine-tone audio track."""
 
 from __future__ import annotations
 
@@ -21,90 +21,20 @@ from core import metrics
 from core.errors import FaststyleError
 from data.video import VideoReader, even_size, probe_video, upright_transpose
 from inference.pipeline import stylize
-from models.modelfile import save_model
 from stylize import compose_config
-from tests.conftest import perturbed_net
-from tests.test_stylize import start_stylize_until
+from tests.support import CONTENT, REPO, make_clip, start_stylize_until, tiny_model_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-REPO = Path(__file__).resolve().parents[1]
-PHOTO = REPO / "data" / "samples" / "content" / "chelsea.jpg"
+PHOTO = CONTENT / "chelsea.jpg"
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Clips, models and what a file holds
+# Models and what a file holds
 # ------------------------------------------------------------------------------------------------------------------
-def make_clip(
-    path: Path,
-    frames: int = 24,
-    size: tuple[int, int] = (64, 48),
-    fps: int = 20,
-    audio: bool = True,
-    rotation: int = 0,
-    video: bool = True,
-    faststart: bool = False,
-    steps: list[int] | None = None,
-) -> Path:
-    """A clip of ``frames`` frames of ``size`` (width, height): a window sliding over the photo, 2 px per frame;
-    with a 440 Hz tone (AAC, or Opus in .webm) lasting as long as the video; ``rotation``: a display matrix
-    (counter-clockwise degrees, as players apply it); ``steps``: frame durations in 1/fps units, cycled (a variable
-    frame rate; default 1)."""
-    width, height = size
-    container = {".mkv": "matroska", ".webm": "webm", ".avi": "avi", ".mov": "mov"}.get(path.suffix, "mp4")
-    photo = Image.open(PHOTO).convert("RGB")
-    photo = photo.resize((width + 2 * frames, round(photo.height * (width + 2 * frames) / photo.width)))
-    photo = np.asarray(photo)
-    top = max(0, (photo.shape[0] - height) // 2)
-    options = {"movflags": "+faststart"} if faststart else {}
-    with av.open(str(path), "w", format=container, options=options) as out:
-        stream = None
-        if video:
-            codec = "libvpx-vp9" if container == "webm" else "libx264"
-            stream = out.add_stream(codec, rate=fps)
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            fast = {"preset": "ultrafast"} if codec == "libx264" else {"deadline": "realtime", "cpu-used": "8"}
-            stream.options = fast
-            if rotation:
-                stream.set_display_rotation(rotation)
-        sound = None
-        if audio:
-            sound = out.add_stream("libopus" if container == "webm" else "aac", rate=48000)
-            sound.layout = "mono"
-        pts = 0
-        for i in range(frames if video else 0):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(photo[top : top + height, 2 * i : 2 * i + width]))
-            frame.pts = pts
-            frame.time_base = Fraction(1, fps)
-            pts += steps[i % len(steps)] if steps else 1
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        if stream is not None:
-            for packet in stream.encode(None):
-                out.mux(packet)
-        if sound is not None:
-            rate, total, done = 48000, round((pts if video else frames) / fps * 48000), 0
-            while done < total:
-                n = min(960, total - done)
-                tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(done, done + n) / rate)
-                chunk = av.AudioFrame.from_ndarray(tone.astype(np.float32)[None], format="flt", layout="mono")
-                chunk.sample_rate, chunk.pts = rate, done
-                for packet in sound.encode(chunk):
-                    out.mux(packet)
-                done += n
-            for packet in sound.encode(None):
-                out.mux(packet)
-    return path
-
-
 def make_model(path: Path, styles: int = 1, seed: int = 0) -> Path:
     """A width-8 network whose output is far from flat; ``styles`` > 1: a multi-style model with distinct styles."""
-    net = perturbed_net(num_styles=styles, scale=0.3, seed=seed)
-    if styles > 1:
-        save_model(path, net, {"styles": [f"s{i}" for i in range(styles)]})
-    else:
-        save_model(path, net, {"style_stem": "wave"})
-    return path
+    return tiny_model_file(path, num_styles=styles, scale=0.3, seed=seed)
 
 
 @pytest.fixture(scope="module")

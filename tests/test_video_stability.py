@@ -19,9 +19,7 @@ from evaluation import clips as vc
 from evaluation import warping as wp
 from evaluation.held_out import DEFAULT_HELD_OUT
 from evaluation.reports import video_stability as vs
-from models.modelfile import save_model
-from models.transformer import TransformerNet
-from tests.conftest import randomise_style_tables
+from tests.support import tiny_model_file
 
 pytest.importorskip("cv2", reason="the optical flow of the report needs opencv-python-headless (requirements-dev)")
 
@@ -164,14 +162,8 @@ def test_flicker_scores_far_above_a_per_pixel_model_with_the_estimated_flow(phot
 
 
 def _save(path: Path, seed: int, styles: int = 1) -> Path:
-    torch.manual_seed(seed)
-    net = TransformerNet(base_width=8, residual_blocks=1, num_styles=styles)
-    if styles > 1:
-        randomise_style_tables(net, seed)
-        save_model(path, net, {"styles": ["wave", "street"], "steps": 3})
-    else:
-        save_model(path, net, {"style_stem": f"style{seed}", "steps": 3})
-    return path
+    meta = {"styles": ["wave", "street"], "steps": 3} if styles > 1 else {"style_stem": f"style{seed}", "steps": 3}
+    return tiny_model_file(path, meta, num_styles=styles, seed=seed)
 
 
 def test_report_end_to_end(tmp_path: Path, capsys) -> None:
