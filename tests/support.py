@@ -1,6 +1,6 @@
 """What several test files build the same way, as plain functions and constants: the repository's paths, the tiny
 test networks and model files, a small training config and its TensorBoard scalars, Hydra's run files, a video clip,
-a background stylize.py, a free port, seeded random bytes and a captured command.
+a background stylize.py, a seeded image file, a free port, seeded random bytes and a captured command.
 
 Test files import these (``from tests.support import tiny_net``); fixtures live in ``tests/conftest.py``, which
 pytest finds by itself and which no test imports. No test file imports another test file."""
@@ -230,8 +230,18 @@ def start_stylize_until(args: list[str], ready: Callable[[], bool]) -> subproces
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Ports, bytes, commands
+# Image files, ports, bytes, commands
 # --------------------------------------------------------------------------------------------------------------------
+def photo_file(path: Path, width: int, height: int, seed: int = 0, fmt: str | None = None) -> Path:
+    """A smooth seeded RGB image file of ``width`` x ``height`` (a bicubic blow-up of 4 x 5 random pixels) at
+    ``path`` (folders made), in ``fmt`` or the format its suffix says."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8), "RGB")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    small.resize((width, height), Image.Resampling.BICUBIC).save(path, format=fmt)
+    return path
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 free at the time of the call (for torch.distributed's rendezvous)."""
     with socket.socket() as s:
@@ -244,6 +254,9 @@ def noise_bytes(size: int, seed: int) -> bytes:
     return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
 
 
-def run_command(args: list[str], cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``args`` run as a program (its output captured as text, at most 120 s), from the repository by default."""
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
+def run_command(
+    args: list[str], cwd: Path = REPO, env: dict | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """``args`` run as a program (its output captured as text, at most ``timeout`` s), from the repository by
+    default."""
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)

@@ -19,6 +19,7 @@ from benchmarks import train as bench_train
 from core import precision
 from models.norm import InstanceNorm
 from models.transformer import TransformerNet
+from training.loop import Trainer
 
 CPU = torch.device("cpu")
 
@@ -119,6 +120,47 @@ def test_bench_video_prints_every_row(capsys: pytest.CaptureFixture[str]) -> Non
     assert [line.split("|")[3].strip() for line in table] == ["I/O alone", "network", "end to end"]
     for line in table:
         assert float(line.split("|")[4]) > 0  # frames/s
+
+
+def test_bench_train_times_the_trainers_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/train.py measures ``Trainer.step`` (what fit runs), not a copy of it."""
+    import argparse
+
+    from benchmarks import train as bench_train
+
+    steps: list[int] = []
+    real_step = Trainer.step
+
+    def counted(self: Trainer, step: int, content: torch.Tensor) -> dict[str, torch.Tensor]:
+        steps.append(step)
+        return real_step(self, step, content)
+
+    monkeypatch.setattr(Trainer, "step", counted)
+    parser = argparse.ArgumentParser()
+    bench_train.add_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--worker",
+            "cl",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "1",
+            "--image-size",
+            "32",
+            "--base-width",
+            "8",
+            "--network",
+            "random",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+        ]
+    )
+    result = bench_train._worker(args)
+    assert result["variant"] == "cl" and result["step_s"] > 0
+    assert len(steps) == 3  # the first (timed alone) and the two timed steps
 
 
 # ---- the one command: python -m benchmarks NAME ------------------------------------------------------------------

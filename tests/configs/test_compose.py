@@ -10,12 +10,10 @@ from omegaconf import OmegaConf
 
 import train  # noqa: F401  (registers the style_stem resolver that hydra.run.dir uses)
 from configs.schema import check_against_schema, check_stylize_config, check_train_config
-from core.cli import hydra_error_line, quoted_override
 from core.errors import FaststyleError
 from tests.support import REPO, compose_train
 from training.loop import TrainOptions
 from training.run import train as run_training
-from training.rundir import claim_fresh_dir
 
 CONFIGS = REPO / "configs"
 
@@ -107,34 +105,3 @@ def test_the_stylize_defaults_fit_the_schema() -> None:
     from stylize import compose_config
 
     check_stylize_config(compose_config(["model=m.pth", "input=x.jpg"]))
-
-
-def test_hydra_errors_become_one_line() -> None:
-    with pytest.raises(ConfigCompositionException) as info:
-        compose_train(["train.stepz=3"])
-    assert hydra_error_line(info.value) == (
-        "unknown option train.stepz: check its spelling (--cfg job prints every option)"
-    )
-    with pytest.raises(ConfigCompositionException) as info:
-        compose_train(["model=nope"])
-    assert hydra_error_line(info.value) == (
-        "In 'train': Could not find 'model/nope'; Available options in 'model': johnson"
-    )
-
-
-@pytest.mark.parametrize("value", ["a=b.jpg", "Zoë (2).jpg", "it's.jpg", 'say "hi".jpg', "x,y.png"])
-def test_the_suggested_quoting_gives_hydra_the_literal_value(value: str) -> None:
-    import shlex
-
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    (word,) = shlex.split(quoted_override(f"input={value}"))  # what the shell hands to the program
-    (override,) = OverridesParser.create().parse_overrides([word])
-    assert override.key_or_group == "input" and override.value() == value
-
-
-def test_claim_fresh_dir_never_returns_a_taken_folder(tmp_path: Path) -> None:
-    first = claim_fresh_dir(tmp_path / "run")
-    second = claim_fresh_dir(tmp_path / "run")
-    third = claim_fresh_dir(tmp_path / "run")
-    assert [p.name for p in (first, second, third)] == ["run", "run-2", "run-3"]

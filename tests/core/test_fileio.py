@@ -113,16 +113,3 @@ def test_same_files_sees_symbolic_and_hard_links_and_dot_dot(tmp_path: Path) -> 
         assert inputs.find(tmp_path / name) == source, name
     assert inputs.find(tmp_path / "new.pth") is None  # a path not written yet is no input
     assert fileio.same_file(tmp_path / "hard.pth", source) and not fileio.same_file(other, source)
-
-
-def test_convert_refuses_an_output_that_is_its_source_even_with_overwrite(tmp_path: Path) -> None:
-    from scripts.convert import convert
-
-    source = tmp_path / "candy.model"
-    source.write_bytes(b"their state dict")
-    os.link(source, tmp_path / "hard_link.pth")
-    (tmp_path / "soft_link.pth").symlink_to(source)
-    for target in (source, tmp_path / "hard_link.pth", tmp_path / "soft_link.pth"):
-        with pytest.raises(FaststyleError, match="is the source file .*: choose another -o"):
-            convert(source, target, overwrite=True)
-    assert source.read_bytes() == b"their state dict" and os.stat(source).st_nlink == 2

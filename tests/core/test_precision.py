@@ -309,47 +309,6 @@ def test_runner_runs_onnx_models_in_fp32(fake_gpu: dict) -> None:
         Runner.from_module(OnnxLike(), CPU, _stylize_cfg(precision="bf16"))
 
 
-def test_bench_train_times_the_trainers_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    """benchmarks/train.py measures ``Trainer.step`` (what fit runs), not a copy of it."""
-    import argparse
-
-    from benchmarks import train as bench_train
-
-    steps: list[int] = []
-    real_step = Trainer.step
-
-    def counted(self: Trainer, step: int, content: torch.Tensor) -> dict[str, torch.Tensor]:
-        steps.append(step)
-        return real_step(self, step, content)
-
-    monkeypatch.setattr(Trainer, "step", counted)
-    parser = argparse.ArgumentParser()
-    bench_train.add_arguments(parser)
-    args = parser.parse_args(
-        [
-            "--worker",
-            "cl",
-            "--device",
-            "cpu",
-            "--batch-size",
-            "1",
-            "--image-size",
-            "32",
-            "--base-width",
-            "8",
-            "--network",
-            "random",
-            "--steps",
-            "2",
-            "--warmup",
-            "0",
-        ]
-    )
-    result = bench_train._worker(args)
-    assert result["variant"] == "cl" and result["step_s"] > 0
-    assert len(steps) == 3  # the first (timed alone) and the two timed steps
-
-
 def test_fp32_policy_is_a_pass_through() -> None:
     policy = P.resolve_precision(CPU, "fp32", training=True)
     scaler = policy.grad_scaler()
@@ -440,32 +399,6 @@ def test_cuda_mixed_precision_step_close_to_fp32(name: str) -> None:
         assert all(torch.isfinite(p).all() for p in net.parameters())
     for key, value in results["fp32"].items():
         assert results[name][key] == pytest.approx(value, rel=0.05, abs=1e-6), key
-
-
-def test_precision_check_script_compares_through_the_runner(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """The precision_check report runs the network stylize runs in fp32 and bf16 (also through pytorch/examples'
-    format, and tiled through stylize's Runner) and prints PSNRs: finite and high for a small network, and the images
-    it says it wrote exist."""
-    import re
-
-    from evaluation.reports import precision_check
-    from interop.pytorch_examples import examples_config
-    from models.modelfile import save_model
-
-    torch.manual_seed(0)
-    model = tmp_path / "run" / "model.pth"
-    save_model(model, TransformerNet(**examples_config(8, 1)).eval(), {"style_stem": "x"})
-    args = [str(model), "--width", "64", "--height", "48", "--tiled-budget-mb", "4", "--out", str(tmp_path / "o")]
-    assert precision_check.main([*args, "--as-examples"]) == 0
-    line = capsys.readouterr().out.splitlines()[-1]
-    assert "as pytorch/examples file" in line, line
-    values = [float(v) for v in re.findall(r"([\d.]+) dB", line)]
-    assert len(values) == 3 and all(30 < v < 200 for v in values), line
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
-        "run_model_bf16.png",
-        "run_model_diff_x20.png",
-        "run_model_fp32.png",
-    ]
 
 
 def test_precision_names_and_dtypes_map_both_ways() -> None:

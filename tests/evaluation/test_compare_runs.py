@@ -1,7 +1,7 @@
 """The compare_runs report (evaluation/reports/compare_runs.py) and the library under it: the contrast-invariance
 measure, the per-image batch-norm mode, the held-out check, labels from config differences, the matplotlib curves
-and image grid, a fast end-to-end comparison of two made-up runs of a style-weight sweep, and (slow) an end-to-end
-run on two tiny real training runs of the norm sweep."""
+and image grid, a fast end-to-end comparison of two made-up runs of a style-weight sweep, (slow) an end-to-end run
+on two tiny real training runs of the norm sweep, and a multi-style run sent to compare_styles."""
 
 from __future__ import annotations
 
@@ -440,3 +440,14 @@ def test_end_to_end_on_two_tiny_real_runs(tmp_path: Path, monkeypatch: pytest.Mo
         assert float(row["total_loss"]) > 0 and float(row["invariance_mad"]) >= 0
     markdown = paths["table_md"].read_text()
     assert "| model.norm=instance | 0-instance |" in markdown
+
+
+def test_compare_runs_points_multi_style_runs_to_compare_styles(multi_model: Path, tmp_path: Path) -> None:
+    from evaluation.runs import load_runs
+
+    run = tmp_path / "multi"
+    run.mkdir()
+    (run / "model.pth").write_bytes(multi_model.read_bytes())
+    save_hydra_files(run, compose_train(["experiment=multistyle_demo"]), REPO)
+    with pytest.raises(FaststyleError, match="compare_styles"):
+        load_runs([run], tmp_path, torch.device("cpu"))

@@ -19,7 +19,7 @@ from PIL import Image
 
 from core import metrics
 from core.errors import FaststyleError
-from data.video import VideoReader, even_size, probe_video, upright_transpose
+from data.video import even_size, probe_video
 from inference.pipeline import stylize
 from stylize import compose_config
 from tests.support import CONTENT, REPO, make_clip, start_stylize_until, tiny_model_file
@@ -153,17 +153,6 @@ def test_rotation_metadata_comes_out_upright(model_file: Path, tmp_path: Path) -
     assert psnr(written[0], np.rot90(frames_of(clip)[0], -1)) < 20  # not the other way round
     with av.open(str(tmp_path / "up.mp4")) as container:
         assert next(container.decode(video=0)).rotation == 0  # no display matrix left to apply twice
-
-
-def test_every_display_matrix_orientation() -> None:
-    """The eight orientations a display matrix can give (PyAV writes them as rotation + mirror)."""
-    identity = (65536, 0, 0, 0, 65536, 0, 0, 0, 1 << 30)
-    assert upright_transpose(None) is None and upright_transpose(identity) is None
-    quarter = (0, -65536, 0, 65536, 0, 0, 0, 0, 1 << 30)  # 90 degrees counter-clockwise (PyAV's set_display_rotation)
-    assert upright_transpose(quarter) == Image.Transpose.ROTATE_90
-    assert upright_transpose((0, 65536, 0, -65536, 0, 0, 0, 0, 1 << 30)) == Image.Transpose.ROTATE_270
-    assert upright_transpose((-65536, 0, 0, 0, -65536, 0, 0, 0, 1 << 30)) == Image.Transpose.ROTATE_180
-    assert upright_transpose((-65536, 0, 0, 0, 65536, 0, 0, 0, 1 << 30)) == Image.Transpose.FLIP_LEFT_RIGHT
 
 
 @pytest.mark.parametrize("ext", [".mov", ".mkv", ".webm", ".avi"])
@@ -352,15 +341,3 @@ def test_ctrl_c_leaves_no_partial_video(model_file: Path, tmp_path: Path) -> Non
     last = err.strip().splitlines()[-1]
     assert last.startswith("interrupted (Ctrl-C): 0 written, 1 not done") and "was removed" in last, err
     assert "Traceback" not in err and list(out.iterdir()) == []
-
-
-def test_reader_api_gives_upright_resized_frames(tmp_path: Path) -> None:
-    """The decode API the benchmarks use: frames in order, upright, resized, with their times."""
-    clip = make_clip(tmp_path / "clip.mp4", frames=5, rotation=-90)
-    with VideoReader(clip) as reader:
-        assert (reader.info.width, reader.info.height) == (48, 64)
-        frames = list(reader.frames(size=(24, 32)))
-    assert [f.index for f in frames] == list(range(5)) and frames[0].image.size == (24, 32)
-    assert [round(f.time, 3) for f in frames] == [0.0, 0.05, 0.1, 0.15, 0.2]
-    assert frames[0].tensor().shape == (3, 32, 24) and float(frames[0].tensor().min()) >= 0
-    assert reader.stopped is None

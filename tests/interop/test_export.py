@@ -1,5 +1,5 @@
-"""ONNX and TorchScript export (interop/onnx_export.py, interop/torchscript_export.py, scripts/export.py), running
-the export (interop/onnx_model.py), convert.py.
+"""ONNX and TorchScript export (interop/onnx_export.py, interop/torchscript_export.py, scripts/export.py) and running
+the export (interop/onnx_model.py).
 
 Exported graphs must match PyTorch within 1e-4 at several sizes, odd ones included. ONNX tests skip when onnx,
 onnxscript or onnxruntime are not installed (they are test-only dependencies).
@@ -20,7 +20,6 @@ from PIL import Image
 
 from core.errors import FaststyleError
 from data.io import save_image
-from interop.pytorch_examples import examples_config, to_examples_state_dict
 from interop.read import read_torch_model_file
 from models.modelfile import save_model
 from models.norm import InstanceNorm
@@ -182,24 +181,3 @@ def test_export_refuses_an_existing_output_without_overwrite(model_file: Path, t
         err = capsys.readouterr().err
         assert stop.value.code == 2 and err.startswith("error: ") and message in err, err
     assert existing.read_bytes() == b"an earlier export"
-
-
-@pytest.mark.slow
-def test_convert_writes_our_format_with_its_source(tmp_path: Path) -> None:
-    ours = TransformerNet(**examples_config(8, 2)).eval()
-    source = tmp_path / "candy.model"
-    torch.save(to_examples_state_dict(ours), source)
-    out = tmp_path / "candy_faststyle.pth"
-    result = _run("convert.py", str(source), "-o", str(out), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    converted, meta = read_torch_model_file(out)
-    assert meta["source"] == "pytorch/examples" and meta["source_file"] == "candy.model"
-    assert meta["style"] == "candy" and len(meta["source_sha256"]) == 64
-    x = torch.rand(1, 3, 24, 28)
-    with torch.no_grad():
-        torch.testing.assert_close(converted(x), ours(x), atol=1e-5, rtol=1e-5)
-    # their file also loads directly (stylize.py model=candy.model)
-    direct, direct_meta = read_torch_model_file(source)
-    assert direct.config() == ours.config() and direct_meta["source_sha256"] == meta["source_sha256"]
-    again = _run("convert.py", str(source), "-o", str(out), cwd=tmp_path)
-    assert again.returncode == 2 and "exists" in again.stderr
