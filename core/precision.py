@@ -15,7 +15,7 @@ Settings (config keys ``train.precision`` / ``precision``, ``train.channels_last
   small losses underflow to zero otherwise (Micikevicius et al. 2018, "Mixed Precision Training").
 - channels_last ``true``: NHWC memory layout for the network and its inputs; compile ``true``: ``torch.compile``.
 - ``auto`` (every setting): the fastest choice for the device whose results stay within the tolerances of
-  tests/test_precision.py, per the table below. ``"true"``/``"false"`` strings are accepted like booleans.
+  tests/core/test_precision.py, per the table below. ``"true"``/``"false"`` strings are accepted like booleans.
 
 What ``auto`` resolves to (train = ``train.py``; stylize = ``stylize.py``):
 
