@@ -53,7 +53,7 @@ def _tiled(network, loaded, device: torch.device, precision: str, max_memory_mb:
             "strength": 1.0,
         }
     )
-    (out,) = Runner(copy.deepcopy(network.net), device, cfg)([loaded])
+    (out,) = Runner.from_module(copy.deepcopy(network.net), device, cfg)([loaded])
     if isinstance(out, torch.Tensor):  # untiled after all (a tiny image): rounded as save_result would
         from data.io import to_uint8
 
