@@ -15,7 +15,7 @@ Settings (config keys ``train.precision`` / ``precision``, ``train.channels_last
   small losses underflow to zero otherwise (Micikevicius et al. 2018, "Mixed Precision Training").
 - channels_last ``true``: NHWC memory layout for the network and its inputs; compile ``true``: ``torch.compile``.
 - ``auto`` (every setting): the fastest choice for the device whose results stay within the tolerances of
-  tests/test_precision.py. ``"true"``/``"false"`` strings are accepted like booleans.
+  tests/core/test_precision.py. ``"true"``/``"false"`` strings are accepted like booleans.
 
 What ``auto`` resolves to per device, for training and for stylizing, is the table in docs/architecture.md
 ("Precision policy"); :func:`auto_switches` and :func:`_precision_name` are the code of that table.

@@ -1,16 +1,16 @@
-"""Shared pytest fixtures, and the test networks other test files import (``from tests.conftest import ...``)."""
+"""Shared pytest fixtures, found by pytest in every test folder. Plain helpers that test files import are in
+``tests/support.py``: a conftest module is pytest's, and no test imports it."""
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from models.norm import ConditionalInstanceNorm
-from models.transformer import TransformerNet
+from tests.support import MULTI_MODEL_STYLES, tiny_model_file
 
 
 @pytest.fixture(autouse=True)
@@ -35,46 +35,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def randomise_style_tables(net: nn.Module, seed: int = 0) -> None:
-    """Distinct (gamma, beta) rows per style (freshly built tables are all ones and zeros, which hides mistakes)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, ConditionalInstanceNorm):
-                module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=gen))
-                module.bias.copy_(torch.rand(module.bias.shape, generator=gen) - 0.5)
-
-
-def perturb_weights(net: nn.Module, scale: float) -> nn.Module:
-    """Push every parameter off its initialisation by ``scale`` x N(0, 1) noise (torch's global generator) and give
-    batch norms non-trivial running statistics, so that the output is far from flat and every weight matters."""
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * scale)
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return net
-
-
-def perturbed_net(
-    norm: str = "instance",
-    *,
-    base_width: int = 8,
-    residual_blocks: int = 1,
-    upsample: str = "nearest",
-    num_styles: int = 1,
-    scale: float = 0.2,
-    seed: int = 0,
-) -> TransformerNet:
-    """The small eval-mode test network whose output is far from flat, the same for a given ``seed``:
-    :func:`perturb_weights`, and distinct style tables when ``num_styles`` > 1."""
-    torch.manual_seed(seed)
-    net = TransformerNet(
-        norm=norm, base_width=base_width, residual_blocks=residual_blocks, upsample=upsample, num_styles=num_styles
-    )
-    perturb_weights(net, scale)
-    if num_styles > 1:
-        randomise_style_tables(net, seed)
-    return net.eval()
+@pytest.fixture(scope="module")
+def multi_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-style model file (``MULTI_MODEL_STYLES``; distinct style tables), written once per module, for
+    the tests of what stylize and the reports do with several styles."""
+    path = tmp_path_factory.mktemp("multi") / "model.pth"
+    return tiny_model_file(path, {"styles": MULTI_MODEL_STYLES}, residual_blocks=2, num_styles=3)

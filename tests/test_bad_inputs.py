@@ -24,11 +24,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models.modelfile import save_model
-from models.transformer import TransformerNet
+from tests.support import REPO, noise_bytes, tiny_model_file
 from training.checkpoint import load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO / "data" / "samples" / "content"
 STYLES = REPO / "data" / "samples" / "styles"
 
@@ -69,11 +67,6 @@ BAD_IMAGES = {
 }
 
 
-def _noise(size: int, seed: int) -> bytes:
-    """``size`` random bytes, the same on every run (a test must not pass or fail by the luck of its input)."""
-    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
-
-
 def _photo(width: int = 64, height: int = 48) -> Image.Image:
     with Image.open(PHOTOS / "chelsea.jpg") as img:
         return img.convert("RGB").resize((width, height))
@@ -98,12 +91,12 @@ def _build_images(folder: Path) -> None:
     _photo().save(folder / "old.bmp")
     _photo().save(folder / "web.webp")
     _photo().convert("L").save(folder / "gray.png")
-    (folder / "corrupt.jpg").write_bytes(_noise(3000, seed=1))
+    (folder / "corrupt.jpg").write_bytes(noise_bytes(3000, seed=1))
     buffer = io.BytesIO()
     _photo(256, 192).save(buffer, "JPEG", quality=95)
     (folder / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     (folder / "empty.png").write_bytes(b"")
-    (folder / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + _noise(200, seed=2))
+    (folder / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + noise_bytes(200, seed=2))
     (folder / "notes.txt").write_text("not an image")
     (folder / "folder.jpg").mkdir()
     (folder / "broken.jpg").symlink_to(folder / "missing.jpg")
@@ -158,13 +151,11 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     _build_images(root / "images")
     models = root / "models"
     models.mkdir()
-    torch.manual_seed(0)
-    net = TransformerNet(base_width=4, residual_blocks=1)
-    save_model(models / "model.pth", net, {"style_stem": "wave"})
+    tiny_model_file(models / "model.pth", base_width=4)
     (models / "notes.txt").write_text("hello, I am not a model\n")
     (models / "photo.pth").write_bytes((PHOTOS / "coffee.jpg").read_bytes())
-    (models / "random.pth").write_bytes(_noise(4096, seed=3))
-    (models / "pickle_noise.pth").write_bytes(b"\x80\x02" + _noise(4096, seed=4))  # starts like a pickle
+    (models / "random.pth").write_bytes(noise_bytes(4096, seed=3))
+    (models / "pickle_noise.pth").write_bytes(b"\x80\x02" + noise_bytes(4096, seed=4))  # starts like a pickle
     obj = torch.load(models / "model.pth", weights_only=True)
     torch.save({**obj, "meta": "not a dict"}, models / "badmeta.pth")
     torch.save({**obj, "model_config": {**obj["model_config"], "base_width": 256}}, models / "wide.pth")

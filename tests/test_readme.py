@@ -42,7 +42,7 @@ from unittest import mock
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]  # not tests.support: this file also runs alone (python tests/test_readme.py)
 README = REPO / "README.md"
 BIN = Path(sys.executable).parent
 RUN = os.environ.get("FASTSTYLE_README_RUN") == "1"

@@ -1,0 +1,240 @@
+"""evaluation/clips.py, evaluation/warping.py and the video_stability report: the warping error of Lai et al. 2018
+on clips with known motion (exactly 0 for a steady "model" on a whole-pixel pan, clearly positive for a flickering
+one), DIS flow against the true motion, the non-occlusion mask at a pan's border and behind a moving object, and the
+report end to end."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from data.io import load_image
+from evaluation import clips as vc
+from evaluation import warping as wp
+from evaluation.held_out import DEFAULT_HELD_OUT
+from evaluation.reports import video_stability as vs
+from tests.support import tiny_model_file
+
+pytest.importorskip("cv2", reason="the optical flow of the report needs opencv-python-headless (requirements-dev)")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SIZE = (96, 64)  # small clips keep the tests fast; the report's default is 320x180
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_opencv_thread():
+    """OpenCV's flow on tiny frames: one thread, like torch's (tests/conftest.py, one_thread)."""
+    import cv2
+
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    yield
+    cv2.setNumThreads(threads)
+
+
+@pytest.fixture(scope="module")
+def photos() -> dict[str, Image.Image]:
+    return {name: load_image(DEFAULT_HELD_OUT / f"{name}.{ext}") for name, ext in (("china", "jpg"), ("camera", "png"))}
+
+
+def _error(frames: torch.Tensor, backward: torch.Tensor, forward: torch.Tensor) -> float:
+    return wp.warping_error(frames, backward, wp.non_occlusion_mask(backward, forward)).value
+
+
+def _flicker(frames: torch.Tensor, std: float = 0.1) -> torch.Tensor:
+    """A "model" that adds new noise to every frame: what a per-frame network's unstable texture looks like."""
+    noise = torch.randn(frames.shape, generator=torch.Generator().manual_seed(0))
+    return (frames + std * noise).clamp(0, 1)
+
+
+def _color_map(frames: torch.Tensor) -> torch.Tensor:
+    """A per-pixel "model": a tone curve and a channel swap, the same for every frame."""
+    return frames.pow(0.5)[:, [2, 0, 1]]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The warping error with the exact flow
+
+
+def test_steady_models_on_a_whole_pixel_pan_score_zero_and_flicker_does_not(photos) -> None:
+    clip = vc.pan_clip(photos["china"], SIZE, frames=6, step=(3, 1))
+    assert clip.frames.shape == (6, 3, SIZE[1], SIZE[0]) and clip.frames.dtype == torch.float32
+    assert torch.equal(clip.backward, torch.tensor([3.0, 1.0]).view(1, 2, 1, 1).expand(5, 2, SIZE[1], SIZE[0]))
+    assert torch.equal(clip.forward, -clip.backward)
+    # whole-pixel steps: every frame is an exact copy of the previous one shifted, so a steady "model" scores 0
+    for frames in (clip.frames, _color_map(clip.frames)):
+        error = wp.warping_error(frames, clip.backward, wp.non_occlusion_mask(clip.backward, clip.forward))
+        assert error.value == 0.0 and torch.equal(error.per_pair, torch.zeros(5))
+    flicker = _error(_flicker(clip.frames), clip.backward, clip.forward)
+    assert flicker > 0.01  # noise of std 0.1: about 2 * 0.1^2, a little less after clamping to [0, 1]
+
+
+def test_the_clips_exact_flows_are_their_motion(photos) -> None:
+    # sub-pixel pan and zoom: warping the input with the exact flow explains its motion (what is left is the
+    # bilinear interpolation of the warp); assuming no motion, or the opposite motion, leaves far more
+    pan = vc.pan_clip(photos["china"], SIZE, frames=5, step=(2.25, 0.5))
+    zoom = vc.zoom_clip(photos["china"], SIZE, frames=5, rate=0.97)
+    for clip in (pan, zoom):
+        exact = _error(clip.frames, clip.backward, clip.forward)
+        still = torch.zeros_like(clip.backward)
+        assert 0 < exact < _error(clip.frames, still, still) / 5, clip.name
+        assert exact < _error(clip.frames, clip.forward, clip.backward) / 5, clip.name
+    # the zoom moves pixels outwards from the centre, the more the further from it
+    u = zoom.backward[0, 0, SIZE[1] // 2]
+    assert u[0] > 0 > u[-1] and abs(u[SIZE[0] // 2]) < 0.05
+
+
+def test_backward_warp_is_bilinear_sampling() -> None:
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 20, 30, generator=gen)
+    flow = (torch.rand(2, 2, 20, 30, generator=gen) - 0.5) * 8
+    ys, xs = torch.meshgrid(torch.arange(20.0), torch.arange(30.0), indexing="ij")
+    grid = torch.stack([(xs + flow[:, 0]) / 29 * 2 - 1, (ys + flow[:, 1]) / 19 * 2 - 1], dim=-1)
+    expected = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    torch.testing.assert_close(wp.backward_warp(images, flow), expected, atol=1e-5, rtol=0)
+    # whole-pixel flows copy pixels exactly
+    shift = torch.zeros(1, 2, 20, 30)
+    shift[:, 0] = 2
+    assert torch.equal(wp.backward_warp(images[:1], shift)[..., :-2], images[:1, :, :, 2:])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Estimated flow and the mask
+
+
+def test_dis_recovers_the_pan_within_a_few_tenths_of_a_pixel(photos) -> None:
+    clip = vc.pan_clip(photos["china"], SIZE, frames=4, step=(2.25, 0.5))
+    backward, forward = wp.estimate_flows(clip.frames, "dis-fine")
+    assert backward.shape == clip.backward.shape and forward.shape == clip.forward.shape
+    # the interior: 8 pixels from every edge, beyond the strip of new content and DIS's 8-pixel patches
+    for estimated, exact in ((backward, clip.backward), (forward, clip.forward)):
+        error = (estimated - exact)[..., 8:-8, 8:-8].abs()
+        assert error.median() < 0.1 and error.quantile(0.9) < 0.35 and error.max() < 1.5
+
+
+def test_the_mask_leaves_out_what_the_pan_uncovers(photos) -> None:
+    clip = vc.pan_clip(photos["china"], SIZE, frames=4, step=(3, 1))
+    exact = wp.non_occlusion_mask(clip.backward, clip.forward)
+    # frame t's last 3 columns and last row were outside frame t - 1; everything else was seen
+    expected = torch.ones_like(exact)
+    expected[:, :, -3:] = 0
+    expected[:, -1:, :] = 0
+    assert torch.equal(exact, expected)
+    estimated = wp.non_occlusion_mask(*wp.estimate_flows(clip.frames, "dis-fine"))
+    assert estimated[:, :, -3:].mean() < 0.05 and estimated[:, -1:, :].mean() < 0.05
+    assert estimated[:, 4:-4, 4:-4].mean() > 0.95
+
+
+def test_the_mask_leaves_out_the_background_a_moving_object_uncovers(photos) -> None:
+    clip = vc.objects_clip(photos["camera"], photos["china"], SIZE, frames=4, velocities=((4, 0), (0, 3)))
+    # background pixels of frame t that an object covered in frame t - 1: nothing to compare them with
+    uncovered = (clip.backward.abs().sum(dim=1) == 0) & (clip.forward.abs().sum(dim=1) > 0)
+    assert uncovered.sum() > 100
+    exact = wp.non_occlusion_mask(clip.backward, clip.forward)
+    assert exact[uncovered].sum() == 0
+    assert exact.mean() > 0.9  # the rest (objects' interiors, the static background) is kept
+    assert _error(clip.frames, clip.backward, clip.forward) == 0.0  # whole-pixel moves: the input is exact
+    # with the estimated flow, the consistency check and the motion boundaries catch most of them
+    estimated = wp.non_occlusion_mask(*wp.estimate_flows(clip.frames, "dis-fine"))
+    assert estimated[uncovered].mean() < 0.3
+    assert estimated.mean() > 0.6
+
+
+def test_flicker_scores_far_above_a_per_pixel_model_with_the_estimated_flow(photos) -> None:
+    clip = vc.pan_clip(photos["china"], SIZE, frames=5)  # the report's sub-pixel steps
+    backward, forward = wp.estimate_flows(clip.frames, "dis-fine")
+    steady, color, flicker = (
+        _error(f, backward, forward) for f in (clip.frames, _color_map(clip.frames), _flicker(clip.frames))
+    )
+    assert 0 < steady < 0.002 and color < 0.002  # the bilinear warp's floor at sub-pixel steps
+    assert flicker > 10 * max(steady, color)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The report
+
+
+def _save(path: Path, seed: int, styles: int = 1) -> Path:
+    meta = {"styles": ["wave", "street"], "steps": 3} if styles > 1 else {"style_stem": f"style{seed}", "steps": 3}
+    return tiny_model_file(path, meta, num_styles=styles, seed=seed)
+
+
+def test_report_end_to_end(tmp_path: Path, capsys) -> None:
+    a, b = _save(tmp_path / "a.pth", 0), _save(tmp_path / "b.pth", 1)
+    strip, frames_dir = tmp_path / "strip.jpg", tmp_path / "frames"
+    argv = [str(a), str(b), "--size", "64x48", "--frames", "5", "--strip", str(strip), "--save-clips", str(frames_dir)]
+    assert vs.main([*argv, "--names", "plain", "temporal", "--strip-frames", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "| clip | flow | mask | input (floor) | A | B | B/A |" in out
+    assert "- A = plain:" in out and "- B = temporal:" in out and "style1, 3 steps" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 3 * 2 + 1  # each clip with the estimated and the exact flow, then the mean
+    assert [row.split(" | ")[1] for row in rows] == ["dis-fine", "exact"] * 3 + ["dis-fine"]
+    assert rows[0].startswith("| pan 2.25, 0.5 px/frame |") and rows[-1].startswith("| **mean over clips** |")
+    for row in rows:  # every error and ratio is a number
+        for cell in row.strip("| ").split(" | ")[3:]:
+            assert float(cell.strip("*%")) >= 0, row
+    with Image.open(strip) as picture:
+        assert picture.format == "JPEG"
+        # three rows (input, A, B) of 3 frames plus an error map, 64x48 tiles with captions
+        assert picture.width > 4 * 64 and picture.height > 3 * 48
+    assert sorted(p.name for p in (frames_dir / "zoom").iterdir()) == ["A", "B", "input"]
+    assert len(list((frames_dir / "objects" / "B").glob("*.png"))) == 5
+
+
+def test_report_refusals(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    multi = _save(tmp_path / "multi.pth", 0, styles=2)
+    small = ["--size", "32x32", "--frames", "2", "--clips", "pan"]
+    with pytest.raises(SystemExit) as stop:
+        vs.main([str(multi), *small])
+    assert stop.value.code == 2 and "pick one with --style (wave, street)" in capsys.readouterr().err
+    assert vs.main([str(multi), *small, "--style", "street"]) == 0
+    assert "style street" in capsys.readouterr().out
+    os.link(multi, tmp_path / "multi_link.png")  # a strip written there would replace the model (core.fileio)
+    with pytest.raises(SystemExit) as stop:
+        vs.main(
+            [
+                str(multi),
+                *small,
+                "--style",
+                "street",
+                "--strip",
+                str(tmp_path / "multi_link.png"),
+                "--strip-frames",
+                "1",
+            ]
+        )
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "is the model 1" in err and err.rstrip().endswith("choose another --strip")
+    # without OpenCV: one line saying what to install, before any work
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    with pytest.raises(SystemExit) as stop:
+        vs.main([str(multi), *small])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "pip install opencv-python-headless" in err
+
+
+def test_report_on_a_video_file(tmp_path: Path, photos, capsys) -> None:
+    pytest.importorskip("data.video", reason="data/video.py (PyAV) decodes --clip files")
+    av = pytest.importorskip("av")
+    clip = vc.pan_clip(photos["china"], (64, 48), frames=6, step=(2, 0))
+    video = tmp_path / "pan.mp4"
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("libx264", rate=24, options={"crf": "10"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for frame in clip.frames:
+            rgb = (frame * 255).round().byte().permute(1, 2, 0).contiguous().numpy()
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
+    model = _save(tmp_path / "a.pth", 0)
+    assert vs.main([str(model), "--clips", "--clip", str(video), "--frames", "4", "--size", "64x64"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    # one row (no exact flow for a file), then the mean
+    assert len(rows) == 2 and rows[0].startswith("| pan.mp4, frames 0-3 at 64x48 | dis-fine |")
