@@ -132,3 +132,29 @@ def test_the_length_check_can_fail(tmp_path: Path) -> None:
         assert [line.split()[1] for line in _long_functions_without_reason(tmp_path / "m.py")] == ["f"]
     finally:
         REPO = repo
+
+
+def test_every_package_is_installed() -> None:
+    """pyproject.toml lists every package folder, so `python -m scripts.NAME` / `evaluation` / `benchmarks` work from
+    any folder after `make test`'s editable install (a package missing there imports only from the repository)."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {
+        ".".join(init.parent.relative_to(REPO).parts)
+        for init in REPO.rglob("__init__.py")
+        if not {"tests", ".venv", "outputs", ".git"} & set(init.relative_to(REPO).parts)
+    }
+    assert folders <= listed, f"add to pyproject.toml's packages: {sorted(folders - listed)}"
+
+
+def test_no_test_file_imports_another() -> None:
+    """Shared test code lives in tests/support.py (functions) and tests/conftest.py (fixtures)."""
+    wrong = []
+    for path in (REPO / "tests").rglob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            module = node.module if isinstance(node, ast.ImportFrom) else None
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [module or ""]
+            if any(name.split(".")[-1].startswith("test_") for name in names):
+                wrong.append(str(path.relative_to(REPO)))
+    assert not wrong, wrong

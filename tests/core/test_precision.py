@@ -407,3 +407,29 @@ def test_precision_names_and_dtypes_map_both_ways() -> None:
         assert P.precision_name(dtype) == name
     cpu = torch.device("cpu")
     assert P.resolve_precision(cpu, "fp32", "auto", False, training=False).dtype is None  # fp32: nothing is cast
+
+
+def _documented_auto_table() -> list[list[str]]:
+    """The rows of docs/architecture.md's "Precision policy" table: device, run, precision, channels_last, compile."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "architecture.md").read_text()
+    section = text[text.index("## Precision policy") :]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]  # after the header row
+
+
+def test_the_documented_precision_table_is_what_auto_resolves_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table is written once, in docs/architecture.md: every row must be what resolve_precision gives."""
+    from core import precision
+
+    rows = _documented_auto_table()
+    assert len(rows) >= 9
+    for device_text, run, precision_text, channels_last_text, compile_text in rows:
+        kind = next(kind for kind in ("cpu", "cuda", "mps") if kind in device_text)
+        native = "native bf16" in device_text and not device_text.startswith("other")
+        monkeypatch.setattr(precision, "cpu_bf16_hardware", lambda native=native: "AVX512-BF16" if native else None)
+        for new_gpu in [True, False] if "any" in device_text else ["Ampere" in device_text]:
+            monkeypatch.setattr(precision, "cuda_supports_bf16", lambda device, new_gpu=new_gpu: new_gpu)
+            policy = precision.resolve_precision(torch.device(kind), training=run == "train")
+            got = (policy.name, policy.channels_last, policy.compile)
+            want = (precision_text.split()[0].rstrip(":"), channels_last_text == "on", compile_text.startswith("on"))
+            assert got == want, f"docs row {device_text} / {run}: documented {want}, resolved {got}"
