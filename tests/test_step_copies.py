@@ -18,14 +18,9 @@ from training.loop import Trainer, TrainOptions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# Calls per step of the small step above, measured with torch 2.14 by count_step_ops (rerun the test's
-# configuration with unoptimized_copies to update them): before, and the most allowed after. A TransformerNet with
-# one residual block has 30 parameter tensors; Adam's loop issued 2 add_ and 4 copy_ calls per tensor, fused Adam
-# 1 of each (its step counters), and each Gram's backward one add_ less.
-REFERENCE_CALLS = {
-    "fp32": {"before": {"copy_": 188, "add_": 67}, "after": {"copy_": 98, "add_": 35}},
-    "bf16+cl": {"before": {"copy_": 261, "add_": 69}, "after": {"copy_": 151, "add_": 37}},
-}
+PARAMETER_TENSORS = 30
+"""A TransformerNet of base width 8 with one residual block holds 30 parameter tensors: Adam's per-parameter loop
+issues two add_ and four copy_ calls per tensor, fused Adam one of each (its step counters)."""
 
 
 def _trainer(precision: str, channels_last: bool) -> tuple[Trainer, torch.Tensor]:
@@ -50,11 +45,10 @@ def _counts(precision: str, channels_last: bool, old: bool):
 def test_step_makes_fewer_copies_and_adds(name: str, precision: str, channels_last: bool) -> None:
     before = _counts(precision, channels_last, old=True)
     after = _counts(precision, channels_last, old=False)
-    reference = REFERENCE_CALLS[name]
-    for op, calls in reference["before"].items():
-        assert before.calls[f"aten::{op}"] == calls, f"{op}: the old step's count changed (torch version?)"
-    for op, calls in reference["after"].items():
-        assert after.calls[f"aten::{op}"] <= calls, f"{op}: {after.calls[f'aten::{op}']} calls, allowed {calls}"
+    # Relative to the old step measured in the same process: the absolute counts depend on the torch version and on
+    # the kernels a CPU kind gets (a CPU without native bf16 runs other convolution kernels).
+    assert before.calls["aten::add_"] - after.calls["aten::add_"] >= PARAMETER_TENSORS
+    assert before.calls["aten::copy_"] - after.calls["aten::copy_"] >= 3 * PARAMETER_TENSORS
     assert after.total_calls < before.total_calls
     assert after.total_bytes < before.total_bytes
     # The Gram's features gradient is no longer a sum of two full products.
