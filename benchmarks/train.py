@@ -4,6 +4,7 @@
     python -m benchmarks train --network vgg16 --steps 3    # the loss network pytorch/examples uses
     python -m benchmarks train --variants all               # every combination worth trying on the device
     python -m benchmarks train --variants plain,cl,compile,cl+compile --batch-size 4 --image-size 256
+    python -m benchmarks train --count-ops --variants best,plain --unoptimized-copies  # copy_/add_/fill_ per step
     flock /tmp/faststyle-cpu.lock python -m benchmarks train  # serialised with other benchmarks
 
 One step = ``training.loop.Trainer.step``, the step ``fit`` runs (TransformerNet forward, PerceptualLoss with the
@@ -32,11 +33,15 @@ same run (benchmarks/common.py). Figures are printed, never asserted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -72,6 +77,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in workers (0 = default)")
+    parser.add_argument(
+        "--count-ops",
+        type=int,
+        nargs="?",
+        const=25,
+        default=0,
+        metavar="TOP",
+        help="instead of timing: count the copy_/add_/fill_ calls and bytes of one step per variant and list the "
+        "TOP causes by bytes (default 25)",
+    )
+    parser.add_argument(
+        "--unoptimized-copies",
+        action="store_true",
+        help="with --count-ops: each variant also with the step's copy optimizations off, side by side",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one variant, print JSON
 
 
@@ -154,16 +174,153 @@ def write_random_vgg16(path: Path) -> Path:
     return path
 
 
-def _worker(args: argparse.Namespace) -> dict:
-    """Run one variant in this process and return its figures."""
-    from core.device import resolve_device, reuse_freed_memory
+# ---- --count-ops: the memory-moving calls of one step -------------------------------------------------------------
+# A step's ``aten::copy_`` (dtype casts, memory-format conversions, clones), ``aten::add_`` (gradient accumulation,
+# optimizer updates) and ``aten::fill_`` (zeroing) calls are counted with torch.profiler, nested calls included (an
+# ``aten::to`` that casts runs ``aten::_to_copy`` and then ``aten::copy_``), as the profile the speed issue quotes
+# counts them. Counts and bytes are deterministic for a configuration (unlike times), so tests assert them. Bytes are
+# those of the written tensor (the op's first argument), from the profiler's recorded shapes and dtypes. Each call
+# gets a cause: its phase (``forward``, ``backward <autograd node>``, ``optimizer``), the outermost aten op it runs
+# inside (``via``: e.g. ``aten::to`` for a cast) and, in the forward pass, the innermost project function.
+
+COUNTED_OPS = ("aten::copy_", "aten::add_", "aten::fill_")
+"""The memory-moving ops the speed issue named; ``aten::zero_`` runs ``aten::fill_`` and is counted through it."""
+
+# Itemsize of the dtype names the profiler records (record_shapes); anything else counts 4 bytes per element.
+_ITEMSIZE = {"float": 4, "double": 8, "c10::BFloat16": 2, "c10::Half": 2, "long int": 8, "int": 4, "bool": 1}
+_PROJECT = str(common.REPO_ROOT) + os.sep
+_VENV = os.sep + ".venv" + os.sep
+
+
+@dataclass
+class StepOps:
+    """Counts and bytes per counted op, and per (op, cause)."""
+
+    calls: Counter = field(default_factory=Counter)
+    bytes: Counter = field(default_factory=Counter)
+    cause_calls: Counter = field(default_factory=Counter)
+    cause_bytes: Counter = field(default_factory=Counter)
+    all_aten_calls: int = 0
+
+    @property
+    def total_calls(self) -> int:
+        return sum(self.calls[op] for op in COUNTED_OPS)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes[op] for op in COUNTED_OPS)
+
+    def summary(self) -> dict[str, int]:
+        """{"copy_": calls, "copy_ bytes": bytes, ..., "total": calls, "total bytes": bytes} (plain names)."""
+        out: dict[str, int] = {}
+        for op in COUNTED_OPS:
+            short = op.removeprefix("aten::")
+            out[short], out[f"{short} bytes"] = self.calls[op], self.bytes[op]
+        out["total"], out["total bytes"] = self.total_calls, self.total_bytes
+        return out
+
+
+def _written_bytes(event) -> int:
+    shapes, types = event.input_shapes, event.input_dtypes
+    if not shapes or not shapes[0]:
+        return 0
+    numel = 1
+    for size in shapes[0]:
+        numel *= int(size)
+    return numel * _ITEMSIZE.get(types[0] if types else "float", 4)
+
+
+def _project_frame(name: str) -> str | None:
+    """``models/vgg.py(153): forward`` for a profiler Python-frame event of project code, else None."""
+    if ".py(" not in name or _VENV in name:
+        return None
+    path = name.split("(", 1)[0]
+    if path.startswith(_PROJECT):
+        return name.removeprefix(_PROJECT)
+    return name if not os.path.isabs(path) and (common.REPO_ROOT / path).is_file() else None
+
+
+def _cause(event) -> str:
+    """``phase | via | where`` of a counted event, from its profiler ancestors (Python frames are events too)."""
+    phase, via, where, node = "forward", event.name, "", event.cpu_parent
+    while node is not None:
+        name = node.name
+        if name.startswith("autograd::engine::evaluate_function: "):
+            phase = "backward " + name.split(": ", 1)[1]
+            break
+        if name.startswith("Optimizer."):
+            phase = "optimizer " + name.split("#", 1)[-1]
+            break
+        if name.startswith("aten::") and not where:
+            via = name
+        where = where or _project_frame(name) or ""
+        node = node.cpu_parent
+    return f"{phase} | via {via}" + (f" | {where}" if where and phase == "forward" else "")
+
+
+def count_step_ops(step: Callable[[], object], with_causes: bool = True) -> StepOps:
+    """Run ``step`` once under the profiler (CPU activities) and count its :data:`COUNTED_OPS`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ops = StepOps()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_stack=with_causes) as prof:
+        step()
+    for event in prof.events():
+        if not event.name.startswith("aten::"):
+            continue
+        ops.all_aten_calls += 1
+        if event.name not in COUNTED_OPS:
+            continue
+        size = _written_bytes(event)
+        ops.calls[event.name] += 1
+        ops.bytes[event.name] += size
+        if with_causes:
+            key = (event.name.removeprefix("aten::"), _cause(event))
+            ops.cause_calls[key] += 1
+            ops.cause_bytes[key] += size
+    return ops
+
+
+def format_ops(label: str, ops: StepOps, top: int = 25) -> str:
+    """Totals, then the ``top`` causes by bytes."""
+    s = ops.summary()
+    lines = [
+        f"{label}: "
+        + ", ".join(f"{op} {s[op]} calls {s[op + ' bytes'] / 2**20:.1f} MiB" for op in ("copy_", "add_", "fill_"))
+        + f"; total {s['total']} calls {s['total bytes'] / 2**20:.1f} MiB; all aten ops {ops.all_aten_calls}"
+    ]
+    for key, size in sorted(ops.cause_bytes.items(), key=lambda kv: (-kv[1], kv[0]))[:top]:
+        lines.append(f"  {key[0]:<6}{ops.cause_calls[key]:>6} calls {size / 2**20:>9.2f} MiB  {key[1]}")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def unoptimized_copies(on: bool = True) -> Iterator[None]:
+    """With ``on``: the step as it was before its copies were removed (autocast's float32 reflection padding,
+    Adam's per-parameter loop, autograd's two-product Gram backward), for side-by-side counts and for tests
+    comparing the two."""
+    from models import loss, transformer
+    from training import loop
+
+    switches = ((transformer, "PAD_IN_ACTIVATION_DTYPE"), (loop, "FUSED_ADAM"), (loss, "GRAM_BACKWARD_ONE_BMM"))
+    saved = [getattr(module, name) for module, name in switches]
+    if on:
+        for module, name in switches:
+            setattr(module, name, False)
+    try:
+        yield
+    finally:
+        for (module, name), value in zip(switches, saved, strict=True):
+            setattr(module, name, value)
+
+
+def _make_step(args: argparse.Namespace, variant: str, device: torch.device) -> Callable[[], None]:
+    """Variant ``variant``'s training step on its fixed batch, set up as ``fit`` sets it up."""
+    from core.device import reuse_freed_memory
     from models.transformer import TransformerNet
     from training.loop import Trainer, TrainOptions
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    parts = set(args.worker.split("+"))
+    parts = set(variant.split("+"))
     if "examples" in parts:
         parts.add("tnorm")
     if "malloc" in parts:
@@ -188,6 +345,17 @@ def _worker(args: argparse.Namespace) -> dict:
     def step() -> None:
         trainer.step(1, batch)
 
+    return step
+
+
+def _worker(args: argparse.Namespace) -> dict:
+    """Run one variant in this process and return its figures."""
+    from core.device import resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    step = _make_step(args, args.worker, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     # First calls: compilation (forward and backward graphs) plus first-touch allocation; timed on their own.
@@ -216,11 +384,39 @@ def _step_flops(args: argparse.Namespace, device: torch.device) -> float:
     return float(counter.get_total_flops())
 
 
+def count_ops(args: argparse.Namespace) -> int:
+    """``--count-ops``: the copy_/add_/fill_ calls and bytes of one step (after a warm-up step) of each variant,
+    with their causes (count_step_ops); ``--unoptimized-copies`` adds each variant with the copies the
+    step used to make (unoptimized_copies), side by side."""
+    from core.device import resolve_device
+
+    device = resolve_device(args.device)
+    variants = _expand(args.variants, device)
+    print(f"# batch {args.batch_size} x {args.image_size}px, base_width {args.base_width}, loss {args.network}")
+    summaries = []
+    for variant in variants:
+        for optimized in (False, True) if args.unoptimized_copies else (True,):
+            with unoptimized_copies(not optimized):
+                step = _make_step(args, variant, device)
+                step()  # warm-up: the optimizer creates its state on the first step
+                ops = count_step_ops(step)
+            label = variant if optimized else f"{variant} (unoptimized copies)"
+            print(format_ops(label, ops, top=args.count_ops))
+            summaries.append((label, ops.summary()))
+    print(f"{'per step':<34}" + "".join(f"{k:>12}" for k in ("copy_", "add_", "fill_", "total")) + "   MiB (total)")
+    for label, s in summaries:
+        calls = "".join(f"{s[k]:>12}" for k in ("copy_", "add_", "fill_", "total"))
+        print(f"{label:<34}{calls}{s['total bytes'] / 2**20:>13.1f}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the variants (each in a subprocess) and print a table; returns the exit status."""
     if args.worker:
         print(json.dumps(_worker(args)))
         return 0
+    if args.count_ops:
+        return count_ops(args)
     with tempfile.TemporaryDirectory(prefix="faststyle-bench-train-") as tmp:
         if args.network == "vgg16" and args.weights_path is None:
             args.weights_path = vgg16_weights_offline()

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from core.errors import FaststyleError
 from models.temporal import TemporalTerm
@@ -38,6 +39,31 @@ logger = logging.getLogger(__name__)
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """``x`` in float32, or unchanged when it is already float64 (reductions never lose precision here)."""
     return x if x.dtype == torch.float64 else x.float()
+
+
+GRAM_BACKWARD_ONE_BMM = True
+"""Whether :func:`gram_matrix` back-propagates by :class:`_GramFunction` (False: autograd's two products and their
+sum; for ``python -m benchmarks train --count-ops --unoptimized-copies`` and tests that compare the two)."""
+
+
+class _GramFunction(torch.autograd.Function):
+    """``bmm(f, f^T) / norm`` whose backward is one product, ``(h + h^T) f`` with ``h = grad / norm``: autograd's
+    own backward multiplies once per operand (``h f`` and ``h^T f``) and adds the two (N, C, H*W) results, a full
+    pass over the features' gradient. The same maths with the additions on the (N, C, C) side, so the gradient
+    agrees with autograd's to float32 rounding, not bit for bit; the forward is the same product."""
+
+    @staticmethod
+    def forward(ctx, f: torch.Tensor, norm: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(f)
+        ctx.norm = norm
+        return torch.bmm(f, f.transpose(1, 2)) / norm
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (f,) = ctx.saved_tensors
+        h = grad / ctx.norm
+        return torch.bmm(h + h.transpose(1, 2), f), None
 
 
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:
@@ -52,6 +78,8 @@ def gram_matrix(features: torch.Tensor) -> torch.Tensor:
     n, c, h, w = features.shape
     with torch.autocast(device_type=features.device.type, enabled=False):
         f = _at_least_fp32(features).reshape(n, c, h * w)
+        if GRAM_BACKWARD_ONE_BMM and f.requires_grad and torch.is_grad_enabled():
+            return _GramFunction.apply(f, c * h * w)
         return torch.bmm(f, f.transpose(1, 2)) / (c * h * w)
 
 

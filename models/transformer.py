@@ -77,11 +77,31 @@ class ConvLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C_in, H, W) -> (N, C_out, H', W'); H' = H for stride 1, ceil(H / 2) for stride 2 and odd kernel."""
-        x = self.pad(x)
+        x = reflection_pad(self.pad, x)
         if _prefer_channels_last(x, self.conv):
             # Same numbers in the caller's layout; only this convolution runs channels-last (see the helper).
             return self.conv(x.contiguous(memory_format=torch.channels_last)).contiguous()
         return self.conv(x)
+
+
+PAD_IN_ACTIVATION_DTYPE = True
+"""Whether :func:`reflection_pad` keeps a 16-bit activation in its dtype under autocast (False: autocast's float32
+padding, the copies it makes; for ``python -m benchmarks train --count-ops --unoptimized-copies`` and tests)."""
+
+
+def reflection_pad(pad: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``pad(x)`` in x's own dtype. CPU autocast runs reflection padding in float32 (its fp32 op list), so a bf16
+    activation would be copied to float32, padded, and copied back to bf16 by the next convolution, with the two
+    casts again in backward. Padding only moves values, so the forward result is the same bf16 values; the backward
+    sums the reflected border gradients in the activation's dtype instead of float32."""
+    if (
+        PAD_IN_ACTIVATION_DTYPE
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and torch.is_autocast_enabled(x.device.type)
+    ):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return pad(x)
+    return pad(x)
 
 
 # Below this many output channels a CPU convolution runs channels-last even inside an NCHW network: oneDNN's NCHW
@@ -117,7 +137,7 @@ class UpsampleConvLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C_in, H, W) -> (N, C_out, H * scale_factor, W * scale_factor)."""
         x = F.interpolate(x, scale_factor=self.scale_factor, mode="nearest")
-        return self.conv(self.pad(x))
+        return self.conv(reflection_pad(self.pad, x))
 
 
 class ResidualBlock(nn.Module):
