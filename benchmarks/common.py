@@ -120,9 +120,9 @@ def torch_instance_norms(net: torch.nn.Module) -> torch.nn.Module:
     """``net`` (in place) with each of our InstanceNorms replaced by torch's nn.InstanceNorm2d: the TransformerNet of
     the plain configuration, the way pytorch/examples runs it. The swap is interop/export.py's (the ONNX export
     needs the same form); a network left with none of torch's norms would measure ours, so that is an error."""
-    from interop.exportable import swap_instance_norms as _swap_instance_norms
+    from interop.exportable import swap_instance_norms
 
-    if _swap_instance_norms(net) == 0:
+    if swap_instance_norms(net) == 0:
         raise ValueError("no InstanceNorm to replace with nn.InstanceNorm2d: the plain variants need norm=instance")
     return net
 

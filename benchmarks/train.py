@@ -160,11 +160,11 @@ def write_random_vgg16(path: Path) -> Path:
     """A torchvision-format VGG-16 state dict (``features.{i}.weight/bias``) with Kaiming-random weights of the
     real shapes, for timing where the trained weights are not on the machine: convolution speed does not depend on
     the weight values, and Kaiming scaling keeps activations in a normal range (no overflow or denormals)."""
-    from models.vgg import IMAGENET_MEAN, IMAGENET_STD, VGG16_BLOCKS, LossNetwork, _init_random, layer_names
+    from models.vgg import IMAGENET_MEAN, IMAGENET_STD, VGG16_BLOCKS, LossNetwork, init_random, layer_names
 
     names = layer_names(VGG16_BLOCKS)
     net = LossNetwork("vgg16", VGG16_BLOCKS, [names[-1]], IMAGENET_MEAN, IMAGENET_STD)
-    _init_random(net)
+    init_random(net)
     state = {}
     for name, module in net.layers.named_children():
         if isinstance(module, torch.nn.Conv2d):

@@ -246,7 +246,7 @@ def _load_vgg16_torchvision(net: LossNetwork, state: dict[str, torch.Tensor], so
             module.bias.copy_(bias.float())
 
 
-def _init_random(net: LossNetwork, seed: int = 0) -> None:
+def init_random(net: LossNetwork, seed: int = 0) -> None:
     """Kaiming-normal weights (fan_out, ReLU gain) and zero biases, reproducible via a local generator."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -294,5 +294,5 @@ def build_loss_network(name: str, taps: Sequence[str], weights_path: str | None 
         if weights_path is not None:
             logger.warning("loss network 'random' ignores weights_path=%s", weights_path)
         net = LossNetwork(name, VGG19_BLOCKS, taps, [m / 255.0 for m in CAFFE_MEAN_RGB], [1.0 / 255.0] * 3)
-        _init_random(net)
+        init_random(net)
     return net.freeze()
