@@ -27,10 +27,9 @@ from __future__ import annotations
 
 import signal
 import sys
-import traceback
 from typing import TYPE_CHECKING
 
-from core.cli import EXIT_INTERNAL, EXIT_USAGE, model_file, plain_warnings
+from core.cli import EXIT_USAGE, exit_on_bug, model_file, plain_warnings
 
 # Hydra, OmegaConf and torch are imported where they are needed: a command that is missing its arguments or names
 # a missing model answers with its one line in a fraction of a second instead of after the torch import.
@@ -96,9 +95,7 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {full.line()}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
     except Exception:
-        traceback.print_exc()
-        print("internal error (a bug in faststyle): please report the traceback above", file=sys.stderr)
-        raise SystemExit(EXIT_INTERNAL) from None
+        exit_on_bug()
     finally:
         signal.signal(signal.SIGTERM, previous)
     for source, reason in summary.failed:

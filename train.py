@@ -42,11 +42,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.cli import EXIT_INTERNAL
+from core.cli import exit_on_bug
 from training import rundir
 
 # Hydra, OmegaConf and torch are imported where they are needed: a mistake on the command line is answered in a
@@ -111,9 +110,7 @@ def main(cfg: DictConfig) -> None:
             sys.stderr.flush()
             os._exit(err.exit_code)
         except Exception:
-            traceback.print_exc()
-            print("internal error (a bug in faststyle): please report the traceback above", file=sys.stderr)
-            raise SystemExit(EXIT_INTERNAL) from None
+            exit_on_bug()
         if int(os.environ.get("RANK", "0")) != 0:
             return  # torchrun workers: rank 0 prints the summary
         print(f"model: {model_path}")

@@ -91,7 +91,7 @@ def _net(model: str | None, perturb: bool = False, norm: str = "instance", base_
     from models.transformer import TransformerNet
 
     if model:
-        from inference.network import read_model_file
+        from interop.read import read_model_file
 
         return read_model_file(model)[0].eval()
     torch.manual_seed(0)

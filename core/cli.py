@@ -249,13 +249,21 @@ def check_output_file(
         raise FaststyleError(f"{output} exists: pass --overwrite or choose another {option}")
 
 
+def exit_on_bug() -> NoReturn:
+    """Leave as every command does on an exception that is not a user's mistake (a bug): the traceback, one line
+    asking for a report, exit status 3. Call from an ``except Exception`` block."""
+    import traceback
+
+    traceback.print_exc()
+    print("internal error (a bug in faststyle): please report the traceback above", file=sys.stderr)
+    raise SystemExit(EXIT_INTERNAL) from None
+
+
 def run_tool(work: Callable[[], int | None]) -> int:
     """Run a tool's ``work()`` in the shared shape: logging set up (one format, on stderr), then the exit statuses
     of train.py and stylize.py: 0 done (or what ``work`` returns), 2 and one ``error: ...`` line for a
     FaststyleError (argparse exits with 2 for a usage mistake itself), 3 and the traceback for anything else (a
     bug), 130 on Ctrl-C."""
-    import traceback
-
     logging.basicConfig(level=logging.INFO, format=TOOL_LOG_FORMAT)
     try:
         return int(work() or 0)
@@ -265,6 +273,4 @@ def run_tool(work: Callable[[], int | None]) -> int:
         print("interrupted (Ctrl-C)", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
     except Exception:
-        traceback.print_exc()
-        print("internal error (a bug in faststyle): please report the traceback above", file=sys.stderr)
-        raise SystemExit(EXIT_INTERNAL) from None
+        exit_on_bug()

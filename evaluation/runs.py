@@ -58,7 +58,9 @@ class Run:
 
     @property
     def has_batch_norm(self) -> bool:
-        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        from training.distributed import has_batch_norm
+
+        return has_batch_norm(self.model)
 
 
 def _natural_key(path: Path) -> list[object]:

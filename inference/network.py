@@ -37,11 +37,6 @@ Network = nn.Module | OnnxStyleModel
 """What a model file gives: a TransformerNet, or an ONNX graph run by onnxruntime (same call contract)."""
 
 
-def style_count(net: object) -> int:
-    """How many styles a network read by :func:`read_model_file` holds (1 for ONNX files without a style input)."""
-    return int(getattr(net, "num_styles", 1))
-
-
 def inference_policy(
     net: Network, device: torch.device, precision: str = "auto", channels_last: bool | str = "auto"
 ) -> PrecisionPolicy:
@@ -89,7 +84,8 @@ class StyleModel:
 
     @property
     def num_styles(self) -> int:
-        return style_count(self.source)
+        """How many styles the file holds (1 for ONNX files without a style input)."""
+        return int(getattr(self.source, "num_styles", 1))
 
     @property
     def style_names(self) -> list[str]:
