@@ -10,7 +10,8 @@ completion).
 1920x1080 variants are names of ``_``-joined options (order free): ``plain`` = the plain configuration the way
 pytorch/examples runs it (torch's nn.InstanceNorm2d swapped in for ours, eager, fp32, NCHW, no malloc reuse);
 ``tnorm`` (torch's InstanceNorm2d), ``cl`` / ``channels_last`` (NHWC), ``executor`` (inference/tiled.py, one
-strip per layer), ``compile``, ``malloc`` (core.device.reuse_freed_memory), ``eager`` (no option: fp32 NCHW);
+strip per layer), ``layers`` (our network layer by layer, without the fused CPU path of models/fused.py),
+``compile``, ``malloc`` (core.device.reuse_freed_memory), ``eager`` (no option: fp32 NCHW);
 ``bf16`` / ``fp16`` cast the network and the input the way stylize runs a 16-bit precision (core.precision's
 ``prepare_module`` / ``batch_to``), ``bf16ac`` / ``fp16ac`` keep the fp32 network under torch.autocast instead.
 ``best`` = what stylize.py precision=auto channels_last=auto does on this device (malloc_reuse is on by default;
@@ -44,6 +45,7 @@ from benchmarks.common import (
     run_worker,
     save_random_model,
     synchronize,
+    time_call,
     torch_instance_norms,
 )
 from core.cli import tool_parser
@@ -56,7 +58,20 @@ CONTENT = REPO_ROOT / "data" / "samples" / "content" / "astronaut.jpg"
 DEFAULT_VARIANTS = (
     "plain,channels_last_malloc,executor_malloc,bf16_cl_malloc,bf16_malloc,bf16_executor_malloc,bf16ac_cl_malloc,best"
 )
-VARIANT_OPTIONS = ("eager", "plain", "tnorm", "cl", "malloc", "executor", "compile", "bf16", "fp16", "bf16ac", "fp16ac")
+VARIANT_OPTIONS = (
+    "eager",
+    "plain",
+    "tnorm",
+    "layers",
+    "cl",
+    "malloc",
+    "executor",
+    "compile",
+    "bf16",
+    "fp16",
+    "bf16ac",
+    "fp16ac",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -123,6 +138,7 @@ def parse_variant(name: str, device: torch.device) -> dict:
             "channels_last": policy.channels_last,
             "compile": False,
             "executor": False,
+            "layers": False,
             "malloc": True,  # stylize's malloc_reuse defaults to true (configs/stylize.yaml)
             "autocast": False,
             "precision": policy.name,
@@ -140,6 +156,7 @@ def parse_variant(name: str, device: torch.device) -> dict:
         "channels_last": "cl" in parts,
         "compile": "compile" in parts,
         "executor": "executor" in parts,
+        "layers": "layers" in parts,
         "malloc": "malloc" in parts,
         "autocast": precision.endswith("ac"),
         "precision": precision.removesuffix("ac"),
@@ -174,6 +191,22 @@ def network_gflop(net: nn.Module, height: int, width: int) -> float:
     return flops * 64 / 1e9
 
 
+def largest_conv_gflops(net: nn.Module, x: torch.Tensor, height: int, width: int) -> float | None:
+    """GFLOP/s of the network's largest convolution (a residual block's, 4w -> 4w channels 3x3 at a quarter of the
+    image's sides) alone, in the network's own dtype and layout: the rate a forward pass would reach if every pass over
+    memory were free (None without residual blocks)."""
+    if not len(net.residuals):
+        return None
+    conv = net.residuals[0].conv1.conv
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    h, w = -(-height // 4), -(-width // 4)
+    activation = torch.rand(1, conv.in_channels, h + 2, w + 2).to(x.device, conv.weight.dtype)
+    activation = activation.contiguous(memory_format=fmt)
+    with torch.inference_mode():
+        seconds = time_call(lambda: conv(activation), x.device, warmup=1, repeats=5)
+    return 2.0 * conv.in_channels * conv.out_channels * 9 * h * w / seconds / 1e9
+
+
 def _child(spec: dict) -> dict:
     """One measurement in this (fresh) process; returns figures as a dict.
 
@@ -203,6 +236,10 @@ def _child(spec: dict) -> dict:
         net = _net(spec["model"], base_width=spec.get("base_width", 32))
         if settings["tnorm"]:
             torch_instance_norms(net)
+        if settings.get("layers"):
+            from models import fused
+
+            fused.FUSED_CPU_PATH = False
         net = policy.prepare_module(net, device)
         x = policy.batch_to(torch.rand(1, 3, height, width), device)
         fn = policy.maybe_compile(net)
@@ -234,10 +271,12 @@ def _child(spec: dict) -> dict:
             call()
             times.append(time.perf_counter() - start)
         cuda = device.type == "cuda"
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else peak_rss_mb()
         return {
             "seconds": sorted(times)[len(times) // 2],
             "compile_s": compile_s,
-            "peak_rss_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else peak_rss_mb(),
+            "peak_rss_mb": peak_mb,
+            "largest_conv_gflops": largest_conv_gflops(net, x, height, width),
             "base_rss_mb": base_rss,
             "gflop": network_gflop(_net(spec["model"], base_width=spec.get("base_width", 32)), height, width),
             "policy": policy.describe(),
@@ -349,6 +388,9 @@ def bench_1080p(args: argparse.Namespace, peaks: dict[str, float]) -> None:
         results[variant] = res
         gflops = res["gflop"] / res["seconds"]
         of_peaks = ", ".join(f"{100 * gflops / peak:.0f}% of {label} peak" for label, peak in peaks.items())
+        if res["largest_conv_gflops"]:
+            conv = res["largest_conv_gflops"]
+            of_peaks += f", {100 * gflops / conv:.0f}% of its largest conv's {conv:.0f} GFLOP/s"
         extra = f", compile {res['compile_s']:.1f} s (first call)" if res["compile_s"] else ""
         memory = "peak alloc" if device.type == "cuda" else "peak RSS"
         described = f" [{res['policy']}{', autocast' if settings['autocast'] else ''}]" if variant == "best" else ""

@@ -12,7 +12,8 @@ frozen VGG-19 and Johnson et al.'s layers, backward, Adam step), set up by the s
 fixed random batch (data loading is measured by ``python -m benchmarks data``). A variant is a string of ``+``-joined
 options: ``plain``, ``cl`` (train.channels_last), ``compile`` (train.compile), ``bf16``/``fp16`` (train.precision),
 ``malloc`` (core.device.reuse_freed_memory: glibc keeps freed blocks, so the large VGG activations of each step do
-not page-fault afresh), ``tnorm`` (torch's nn.InstanceNorm2d in the TransformerNet instead of ours), ``temporal``
+not page-fault afresh), ``tnorm`` (torch's nn.InstanceNorm2d in the TransformerNet instead of ours), ``layers``
+(our TransformerNet layer by layer, without the fused CPU path of models/fused.py), ``temporal``
 (the stability term on, loss.temporal_weight=1: the network runs on twice the images; its GFLOP/s column still
 divides the step's FLOPs without the term); ``examples`` = ``tnorm`` alone: the plain configuration the way
 pytorch/examples trains (torch's InstanceNorm2d, eager, fp32, NCHW, no malloc reuse), the speed-up base when measured
@@ -49,7 +50,7 @@ import torch
 from benchmarks import common
 from core.cli import tool_parser
 
-OPTIONS = ("plain", "examples", "tnorm", "cl", "compile", "bf16", "fp16", "malloc", "temporal")
+OPTIONS = ("plain", "examples", "tnorm", "layers", "cl", "compile", "bf16", "fp16", "malloc", "temporal")
 RUN_STEPS = 40_000
 # Johnson et al.'s layers (content relu2_2), as in configs/loss/vgg19.yaml; the same names exist in VGG-16 and -19.
 STYLE_LAYERS = {"relu1_2": 1.0, "relu2_2": 1.0, "relu3_3": 1.0, "relu4_3": 1.0}
@@ -317,10 +318,12 @@ def unoptimized_copies(on: bool = True) -> Iterator[None]:
 def _make_step(args: argparse.Namespace, variant: str, device: torch.device) -> Callable[[], None]:
     """Variant ``variant``'s training step on its fixed batch, set up as ``fit`` sets it up."""
     from core.device import reuse_freed_memory
+    from models import fused
     from models.transformer import TransformerNet
     from training.loop import Trainer, TrainOptions
 
     parts = set(variant.split("+"))
+    fused.FUSED_CPU_PATH = "layers" not in parts
     if "examples" in parts:
         parts.add("tnorm")
     if "malloc" in parts:

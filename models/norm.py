@@ -225,6 +225,98 @@ class _FusedInstanceNormFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+class _NormStoreFunction(torch.autograd.Function):
+    """Instance norm, then ReLU or a residual add, stored nearest-upsampled, reflection-padded (and, channels-last,
+    in space-to-depth cells) for the next convolution: ``torch.ops.faststyle_norm.store``, one sweep instead of the
+    four passes of norm, ReLU, upsample and pad (models/fused.py walks the network with it).
+
+    forward(x, weight, bias, eps, relu, residual|None, up, pad, block) -> the stored buffer (see the kernel's
+    store_op for its shape). Backward gathers the gradient back through the storing with the adjoint ops of torch
+    (space-to-depth, reflection pad, nearest upsample), masks it by the ReLU, whose sign it reads from the saved output
+    (which the next convolution keeps anyway), and hands it to the fused norm backward. Saves x, the output and the
+    (N, C) statistics.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, relu, residual, up, pad, block):  # type: ignore[override]
+        channels_last = _is_channels_last(x)
+        if not channels_last:
+            x = x.contiguous()
+        out, mean, _var, rstd = torch.ops.faststyle_norm.store(
+            x, weight, bias, float(eps), channels_last, relu, residual, up, pad, block
+        )
+        ctx.save_for_backward(x, out, mean, rstd, weight)
+        ctx.settings = (channels_last, relu, residual is not None, up, pad, block, bias is not None)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        x, out, mean, rstd, weight = ctx.saved_tensors
+        channels_last, relu, has_residual, up, pad, block, has_bias = ctx.settings
+        n, c, h, w = x.shape
+        g = _unblock(grad_out, c, block)
+        if pad:
+            # reflection_pad2d_backward reads only the shape of its input argument: an expanded scalar costs nothing
+            g = torch.ops.aten.reflection_pad2d_backward(g, x.new_zeros(()).expand(n, c, up * h, up * w), [pad] * 4)
+        if up > 1:
+            g = torch.ops.aten.upsample_nearest2d_backward(g, [up * h, up * w], [n, c, h, w])
+        g = g.to(x.dtype)
+        if relu:
+            # the stored value at a source pixel is relu(y): positive exactly where y > 0
+            kept = _unblock(out, c, block)[:, :, pad : pad + up * h : up, pad : pad + up * w : up] > 0
+            g = g * kept
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        grad_x, grad_w, grad_b = torch.ops.faststyle_norm.backward(
+            g.contiguous(memory_format=fmt), x, mean, rstd, weight, channels_last
+        )
+        if weight is None or not ctx.needs_input_grad[1]:
+            grad_w = None
+        if not has_bias or not ctx.needs_input_grad[2]:
+            grad_b = None
+        return grad_x, grad_w, grad_b, None, None, g if has_residual else None, None, None, None
+
+
+def _unblock(t: Tensor, c: int, block: int) -> Tensor:
+    """The (N, C, Hp, Wp) view of a stored buffer in ``block`` x ``block`` space-to-depth cells (channel
+    ((i * block) + j) * C + c of cell (Y, X) is pixel (Y * block + i, X * block + j)); the tensor itself for block 1."""
+    if block == 1:
+        return t
+    n, _, hq, wq = t.shape
+    cells = t.reshape(n, block, block, c, hq, wq)
+    return cells.permute(0, 3, 4, 1, 5, 2).reshape(n, c, hq * block, wq * block)
+
+
+def norm_store(
+    norm: InstanceNorm,
+    x: Tensor,
+    relu: bool,
+    residual: Tensor | None = None,
+    up: int = 1,
+    pad: int = 0,
+    block: int = 1,
+) -> Tensor:
+    """``norm(x)``, then ReLU (``relu``) or ``+ residual``, nearest-upsampled by ``up``, reflection-padded by ``pad``
+    and with ``block`` > 1 (channels-last x only) rearranged into space-to-depth cells, in one sweep of the fused
+    kernel. For :func:`can_store` inputs only (models/fused.py checks)."""
+    return _NormStoreFunction.apply(x, norm.weight, norm.bias, norm.eps, relu, residual, up, pad, block)
+
+
+def can_store(norm: nn.Module, x: Tensor) -> bool:
+    """Whether :func:`norm_store` serves ``norm`` on ``x``: our InstanceNorm normalising by the input's statistics
+    (no running statistics), a 4-D CPU tensor in a layout the kernel takes, no graph being recorded, and the kernel
+    loaded."""
+    return (
+        isinstance(norm, InstanceNorm)
+        and not norm.track_running_stats
+        and x.dim() == 4
+        and x.shape[0] > 0
+        and not capturing_graph()
+        and (x.is_contiguous() or _is_channels_last(x))
+        and _use_fused_kernel(x)
+    )
+
+
 def _plain_instance_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, ...]:
     """The same maths as ``_InstanceNormFunction`` in plain differentiable ops (for tracing/export/compile)."""
     dims = tuple(range(2, x.dim()))

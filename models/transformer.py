@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import fused
 from models.norm import NORM_KINDS, ConditionalInstanceNorm, InstanceNorm, capturing_graph, make_norm
 
 logger = logging.getLogger(__name__)
@@ -275,6 +276,8 @@ class TransformerNet(nn.Module):
         """Encoder, residual blocks and decoder on a canvas whose sides are multiples of 4; ``mix`` (N, num_styles)
         float32 rows summing to 1 for a multi-style network, None for one style. Returns the unmapped output."""
         if mix is None:
+            if fused.applies(self, canvas):
+                return fused.fused_body(self, canvas)
             return self.decoder(self.residuals(self.encoder(canvas)))
         y = canvas
         for layer in (*self.encoder, *self.residuals, *self.decoder):

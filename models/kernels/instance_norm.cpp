@@ -513,10 +513,12 @@ std::vector<acc_t<S>> chunk_buffer(int64_t C) {
   return std::vector<acc_t<S>>(kNarrow<S> ? chunk_positions(C) * C : 0);
 }
 
-// Long on purpose: one parallel loop whose sweeps share per-task buffers and sums in cache (see backward_rows).
+// The statistics sweep of the channels-last layout: per (n, c) the mean, biased variance and rstd (double), and the
+// output coefficients y = (x - mf) * sc + sh in the compute type (mf, sc, sh: N * C values each). Long on purpose:
+// one parallel loop whose chunk sums share per-task buffers in cache, then the combination of the blocks.
 template <typename S, typename T = acc_t<S>>
-void forward_chans(const S* x, S* y, const T* w, const T* b, int64_t N, int64_t C, int64_t M, double eps,
-                   double* mean, double* var, double* rstd) {
+void chans_stats(const S* x, const T* w, const T* b, int64_t N, int64_t C, int64_t M, double eps, double* mean,
+                 double* var, double* rstd, T* mf, T* sc, T* sh) {
   const int64_t P = block_positions(C), Q = chunk_positions(C);
   const int64_t nb = (M + P - 1) / P;
   // per (n, block, c) partial statistics
@@ -569,7 +571,6 @@ void forward_chans(const S* x, S* y, const T* w, const T* b, int64_t N, int64_t 
     }
   });
   // combine the blocks of each (n, c)
-  std::vector<T> mf(N * C), sc(N * C), sh(N * C);
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t c = 0; c < C; ++c) {
       Stat s;
@@ -589,6 +590,15 @@ void forward_chans(const S* x, S* y, const T* w, const T* b, int64_t N, int64_t 
       rstd[r] = rs;
     }
   }
+}
+
+template <typename S, typename T = acc_t<S>>
+void forward_chans(const S* x, S* y, const T* w, const T* b, int64_t N, int64_t C, int64_t M, double eps,
+                   double* mean, double* var, double* rstd) {
+  const int64_t P = block_positions(C), Q = chunk_positions(C);
+  const int64_t nb = (M + P - 1) / P;
+  std::vector<T> mf(N * C), sc(N * C), sh(N * C);
+  chans_stats(x, w, b, N, C, M, eps, mean, var, rstd, mf.data(), sc.data(), sh.data());
   at::parallel_for(0, N * nb, 1, [&](int64_t t0, int64_t t1) {
     [[maybe_unused]] std::vector<T> buf = chunk_buffer<S>(C);
     for (int64_t t = t0; t < t1; ++t) {
@@ -841,6 +851,247 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& g, 
   return {dx, gw.to(param_dtype(x.scalar_type())), gb.to(param_dtype(x.scalar_type()))};
 }
 
+// ------------------------------------------------- fused norm -> store (forward_store) ------------------------------
+// The network's memory-bound chain after a convolution in one sweep: instance norm, then ReLU or a residual add,
+// written straight into the buffer the next convolution reads: nearest-upsampled by `up`, reflection-padded by `pad`
+// and, in the channels-last layout, optionally rearranged into `block` x `block` space-to-depth cells. Each of those
+// steps is otherwise a pass that reads and writes the whole activation again.
+//
+// Output geometry: the source (H, W) is upsampled to (up * H, up * W) and padded to (Hp, Wp) = (up * H + 2 pad,
+// up * W + 2 pad); output row q reads source row src(q) = reflect(q - pad) / up (columns alike), so each source row is
+// normalised once and copied to every output row that reads it. With block > 1 (channels-last only) the output is
+// (N, Hp / block, Wp / block, block * block * C): padded pixel (py, px) lands in cell (py / block, px / block) at
+// channel ((py % block) * block + px % block) * C + c.
+struct StoreGeometry {
+  int64_t H, W, up, pad, block, Hp, Wp;
+  std::vector<int64_t> col_src;                // per output column, the source column
+  std::vector<int64_t> col_off;                // per output column, its offset in an output row, in units of C
+  std::vector<std::vector<int64_t>> row_dest;  // per source row, the output rows that copy it
+
+  StoreGeometry(int64_t h, int64_t w, int64_t u, int64_t p, int64_t b)
+      : H(h), W(w), up(u), pad(p), block(b), Hp(u * h + 2 * p), Wp(u * w + 2 * p), col_src(Wp), col_off(Wp), row_dest(h) {
+    for (int64_t q = 0; q < Wp; ++q) col_src[q] = reflect(q - pad, up * W) / up;
+    for (int64_t q = 0; q < Wp; ++q) col_off[q] = block == 1 ? q : (q / block) * block * block + q % block;
+    for (int64_t q = 0; q < Hp; ++q) row_dest[reflect(q - pad, up * H) / up].push_back(q);
+  }
+  static int64_t reflect(int64_t i, int64_t n) {
+    if (i < 0) i = -i;
+    return i >= n ? 2 * (n - 1) - i : i;
+  }
+  // Offset (in values) of padded pixel (py, px) of image n in a channels-last output of C channels; the offset of
+  // (py, px) is that of (py, 0) plus col_off[px] * C.
+  int64_t cl_offset(int64_t n, int64_t py, int64_t px, int64_t C) const {
+    if (block == 1) return ((n * Hp + py) * Wp + px) * C;
+    const int64_t hq = Hp / block, wq = Wp / block;
+    const int64_t cell = (n * hq + py / block) * wq + px / block;
+    return (cell * block * block + (py % block) * block + px % block) * C;
+  }
+};
+
+// Residual input: x's shape, any strides (an interior view of the previous padded buffer is the usual case).
+template <typename S>
+struct Residual {
+  const S* p = nullptr;
+  int64_t sn = 0, sc = 0, sh = 0, sw = 0;
+};
+
+// v[i] = (x[i] - mf) * sc + sh, plus res[i * res_step] when there is a residual, then the ReLU when asked, for i in
+// [0, count), in the compute type T. The coefficients are per value (channels-last: they change with the channel)
+// when kPerValue, else the scalars mf[0], sc[0], sh[0]. One loop per case, so that each vectorises.
+template <bool kPerValue, typename X, typename R, typename T>
+inline void finish(const X* x, T* v, int64_t count, const T* mf, const T* sc, const T* sh, bool relu, const R* res,
+                   int64_t res_step) {
+  const auto load = [](const auto* p) -> T {
+    if constexpr (std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(p)>>, c10::BFloat16>) {
+      return to_float(*p);
+    } else {
+      return T(*p);
+    }
+  };
+  const auto k = [](const T* a, int64_t i) -> T {
+    if constexpr (kPerValue) {
+      return a[i];
+    } else {
+      (void)i;
+      return a[0];
+    }
+  };
+  if (res != nullptr) {
+    for (int64_t i = 0; i < count; ++i) {
+      const T y = (load(x + i) - k(mf, i)) * k(sc, i) + k(sh, i) + load(res + i * res_step);
+      v[i] = relu && !(y > T(0)) ? T(0) : y;
+    }
+  } else if (relu) {
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) {
+      const T y = (load(x + i) - k(mf, i)) * k(sc, i) + k(sh, i);
+      v[i] = y > T(0) ? y : T(0);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) v[i] = (load(x + i) - k(mf, i)) * k(sc, i) + k(sh, i);
+  }
+}
+
+// Rows (NCHW) layout: one parallel task per (n, c) plane; its statistics are taken as forward_rows takes them, then
+// each source row is finished once (straight into its first output row when nothing is upsampled) and copied to the
+// other output rows that read it. Long on purpose (as forward_rows).
+template <typename S, typename T = acc_t<S>>
+void store_rows(const S* x, S* out, const T* w, const T* b, int64_t N, int64_t C, const StoreGeometry& g, double eps,
+                bool relu, const Residual<S>& res, double* mean, double* var, double* rstd) {
+  const int64_t M = g.H * g.W, W = g.W;
+  const int64_t grain = std::max<int64_t>(1, kBlock / std::max<int64_t>(M, 1));
+  const bool whole = M <= kRowBuf;
+  at::parallel_for(0, N * C, grain, [&](int64_t r0, int64_t r1) {
+    std::unique_ptr<float[]> buf;
+    if constexpr (kNarrow<S>) buf = row_buffer(M, whole);
+    std::vector<T> line(W);
+    std::vector<S> source(W);  // the finished source row, when it is upsampled
+    for (int64_t r = r0; r < r1; ++r) {
+      const S* xr = x + r * M;
+      Stat s;
+      if constexpr (kNarrow<S>) {
+        s = row_stats_narrow(xr, M, buf.get(), whole);
+      } else {
+        s = row_stats(xr, M);
+      }
+      const double v = s.m2 / double(M);
+      const double rs = 1.0 / std::sqrt(v + eps);
+      const int64_t n = r / C, c = r % C;
+      const double scale = rs * (w ? double(w[c]) : 1.0);
+      const T mf = T(s.mean), sc = T(scale);
+      const T sh = T((b ? double(b[c]) : 0.0) + scale * (double(mf) - s.mean));
+      mean[r] = s.mean;
+      var[r] = v;
+      rstd[r] = rs;
+      S* plane = out + r * g.Hp * g.Wp;
+      for (int64_t y = 0; y < g.H; ++y) {
+        const std::vector<int64_t>& dests = g.row_dest[y];
+        S* first = plane + dests[0] * g.Wp;
+        S* values = g.up == 1 ? first + g.pad : source.data();
+        const S* rrow = res.p ? res.p + n * res.sn + c * res.sc + y * res.sh : nullptr;
+        if constexpr (kNarrow<S>) {
+          // from the widened row when it was kept whole, else widened again here
+          const float* src = buf.get() + y * W;
+          if (!whole) {
+            widen(xr + y * W, line.data(), W);
+            src = line.data();
+          }
+          finish<false>(src, line.data(), W, &mf, &sc, &sh, relu, rrow, res.sw);
+          narrow(line.data(), values, W);
+        } else {
+          finish<false>(xr + y * W, values, W, &mf, &sc, &sh, relu, rrow, res.sw);
+        }
+        if (g.up == 1) {
+          for (int64_t px = 0; px < g.pad; ++px) first[px] = values[g.col_src[px]];
+          for (int64_t px = g.pad + W; px < g.Wp; ++px) first[px] = values[g.col_src[px]];
+        } else {
+          for (int64_t px = 0; px < g.Wp; ++px) first[px] = values[g.col_src[px]];
+        }
+        for (size_t k = 1; k < dests.size(); ++k) std::memcpy(plane + dests[k] * g.Wp, first, g.Wp * sizeof(S));
+      }
+    }
+  });
+}
+
+// Channels-last layout: the statistics sweep of forward_chans, then one parallel task per (n, source row): the row's
+// W * C values are finished once (straight into their first output row when nothing is upsampled or rearranged) and
+// copied, C at a time, to every output pixel that reads them. Long on purpose (as forward_chans).
+template <typename S, typename T = acc_t<S>>
+void store_chans(const S* x, S* out, const T* w, const T* b, int64_t N, int64_t C, const StoreGeometry& g, double eps,
+                 bool relu, const Residual<S>& res, double* mean, double* var, double* rstd) {
+  const int64_t W = g.W, M = g.H * g.W;
+  std::vector<T> mf(N * C), sc(N * C), sh(N * C);
+  chans_stats(x, w, b, N, C, M, eps, mean, var, rstd, mf.data(), sc.data(), sh.data());
+  const bool direct = g.up == 1 && g.block == 1;
+  const int64_t bytes = C * int64_t(sizeof(S));
+  at::parallel_for(0, N * g.H, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> line(kNarrow<S> ? W * C : 0);
+    std::vector<S> source(direct ? 0 : W * C);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / g.H, y = t % g.H;
+      const std::vector<int64_t>& dests = g.row_dest[y];
+      const S* xr = x + (n * M + y * W) * C;
+      S* values = direct ? out + g.cl_offset(n, dests[0], g.pad, C) : source.data();
+      T* target;
+      if constexpr (kNarrow<S>) {
+        target = line.data();
+      } else {
+        target = values;
+      }
+      for (int64_t m = 0; m < W; ++m) {
+        const S* rm = res.p ? res.p + n * res.sn + y * res.sh + m * res.sw : nullptr;
+        finish<true>(xr + m * C, target + m * C, C, mf.data() + n * C, sc.data() + n * C, sh.data() + n * C, relu,
+                     rm, res.sc);
+      }
+      if constexpr (kNarrow<S>) narrow(line.data(), values, W * C);
+      if (direct) {
+        S* first = out + g.cl_offset(n, dests[0], 0, C);
+        for (int64_t px = 0; px < g.pad; ++px) std::memcpy(first + px * C, values + g.col_src[px] * C, bytes);
+        for (int64_t px = g.pad + W; px < g.Wp; ++px) std::memcpy(first + px * C, values + g.col_src[px] * C, bytes);
+        for (size_t k = 1; k < dests.size(); ++k)
+          std::memcpy(out + g.cl_offset(n, dests[k], 0, C), first, g.Wp * bytes);
+        continue;
+      }
+      for (const int64_t q : dests) {
+        S* row = out + g.cl_offset(n, q, 0, C);
+        for (int64_t px = 0; px < g.Wp; ++px) std::memcpy(row + g.col_off[px] * C, values + g.col_src[px] * C, bytes);
+      }
+    }
+  });
+}
+
+// x: (N, C, H, W) in the layout channels_last names (see check_input); weight, bias as for forward_op; residual:
+// absent, or x's shape and dtype with any strides. Returns (out, mean, biased var, rstd): out in x's layout, of shape
+// (N, C, up * H + 2 pad, up * W + 2 pad), or with block > 1 (channels-last only) (N, block^2 C, Hp / block,
+// Wp / block) in the channel order of StoreGeometry; the statistics as forward_op's.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> store_op(const at::Tensor& x,
+                                                                    const std::optional<at::Tensor>& weight,
+                                                                    const std::optional<at::Tensor>& bias, double eps,
+                                                                    bool channels_last, bool relu,
+                                                                    const std::optional<at::Tensor>& residual,
+                                                                    int64_t up, int64_t pad, int64_t block) {
+  check_input(x, "x", channels_last);
+  TORCH_CHECK(x.dim() == 4, "faststyle_norm.store: x must be (N, C, H, W)");
+  TORCH_CHECK(up == 1 || up == 2, "faststyle_norm.store: up must be 1 or 2");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(pad >= 0 && pad < up * H && pad < up * W, "faststyle_norm.store: pad must be in [0, the side)");
+  TORCH_CHECK(block >= 1 && (block == 1 || channels_last), "faststyle_norm.store: block > 1 needs channels-last");
+  const StoreGeometry g(H, W, up, pad, block);
+  TORCH_CHECK(g.Hp % block == 0 && g.Wp % block == 0, "faststyle_norm.store: the padded sides must divide by block");
+  at::Tensor out;
+  if (block == 1) {
+    out = at::empty({N, C, g.Hp, g.Wp}, x.options(),
+                    channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  } else {
+    out = at::empty({N, block * block * C, g.Hp / block, g.Wp / block}, x.options(), at::MemoryFormat::ChannelsLast);
+  }
+  if (residual.has_value() && residual->defined()) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type() &&
+                    residual->device().is_cpu(),
+                "faststyle_norm.store: residual must match x's shape and dtype");
+  }
+  auto opts = x.options().dtype(at::kDouble);
+  at::Tensor mean = at::empty({N, C}, opts), var = at::empty({N, C}, opts), rstd = at::empty({N, C}, opts);
+  const at::Tensor wc = checked_param(weight, "weight", x.scalar_type(), C);
+  const at::Tensor bc = checked_param(bias, "bias", x.scalar_type(), C);
+  dispatch(x.scalar_type(), [&](auto tag) {
+    using S = decltype(tag);
+    using T = acc_t<S>;
+    const T* w = wc.defined() ? wc.data_ptr<T>() : nullptr;
+    const T* b = bc.defined() ? bc.data_ptr<T>() : nullptr;
+    Residual<S> r;
+    if (residual.has_value() && residual->defined()) {
+      r = {residual->data_ptr<S>(), residual->stride(0), residual->stride(1), residual->stride(2),
+           residual->stride(3)};
+    }
+    auto f = channels_last ? store_chans<S> : store_rows<S>;
+    f(x.data_ptr<S>(), out.data_ptr<S>(), w, b, N, C, g, eps, relu, r, mean.data_ptr<double>(),
+      var.data_ptr<double>(), rstd.data_ptr<double>());
+  });
+  return {out, mean, var, rstd};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(faststyle_norm, m) {
@@ -848,9 +1099,12 @@ TORCH_LIBRARY(faststyle_norm, m) {
         " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, bool channels_last)"
         " -> (Tensor, Tensor, Tensor)");
+  m.def("store(Tensor x, Tensor? weight, Tensor? bias, float eps, bool channels_last, bool relu, Tensor? residual,"
+        " int up, int pad, int block) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(faststyle_norm, CPU, m) {
   m.impl("forward", forward_op);
   m.impl("backward", backward_op);
+  m.impl("store", store_op);
 }
