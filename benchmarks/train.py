@@ -297,13 +297,18 @@ def format_ops(label: str, ops: StepOps, top: int = 25) -> str:
 
 @contextlib.contextmanager
 def unoptimized_copies(on: bool = True) -> Iterator[None]:
-    """With ``on``: the step as it was before its copies were removed (autocast's float32 reflection padding,
-    Adam's per-parameter loop, autograd's two-product Gram backward), for side-by-side counts and for tests
-    comparing the two."""
-    from models import loss, transformer
+    """With ``on``: the step as it was before its copies were removed (the network layer by layer, with autocast's
+    float32 reflection padding, Adam's per-parameter loop, autograd's two-product Gram backward), for side-by-side
+    counts and for tests comparing the two. Restores every switch on exit."""
+    from models import fused, loss, transformer
     from training import loop
 
-    switches = ((transformer, "PAD_IN_ACTIVATION_DTYPE"), (loop, "FUSED_ADAM"), (loss, "GRAM_BACKWARD_ONE_BMM"))
+    switches = (
+        (fused, "FUSED_CPU_PATH"),
+        (transformer, "PAD_IN_ACTIVATION_DTYPE"),
+        (loop, "FUSED_ADAM"),
+        (loss, "GRAM_BACKWARD_ONE_BMM"),
+    )
     saved = [getattr(module, name) for module, name in switches]
     if on:
         for module, name in switches:
@@ -323,7 +328,8 @@ def _make_step(args: argparse.Namespace, variant: str, device: torch.device) -> 
     from training.loop import Trainer, TrainOptions
 
     parts = set(variant.split("+"))
-    fused.FUSED_CPU_PATH = "layers" not in parts
+    if "layers" in parts:  # (count_ops restores it after each variant)
+        fused.FUSED_CPU_PATH = False
     if "examples" in parts:
         parts.add("tnorm")
     if "malloc" in parts:
@@ -392,6 +398,7 @@ def count_ops(args: argparse.Namespace) -> int:
     with their causes (count_step_ops); ``--unoptimized-copies`` adds each variant with the copies the
     step used to make (unoptimized_copies), side by side."""
     from core.device import resolve_device
+    from models import fused
 
     device = resolve_device(args.device)
     variants = _expand(args.variants, device)
@@ -399,10 +406,12 @@ def count_ops(args: argparse.Namespace) -> int:
     summaries = []
     for variant in variants:
         for optimized in (False, True) if args.unoptimized_copies else (True,):
+            saved = fused.FUSED_CPU_PATH
             with unoptimized_copies(not optimized):
                 step = _make_step(args, variant, device)
                 step()  # warm-up: the optimizer creates its state on the first step
                 ops = count_step_ops(step)
+            fused.FUSED_CPU_PATH = saved
             label = variant if optimized else f"{variant} (unoptimized copies)"
             print(format_ops(label, ops, top=args.count_ops))
             summaries.append((label, ops.summary()))

@@ -50,6 +50,7 @@ from inference.memory import FLOAT_BYTES, pointwise_row_bytes, strip_bytes
 from inference.tiled_plan import SpatialOp, build_plan, canvas_size
 from inference.tiled_stats import ChannelStats, PointwiseFn, norm_fn, norm_needs_stats, relu
 from inference.tiled_stores import DiskStore, RamStore, RowReader, SinkStore, SourceStore, Store, StripSink
+from models import fused
 from models.transformer import SIZE_MULTIPLE, TransformerNet, pad_to_multiple
 
 logger = logging.getLogger(__name__)
@@ -394,7 +395,9 @@ class TiledExecutor:
             got_raw = self(x)
         finally:
             (self.budget_bytes, self.strip_rows), self._raw_output = saved, False
-        with torch.inference_mode():
+        # against the layers one by one, which this executor decomposes (the fused CPU path computes the same network
+        # with other roundings: tests/models/test_fused.py)
+        with torch.inference_mode(), fused.layer_by_layer():
             xd = x.to(self.device, self.dtype)
             want = self.net(xd).float().cpu()
             canvas = pad_to_multiple(xd, SIZE_MULTIPLE)

@@ -21,12 +21,14 @@ bfloat16 it rounds once where the layers round after the norm and again after th
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
-from models.norm import can_store, norm_store
+from models.norm import can_store, is_channels_last, norm_store
 
 FUSED_CPU_PATH = True
 """Whether TransformerNet takes this path where it applies (False: the layer-by-layer body, for the benchmarks'
@@ -34,6 +36,18 @@ side-by-side figures and for tests)."""
 
 LAST_BLOCK = 4
 """Cell side of the last convolution's space-to-depth form: 4x4 cells make the 9x9 kernel a 3x3 one."""
+
+
+@contextlib.contextmanager
+def layer_by_layer() -> Iterator[None]:
+    """Within the block, TransformerNet runs its layers one by one (the tiled executor checks its own decomposition of
+    the layers against them)."""
+    global FUSED_CPU_PATH
+    saved, FUSED_CPU_PATH = FUSED_CPU_PATH, False
+    try:
+        yield
+    finally:
+        FUSED_CPU_PATH = saved
 
 
 def applies(net: torch.nn.Module, canvas: torch.Tensor) -> bool:
@@ -50,7 +64,6 @@ def applies(net: torch.nn.Module, canvas: torch.Tensor) -> bool:
 def fused_body(net: torch.nn.Module, canvas: torch.Tensor) -> torch.Tensor:
     """``net.body(canvas)`` (unmapped output) by the fused path; ``canvas`` (N, 3, H, W) with H, W multiples of 4."""
     encoder, decoder = net.encoder, net.decoder
-    channels_last = canvas.is_contiguous(memory_format=torch.channels_last) and not canvas.is_contiguous()
     stored = _conv(F.pad(canvas, (4, 4, 4, 4), mode="reflect"), encoder[0].conv)
     stored = norm_store(encoder[1], stored, relu=True, pad=1)
     stored = norm_store(encoder[4], _conv(stored, encoder[3].conv), relu=True, pad=1)
@@ -67,11 +80,12 @@ def fused_body(net: torch.nn.Module, canvas: torch.Tensor) -> torch.Tensor:
     stored = norm_store(decoder[1], _conv(stored, decoder[0].conv), relu=True, up=2, pad=1)
     last = decoder[6].conv
     pad = last.kernel_size[0] // 2
-    if channels_last:
-        stored = norm_store(decoder[4], _conv(stored, decoder[3].conv), relu=True, pad=pad, block=LAST_BLOCK)
+    stored = _conv(stored, decoder[3].conv)
+    if is_channels_last(stored):
+        stored = norm_store(decoder[4], stored, relu=True, pad=pad, block=LAST_BLOCK)
     else:
         # the kernel writes cells in channels-last only; in NCHW one rearranging copy still leaves it much faster
-        stored = _to_cells(norm_store(decoder[4], _conv(stored, decoder[3].conv), relu=True, pad=pad), LAST_BLOCK)
+        stored = _to_cells(norm_store(decoder[4], stored, relu=True, pad=pad), LAST_BLOCK)
     return _last_conv(stored, last, LAST_BLOCK)
 
 
@@ -92,7 +106,8 @@ def _last_conv(stored: torch.Tensor, conv: torch.nn.Conv2d, cells: int) -> torch
     """The network's last convolution, in space-to-depth form (see the module docstring), on its padded input stored
     in ``cells`` x ``cells`` cells."""
     out_channels, in_channels, k, _ = conv.weight.shape
-    index = _cell_kernel_index(out_channels, in_channels, k, cells, str(conv.weight.device))
+    with torch.inference_mode(False):  # a cached index made in inference mode could not serve training later
+        index = _cell_kernel_index(out_channels, in_channels, k, cells, str(conv.weight.device))
     # gather the 9x9 taps into the cells' 3x3 kernel; index -1 picks the appended zero (taps outside the 9x9)
     taps = torch.cat([conv.weight.reshape(-1), conv.weight.new_zeros(1)])
     weight = taps[index]
@@ -122,4 +137,4 @@ def _cell_kernel_index(out_channels: int, in_channels: int, k: int, cells: int, 
     return flat.reshape(out_channels * cells * cells, cells * cells * in_channels, small, small).to(device)
 
 
-__all__ = ["FUSED_CPU_PATH", "applies", "fused_body"]
+__all__ = ["FUSED_CPU_PATH", "applies", "fused_body", "layer_by_layer"]

@@ -50,7 +50,9 @@ def _cl_format(dim: int) -> torch.memory_format | None:
     return {4: torch.channels_last, 5: torch.channels_last_3d}.get(dim)
 
 
-def _is_channels_last(x: Tensor) -> bool:
+def is_channels_last(x: Tensor) -> bool:
+    """Whether ``x`` is stored channels-last (and not also plain contiguous, as tensors with one channel or one
+    position are): the layout the kernels then take it in."""
     fmt = _cl_format(x.dim())
     return fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
 
@@ -90,7 +92,7 @@ class _InstanceNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):  # type: ignore[override]
         n, c = x.shape[0], x.shape[1]
-        rd = 1 if _is_channels_last(x) else 2
+        rd = 1 if is_channels_last(x) else 2
         xs = _to_3d(x, rd)
         m = xs.shape[rd]
         y = _empty_in_layout(x.shape, rd, x)
@@ -194,7 +196,7 @@ class _FusedInstanceNormFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):  # type: ignore[override]
         # The kernel takes x whole in either layout and allocates y like it (no views or allocations here: small ops
         # per call are a visible share of the time at training sizes).
-        channels_last = _is_channels_last(x)
+        channels_last = is_channels_last(x)
         if not channels_last:
             x = x.contiguous()
         y, mean, var, rstd = torch.ops.faststyle_norm.forward(x, weight, bias, float(eps), channels_last)
@@ -239,7 +241,7 @@ class _NormStoreFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, relu, residual, up, pad, block):  # type: ignore[override]
-        channels_last = _is_channels_last(x)
+        channels_last = is_channels_last(x)
         if not channels_last:
             x = x.contiguous()
         out, mean, _var, rstd = torch.ops.faststyle_norm.store(
@@ -312,7 +314,7 @@ def can_store(norm: nn.Module, x: Tensor) -> bool:
         and x.dim() == 4
         and x.shape[0] > 0
         and not capturing_graph()
-        and (x.is_contiguous() or _is_channels_last(x))
+        and (x.is_contiguous() or is_channels_last(x))
         and _use_fused_kernel(x)
     )
 

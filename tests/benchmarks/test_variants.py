@@ -46,10 +46,12 @@ def test_stylize_variant_names() -> None:
         "channels_last": False,
         "compile": False,
         "executor": False,
+        "layers": False,
         "malloc": False,
         "autocast": False,
         "precision": "fp32",
     }
+    assert parse("bf16_cl_layers", CPU)["layers"] and not parse("best", CPU)["layers"]
     # The names of earlier tables keep their meaning.
     assert parse("eager", CPU) == {**parse("plain", CPU), "tnorm": False}
     assert parse("channels_last_malloc", CPU) == {**parse("eager", CPU), "channels_last": True, "malloc": True}

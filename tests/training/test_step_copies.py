@@ -3,7 +3,9 @@
 Counted by benchmarks/train.py's count_step_ops (the code behind ``python -m benchmarks train --count-ops``) on a
 small step: batch 2 x 32 px, base width 8, one residual block, the "random" loss network tapped up to relu2_2. The
 step before the change is the same code with benchmarks.train.unoptimized_copies: autocast's float32 reflection
-padding, Adam's per-parameter loop, autograd's two-product Gram backward.
+padding, Adam's per-parameter loop, autograd's two-product Gram backward. These tests compare those three changes on
+the network's layer path (``layer_path`` below): the fused CPU path, which removes the padding copies altogether and
+computes the last convolution in another order, has its own tests (tests/models/test_fused.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ from models.loss import PerceptualLoss, gram_matrix
 from models.transformer import TransformerNet
 from training.loop import Trainer, TrainOptions
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "layer_path")
+
+
+@pytest.fixture
+def layer_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from models import fused
+
+    monkeypatch.setattr(fused, "FUSED_CPU_PATH", False)
+
 
 PARAMETER_TENSORS = 30
 """A TransformerNet of base width 8 with one residual block holds 30 parameter tensors: Adam's per-parameter loop
