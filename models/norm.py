@@ -233,10 +233,10 @@ class _NormStoreFunction(torch.autograd.Function):
     four passes of norm, ReLU, upsample and pad (models/fused.py walks the network with it).
 
     forward(x, weight, bias, eps, relu, residual|None, up, pad, block) -> the stored buffer (see the kernel's
-    store_op for its shape). Backward gathers the gradient back through the storing with the adjoint ops of torch
-    (space-to-depth, reflection pad, nearest upsample), masks it by the ReLU, whose sign it reads from the saved output
-    (which the next convolution keeps anyway), and hands it to the fused norm backward. Saves x, the output and the
-    (N, C) statistics.
+    store_op for its shape). Backward (``faststyle_norm.store_backward``) gathers the gradient of every stored copy
+    of a pixel back onto it, masks it by the ReLU, whose sign it reads from the saved output (which the next
+    convolution keeps anyway), and runs the fused norm backward on it. Saves x, the output and the (N, C)
+    statistics.
     """
 
     @staticmethod
@@ -256,37 +256,14 @@ class _NormStoreFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         x, out, mean, rstd, weight = ctx.saved_tensors
         channels_last, relu, has_residual, up, pad, block, has_bias = ctx.settings
-        n, c, h, w = x.shape
-        g = _unblock(grad_out, c, block)
-        if pad:
-            # reflection_pad2d_backward reads only the shape of its input argument: an expanded scalar costs nothing
-            g = torch.ops.aten.reflection_pad2d_backward(g, x.new_zeros(()).expand(n, c, up * h, up * w), [pad] * 4)
-        if up > 1:
-            g = torch.ops.aten.upsample_nearest2d_backward(g, [up * h, up * w], [n, c, h, w])
-        g = g.to(x.dtype)
-        if relu:
-            # the stored value at a source pixel is relu(y): positive exactly where y > 0
-            kept = _unblock(out, c, block)[:, :, pad : pad + up * h : up, pad : pad + up * w : up] > 0
-            g = g * kept
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        grad_x, grad_w, grad_b = torch.ops.faststyle_norm.backward(
-            g.contiguous(memory_format=fmt), x, mean, rstd, weight, channels_last
+        grad_x, grad_w, grad_b, grad_y = torch.ops.faststyle_norm.store_backward(
+            grad_out, out, x, mean, rstd, weight, channels_last, relu, up, pad, block
         )
         if weight is None or not ctx.needs_input_grad[1]:
             grad_w = None
         if not has_bias or not ctx.needs_input_grad[2]:
             grad_b = None
-        return grad_x, grad_w, grad_b, None, None, g if has_residual else None, None, None, None
-
-
-def _unblock(t: Tensor, c: int, block: int) -> Tensor:
-    """The (N, C, Hp, Wp) view of a stored buffer in ``block`` x ``block`` space-to-depth cells (channel
-    ((i * block) + j) * C + c of cell (Y, X) is pixel (Y * block + i, X * block + j)); the tensor itself for block 1."""
-    if block == 1:
-        return t
-    n, _, hq, wq = t.shape
-    cells = t.reshape(n, block, block, c, hq, wq)
-    return cells.permute(0, 3, 4, 1, 5, 2).reshape(n, c, hq * block, wq * block)
+        return grad_x, grad_w, grad_b, None, None, grad_y if has_residual else None, None, None, None
 
 
 def norm_store(

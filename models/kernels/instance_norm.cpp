@@ -1092,6 +1092,122 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> store_op(const at::Te
   return {out, mean, var, rstd};
 }
 
+
+// ---------------------------------------------- the store's backward (store_backward) -----------------------------
+// The gradient of the stored buffer gathered back to the source pixels: every output pixel that copied source pixel
+// (y, x) adds its gradient to it (the adjoint of the copies: padding, upsampling, cells), then the ReLU's mask, read
+// from the stored output (positive exactly where the norm's output was). The result is the gradient of the norm's
+// output (and of the residual); backward_op turns it into dx.
+
+// Adds the output row `row` (Wp pixels of C values at col_off[px] * C) into acc (W source pixels of C values).
+template <typename S, typename T>
+inline void gather_row(const S* row, T* acc, int64_t C, const StoreGeometry& g) {
+  const auto load = [](S v) -> T {
+    if constexpr (kNarrow<S>) {
+      return to_float(v);
+    } else {
+      return T(v);
+    }
+  };
+  if (g.up == 1 && g.block == 1) {  // the interior is the source row itself
+    const S* inner = row + g.pad * C;
+#pragma omp simd
+    for (int64_t i = 0; i < g.W * C; ++i) acc[i] += load(inner[i]);
+    for (int64_t px = 0; px < g.Wp; ++px) {
+      if (px >= g.pad && px < g.pad + g.W) continue;
+      const S* s = row + px * C;
+      T* a = acc + g.col_src[px] * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) a[c] += load(s[c]);
+    }
+    return;
+  }
+  for (int64_t px = 0; px < g.Wp; ++px) {
+    const S* s = row + g.col_off[px] * C;
+    T* a = acc + g.col_src[px] * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) a[c] += load(s[c]);
+  }
+}
+
+// Zeroes acc where the stored output `orow` (the first output row of the source row) is not positive, then writes
+// acc (W * C values) to dst in S.
+template <typename S, typename T>
+inline void mask_and_write(T* acc, const S* orow, S* dst, int64_t C, const StoreGeometry& g, bool relu) {
+  if (relu) {
+    for (int64_t x = 0; x < g.W; ++x) {
+      const S* o = orow + g.col_off[g.pad + g.up * x] * C;
+      T* a = acc + x * C;
+      for (int64_t c = 0; c < C; ++c) {
+        if (!(o[c] > S(0))) a[c] = T(0);
+      }
+    }
+  }
+  if constexpr (kNarrow<S>) {
+    narrow(acc, dst, g.W * C);
+  } else {
+    std::memcpy(dst, acc, g.W * C * sizeof(S));
+  }
+}
+
+// grad, out: the stored buffer's gradient and value (the store's output layout); returns the gradient of the norm's
+// output, (N, C, H, W) in x's layout. Rows: one task per (n, c) plane (C = 1 within it); chans: one per (n, row).
+template <typename S, typename T = acc_t<S>>
+void gather_grad(const S* grad, const S* out, S* g, int64_t N, int64_t C, const StoreGeometry& geo, bool relu,
+                 bool channels_last) {
+  const int64_t W = geo.W, M = geo.H * geo.W;
+  if (!channels_last) {
+    at::parallel_for(0, N * C, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<T> acc(W);
+      for (int64_t r = r0; r < r1; ++r) {
+        const S* plane = grad + r * geo.Hp * geo.Wp;
+        const S* oplane = out + r * geo.Hp * geo.Wp;
+        for (int64_t y = 0; y < geo.H; ++y) {
+          std::fill(acc.begin(), acc.end(), T(0));
+          for (const int64_t q : geo.row_dest[y]) gather_row(plane + q * geo.Wp, acc.data(), 1, geo);
+          mask_and_write(acc.data(), oplane + geo.row_dest[y][0] * geo.Wp, g + r * M + y * W, 1, geo, relu);
+        }
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, N * geo.H, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> acc(W * C);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / geo.H, y = t % geo.H;
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (const int64_t q : geo.row_dest[y]) gather_row(grad + geo.cl_offset(n, q, 0, C), acc.data(), C, geo);
+      mask_and_write(acc.data(), out + geo.cl_offset(n, geo.row_dest[y][0], 0, C), g + (n * M + y * W) * C, C, geo,
+                     relu);
+    }
+  });
+}
+
+// grad: the gradient of store_op's output (its shape and dtype, any layout: made like out); out, x, mean, rstd,
+// weight: what store_op was given and returned. Returns (dx, grad_weight, grad_bias, grad of the norm's output),
+// the last one also the residual's gradient.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> store_backward_op(
+    const at::Tensor& grad, const at::Tensor& out, const at::Tensor& x, const at::Tensor& mean,
+    const at::Tensor& rstd, const std::optional<at::Tensor>& weight, bool channels_last, bool relu, int64_t up,
+    int64_t pad, int64_t block) {
+  check_input(x, "x", channels_last);
+  TORCH_CHECK(x.dim() == 4, "faststyle_norm.store_backward: x must be (N, C, H, W)");
+  const int64_t N = x.size(0), C = x.size(1);
+  const StoreGeometry geo(x.size(2), x.size(3), up, pad, block);
+  const auto out_format =
+      channels_last || block > 1 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  TORCH_CHECK(out.sizes() == grad.sizes() && out.scalar_type() == x.scalar_type() && out.is_contiguous(out_format),
+              "faststyle_norm.store_backward: out must be store's output");
+  const at::Tensor gc = grad.to(x.scalar_type()).contiguous(out_format);
+  at::Tensor g = at::empty_like(x);
+  dispatch(x.scalar_type(), [&](auto tag) {
+    using S = decltype(tag);
+    gather_grad<S>(gc.data_ptr<S>(), out.data_ptr<S>(), g.data_ptr<S>(), N, C, geo, relu, channels_last);
+  });
+  auto [dx, gw, gb] = backward_op(g, x, mean, rstd, weight, channels_last);
+  return {dx, gw, gb, g};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(faststyle_norm, m) {
@@ -1101,10 +1217,13 @@ TORCH_LIBRARY(faststyle_norm, m) {
         " -> (Tensor, Tensor, Tensor)");
   m.def("store(Tensor x, Tensor? weight, Tensor? bias, float eps, bool channels_last, bool relu, Tensor? residual,"
         " int up, int pad, int block) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("store_backward(Tensor grad, Tensor out, Tensor x, Tensor mean, Tensor rstd, Tensor? weight,"
+        " bool channels_last, bool relu, int up, int pad, int block) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(faststyle_norm, CPU, m) {
   m.impl("forward", forward_op);
   m.impl("backward", backward_op);
   m.impl("store", store_op);
+  m.impl("store_backward", store_backward_op);
 }

@@ -42,7 +42,7 @@ def _perturbed(net: TransformerNet, seed: int = 0) -> TransformerNet:
     return net
 
 
-def _reference_store(x, norm, relu, residual, up, pad, block):
+def _reference_store(norm, x, relu, residual, up, pad, block):
     """What the layers compute: our InstanceNorm, ReLU or the residual add, nearest upsample, reflection pad, cells."""
     y = norm(x)
     if residual is not None:
@@ -87,7 +87,7 @@ def test_store_equals_the_passes_it_replaces(dtype, channels_last, relu, residua
         res = padded[:, :, 1:-1, 1:-1]
     with torch.no_grad():
         out = norm_store(norm, x, relu, res, up, pad, block)
-        expected = _reference_store(x, norm, relu, res, up, pad, block)
+        expected = _reference_store(norm, x, relu, res, up, pad, block)
     assert out.shape == expected.shape and out.dtype == dtype
     assert out.is_contiguous(memory_format=fmt)
     if dtype == torch.float32:
@@ -95,6 +95,33 @@ def test_store_equals_the_passes_it_replaces(dtype, channels_last, relu, residua
     else:
         # one bf16 rounding step (8 bits) of the value, plus one of the residual sum's operands
         assert ((out.float() - expected.float()).abs() <= expected.float().abs() * 2**-7 + 2**-6).all()
+
+
+@pytest.mark.parametrize(("channels_last", "relu", "residual", "up", "pad", "block"), CASES)
+def test_store_backward_equals_the_passes_it_replaces(channels_last, relu, residual, up, pad, block) -> None:
+    """The gradients of x, the residual, weight and bias through the store equal autograd's through the four passes
+    (float64: up to rounding)."""
+    gen = torch.Generator().manual_seed(6)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = (torch.randn(2, 8, HEIGHT, WIDTH, generator=gen, dtype=torch.float64) * 3 + 1).contiguous(memory_format=fmt)
+    norm = InstanceNorm(8, affine=True).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(8, generator=gen) + 0.5)
+        norm.bias.copy_(torch.randn(8, generator=gen))
+    padded = torch.randn(2, 8, HEIGHT + 2, WIDTH + 2, generator=gen, dtype=torch.float64).contiguous(memory_format=fmt)
+
+    def gradients(store) -> list[torch.Tensor]:
+        norm.zero_grad()
+        source = x.clone().requires_grad_(True)
+        around = padded.clone().requires_grad_(True)
+        out = store(norm, source, relu, around[:, :, 1:-1, 1:-1] if residual else None, up, pad, block)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
+        (out * weights).sum().backward()
+        grads = [source.grad, norm.weight.grad, norm.bias.grad]
+        return grads + ([around.grad] if residual else [])
+
+    for got, want in zip(gradients(norm_store), gradients(_reference_store), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
