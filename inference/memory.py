@@ -5,9 +5,9 @@ The estimates decide how many images of a size run untiled at once and whether a
 ``pointwise_row_bytes``), and, before anything is decoded, whether an input can fit the memory available at all
 (``memory_problem``). They are upper bounds on purpose: an image estimated to fit must really fit.
 
-Two constants are calibrated on measurements rather than counted (``UNTILED_BYTES_PER_PIXEL_W32`` and
-``ALLOCATOR_SLACK``); their docstrings name the command that re-measures them (README, "Speed and memory", has the
-figures). Re-measure when the network, torch or the allocator changes.
+Three constants are calibrated on measurements rather than counted (``UNTILED_BYTES_PER_PIXEL_W32``, its fused
+counterpart and ``ALLOCATOR_SLACK``); their docstrings name the command that re-measures them (README, "Speed and
+memory", has the figures). Re-measure when the network, torch or the allocator changes.
 """
 
 from __future__ import annotations
@@ -32,11 +32,16 @@ FRAME_FLOAT_BYTES_PER_PX = 16
 (Runner.network_bytes): its float32 copy as it enters the network (12) and the finished 8-bit frame (3, and a
 margin)."""
 
-UNTILED_BYTES_PER_PIXEL_W32 = 1100
-"""Calibrated: peak bytes per canvas pixel of a plain ``net(x)`` at base_width 32 (float32, CPU, inference mode), an
-upper bound of the peak RSS growth over memory layouts and allocators. Re-measure with
-``python -m benchmarks stylize --only speed``: for each 1920x1080 variant, (peak RSS - RSS before the forward
-pass) / (1920 * 1088 canvas pixels) must stay below this value."""
+UNTILED_BYTES_PER_PIXEL_W32 = 1450
+"""Calibrated: peak bytes per canvas pixel of a plain ``net(x)`` at base_width 32 (float32, CPU, inference mode) run
+layer by layer, an upper bound of the peak RSS growth over memory layouts and allocators. Re-measure with
+``python -m benchmarks stylize --only speed --variants eager_layers_malloc,cl_layers_malloc``: for each 1920x1080
+variant, (peak RSS - RSS before the forward pass) / (1920 * 1088 canvas pixels) must stay below this value."""
+
+FUSED_UNTILED_BYTES_PER_PIXEL_W32 = 1000
+"""The same bound for the fused CPU path (models/fused.py), which keeps fewer activations alive: each convolution's
+output becomes the next one's padded input in one buffer. Re-measure with ``python -m benchmarks stylize --only
+speed --variants eager_malloc,cl_malloc``."""
 
 UNTILED_FIXED_BYTES_PER_PIXEL = 200
 """Of ``UNTILED_BYTES_PER_PIXEL_W32``, the bytes that do not shrink with a narrower network: the image's own float
@@ -56,19 +61,24 @@ image, the blend), the 8-bit conversion and the strip pasted back, 8 float32 cop
 the executor so that its strip sizes include it; ``python -m benchmarks huge`` checks the whole path's bound."""
 
 
-def canvas_bytes_per_pixel(base_width: int) -> float:
-    """``UNTILED_BYTES_PER_PIXEL_W32`` for a network of ``base_width``: the fixed part plus the scaled rest."""
-    scaled = (UNTILED_BYTES_PER_PIXEL_W32 - UNTILED_FIXED_BYTES_PER_PIXEL) * max(base_width, 1) / 32
+def canvas_bytes_per_pixel(base_width: int, fused: bool = False) -> float:
+    """``UNTILED_BYTES_PER_PIXEL_W32`` (``fused``: ``FUSED_UNTILED_BYTES_PER_PIXEL_W32``) for a network of
+    ``base_width``: the fixed part plus the scaled rest."""
+    per_pixel = FUSED_UNTILED_BYTES_PER_PIXEL_W32 if fused else UNTILED_BYTES_PER_PIXEL_W32
+    scaled = (per_pixel - UNTILED_FIXED_BYTES_PER_PIXEL) * max(base_width, 1) / 32
     return UNTILED_FIXED_BYTES_PER_PIXEL + scaled
 
 
 def untiled_bytes_estimate(net: TransformerNet, height: int, width: int) -> int:
     """Estimated peak bytes of a plain ``net(x)`` on one (height, width) image (float32, CPU), with the image's own
-    float copies (input, canvas, output, color finishing) that do not shrink with a narrower network."""
+    float copies (input, canvas, output, color finishing) that do not shrink with a narrower network; by the fused
+    CPU path's bound where that path serves the network."""
     from inference.tiled_plan import canvas_size
+    from models import fused
 
     base_width = net.config().get("base_width", 32)
-    return int(math.prod(canvas_size(height, width)) * canvas_bytes_per_pixel(base_width))
+    per_pixel = canvas_bytes_per_pixel(base_width, fused.serves(net))
+    return int(math.prod(canvas_size(height, width)) * per_pixel)
 
 
 def strip_bytes(op: SpatialOp, rows: float, in_w: int, out_w: int, sink_bytes_per_px: int | None = None) -> float:

@@ -28,7 +28,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from models.norm import can_store, is_channels_last, norm_store
+from models.kernels import INSTANCE_NORM, load_kernel
+from models.norm import InstanceNorm, can_store, is_channels_last, norm_store
 
 FUSED_CPU_PATH = True
 """Whether TransformerNet takes this path where it applies (False: the layer-by-layer body, for the benchmarks'
@@ -50,15 +51,24 @@ def layer_by_layer() -> Iterator[None]:
         FUSED_CPU_PATH = saved
 
 
-def applies(net: torch.nn.Module, canvas: torch.Tensor) -> bool:
-    """Whether :func:`fused_body` runs ``net`` on ``canvas``: a one-style network with our InstanceNorm and nearest
-    upsampling, on a CPU tensor the fused kernel takes (see ``models.norm.can_store``)."""
-    if not FUSED_CPU_PATH or canvas.device.type != "cpu":
-        return False
+def serves(net: torch.nn.Module) -> bool:
+    """Whether this path runs ``net`` on CPU inputs it takes: the switch is on, the kernel is loaded, and ``net`` is a
+    one-style network with our InstanceNorm and nearest upsampling."""
     config = net.config()
-    if config["norm"] != "instance" or config["upsample"] != "nearest" or net.num_styles != 1:
-        return False
-    return can_store(net.encoder[1], canvas)
+    return (
+        FUSED_CPU_PATH
+        and config["norm"] == "instance"
+        and config["upsample"] == "nearest"
+        and net.num_styles == 1
+        and isinstance(net.encoder[1], InstanceNorm)
+        and load_kernel(INSTANCE_NORM)
+    )
+
+
+def applies(net: torch.nn.Module, canvas: torch.Tensor) -> bool:
+    """Whether :func:`fused_body` runs ``net`` on ``canvas``: :func:`serves` and a CPU tensor the fused kernel takes
+    (see ``models.norm.can_store``)."""
+    return canvas.device.type == "cpu" and serves(net) and can_store(net.encoder[1], canvas)
 
 
 def fused_body(net: torch.nn.Module, canvas: torch.Tensor) -> torch.Tensor:
@@ -137,4 +147,4 @@ def _cell_kernel_index(out_channels: int, in_channels: int, k: int, cells: int, 
     return flat.reshape(out_channels * cells * cells, cells * cells * in_channels, small, small).to(device)
 
 
-__all__ = ["FUSED_CPU_PATH", "applies", "fused_body", "layer_by_layer"]
+__all__ = ["FUSED_CPU_PATH", "applies", "fused_body", "layer_by_layer", "serves"]

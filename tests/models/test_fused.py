@@ -208,6 +208,9 @@ def test_fused_path_applies_only_where_it_computes_the_same_network(monkeypatch:
     assert fused.applies(TransformerNet(base_width=4, residual_blocks=1), x)
     for kwargs in ({"norm": "batch"}, {"norm": "none"}, {"upsample": "transpose"}, {"num_styles": 2}):
         assert not fused.applies(TransformerNet(base_width=4, residual_blocks=1, **kwargs), x)
+    tnorm = TransformerNet(base_width=4, residual_blocks=1)
+    tnorm.encoder[1] = torch.nn.InstanceNorm2d(4, affine=True)  # what pytorch/examples' layers look like
+    assert not fused.serves(tnorm)
     net = TransformerNet(base_width=4, residual_blocks=1).eval()
     calls = []
     monkeypatch.setattr(fused, "fused_body", lambda *a: calls.append(a) or pytest.fail("fused while tracing"))
