@@ -183,8 +183,11 @@ def network_gflop(net: nn.Module, height: int, width: int) -> float:
             flops += 2.0 * output[0].numel() * module.in_channels * k
 
     handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
-    # Conv cost is linear in pixels: count on a 1/8-scale image with the same padding behaviour, scale up.
-    with torch.inference_mode():
+    # Conv cost is linear in pixels: count on a 1/8-scale image with the same padding behaviour, scale up. The hooks
+    # see the layers' convolutions (the fused CPU path calls them as functions, its last one with extra zeros).
+    from models import fused
+
+    with torch.inference_mode(), fused.layer_by_layer():
         net(torch.rand(1, 3, height // 8, width // 8))
     for h in handles:
         h.remove()
