@@ -78,7 +78,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", choices=["all", "speed", "tiled", "psnr"], default="all")
     parser.add_argument("--model", default=None, help="a trained model.pth (default: random TransformerNet)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--folder-images", type=int, default=32, help="number of 256x256 images in the folder run")
+    parser.add_argument("--folder-images", type=int, default=32, help="number of images in the folder run")
+    parser.add_argument(
+        "--folder-size",
+        default="256x256",
+        help="WxH of the folder run's images (e.g. 1920x1080: with --folder-images N > 1 a 1-image folder runs too, "
+        "and the cost of each further photo, I/O included, is printed)",
+    )
     parser.add_argument("--batch-size", type=int, default=4, help="stylize batch_size for the folder run")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats at 1920x1080 (median)")
     parser.add_argument(
@@ -324,37 +330,48 @@ def _spawn(spec: dict) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------------
 def bench_folder(args: argparse.Namespace, tmp: Path) -> None:
+    """stylize.py's pipeline on a folder of random JPEGs (decode, network, encode) in a fresh process per run."""
     from PIL import Image
 
+    width, height = (int(v) for v in args.folder_size.lower().split("x"))
+    size = f"{width}x{height}"
     model = Path(args.model) if args.model else save_random_model(tmp / "model.pth", args.base_width)
-    src = tmp / "folder"
-    src.mkdir()
     generator = torch.Generator().manual_seed(0)
-    for i in range(args.folder_images):
-        arr = (torch.rand(256, 256, 3, generator=generator) * 255).to(torch.uint8).numpy()
-        Image.fromarray(arr).save(src / f"img{i:03d}.jpg", quality=90)
+    pixels = [(torch.rand(height, width, 3, generator=generator) * 255).to(torch.uint8).numpy()]
+
+    def folder(name: str, count: int) -> Path:
+        src = tmp / name
+        src.mkdir()
+        for i in range(count):
+            Image.fromarray(pixels[0]).save(src / f"img{i:03d}.jpg", quality=90)
+        return src
+
+    def run(src: Path, batch_size: int) -> dict:
+        out = tmp / f"out_{src.name}_{batch_size}"
+        overrides = [f"model={model}", f"input={src}", f"output={out}", f"batch_size={batch_size}"]
+        return _spawn({"kind": "folder", "threads": args.threads, "overrides": [*overrides, f"device={args.device}"]})
+
+    src = folder("folder", args.folder_images)
+    per_image: dict[int, float] = {}
     for batch_size in sorted({1, args.batch_size}):
-        res = _spawn(
-            {
-                "kind": "folder",
-                "threads": args.threads,
-                "overrides": [
-                    f"model={model}",
-                    f"input={src}",
-                    f"output={tmp / f'out{batch_size}'}",
-                    f"batch_size={batch_size}",
-                    f"device={args.device}",
-                ],
-            }
-        )
+        res = run(src, batch_size)
         if "error" in res:
-            print(f"folder 256x256 batch_size={batch_size}: error {res['error']}")
+            print(f"folder {size} batch_size={batch_size}: error {res['error']}")
             continue
+        per_image[batch_size] = res["seconds"]
         print(
-            f"folder {res['written']} x 256x256 jpg, batch_size={batch_size}: "
+            f"folder {res['written']} x {size} jpg, batch_size={batch_size}: "
             f"{res['written'] / res['seconds']:.2f} images/s end to end (decode+net+encode), "
             f"peak RSS {res['peak_rss_mb']:.0f} MiB"
         )
+    if width * height >= 1_000_000 and args.folder_images > 1 and 1 in per_image:
+        one = run(folder("one", 1), 1)
+        if "error" not in one:
+            further = (per_image[1] - one["seconds"]) / (args.folder_images - 1)
+            print(
+                f"folder {size}, batch_size=1: {further:.3f} s per further photo (I/O included), "
+                f"one photo alone {one['seconds']:.3f} s"
+            )
 
 
 def bench_1080p(args: argparse.Namespace, peaks: dict[str, float]) -> None:
