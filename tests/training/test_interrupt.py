@@ -182,13 +182,18 @@ def test_signal_saves_the_current_step_and_the_printed_command_resumes(tmp_path:
 
 
 # Once the test creates the "armed" file, os.replace (the rename that completes every atomic write) of last.pt is
-# held up, so that the second Ctrl-C reliably lands while the checkpoint after the first one is being written. The
-# hold (10 minutes) is far longer than any exit may take on a loaded machine, so "exits at once" is no race.
+# held up, so that the second Ctrl-C reliably lands while a checkpoint is being written. The hold (10 minutes) is far
+# longer than any exit may take on a loaded machine, so "exits at once" is no race. The "saving" file (the cue for the
+# second Ctrl-C) appears only once the first Ctrl-C is handled, because a periodic checkpoint may reach the held rename
+# first and a SIGINT sent while the previous one is still pending merges with it (signals do not queue).
 SLOW_RENAME = """
 import os, pathlib, runpy, sys, time
+from training.interrupt import active_stop_signals
 real_replace = os.replace
 def slow_replace(src, dst, *args, **kwargs):
     if os.path.basename(str(dst)) == "last.pt" and os.path.exists(os.environ["FASTSTYLE_TEST_ARMED"]):
+        while active_stop_signals().signum is None:
+            time.sleep(0.01)
         pathlib.Path(os.environ["FASTSTYLE_TEST_SAVING"]).touch()
         time.sleep(600)
     return real_replace(src, dst, *args, **kwargs)
@@ -208,7 +213,7 @@ def test_second_ctrl_c_exits_at_once_and_leaves_the_last_checkpoint_intact(
     run.wait_for(lambda: run.step() >= 3)  # step 2's checkpoint is written
     armed.touch()
     run.proc.send_signal(signal.SIGINT)
-    run.wait_for(saving.exists)  # the checkpoint after the first Ctrl-C is being written
+    run.wait_for(saving.exists)  # the first Ctrl-C is handled and a checkpoint is being written
     run.proc.send_signal(signal.SIGINT)
     assert run.finish(timeout_s=120) == 130  # did not wait for the rename held up for 600 s
     assert "Traceback" not in run.stderr
