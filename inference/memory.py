@@ -32,16 +32,16 @@ FRAME_FLOAT_BYTES_PER_PX = 16
 (Runner.network_bytes): its float32 copy as it enters the network (12) and the finished 8-bit frame (3, and a
 margin)."""
 
-UNTILED_BYTES_PER_PIXEL_W32 = 1450
+UNTILED_BYTES_PER_PIXEL_W32 = 1600
 """Calibrated: peak bytes per canvas pixel of a plain ``net(x)`` at base_width 32 (float32, CPU, inference mode) run
 layer by layer, an upper bound of the peak RSS growth over memory layouts and allocators. Re-measure with
 ``python -m benchmarks stylize --only speed --variants eager_layers_malloc,cl_layers_malloc``: for each 1920x1080
 variant, (peak RSS - RSS before the forward pass) / (1920 * 1088 canvas pixels) must stay below this value."""
 
-FUSED_UNTILED_BYTES_PER_PIXEL_W32 = 1000
-"""The same bound for the fused CPU path (models/fused.py), which keeps fewer activations alive: each convolution's
-output becomes the next one's padded input in one buffer. Re-measure with ``python -m benchmarks stylize --only
-speed --variants eager_malloc,cl_malloc``."""
+FUSED_UNTILED_BYTES_PER_PIXEL_W32 = {True: 750, False: 1100}
+"""The same bound for the fused CPU path (models/fused.py), channels-last (True) and NCHW (False); it keeps fewer
+activations alive, since each convolution's output becomes the next one's padded input in one buffer. Re-measure
+with ``python -m benchmarks stylize --only speed --variants cl_malloc,eager_malloc``."""
 
 UNTILED_FIXED_BYTES_PER_PIXEL = 200
 """Of ``UNTILED_BYTES_PER_PIXEL_W32``, the bytes that do not shrink with a narrower network: the image's own float
@@ -61,23 +61,23 @@ image, the blend), the 8-bit conversion and the strip pasted back, 8 float32 cop
 the executor so that its strip sizes include it; ``python -m benchmarks huge`` checks the whole path's bound."""
 
 
-def canvas_bytes_per_pixel(base_width: int, fused: bool = False) -> float:
-    """``UNTILED_BYTES_PER_PIXEL_W32`` (``fused``: ``FUSED_UNTILED_BYTES_PER_PIXEL_W32``) for a network of
-    ``base_width``: the fixed part plus the scaled rest."""
-    per_pixel = FUSED_UNTILED_BYTES_PER_PIXEL_W32 if fused else UNTILED_BYTES_PER_PIXEL_W32
+def canvas_bytes_per_pixel(base_width: int, fused: bool = False, channels_last: bool = False) -> float:
+    """``UNTILED_BYTES_PER_PIXEL_W32`` (``fused``: ``FUSED_UNTILED_BYTES_PER_PIXEL_W32`` of the layout) for a
+    network of ``base_width``: the fixed part plus the scaled rest."""
+    per_pixel = FUSED_UNTILED_BYTES_PER_PIXEL_W32[channels_last] if fused else UNTILED_BYTES_PER_PIXEL_W32
     scaled = (per_pixel - UNTILED_FIXED_BYTES_PER_PIXEL) * max(base_width, 1) / 32
     return UNTILED_FIXED_BYTES_PER_PIXEL + scaled
 
 
-def untiled_bytes_estimate(net: TransformerNet, height: int, width: int) -> int:
-    """Estimated peak bytes of a plain ``net(x)`` on one (height, width) image (float32, CPU), with the image's own
-    float copies (input, canvas, output, color finishing) that do not shrink with a narrower network; by the fused
-    CPU path's bound where that path serves the network."""
+def untiled_bytes_estimate(net: TransformerNet, height: int, width: int, channels_last: bool = False) -> int:
+    """Estimated peak bytes of a plain ``net(x)`` on one (height, width) image (float32, CPU, ``channels_last`` the
+    network's memory layout), with the image's own float copies (input, canvas, output, color finishing) that do not
+    shrink with a narrower network; by the fused CPU path's bound where that path serves the network."""
     from inference.tiled_plan import canvas_size
     from models import fused
 
     base_width = net.config().get("base_width", 32)
-    per_pixel = canvas_bytes_per_pixel(base_width, fused.serves(net))
+    per_pixel = canvas_bytes_per_pixel(base_width, fused.serves(net), channels_last)
     return int(math.prod(canvas_size(height, width)) * per_pixel)
 
 

@@ -187,13 +187,15 @@ class Runner:
         fits max_memory_mb, else the tiled executor's budget; 0 on a GPU (that memory is the device's)."""
         if self.device.type != "cpu":
             return 0.0
-        per_image = self._estimate(self.net, height, width) * self.policy.activation_bytes_factor
-        return float(min(per_image * count, self.budget_mb * 2**20))
+        return float(min(self._untiled_bytes(height, width) * count, self.budget_mb * 2**20))
 
     def max_batch(self, height: int, width: int) -> int:
         """How many (height, width) images fit the memory budget untiled (0: must be tiled)."""
-        per_image = self._estimate(self.net, height, width) * self.policy.activation_bytes_factor
-        return int(self.budget_mb * 2**20 // max(per_image, 1))
+        return int(self.budget_mb * 2**20 // max(self._untiled_bytes(height, width), 1))
+
+    def _untiled_bytes(self, height: int, width: int) -> float:
+        """The untiled estimate of one (height, width) image in this network's layout and precision."""
+        return self._estimate(self.net, height, width, self.policy.channels_last) * self.policy.activation_bytes_factor
 
     @torch.inference_mode()
     def __call__(self, batch: list[Loaded]) -> list[torch.Tensor | Image.Image]:
