@@ -51,9 +51,11 @@ def layer_by_layer() -> Iterator[None]:
         FUSED_CPU_PATH = saved
 
 
-def serves(net: torch.nn.Module) -> bool:
+def serves(net: object) -> bool:
     """Whether this path runs ``net`` on CPU inputs it takes: the switch is on, the kernel is loaded, and ``net`` is a
-    one-style network with our InstanceNorm and nearest upsampling."""
+    one-style TransformerNet with our InstanceNorm and nearest upsampling (an ONNX graph, for one, is not)."""
+    if not isinstance(net, torch.nn.Module) or not hasattr(net, "encoder"):
+        return False
     config = net.config()
     return (
         FUSED_CPU_PATH
