@@ -2,8 +2,8 @@
 path").
 
 The layer-by-layer body reads and writes every activation four more times after each convolution: instance norm,
-ReLU (or the residual add), nearest upsample and reflection padding each make a full pass over memory, and together
-they took about two thirds of a 1080p forward pass on an AMX CPU. Here each convolution's output goes through
+ReLU (or the residual add), nearest upsample and reflection padding each make a full pass over memory, a large share
+of a forward pass where convolutions are fast (README, "Speed and memory"). Here each convolution's output goes through
 ``models.norm.norm_store`` instead, which normalises it and writes it, already ReLU'd or added to the residual,
 upsampled and padded, into the buffer the next convolution reads. A residual block's identity is the interior of
 the padded buffer its first convolution reads, so it is never stored twice.
@@ -76,7 +76,8 @@ def applies(net: torch.nn.Module, canvas: torch.Tensor) -> bool:
 def fused_body(net: torch.nn.Module, canvas: torch.Tensor) -> torch.Tensor:
     """``net.body(canvas)`` (unmapped output) by the fused path; ``canvas`` (N, 3, H, W) with H, W multiples of 4."""
     encoder, decoder = net.encoder, net.decoder
-    stored = _conv(F.pad(canvas, (4, 4, 4, 4), mode="reflect"), encoder[0].conv)
+    first = encoder[0].conv
+    stored = _conv(F.pad(canvas, (first.kernel_size[0] // 2,) * 4, mode="reflect"), first)
     stored = norm_store(encoder[1], stored, relu=True, pad=1)
     stored = norm_store(encoder[4], _conv(stored, encoder[3].conv), relu=True, pad=1)
     # After the encoder and each residual block, the next reader is a residual block (pad 1) or the decoder's first
@@ -120,7 +121,7 @@ def _last_conv(stored: torch.Tensor, conv: torch.nn.Conv2d, cells: int) -> torch
     out_channels, in_channels, k, _ = conv.weight.shape
     with torch.inference_mode(False):  # a cached index made in inference mode could not serve training later
         index = _cell_kernel_index(out_channels, in_channels, k, cells, str(conv.weight.device))
-    # gather the 9x9 taps into the cells' 3x3 kernel; index -1 picks the appended zero (taps outside the 9x9)
+    # gather the 9x9 taps into the cells' 3x3 kernel; the index one past the taps picks the appended zero
     taps = torch.cat([conv.weight.reshape(-1), conv.weight.new_zeros(1)])
     weight = taps[index]
     bias = None if conv.bias is None else conv.bias.repeat_interleave(cells * cells)
