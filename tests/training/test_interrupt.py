@@ -192,7 +192,8 @@ from training.interrupt import active_stop_signals
 real_replace = os.replace
 def slow_replace(src, dst, *args, **kwargs):
     if os.path.basename(str(dst)) == "last.pt" and os.path.exists(os.environ["FASTSTYLE_TEST_ARMED"]):
-        while active_stop_signals().signum is None:
+        deadline = time.monotonic() + 600  # bounded, like the hold: a child left behind must still end
+        while active_stop_signals().signum is None and time.monotonic() < deadline:
             time.sleep(0.01)
         pathlib.Path(os.environ["FASTSTYLE_TEST_SAVING"]).touch()
         time.sleep(600)
