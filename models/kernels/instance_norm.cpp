@@ -257,6 +257,27 @@ inline bool use_stream(int64_t numel) {
 #endif
 }
 
+// The normalisation of one (n, c) instance (flat index r) from its statistics: records its mean, biased variance
+// and rstd, and returns the coefficients of y = (x - mf) * sc + sh in the compute type. mf is the mean rounded to T;
+// sh carries the rounding error mf - mean in double (so every path normalises with the same numbers).
+template <typename T>
+struct Affine {
+  T mf, sc, sh;
+};
+
+template <typename T>
+Affine<T> normalisation(const Stat& s, int64_t M, double eps, const T* w, const T* b, int64_t c, int64_t r,
+                        double* mean, double* var, double* rstd) {
+  const double v = s.m2 / double(M);
+  const double rs = 1.0 / std::sqrt(v + eps);
+  const double scale = rs * (w ? double(w[c]) : 1.0);
+  const T mf = T(s.mean);
+  mean[r] = s.mean;
+  var[r] = v;
+  rstd[r] = rs;
+  return {mf, T(scale), T((b ? double(b[c]) : 0.0) + scale * (double(mf) - s.mean))};
+}
+
 // ---------------------------------------------------------------- rows (NCHW) ------------------------------------
 template <typename T>
 Stat row_stats(const T* x, int64_t m) {
@@ -390,16 +411,7 @@ void forward_rows(const S* x, S* y, const T* w, const T* b, int64_t N, int64_t C
       } else {
         s = row_stats(xr, M);
       }
-      const double v = s.m2 / double(M);
-      const double rs = 1.0 / std::sqrt(v + eps);
-      const int64_t c = r % C;
-      const double scale = rs * (w ? double(w[c]) : 1.0);
-      const T mf = T(s.mean);
-      const T sc = T(scale);
-      const T sh = T((b ? double(b[c]) : 0.0) + scale * (double(mf) - s.mean));
-      mean[r] = s.mean;
-      var[r] = v;
-      rstd[r] = rs;
+      const auto [mf, sc, sh] = normalisation(s, M, eps, w, b, r % C, r, mean, var, rstd);
       if constexpr (kNarrow<S>) {
         // chunk by chunk from the floats (widened again when the row was too long to keep)
         for (int64_t i0 = 0; i0 < M; i0 += kChunk) {
@@ -579,15 +591,10 @@ void chans_stats(const S* x, const T* w, const T* b, int64_t N, int64_t C, int64
         s.merge(pn[k], pm[k], pq[k]);
       }
       const int64_t r = n * C + c;
-      const double v = s.m2 / double(M);
-      const double rs = 1.0 / std::sqrt(v + eps);
-      const double scale = rs * (w ? double(w[c]) : 1.0);
-      mf[r] = T(s.mean);
-      sc[r] = T(scale);
-      sh[r] = T((b ? double(b[c]) : 0.0) + scale * (double(mf[r]) - s.mean));
-      mean[r] = s.mean;
-      var[r] = v;
-      rstd[r] = rs;
+      const Affine<T> a = normalisation(s, M, eps, w, b, c, r, mean, var, rstd);
+      mf[r] = a.mf;
+      sc[r] = a.sc;
+      sh[r] = a.sh;
     }
   }
 }
@@ -771,6 +778,18 @@ at::Tensor checked_param(const std::optional<at::Tensor>& p, const char* name, a
   return p->to(pt).contiguous();
 }
 
+// The (N, C) float64 mean, biased variance and rstd tensors the forward ops return.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stat_tensors(const at::Tensor& x, int64_t N, int64_t C) {
+  auto opts = x.options().dtype(at::kDouble);
+  return {at::empty({N, C}, opts), at::empty({N, C}, opts), at::empty({N, C}, opts)};
+}
+
+// A checked_param's values, or nullptr when the parameter is absent.
+template <typename T>
+const T* param_ptr(const at::Tensor& p) {
+  return p.defined() ? p.data_ptr<T>() : nullptr;
+}
+
 // Calls run(S{}) with the storage type of dtype st (checked by check_input).
 template <typename F>
 void dispatch(at::ScalarType st, F&& run) {
@@ -791,15 +810,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_op(const at::
   check_input(x, "x", channels_last);
   const auto [N, C, M] = ncm(x);
   at::Tensor y = at::empty_like(x);  // x is dense: y gets its strides, so its layout
-  auto opts = x.options().dtype(at::kDouble);
-  at::Tensor mean = at::empty({N, C}, opts), var = at::empty({N, C}, opts), rstd = at::empty({N, C}, opts);
+  auto [mean, var, rstd] = stat_tensors(x, N, C);
   const at::Tensor wc = checked_param(weight, "weight", x.scalar_type(), C);
   const at::Tensor bc = checked_param(bias, "bias", x.scalar_type(), C);
   dispatch(x.scalar_type(), [&](auto tag) {
     using S = decltype(tag);
     using T = acc_t<S>;
-    const T* w = wc.defined() ? wc.data_ptr<T>() : nullptr;
-    const T* b = bc.defined() ? bc.data_ptr<T>() : nullptr;
+    const T* w = param_ptr<T>(wc);
+    const T* b = param_ptr<T>(bc);
     auto f = channels_last ? forward_chans<S> : forward_rows<S>;
     f(x.data_ptr<S>(), y.data_ptr<S>(), w, b, N, C, M, eps, mean.data_ptr<double>(), var.data_ptr<double>(),
       rstd.data_ptr<double>());
@@ -827,7 +845,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& g, 
   dispatch(x.scalar_type(), [&](auto tag) {
     using S = decltype(tag);
     using T = acc_t<S>;
-    const T* w = wc.defined() ? wc.data_ptr<T>() : nullptr;
+    const T* w = param_ptr<T>(wc);
     auto f = channels_last ? backward_chans<S> : backward_rows<S>;
     f(g.data_ptr<S>(), x.data_ptr<S>(), dx.data_ptr<S>(), mean.data_ptr<double>(), rstd.data_ptr<double>(), w, N, C,
       M, sg.data_ptr<double>(), sgxhat.data_ptr<double>());
@@ -955,15 +973,8 @@ void store_rows(const S* x, S* out, const T* w, const T* b, int64_t N, int64_t C
       } else {
         s = row_stats(xr, M);
       }
-      const double v = s.m2 / double(M);
-      const double rs = 1.0 / std::sqrt(v + eps);
       const int64_t n = r / C, c = r % C;
-      const double scale = rs * (w ? double(w[c]) : 1.0);
-      const T mf = T(s.mean), sc = T(scale);
-      const T sh = T((b ? double(b[c]) : 0.0) + scale * (double(mf) - s.mean));
-      mean[r] = s.mean;
-      var[r] = v;
-      rstd[r] = rs;
+      const auto [mf, sc, sh] = normalisation(s, M, eps, w, b, c, r, mean, var, rstd);
       S* plane = out + r * g.Hp * g.Wp;
       for (int64_t y = 0; y < g.H; ++y) {
         const std::vector<int64_t>& dests = g.row_dest[y];
@@ -1066,22 +1077,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> store_op(const at::Te
   } else {
     out = at::empty({N, block * block * C, g.Hp / block, g.Wp / block}, x.options(), at::MemoryFormat::ChannelsLast);
   }
-  if (residual.has_value() && residual->defined()) {
-    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type() &&
-                    residual->device().is_cpu(),
-                "faststyle_norm.store: residual must match x's shape and dtype");
-  }
-  auto opts = x.options().dtype(at::kDouble);
-  at::Tensor mean = at::empty({N, C}, opts), var = at::empty({N, C}, opts), rstd = at::empty({N, C}, opts);
+  const bool has_residual = residual.has_value() && residual->defined();
+  TORCH_CHECK(!has_residual || (residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type() &&
+                                residual->device().is_cpu()),
+              "faststyle_norm.store: residual must match x's shape and dtype");
+  auto [mean, var, rstd] = stat_tensors(x, N, C);
   const at::Tensor wc = checked_param(weight, "weight", x.scalar_type(), C);
   const at::Tensor bc = checked_param(bias, "bias", x.scalar_type(), C);
   dispatch(x.scalar_type(), [&](auto tag) {
     using S = decltype(tag);
     using T = acc_t<S>;
-    const T* w = wc.defined() ? wc.data_ptr<T>() : nullptr;
-    const T* b = bc.defined() ? bc.data_ptr<T>() : nullptr;
+    const T* w = param_ptr<T>(wc);
+    const T* b = param_ptr<T>(bc);
     Residual<S> r;
-    if (residual.has_value() && residual->defined()) {
+    if (has_residual) {
       r = {residual->data_ptr<S>(), residual->stride(0), residual->stride(1), residual->stride(2),
            residual->stride(3)};
     }
