@@ -99,7 +99,7 @@ def fused_body(net: torch.nn.Module, canvas: torch.Tensor) -> torch.Tensor:
     else:
         # the kernel writes cells in channels-last only; in NCHW one rearranging copy still leaves it much faster
         stored = _to_cells(norm_store(decoder[4], stored, relu=True, pad=pad), LAST_BLOCK)
-    return _last_conv(stored, last, LAST_BLOCK)
+    return last_conv(stored, last, LAST_BLOCK)
 
 
 def _conv(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
@@ -115,7 +115,7 @@ def _to_cells(x: torch.Tensor, cells: int) -> torch.Tensor:
     return blocks.reshape(n, cells * cells * c, h // cells, w // cells)
 
 
-def _last_conv(stored: torch.Tensor, conv: torch.nn.Conv2d, cells: int) -> torch.Tensor:
+def last_conv(stored: torch.Tensor, conv: torch.nn.Conv2d, cells: int) -> torch.Tensor:
     """The network's last convolution, in space-to-depth form (see the module docstring), on its padded input stored
     in ``cells`` x ``cells`` cells."""
     out_channels, in_channels, k, _ = conv.weight.shape
@@ -150,4 +150,4 @@ def _cell_kernel_index(out_channels: int, in_channels: int, k: int, cells: int, 
     return flat.reshape(out_channels * cells * cells, cells * cells * in_channels, small, small).to(device)
 
 
-__all__ = ["FUSED_CPU_PATH", "applies", "fused_body", "layer_by_layer", "serves"]
+__all__ = ["FUSED_CPU_PATH", "LAST_BLOCK", "applies", "fused_body", "last_conv", "layer_by_layer", "serves"]

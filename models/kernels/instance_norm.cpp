@@ -880,6 +880,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& g, 
 // normalised once and copied to every output row that reads it. With block > 1 (channels-last only) the output is
 // (N, Hp / block, Wp / block, block * block * C): padded pixel (py, px) lands in cell (py / block, px / block) at
 // channel ((py % block) * block + px % block) * C + c.
+//
+// A window (the tiled executor's strips): the source rows given are rows [src0, src0 + H) of an image of full_h rows,
+// and the output is the padded rows [q0, q1) of that image's geometry, so Hp = q1 - q0 rows; every padded row of the
+// window must read a source row that was given.
 struct StoreGeometry {
   int64_t H, W, up, pad, block, Hp, Wp;
   std::vector<int64_t> col_src;                // per output column, the source column
@@ -887,10 +891,18 @@ struct StoreGeometry {
   std::vector<std::vector<int64_t>> row_dest;  // per source row, the output rows that copy it
 
   StoreGeometry(int64_t h, int64_t w, int64_t u, int64_t p, int64_t b)
-      : H(h), W(w), up(u), pad(p), block(b), Hp(u * h + 2 * p), Wp(u * w + 2 * p), col_src(Wp), col_off(Wp), row_dest(h) {
+      : StoreGeometry(h, w, u, p, b, h, 0, 0, u * h + 2 * p) {}
+  StoreGeometry(int64_t h, int64_t w, int64_t u, int64_t p, int64_t b, int64_t full_h, int64_t src0, int64_t q0,
+                int64_t q1)
+      : H(h), W(w), up(u), pad(p), block(b), Hp(q1 - q0), Wp(u * w + 2 * p), col_src(Wp), col_off(Wp), row_dest(h) {
     for (int64_t q = 0; q < Wp; ++q) col_src[q] = reflect(q - pad, up * W) / up;
     for (int64_t q = 0; q < Wp; ++q) col_off[q] = block == 1 ? q : (q / block) * block * block + q % block;
-    for (int64_t q = 0; q < Hp; ++q) row_dest[reflect(q - pad, up * H) / up].push_back(q);
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t y = reflect(q - pad, up * full_h) / up - src0;
+      TORCH_CHECK(y >= 0 && y < h, "faststyle_norm: padded row ", q, " reads source row ", y + src0,
+                  ", outside the rows given");
+      row_dest[y].push_back(q - q0);
+    }
   }
   static int64_t reflect(int64_t i, int64_t n) {
     if (i < 0) i = -i;
@@ -1008,12 +1020,23 @@ void store_rows(const S* x, S* out, const T* w, const T* b, int64_t N, int64_t C
 // Channels-last layout: the statistics sweep of forward_chans, then one parallel task per (n, source row): the row's
 // W * C values are finished once (straight into their first output row when nothing is upsampled or rearranged) and
 // copied, C at a time, to every output pixel that reads them. Long on purpose (as forward_chans).
+// With `given` (the window op) the coefficients (mf, sc, sh: C values each, the same for every n) are taken as given
+// instead of from the statistics of x.
 template <typename S, typename T = acc_t<S>>
 void store_chans(const S* x, S* out, const T* w, const T* b, int64_t N, int64_t C, const StoreGeometry& g, double eps,
-                 bool relu, const Residual<S>& res, double* mean, double* var, double* rstd) {
+                 bool relu, const Residual<S>& res, double* mean, double* var, double* rstd,
+                 const Affine<const T*>* given = nullptr) {
   const int64_t W = g.W, M = g.H * g.W;
   std::vector<T> mf(N * C), sc(N * C), sh(N * C);
-  chans_stats(x, w, b, N, C, M, eps, mean, var, rstd, mf.data(), sc.data(), sh.data());
+  if (given == nullptr) {
+    chans_stats(x, w, b, N, C, M, eps, mean, var, rstd, mf.data(), sc.data(), sh.data());
+  } else {
+    for (int64_t r = 0; r < N * C; ++r) {
+      mf[r] = given->mf[r % C];
+      sc[r] = given->sc[r % C];
+      sh[r] = given->sh[r % C];
+    }
+  }
   const bool direct = g.up == 1 && g.block == 1;
   const int64_t bytes = C * int64_t(sizeof(S));
   at::parallel_for(0, N * g.H, 1, [&](int64_t t0, int64_t t1) {
@@ -1022,6 +1045,7 @@ void store_chans(const S* x, S* out, const T* w, const T* b, int64_t N, int64_t 
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / g.H, y = t % g.H;
       const std::vector<int64_t>& dests = g.row_dest[y];
+      if (dests.empty()) continue;  // a window's source row that only reflection would read, and none does
       const S* xr = x + (n * M + y * W) * C;
       S* values = direct ? out + g.cl_offset(n, dests[0], g.pad, C) : source.data();
       T* target;
@@ -1094,13 +1118,83 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> store_op(const at::Te
       r = {residual->data_ptr<S>(), residual->stride(0), residual->stride(1), residual->stride(2),
            residual->stride(3)};
     }
-    auto f = channels_last ? store_chans<S> : store_rows<S>;
-    f(x.data_ptr<S>(), out.data_ptr<S>(), w, b, N, C, g, eps, relu, r, mean.data_ptr<double>(),
-      var.data_ptr<double>(), rstd.data_ptr<double>());
+    if (channels_last) {
+      store_chans<S>(x.data_ptr<S>(), out.data_ptr<S>(), w, b, N, C, g, eps, relu, r, mean.data_ptr<double>(),
+                     var.data_ptr<double>(), rstd.data_ptr<double>());
+    } else {
+      store_rows<S>(x.data_ptr<S>(), out.data_ptr<S>(), w, b, N, C, g, eps, relu, r, mean.data_ptr<double>(),
+                    var.data_ptr<double>(), rstd.data_ptr<double>());
+    }
   });
   return {out, mean, var, rstd};
 }
 
+
+// The tiled executor's strip of store_op (channels-last only): x (N, C, h, W) holds rows [src_row0, src_row0 + h) of
+// an activation of full_h rows; the output is the padded rows [out_row0, out_row1) of the store's geometry for that
+// activation (in cells when block > 1: out_row0 and the row count must divide by block). The normalisation is given,
+// y = (x - mf) * sc + sh per channel (mf, sc, sh: C float64 values, from statistics of the whole activation), as are
+// the ReLU and the residual (x's shape and dtype, any strides).
+at::Tensor window_op(const at::Tensor& x, const at::Tensor& mf, const at::Tensor& sc, const at::Tensor& sh, bool relu,
+                     const std::optional<at::Tensor>& residual, int64_t up, int64_t pad, int64_t block, int64_t full_h,
+                     int64_t src_row0, int64_t out_row0, int64_t out_row1) {
+  check_input(x, "x", true);
+  TORCH_CHECK(x.dim() == 4, "faststyle_norm.window: x must be (N, C, h, W)");
+  TORCH_CHECK(up == 1 || up == 2, "faststyle_norm.window: up must be 1 or 2");
+  const int64_t N = x.size(0), C = x.size(1), h = x.size(2), W = x.size(3);
+  TORCH_CHECK(pad >= 0 && pad < up * full_h && pad < up * W, "faststyle_norm.window: pad must be in [0, the side)");
+  TORCH_CHECK(src_row0 >= 0 && src_row0 + h <= full_h && 0 <= out_row0 && out_row0 < out_row1 &&
+                  out_row1 <= up * full_h + 2 * pad,
+              "faststyle_norm.window: the rows lie outside the activation");
+  TORCH_CHECK(block >= 1 && out_row0 % block == 0 && (out_row1 - out_row0) % block == 0 && (up * W + 2 * pad) % block == 0,
+              "faststyle_norm.window: the window's rows and the padded width must divide by block");
+  for (const at::Tensor* t : {&mf, &sc, &sh}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kDouble && t->numel() == C,
+                "faststyle_norm.window: mf, sc, sh must be ", C, " float64 values on the CPU");
+  }
+  const StoreGeometry g(h, W, up, pad, block, full_h, src_row0, out_row0, out_row1);
+  const at::Tensor out = at::empty({N, block * block * C, g.Hp / block, g.Wp / block}, x.options(),
+                                   at::MemoryFormat::ChannelsLast);
+  const bool has_residual = residual.has_value() && residual->defined();
+  TORCH_CHECK(!has_residual || (residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type() &&
+                                residual->device().is_cpu()),
+              "faststyle_norm.window: residual must match x's shape and dtype");
+  dispatch(x.scalar_type(), [&](auto tag) {
+    using S = decltype(tag);
+    using T = acc_t<S>;
+    std::vector<T> k(3 * C);
+    const at::Tensor parts[3] = {mf.contiguous(), sc.contiguous(), sh.contiguous()};
+    for (int64_t i = 0; i < 3; ++i) {
+      const double* p = parts[i].data_ptr<double>();
+      for (int64_t c = 0; c < C; ++c) k[i * C + c] = T(p[c]);
+    }
+    const Affine<const T*> given{k.data(), k.data() + C, k.data() + 2 * C};
+    Residual<S> r;
+    if (has_residual) {
+      r = {residual->data_ptr<S>(), residual->stride(0), residual->stride(1), residual->stride(2),
+           residual->stride(3)};
+    }
+    store_chans<S>(x.data_ptr<S>(), out.data_ptr<S>(), static_cast<const T*>(nullptr), static_cast<const T*>(nullptr),
+                   N, C, g, 0.0, relu, r, nullptr, nullptr, nullptr, &given);
+  });
+  return out;
+}
+
+// Per (n, c) mean and biased variance (float64) of a channels-last x: the statistics the forward ops take, for the
+// tiled executor, which merges them strip by strip.
+std::tuple<at::Tensor, at::Tensor> moments_op(const at::Tensor& x) {
+  check_input(x, "x", true);
+  const auto [N, C, M] = ncm(x);
+  auto [mean, var, rstd] = stat_tensors(x, N, C);
+  dispatch(x.scalar_type(), [&](auto tag) {
+    using S = decltype(tag);
+    using T = acc_t<S>;
+    std::vector<T> mf(N * C), sc(N * C), sh(N * C);
+    chans_stats<S>(x.data_ptr<S>(), static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), N, C, M, /*eps, for the unused rstd*/ 1.0, mean.data_ptr<double>(), var.data_ptr<double>(),
+                   rstd.data_ptr<double>(), mf.data(), sc.data(), sh.data());
+  });
+  return {mean, var};
+}
 
 // ---------------------------------------------- the store's backward (store_backward) -----------------------------
 // The gradient of the stored buffer gathered back to the source pixels: every output pixel that copied source pixel
@@ -1228,6 +1322,9 @@ TORCH_LIBRARY(faststyle_norm, m) {
         " int up, int pad, int block) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("store_backward(Tensor grad, Tensor out, Tensor x, Tensor mean, Tensor rstd, Tensor? weight,"
         " bool channels_last, bool relu, int up, int pad, int block) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("window(Tensor x, Tensor mf, Tensor sc, Tensor sh, bool relu, Tensor? residual, int up, int pad, int block,"
+        " int full_h, int src_row0, int out_row0, int out_row1) -> Tensor");
+  m.def("moments(Tensor x) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(faststyle_norm, CPU, m) {
@@ -1235,4 +1332,6 @@ TORCH_LIBRARY_IMPL(faststyle_norm, CPU, m) {
   m.impl("backward", backward_op);
   m.impl("store", store_op);
   m.impl("store_backward", store_backward_op);
+  m.impl("window", window_op);
+  m.impl("moments", moments_op);
 }

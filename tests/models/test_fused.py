@@ -227,3 +227,82 @@ def test_store_refuses_what_it_cannot_write() -> None:
         torch.ops.faststyle_norm.store(x, None, None, 1e-5, False, True, None, 1, 4, 4)
     with pytest.raises(RuntimeError, match="pad must be in"):
         torch.ops.faststyle_norm.store(x, None, None, 1e-5, False, True, None, 1, 8, 1)
+
+
+def _reflect(i: int, n: int) -> int:
+    i = abs(i)
+    return 2 * (n - 1) - i if i >= n else i
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("relu", "residual", "up", "pad", "block"),
+    [
+        (True, False, 1, 1, 1),
+        (False, True, 1, 0, 1),
+        (True, False, 2, 1, 1),
+        (True, False, 1, 4, 4),
+        (False, True, 2, 3, 1),
+    ],
+)
+def test_window_writes_every_strip_of_the_whole_store(dtype, relu, residual, up, pad, block) -> None:
+    """The tiled executor's window op: for every window of padded rows (every start and height, in whole cells), the
+    rows the whole-activation computation writes there, from only the source rows the window reads and a given
+    normalisation (x - mf) * sc + sh (the kernel takes mf, sc, sh in float32 for float32 and bfloat16)."""
+    gen = torch.Generator().manual_seed(3)
+    channels, height, width = 5, 9, 8
+    x = torch.randn(1, channels, height, width, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    res = torch.randn(x.shape, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    mf, sh = torch.randn(channels, dtype=torch.float64, generator=gen), torch.randn(channels, dtype=torch.float64)
+    sc = torch.rand(channels, dtype=torch.float64, generator=gen) + 0.5
+    whole = (x.double() - mf.float().double().view(1, -1, 1, 1)) * sc.view(1, -1, 1, 1) + sh.view(1, -1, 1, 1)
+    whole = whole + res.double() if residual else whole
+    whole = F.relu(whole) if relu else whole
+    whole = F.interpolate(whole, scale_factor=up, mode="nearest") if up > 1 else whole
+    whole = F.pad(whole, (pad,) * 4, mode="reflect")
+    padded_h = whole.shape[2]
+    for q0 in range(0, padded_h, block):
+        for q1 in range(q0 + block, padded_h + 1, block):
+            sources = [_reflect(q - pad, up * height) // up for q in range(q0, q1)]
+            lo, hi = min(sources), max(sources) + 1
+            got = torch.ops.faststyle_norm.window(
+                x[:, :, lo:hi],
+                mf,
+                sc,
+                sh,
+                relu,
+                res[:, :, lo:hi] if residual else None,
+                up,
+                pad,
+                block,
+                height,
+                lo,
+                q0,
+                q1,
+            )
+            want = whole[:, :, q0:q1]
+            want = fused._to_cells(want, block) if block > 1 else want
+            assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+            # float32: the same formula up to rounding; bfloat16: one rounding of the result (8 bits)
+            tol = want.abs() * (2**-7 if dtype == torch.bfloat16 else 1e-6) + 1e-6
+            assert ((got.double() - want).abs() <= tol).all(), (q0, q1)
+
+
+def test_window_refuses_rows_it_was_not_given() -> None:
+    x = torch.rand(1, 4, 3, 8).contiguous(memory_format=torch.channels_last)
+    k = torch.zeros(4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="outside the rows given"):  # padded rows 0..5 read source rows 0..4
+        torch.ops.faststyle_norm.window(x, k, k + 1, k, False, None, 1, 1, 1, 10, 0, 0, 6)
+    with pytest.raises(RuntimeError, match="divide by block"):
+        torch.ops.faststyle_norm.window(x, k, k + 1, k, False, None, 1, 1, 4, 10, 0, 0, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moments_are_the_channel_statistics(dtype) -> None:
+    """Mean and biased variance per (n, c), as the tiled executor merges them, from a mean far from zero."""
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(2, 6, 17, 23, generator=gen) * 0.5 + 40).to(dtype).contiguous(memory_format=torch.channels_last)
+    mean, var = torch.ops.faststyle_norm.moments(x)
+    exact = x.double()
+    torch.testing.assert_close(mean, exact.mean((2, 3)), rtol=1e-7, atol=0)
+    torch.testing.assert_close(var, exact.var((2, 3), unbiased=False), rtol=1e-4, atol=0)
