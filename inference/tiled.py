@@ -27,6 +27,13 @@ What this module does instead (exact up to floating-point summation order):
    (``TiledExecutor.stream``), without a store. stylize's sink (inference/runner.py) applies the color options
    and writes uint8.
 
+7. On the CPU with the fused kernel loaded (``TiledExecutor.fused``), steps 2, 4 and 5 take the fused path of
+   models/fused.py strip by strip: the kernel's window op reads a strip's raw input rows and writes them finished
+   (norm, ReLU), upsampled and padded, in the network's dtype, straight into the buffer the convolution reads; the
+   residual add is one pass of the same op; the stores hold the network's dtype (bfloat16 halves them); the last
+   convolution runs in space-to-depth form on whole 4x4 cells. Otherwise (CUDA, transposed convolutions, no kernel,
+   ``fused.layer_by_layer()``) each step is the torch call the network makes, in float32 stores.
+
 Every layer is computed once (plus the small halo rows), so the cost is about one untiled forward pass. Memory:
 the stores kept in RAM plus the strip being computed stay within the budget (strip heights come from an estimate
 of their working tensors: inference/memory.py, and ``_strip_rows``); the caller's images are outside it.
@@ -36,6 +43,7 @@ of their working tensors: inference/memory.py, and ``_strip_rows``); the caller'
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import tempfile
@@ -46,11 +54,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.device import release_freed_heap
-from inference.memory import FLOAT_BYTES, pointwise_row_bytes, strip_bytes
+from inference.memory import pointwise_row_bytes, strip_bytes
 from inference.tiled_plan import SpatialOp, build_plan, canvas_size
-from inference.tiled_stats import ChannelStats, PointwiseFn, norm_fn, norm_needs_stats, relu
+from inference.tiled_stats import (
+    ChannelStats,
+    Finish,
+    PointwiseFn,
+    finish_of,
+    finish_pattern,
+    norm_fn,
+    norm_needs_stats,
+    relu,
+)
 from inference.tiled_stores import DiskStore, RamStore, RowReader, SinkStore, SourceStore, Store, StripSink
 from models import fused
+from models.kernels import INSTANCE_NORM, load_kernel
 from models.transformer import SIZE_MULTIPLE, TransformerNet, pad_to_multiple
 
 logger = logging.getLogger(__name__)
@@ -68,6 +86,7 @@ class _Lazy:
 
     store: Store
     pending: list[PointwiseFn] = field(default_factory=list)
+    finish: Finish | None = None  # the fused path's form of ``pending`` (applied by the kernel, never by read)
 
     def read(self, lo: int, hi: int, inplace: bool = False) -> Tensor:
         """Rows [lo, hi) as (h, W, C) with the pending functions applied. ``inplace``: the caller will not read
@@ -88,6 +107,44 @@ def _nchw_view(tile: Tensor) -> Tensor:
     copies: a layout conversion of every strip, and oneDNN's slower NCHW convolution after it).
     """
     return tile.unsqueeze(0).permute(0, 3, 1, 2)
+
+
+def _window(
+    rows: Tensor,
+    finish: Finish,
+    residual: Tensor | None,
+    *,
+    up: int = 1,
+    pad: int = 0,
+    block: int = 1,
+    full_h: int,
+    src_row0: int,
+    out_rows: tuple[int, int],
+) -> Tensor:
+    """The kernel's window op (models/kernels/instance_norm.cpp) on (h, W, C) rows of an activation of ``full_h``
+    rows that start at ``src_row0``: ``finish`` them (plus ``residual``, rows of the same shape), upsample, pad, and
+    return the padded rows ``out_rows`` as a (1, C', h', W') channels-last tensor of the rows' dtype."""
+    return torch.ops.faststyle_norm.window(
+        _nchw_view(rows),
+        finish.mf,
+        finish.sc,
+        finish.sh,
+        finish.relu,
+        None if residual is None else _nchw_view(residual),
+        up,
+        pad,
+        block,
+        full_h,
+        src_row0,
+        *out_rows,
+    )
+
+
+def _cells_apply(op: SpatialOp, out_h: int, out_w: int) -> bool:
+    """Whether ``op`` (the last convolution) runs in models/fused.py's space-to-depth form: the 9x9 convolution the
+    TransformerNet ends with, on sides that are whole cells."""
+    k, cells = op.conv.kernel_size[0], fused.LAST_BLOCK
+    return (k, op.pad, op.conv.stride[0], op.upsample) == (9, 4, 1, 1) and out_h % cells == 0 and out_w % cells == 0
 
 
 class TiledExecutor:
@@ -123,6 +180,8 @@ class TiledExecutor:
         self.strip_rows = strip_rows
         param = next(net.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self.fused = self._fusable()
+        self.store_dtype = self.dtype if self.fused else torch.float32
         self._ram_in_use = 0
         self._open: list[Store] = []
         self._tmp = ""
@@ -213,6 +272,21 @@ class TiledExecutor:
             self.peak_work_bytes / 2**20,
         )
 
+    def _fusable(self) -> bool:
+        """Whether strips take the fused CPU path: the kernel's window op writes each convolution's input rows,
+        finished (norm, ReLU), upsampled and padded, in one pass and in the network's dtype, which the stores then
+        hold too (bfloat16 halves their memory and traffic). As for the untiled network (models/fused.py), the
+        switch ``fused.FUSED_CPU_PATH`` (read when the executor is made) turns it off."""
+        ops = [*self.plan.encoder, *(op for block in self.plan.blocks for op in block), *self.plan.decoder]
+        return bool(
+            fused.FUSED_CPU_PATH
+            and self.device.type == "cpu"
+            and self.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+            and not any(op.transpose for op in ops)
+            and all(finish_pattern(op.after) for op in ops)
+            and load_kernel(INSTANCE_NORM)
+        )
+
     # -- memory accounting -------------------------------------------------------------------------------------
     def _strip_rows(self, fixed: float, per_row: float, height: int) -> int:
         """Rows per strip (at least 1, at most ``height``) for a pass whose strip of r rows needs an estimated
@@ -252,15 +326,15 @@ class TiledExecutor:
 
     # -- steps -----------------------------------------------------------------------------------------------
     def _alloc(self, channels: int, height: int, width: int, in_ram: bool) -> Store:
-        size = channels * height * width * FLOAT_BYTES
         if in_ram:
-            self._ram_in_use += size
+            store: Store = RamStore(channels, height, width, self.store_dtype)
+            self._ram_in_use += store.nbytes
             self.peak_store_bytes = max(self.peak_store_bytes, self._ram_in_use)
-            store: Store = RamStore(channels, height, width)
         else:
             self.disk_stores_used += 1
+            size = channels * height * width * self.store_dtype.itemsize
             logger.debug("activation %dx%dx%d (%.0f MiB) goes to disk", channels, height, width, size / 2**20)
-            store = DiskStore(channels, height, width, self._tmp)
+            store = DiskStore(channels, height, width, self._tmp, self.store_dtype)
         self._open.append(store)
         return store
 
@@ -289,7 +363,7 @@ class TiledExecutor:
         fixed = strip_bytes(op, 0, in_w, out_w, sink_bytes_per_px)
         per_row = strip_bytes(op, 1, in_w, out_w, sink_bytes_per_px) - fixed
         if out is None:
-            size = op.out_channels * out_h * out_w * FLOAT_BYTES
+            size = op.out_channels * out_h * out_w * self.store_dtype.itemsize
             in_ram = size + fixed + per_row * min(MIN_FAST_ROWS, out_h) <= self.budget_bytes - self._ram_in_use
             out = self._alloc(op.out_channels, out_h, out_w, in_ram)
         rows = self._strip_rows(fixed, per_row, out_h)  # after the allocation: a RAM store leaves less room
@@ -298,6 +372,11 @@ class TiledExecutor:
         # One strip covering everything reads each input row once: pending norms may then run in place.
         inplace = rows >= out_h and free_input
         strip = self._transpose_strip if op.transpose else self._conv_strip
+        if self.fused:
+            cells = isinstance(out, SinkStore) and _cells_apply(op, out_h, out_w)
+            strip = functools.partial(self._fused_strip, cells=cells)
+            if cells:
+                rows = max(fused.LAST_BLOCK, rows - rows % fused.LAST_BLOCK)  # whole cells
         for r0 in range(0, out_h, rows):
             r1 = min(out_h, r0 + rows)
             tile = strip(act, op, r0, r1, inplace)
@@ -308,6 +387,8 @@ class TiledExecutor:
         if free_input:
             self._free(act.store)
         release_freed_heap()
+        if self.fused:
+            return _Lazy(out, finish=finish_of(op.after, op.out_channels, stats))
         pending: list[PointwiseFn] = []
         for module in op.after:
             pending.append(relu if isinstance(module, nn.ReLU) else norm_fn(module, stats))
@@ -338,6 +419,24 @@ class TiledExecutor:
             x = F.pad(x, pads, mode="reflect")
         return self._run_conv(x, op)
 
+    def _fused_strip(self, act: _Lazy, op: SpatialOp, r0: int, r1: int, inplace: bool, cells: bool) -> Tensor:
+        """Output rows [r0, r1) on the fused path: the kernel's window op writes the padded (and upsampled) input
+        rows the strip reads, finished and in the convolution's dtype, in one pass; the convolution's channels-last
+        output is then the (h, W, C) tile itself. ``cells``: the last convolution, in the space-to-depth form of
+        models/fused.py (the window op writes the 4x4 cells), its output as float32 for the sink."""
+        k, s, p, u = op.conv.kernel_size[0], op.conv.stride[0], op.pad, op.upsample
+        full_h = act.store.shape[1]
+        q0, q1 = r0 * s, (r1 - 1) * s + k  # the padded input rows the strip reads
+        first, stop = max(q0 - p, 0), min(q1 - p, full_h * u)  # of those, the rows inside the upsampled input
+        src_lo, src_hi = first // u, -(-stop // u)
+        rows = act.store.read(src_lo, src_hi).to(self.dtype)  # the source image's strip is float32
+        finish = act.finish or Finish.identity(op.in_channels)
+        block = fused.LAST_BLOCK if cells else 1
+        x = _window(rows, finish, None, up=u, pad=p, block=block, full_h=full_h, src_row0=src_lo, out_rows=(q0, q1))
+        if cells:
+            return fused.last_conv(x, op.conv, block)[0].permute(1, 2, 0).float()
+        return F.conv2d(x, op.weight_cl(self.dtype), op.conv.bias, op.conv.stride)[0].permute(1, 2, 0)
+
     def _transpose_strip(self, act: _Lazy, op: SpatialOp, r0: int, r1: int, inplace: bool) -> Tensor:
         conv = op.conv
         k, s, p, outpad = conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.output_padding[0]
@@ -356,13 +455,17 @@ class TiledExecutor:
 
     def _materialize(self, act: _Lazy) -> _Lazy:
         """Apply pending pointwise functions into the store, in place (the store must be ours)."""
-        if not act.pending:
+        if not act.pending and act.finish is None:
             return act
         channels, height, width = act.store.shape
         rows = self._pointwise_rows(channels, height, width, copies=2)
         for r0 in range(0, height, rows):
             r1 = min(height, r0 + rows)
-            act.store.write(r0, act.read(r0, r1, inplace=True))
+            if act.finish is not None:
+                done = _window(act.store.read(r0, r1), act.finish, None, full_h=height, src_row0=r0, out_rows=(r0, r1))
+                act.store.write(r0, done[0].permute(1, 2, 0))
+            else:
+                act.store.write(r0, act.read(r0, r1, inplace=True))
         release_freed_heap()
         return _Lazy(act.store)
 
@@ -373,8 +476,13 @@ class TiledExecutor:
         for r0 in range(0, height, rows):
             r1 = min(height, r0 + rows)
             target = skip.read(r0, r1)  # a view for a RAM store: the addition lands in place
-            target.add_(delta.read(r0, r1, inplace=True))
-            skip.write(r0, target)  # no-op for RAM (same memory), a write for disk
+            if delta.finish is not None:
+                rows_in = delta.store.read(r0, r1)
+                done = _window(rows_in, delta.finish, target, full_h=height, src_row0=r0, out_rows=(r0, r1))
+                target = done[0].permute(1, 2, 0)
+            else:
+                target.add_(delta.read(r0, r1, inplace=True))
+            skip.write(r0, target)  # no-op for RAM in place, a copy or a write otherwise
         self._free(delta.store)
         release_freed_heap()
 

@@ -1,4 +1,5 @@
-"""Where tiled inference keeps activations: each store holds one full activation (C, H, W) in float32, in RAM
+"""Where tiled inference keeps activations: each store holds one full activation (C, H, W) in float32 (or, on the
+fused CPU path, in the network's 16-bit dtype), in RAM
 (``RamStore``) or in a temporary file (``DiskStore``), or stands at the ends of the network: the caller's image read
 in row strips (``SourceStore``) and the caller's sink that takes the output strips (``SinkStore``). Every store lays
 an activation out as (H, W, C), so that a strip of rows is one contiguous block.
@@ -13,7 +14,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from inference.memory import FLOAT_BYTES
 from inference.tiled_plan import canvas_size
 from inference.tiled_stats import PointwiseFn
 
@@ -25,17 +25,18 @@ StripSink = Callable[[int, Tensor], None]
 
 
 class RamStore:
-    """An activation of C channels, H x W, held as an (H, W, C) float32 CPU tensor (channels-last).
+    """An activation of C channels, H x W, held as an (H, W, C) CPU tensor of ``dtype`` (channels-last).
 
     Channels-last because oneDNN's CPU convolutions run fastest on NHWC (``python -m benchmarks stylize``
     compares the layouts), and a strip of rows is then one contiguous block. Memory is allocated on the first
     write; a write of the whole activation adopts the tensor instead of copying it.
     """
 
-    def __init__(self, channels: int, height: int, width: int) -> None:
+    def __init__(self, channels: int, height: int, width: int, dtype: torch.dtype = torch.float32) -> None:
         self.shape = (channels, height, width)
+        self.dtype = dtype
         self.data: Tensor | None = None
-        self.nbytes = channels * height * width * FLOAT_BYTES
+        self.nbytes = channels * height * width * dtype.itemsize
 
     def read(self, lo: int, hi: int) -> Tensor:
         """Rows [lo, hi) as an (hi - lo, W, C) tensor: a view of the store (modifying it modifies the store)."""
@@ -47,7 +48,7 @@ class RamStore:
             if lo == 0 and tile.shape[0] == self.shape[1] and tile.is_contiguous():
                 self.data = tile
                 return
-            self.data = torch.empty((self.shape[1], self.shape[2], self.shape[0]), dtype=torch.float32)
+            self.data = torch.empty((self.shape[1], self.shape[2], self.shape[0]), dtype=self.dtype)
         if self.data[lo:].data_ptr() != tile.data_ptr():
             self.data[lo : lo + tile.shape[0]].copy_(tile)
 
@@ -56,17 +57,20 @@ class RamStore:
 
 
 class DiskStore:
-    """An activation of C channels, H x W, in a temporary file laid out as (H, W, C) float32.
+    """An activation of C channels, H x W, in a temporary file laid out as (H, W, C) values of ``dtype``.
 
     A strip of rows is one contiguous byte range (one read, one write). Plain pread/pwrite rather than a memory
     map: mapped pages that are touched count as resident memory of the process, page-cache pages do not, so the
     process's peak RSS stays bounded by the budget.
     """
 
-    def __init__(self, channels: int, height: int, width: int, directory: str) -> None:
+    def __init__(
+        self, channels: int, height: int, width: int, directory: str, dtype: torch.dtype = torch.float32
+    ) -> None:
         self.shape = (channels, height, width)
+        self.dtype = dtype
         self.nbytes = 0  # on disk: no RAM
-        self._row_bytes = channels * width * FLOAT_BYTES
+        self._row_bytes = channels * width * dtype.itemsize
         fd, self.path = tempfile.mkstemp(prefix="faststyle-tile-", suffix=".f32", dir=directory)
         self._fd: int | None = fd
         os.ftruncate(fd, height * self._row_bytes)
@@ -74,8 +78,8 @@ class DiskStore:
     def read(self, lo: int, hi: int) -> Tensor:
         """Rows [lo, hi) as a fresh (hi - lo, W, C) tensor."""
         channels, _, width = self.shape
-        buf = torch.empty((hi - lo, width, channels), dtype=torch.float32)
-        view = memoryview(buf.numpy()).cast("B")
+        buf = torch.empty((hi - lo, width, channels), dtype=self.dtype)
+        view = memoryview(buf.view(torch.uint8).numpy()).cast("B")  # bytes: numpy has no bfloat16
         offset, done = lo * self._row_bytes, 0
         while done < len(view):  # pread may return fewer bytes than asked (2 GiB per call on Linux)
             got = os.preadv(self._fd, [view[done:]], offset + done)
@@ -86,7 +90,7 @@ class DiskStore:
 
     def write(self, lo: int, tile: Tensor) -> None:
         """Store the (h, W, C) ``tile`` at rows [lo, lo + h)."""
-        view = memoryview(tile.contiguous().numpy()).cast("B")
+        view = memoryview(tile.contiguous().view(torch.uint8).numpy()).cast("B")
         offset, done = lo * self._row_bytes, 0
         while done < len(view):
             done += os.pwrite(self._fd, view[done:], offset + done)

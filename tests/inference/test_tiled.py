@@ -18,6 +18,7 @@ from inference.tiled import TiledExecutor
 from inference.tiled_plan import build_plan
 from inference.tiled_stats import ChannelStats
 from inference.tiled_stores import DiskStore, RamStore, SourceStore
+from models import fused
 from models.modelfile import save_model
 from models.transformer import SIZE_MULTIPLE, TransformerNet, pad_to_multiple
 from tests.support import REPO, perturb_weights, tiny_model_file, tiny_net
@@ -45,6 +46,40 @@ def test_strip_boundaries_do_not_matter() -> None:
     x = torch.rand(1, 3, 40, 52, generator=torch.Generator().manual_seed(2))
     outs = [TiledExecutor(net, budget_mb=1024, strip_rows=r, verify=False)(x) for r in (1, 5, 1000)]
     assert psnr(outs[0], outs[2]) > 80.0 and psnr(outs[1], outs[2]) > 80.0
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_fused_and_layer_strips_both_equal_the_network(norm: str) -> None:
+    """The two ways strips are computed (inference/tiled.py: the kernel's window op, or torch's passes when the fused
+    path is off) each reproduce the network in float32, on disk stores with strips of a few rows."""
+    net = tiny_net(norm, residual_blocks=2, scale=0.2)
+    x = torch.rand(1, 3, 44, 61, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode(), fused.layer_by_layer():
+        want = net(x)
+        layers = TiledExecutor(net, budget_mb=0.05)
+    fast = TiledExecutor(net, budget_mb=0.05)
+    assert fast.fused and not layers.fused
+    for executor in (fast, layers):
+        got = executor(x)
+        assert executor.disk_stores_used > 0
+        if norm == "instance":
+            torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+        else:  # eval batch norm on perturbed running statistics: activations near 1e4, where float32 rounds coarser
+            assert psnr(got, want) > 60.0
+
+
+def test_bf16_network_keeps_bf16_stores_and_stays_close() -> None:
+    """A bfloat16 network (stylize's precision=bf16) keeps its stores in bfloat16 on the fused path; the result stays
+    within bfloat16 rounding of the untiled bfloat16 network (both round every activation to 8 bits)."""
+    net = tiny_net("instance", residual_blocks=2, scale=0.2).to(torch.bfloat16)
+    x = torch.rand(1, 3, 44, 61, generator=torch.Generator().manual_seed(6))
+    executor = TiledExecutor(net, budget_mb=1024, strip_rows=5)
+    assert executor.fused and executor.store_dtype == torch.bfloat16
+    got = executor(x)
+    with torch.inference_mode():
+        want = net(x.to(torch.bfloat16)).float()
+    assert want.std() > 0.05
+    assert psnr(got, want) > 40.0
 
 
 def test_budget_bounds_ram_stores() -> None:
@@ -75,10 +110,11 @@ def test_channel_stats_merge_is_stable() -> None:
     assert torch.allclose(stats.var, var, rtol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["ram", "disk"])
-def test_store_round_trip(kind: str, tmp_path) -> None:
-    store = RamStore(3, 10, 7) if kind == "ram" else DiskStore(3, 10, 7, str(tmp_path))
-    data = torch.randn(10, 7, 3)  # (H, W, C): stores are channels-last
+def test_store_round_trip(kind: str, dtype: torch.dtype, tmp_path) -> None:
+    store = RamStore(3, 10, 7, dtype) if kind == "ram" else DiskStore(3, 10, 7, str(tmp_path), dtype)
+    data = torch.randn(10, 7, 3).to(dtype)  # (H, W, C): stores are channels-last
     store.write(0, data[:4])
     store.write(4, data[4:])
     assert torch.equal(store.read(2, 9), data[2:9])
