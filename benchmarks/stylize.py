@@ -4,7 +4,7 @@ completion).
 
     python -m benchmarks stylize                       # everything (~5-10 min on a 2-core CPU)
     python -m benchmarks stylize --only speed          # folder + 1080p variants only
-    python -m benchmarks stylize --only tiled --sizes 3840x2160
+    python -m benchmarks stylize --only tiled --sizes 3840x2160   # and 4K tiled vs four 1080p frames
     python -m benchmarks stylize --only speed --variants plain,best --base-width 16
 
 1920x1080 variants are names of ``_``-joined options (order free): ``plain`` = the plain configuration the way
@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from benchmarks.common import (
@@ -102,6 +103,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--malloc-reuse", action="store_true", help="reuse_freed_memory() in the tiled runs")
     parser.add_argument("--sizes", default="3840x2160,7680x4320", help="tiled sizes WxH, comma separated")
     parser.add_argument("--budget-mb", type=float, default=1536, help="tiled executor memory budget (MiB)")
+    parser.add_argument(
+        "--stylize-budget-mb",
+        type=float,
+        default=float(OmegaConf.load(REPO_ROOT / "configs" / "stylize.yaml").max_memory_mb),
+        help="budget of the tiled-vs-frames comparison (default: stylize's max_memory_mb default)",
+    )
     parser.add_argument("--image", default=str(CONTENT), help="photo for the PSNR check (resized to 1920x1080)")
     parser.add_argument("--out", default="outputs/reports/bench_stylize", help="where the PSNR check writes its PNGs")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -308,6 +315,34 @@ def _child(spec: dict) -> dict:
             "finite": bool(torch.isfinite(y).all()),
             "gflop": network_gflop(net, spec["height"], spec["width"]),
         }
+    if kind == "tiled_vs_frames":
+        # stylize's policy (precision=auto channels_last=auto malloc_reuse on), untiled frames and one tiled image
+        from core.precision import resolve_precision
+        from inference.tiled import TiledExecutor
+        from models import fused
+
+        fused.FUSED_CPU_PATH = not spec["layers"]
+        device = torch.device("cpu")
+        policy = resolve_precision(device, "auto", "auto", False, training=False)
+        net = policy.prepare_module(_net(spec["model"], base_width=spec.get("base_width", 32)), device).eval()
+        frame = policy.batch_to(torch.rand(1, 3, 1080, 1920), device)
+        with torch.inference_mode():
+            frame_s = time_call(lambda: net(frame), device)
+        del frame
+        executor = TiledExecutor(net, budget_mb=spec["budget_mb"])
+        image = (torch.rand(spec["height"], spec["width"], 3) * 255).to(torch.uint8)  # stylize's 8-bit rows
+
+        def tiled() -> None:
+            executor.stream(lambda lo, hi: image[lo:hi], spec["height"], spec["width"], lambda row, strip: None)
+
+        return {
+            "frame_s": frame_s,
+            "tiled_s": time_call(tiled, device, repeats=2),
+            "fused": executor.fused,
+            "store_dtype": str(executor.store_dtype).removeprefix("torch."),
+            "disk_stores": executor.disk_stores_used,
+            "policy": policy.describe(),
+        }
     if kind == "folder":
         from configs.schema import compose_stylize_config
         from inference.pipeline import stylize
@@ -468,6 +503,39 @@ def bench_tiled(args: argparse.Namespace) -> None:
         )
 
 
+def bench_tiled_vs_frames(args: argparse.Namespace) -> None:
+    """The first size of --sizes, tiled under stylize's own policy and default budget, against 1920x1080 frames
+    untiled in the same process, with the fused CPU path and without it (the issue's target: 4K tiled within 1.3x of
+    four 1080p frames)."""
+    width, height = (int(v) for v in args.sizes.split(",")[0].lower().split("x"))
+    frames = width * height / (1920 * 1080)
+    budget = args.stylize_budget_mb
+    for layers in (False, True):
+        res = _spawn(
+            {
+                "kind": "tiled_vs_frames",
+                "model": args.model,
+                "height": height,
+                "width": width,
+                "budget_mb": budget,
+                "layers": layers,
+                "threads": args.threads,
+                "malloc_reuse": True,
+                "base_width": args.base_width,
+            }
+        )
+        if "error" in res:
+            print(f"tiled {width}x{height} vs frames: error {res['error']}")
+            continue
+        path = "fused strips" if res["fused"] else "layer-by-layer strips"
+        ratio = res["tiled_s"] / (frames * res["frame_s"])
+        print(
+            f"tiled {width}x{height} ({path}, {res['store_dtype']} stores, budget {budget:.0f} MiB, "
+            f"{res['disk_stores']} on disk): {res['tiled_s']:.2f} s = {ratio:.2f}x "
+            f"the time of {frames:g} 1920x1080 frames untiled ({res['frame_s']:.3f} s each); {res['policy']}"
+        )
+
+
 def bench_psnr(args: argparse.Namespace) -> None:
     """Tiled (forced by a small budget) vs untiled at 1920x1080 on a real photo, instance and batch norm."""
     from core.metrics import psnr
@@ -524,6 +592,7 @@ def run(args: argparse.Namespace) -> int:
     if args.only in ("all", "psnr"):
         bench_psnr(args)
     if args.only in ("all", "tiled"):
+        bench_tiled_vs_frames(args)
         bench_tiled(args)
     return 0
 
