@@ -134,6 +134,7 @@ class StylizeSchema:
     precision: str = field(metadata=_choices("auto", "fp32", "fp16", "bf16"))
     onnx_pixel_range: Any = field(metadata=_choices("auto", "0-1", "0-255", 1, 255))
     channels_last: Any = field(metadata=SWITCH)
+    compile: Any = field(metadata=SWITCH)
     batch_size: int = field(metadata={"min": 1, "max": 1024})  # also bounded by max_memory_mb (Runner.max_batch)
     max_memory_mb: float = field(metadata={"min_exclusive": 0.0, "max": 2.0**20})  # 1 TiB
     tmp_dir: str | None

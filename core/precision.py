@@ -5,7 +5,7 @@ device, the three settings and whether the run trains, and get a frozen :class:`
 in the code base chooses an autocast dtype, a GradScaler, a memory format or compilation.
 
 Settings (config keys ``train.precision`` / ``precision``, ``train.channels_last`` / ``channels_last``,
-``train.compile``; stylize has no compile key and never compiles):
+``train.compile`` / ``compile``):
 
 - precision ``fp32``: no reduced precision; the reference every other setting is compared with.
 - precision ``bf16``: bfloat16 has fp32's exponent range, so training needs no loss scaling. Needs native bf16:
@@ -33,10 +33,13 @@ Why training and inference differ where they do:
   several times faster.
 - channels_last on CPU: oneDNN's NHWC kernels are faster for the forward pass alone, and for the whole bf16
   training step, but slower for the whole fp32 training step (README, "Speed and memory"); compile did not speed up
-  CPU training, in fp32 or bf16, and stylize meets a new input shape per image size, so it does not compile.
+  CPU training, in fp32 or bf16; stylize compiles only when asked (``compile=true``): it meets a new input shape per
+  image size, and on the CPU the compiled network was slower than the fused CPU path (models/fused.py) even after
+  its compile time (README, "The fused CPU path").
 
 The defaults are ``auto`` except ``train.compile``, which defaults to false (configs/train.yaml): turning
-compilation on is the user's choice, since its first step compiles for a while.
+compilation on is the user's choice, since its first step compiles for a while. Stylize's ``compile`` auto is off
+on every device.
 
 On the CPU the precision follows the hardware detected at run time (:func:`cpu_auto_precision`), never a constant
 written for one machine: the same code base runs on CPUs with AMX, with AVX512-BF16 only, and with AVX2 only.

@@ -38,11 +38,15 @@ Network = nn.Module | OnnxStyleModel
 
 
 def inference_policy(
-    net: Network, device: torch.device, precision: str = "auto", channels_last: bool | str = "auto"
+    net: Network,
+    device: torch.device,
+    precision: str = "auto",
+    channels_last: bool | str = "auto",
+    compile: bool | str = "auto",
 ) -> PrecisionPolicy:
-    """The precision policy a network runs under on ``device`` (core.precision's inference column; inference never
-    compiles: each image size would compile again). ONNX graphs run in fp32: onnxruntime computes in float32
-    whatever it is given, so a 16-bit input would only round the photo; a 16-bit request for one is refused."""
+    """The precision policy a network runs under on ``device`` (core.precision's inference column; ``compile`` auto
+    is off: each image size compiles again). ONNX graphs run in fp32: onnxruntime computes in float32 whatever it is
+    given, so a 16-bit input would only round the photo; a 16-bit request for one is refused, as is compiling one."""
     name = str(precision)
     if not isinstance(net, nn.Module):
         if name not in ("auto", "fp32"):
@@ -50,8 +54,12 @@ def inference_policy(
                 f"precision={name}: .onnx models run in fp32 through onnxruntime: use precision=auto or fp32, "
                 "or the .pth model"
             )
-        name = "fp32"
-    return precisions.resolve_precision(device, name, channels_last, False, training=False)
+        if precisions.resolve_switch(compile, "compile", device, False, "fp32"):
+            raise FaststyleError(
+                "compile=true: .onnx models run through onnxruntime: use compile=auto or the .pth model"
+            )
+        name, compile = "fp32", False
+    return precisions.resolve_precision(device, name, channels_last, compile, training=False)
 
 
 @dataclass
@@ -75,12 +83,14 @@ class StyleModel:
         *,
         precision: str = "auto",
         channels_last: bool | str = "auto",
+        compile: bool | str = "auto",
         meta: dict | None = None,
         path: str | os.PathLike = "<network in memory>",
     ) -> StyleModel:
         """A network already in memory (tests, benchmarks, a network being trained) under the same policy."""
         device = _device(device)
-        return cls(net, dict(meta or {}), Path(path), device, inference_policy(net, device, precision, channels_last))
+        policy = inference_policy(net, device, precision, channels_last, compile)
+        return cls(net, dict(meta or {}), Path(path), device, policy)
 
     @property
     def num_styles(self) -> int:
@@ -185,6 +195,7 @@ def load_style_model(
     device: str | torch.device = "cpu",
     precision: str = "auto",
     channels_last: bool | str = "auto",
+    compile: bool | str = "auto",
     pixel_range: str | int = "auto",
 ) -> StyleModel:
     """Read ``path`` (interop.read.read_model_file: torch networks onto the CPU, to be prepared per style; ONNX
@@ -192,7 +203,7 @@ def load_style_model(
     device = _device(device)
     path = Path(path)
     source, meta = read_model_file(path, device=device if is_onnx_file(path) else "cpu", pixel_range=pixel_range)
-    return StyleModel(source, meta, path, device, inference_policy(source, device, precision, channels_last))
+    return StyleModel(source, meta, path, device, inference_policy(source, device, precision, channels_last, compile))
 
 
 def load_network(

@@ -119,6 +119,7 @@ def stylize(cfg: DictConfig) -> Summary:
         device=str(cfg.device),
         precision=cfg.precision,
         channels_last=cfg.channels_last,
+        compile=cfg.compile,
         pixel_range=cfg.onnx_pixel_range,
     )
     choices, end, jobs, passed_over = _plan(cfg, model, model_path)

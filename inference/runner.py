@@ -155,6 +155,7 @@ class Runner:
         self.policy = network.policy
         precision.configure_backends(self.policy)
         self.net, self.device = network.net, network.device
+        self.forward = self._forward_of(self.net)
         self.budget_mb = float(cfg.max_memory_mb)
         if self.budget_mb <= 0:
             raise FaststyleError("max_memory_mb must be positive")
@@ -169,7 +170,9 @@ class Runner:
     def from_module(cls, net: torch.nn.Module, device: torch.device, cfg: DictConfig) -> Runner:
         """A Runner for a one-style network already in memory (tests, benchmarks), under the policy that
         ``cfg.precision`` and ``cfg.channels_last`` give it on ``device`` (inference.network.inference_policy)."""
-        model = StyleModel.from_network(net, device, precision=cfg.precision, channels_last=cfg.channels_last)
+        model = StyleModel.from_network(
+            net, device, precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.get("compile", "auto")
+        )
         return cls(model.network(), cfg)
 
     def with_style(self, style: str | int | StyleChoice) -> Runner:
@@ -179,8 +182,14 @@ class Runner:
         other = copy.copy(self)
         other.network = self.network.with_style(style)
         other.net = other.network.net
+        other.forward = other._forward_of(other.net)
         other._tiled = None
         return other
+
+    def _forward_of(self, net: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What runs untiled batches: the network, compiled when the policy says so (compile=true; each image size
+        compiles once, then runs the compiled graph). The tiled executor always takes the layers themselves."""
+        return self.policy.maybe_compile(net) if isinstance(net, torch.nn.Module) else net
 
     def network_bytes(self, height: int, width: int, count: int = 1) -> float:
         """Process memory the network takes for ``count`` (height, width) images: their untiled estimate while it
@@ -204,7 +213,7 @@ class Runner:
         height, width = batch[0].size
         if self.max_batch(height, width) >= len(batch):
             x = self.policy.batch_to(torch.stack([item.tensor() for item in batch]), self.device)
-            return list(self.net(x).to("cpu", torch.float32))
+            return list(self.forward(x).to("cpu", torch.float32))
         if not isinstance(self.net, torch.nn.Module):  # .onnx model: the tiled executor needs the torch layers
             raise FaststyleError(
                 f"a {width}x{height} image exceeds max_memory_mb={self.budget_mb:g} untiled and "
@@ -230,7 +239,7 @@ class Runner:
         bytes) and the CPU does no per-pixel work. The same pixels as __call__ followed by save_result's finishing.
         RuntimeError when the model produced NaN or infinite values."""
         content = frames.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-        out = self.net(self.policy.batch_to(content, self.device)).float()
+        out = self.forward(self.policy.batch_to(content, self.device)).float()
         if not bool(torch.isfinite(out).all()):
             raise RuntimeError(non_finite_error(out.cpu()))
         out = finish_colors(out, content, self.preserve_color, self.strength)

@@ -252,6 +252,7 @@ def _stylize_cfg(**values: object):
     base = {
         "precision": "auto",
         "channels_last": "auto",
+        "compile": "auto",
         "max_memory_mb": 2048,
         "tmp_dir": None,
         "preserve_color": False,
@@ -270,7 +271,7 @@ def test_runner_takes_its_settings_from_the_policy(fake_gpu: dict, monkeypatch: 
     runner = Runner.from_module(
         TransformerNet(base_width=8, residual_blocks=1), CPU, _stylize_cfg(channels_last="auto")
     )
-    assert calls == [{"device": CPU, "args": ("auto", "auto", False), "training": False}]
+    assert calls == [{"device": CPU, "args": ("auto", "auto", "auto"), "training": False}]
     weight = runner.net.encoder[0].conv.weight
     assert weight.dtype is torch.float16 and not weight.is_contiguous(memory_format=torch.channels_last)
     # The memory estimate follows the policy's dtype (half-size activations fit about twice the images) and its

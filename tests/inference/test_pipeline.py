@@ -15,6 +15,7 @@ from torch import nn
 from core.errors import FaststyleError
 from core.metrics import psnr
 from inference.color import rgb_to_ycbcr, ycbcr_to_rgb
+from inference.network import inference_policy
 from inference.pipeline import stylize
 from models.transformer import TransformerNet
 from stylize import compose_config
@@ -282,3 +283,21 @@ def test_a_model_that_outputs_nan_gets_one_message_whole_tiled_or_as_frames() ->
     with pytest.raises(RuntimeError) as tiles:
         tiled([Loaded(None, PILImage.fromarray(pixels[0].numpy()), size=(40, 48))])
     assert str(frames.value) == str(tiles.value) == expected
+
+
+def test_compile_true_runs_the_compiled_network_with_the_same_result(
+    model_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """compile=true (the opt-in for many equally sized images on a GPU) runs the network through torch.compile, here
+    on the CPU: the policy line says so, and the photos come out as without it. An .onnx model refuses it."""
+    for i in range(2):
+        photo(48, 32, seed=i).save(tmp_path / f"c{i}.png")
+    plain = run(model_file, tmp_path / "c*.png", output=tmp_path / "plain", precision="fp32")
+    with caplog.at_level("INFO"):
+        compiled = run(model_file, tmp_path / "c*.png", output=tmp_path / "compiled", precision="fp32", compile=True)
+    assert len(plain.written) == len(compiled.written) == 2
+    assert "compile: on (cpu, stylize)" in caplog.text
+    for a, b in zip(sorted(plain.written), sorted(compiled.written), strict=True):
+        assert psnr_files(a, b) >= 50.0
+    with pytest.raises(FaststyleError, match="compile=true: .onnx models"):
+        inference_policy(object(), torch.device("cpu"), compile=True)  # not an nn.Module: an ONNX session
