@@ -79,7 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", choices=["all", "speed", "tiled", "psnr"], default="all")
     parser.add_argument("--model", default=None, help="a trained model.pth (default: random TransformerNet)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--folder-images", type=int, default=32, help="number of images in the folder run")
+    parser.add_argument(
+        "--folder-images", type=int, default=32, help="number of images in the folder run (0: no folder run)"
+    )
     parser.add_argument(
         "--folder-size",
         default="256x256",
@@ -386,6 +388,8 @@ def bench_folder(args: argparse.Namespace, tmp: Path) -> None:
         overrides = [f"model={model}", f"input={src}", f"output={out}", f"batch_size={batch_size}"]
         return _spawn({"kind": "folder", "threads": args.threads, "overrides": [*overrides, f"device={args.device}"]})
 
+    if args.folder_images < 1:
+        return
     src = folder("folder", args.folder_images)
     per_image: dict[int, float] = {}
     for batch_size in sorted({1, args.batch_size}):

@@ -271,7 +271,10 @@ def load_image(
             return _decode(stripped, mode, min_short_side, max_pixels, name=path)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as err:
         hint = "is it a valid image file?"
-        if path.suffix.lower() in (".heic", ".heif") and not HEIF_SUPPORTED:
+        if isinstance(err, Image.DecompressionBombError):
+            limit = 2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6
+            hint = f"Pillow refuses over {limit:.0f} megapixels, a guard against decompression bombs: downscale it"
+        elif path.suffix.lower() in (".heic", ".heif") and not HEIF_SUPPORTED:
             hint = "HEIC/HEIF needs the optional package pillow-heif: pip install pillow-heif"
         elif isinstance(err, UnidentifiedImageError):
             kind = Image.registered_extensions().get(path.suffix.lower())

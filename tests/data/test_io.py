@@ -133,3 +133,23 @@ def test_saved_images_get_normal_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "perm.png").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_an_image_over_pillows_pixel_limit_says_what_to_do(tmp_path):
+    """A PNG whose header claims more pixels than Pillow's decompression-bomb guard allows (twice MAX_IMAGE_PIXELS):
+    one line naming the limit and the fix, not 'is it a valid image file?'."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    side = int((2 * Image.MAX_IMAGE_PIXELS) ** 0.5) + 1
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    # Pillow refuses at open, from the header: the (empty) pixel data is never read
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    (tmp_path / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    with pytest.raises(FaststyleError, match=r"huge.png: .*refuses over 179 megapixels.*downscale it"):
+        load_image(tmp_path / "huge.png")
