@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from core.errors import FaststyleError
+from core.limits import MODEL_RANGES
 from models.modelfile import load_model
 from models.norm import InstanceNorm
 from models.styles import style_names
@@ -40,6 +41,11 @@ def load_base(path: Path) -> tuple[TransformerNet, dict, list[str]]:
         raise FaststyleError(
             f"train.extend={path} has norm {net.config()['norm']!r}: only instance-norm networks hold several "
             "styles (conditional instance norm); train a new multi-style model instead"
+        )
+    most = MODEL_RANGES["num_styles"][1]
+    if net.num_styles >= most:
+        raise FaststyleError(
+            f"train.extend={path} holds {net.num_styles} styles, the most one network holds: it cannot take another"
         )
     return net, meta, base_style_names(meta, net.num_styles)
 

@@ -172,3 +172,16 @@ def test_extend_resumes_like_any_run(tmp_path: Path) -> None:
     assert resumed_model.num_styles == 3 and meta["styles"][-1] == "kandinsky_composition_8"
     for (name, a), (_, b) in zip(full_model.state_dict().items(), resumed_model.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_a_full_network_cannot_take_another_style(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.extend on a network that already holds the most styles one network holds (core.limits) is refused
+    before training, in one line, with nothing written (the limit lowered to 2 here, so the base stays tiny)."""
+    from core import limits
+
+    monkeypatch.setitem(limits.MODEL_RANGES, "num_styles", (1, 2))
+    base = _base_model(tmp_path, 2)
+    cfg = compose_train([f"style={NEW}", f"train.extend={base}"])
+    with pytest.raises(FaststyleError, match="holds 2 styles, the most one network holds"):
+        run_training(cfg, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "model.pth").exists()
