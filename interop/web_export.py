@@ -80,7 +80,9 @@ def page_info(net: TransformerNet, meta: dict[str, Any], model_bytes: int, runti
     if num_styles > 1:
         names = style_names(meta, num_styles)
     else:
-        names = [str(meta.get("style_stem") or Path(str(meta.get("style") or "style")).stem)]
+        # our one-style files name their style image; a pytorch/examples file is named after its style (mosaic.pth)
+        named = meta.get("style") or meta.get("source_file") or "style"
+        names = [str(meta.get("style_stem") or Path(str(named)).stem)]
     return {
         "format": WEB_FORMAT,
         "format_version": 1,
