@@ -34,18 +34,44 @@ function tooLargeLine(err, width, height) {
   );
 }
 
-async function hasWebGPU() {
+// WebAssembly memory is 32-bit: the runtime's heap stops at 4 GiB whatever the device has.
+const WASM_HEAP_BYTES = 4 * 1024 ** 3;
+
+async function webgpuAdapter() {
   try {
-    return Boolean(navigator.gpu && (await navigator.gpu.requestAdapter()));
+    return navigator.gpu ? await navigator.gpu.requestAdapter() : null;
   } catch {
-    return false;
+    return null;
   }
+}
+
+// The network's largest activations, in bytes, at width x height: the last upsampling convolution reads 2w
+// channels at full size (w = base_width), held with its padded copy and its w-channel output.
+function activationBytes(width, height) {
+  const w = state.info.model_config.base_width || 32;
+  return { peak: 4 * 5 * w * width * height, largest: 4 * 2 * w * width * height };
+}
+
+// Null when the run fits the device, else the one line that says it does not; ?max_memory_mb= lowers the budget.
+function tooLargeBefore(width, height) {
+  const { peak, largest } = activationBytes(width, height);
+  const asked = Number(new URLSearchParams(location.search).get("max_memory_mb"));
+  let budget = state.backend === "webgpu" ? state.gpuBufferLimit : WASM_HEAP_BYTES - state.info.model_bytes;
+  let need = state.backend === "webgpu" ? largest : peak;
+  if (asked > 0) [budget, need] = [Math.min(budget, asked * 1024 ** 2), peak];
+  if (need <= budget) return null;
+  const mb = (bytes) => `${Math.ceil(bytes / 1024 ** 2)} MB`;
+  return (
+    `The model is too large for this device at ${width}×${height} px (about ${mb(need)} of ${mb(budget)}): ` +
+    "choose a smaller working size."
+  );
 }
 
 async function createSession(ort, bytes) {
   const forced = new URLSearchParams(location.search).get("backend");
-  let order = ["wasm"];
-  if (forced === "webgpu" || (forced !== "wasm" && (await hasWebGPU()))) order = ["webgpu", "wasm"];
+  const adapter = forced === "wasm" ? null : await webgpuAdapter();
+  const order = forced === "webgpu" || adapter ? ["webgpu", "wasm"] : ["wasm"];
+  state.gpuBufferLimit = adapter ? adapter.limits.maxStorageBufferBindingSize : 0;
   let lastError = null;
   for (const backend of order) {
     try {
@@ -145,6 +171,11 @@ async function runNetwork(content) {
   }
   const { ort, info } = state;
   const { planar, width, height } = content;
+  const refusal = tooLargeBefore(width, height);
+  if (refusal) {
+    setStatus(refusal);
+    return false;
+  }
   const feeds = { [info.input]: new ort.Tensor("float32", planar.slice(), [1, 3, height, width]) };
   if (info.style_input) feeds[info.style_input] = new ort.Tensor("float32", Float32Array.from(weights), [weights.length]);
   const start = performance.now();
@@ -313,7 +344,7 @@ async function main() {
     const bytes = new Uint8Array(await response.arrayBuffer());
     [state.session, state.backend] = await createSession(state.ort, bytes);
   } catch (err) {
-    setStatus(`The style network cannot run in this browser (${errorLine(err)}).`);
+    setStatus(`The style network cannot run in this browser (${errorLine(err)}): too large, or no WebAssembly.`);
     document.body.dataset.state = "failed";
     return;
   }

@@ -109,11 +109,11 @@ def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def open_page(browser: object, url: str) -> object:
+def open_page(browser: object, url: str, query: str = "") -> object:
     page = browser.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda err: errors.append(str(err)))
-    page.goto(f"{url}/index.html?backend=wasm")
+    page.goto(f"{url}/index.html?backend=wasm{query}")
     try:
         page.wait_for_function("['ready', 'failed'].includes(document.body.dataset.state)", timeout=TIMEOUT_MS)
     except Exception:
@@ -225,6 +225,17 @@ def test_two_style_mix_matches_stylize_and_sliders_change_it(site, browser, phot
     set_control(page, "#style-1", 0)
     page.wait_for_function("document.body.dataset.state !== 'busy'", timeout=TIMEOUT_MS)
     assert "at least one style" in page.text_content("#status")
+    page.close()
+
+
+def test_too_large_for_the_device_is_one_line(site, browser, photo):
+    url, _ = site
+    page = open_page(browser, f"{url}/one", "&max_memory_mb=0.5")  # a device with half a megabyte to spare
+    page.set_input_files("#file", str(photo))
+    page.wait_for_function("document.getElementById('status').textContent.includes('too large')", timeout=TIMEOUT_MS)
+    status = page.text_content("#status")
+    assert "\n" not in status and "choose a smaller working size" in status, status
+    assert renders(page) == 0
     page.close()
 
 
