@@ -228,6 +228,34 @@ def test_two_style_mix_matches_stylize_and_sliders_change_it(site, browser, phot
     page.close()
 
 
+def test_webgpu_backend_matches_stylize(site, photo, tmp_path):
+    """The WebGPU path on Chromium's software adapter (SwiftShader): slow, but the same arithmetic on the GPU
+    backend's shaders."""
+    from playwright.sync_api import sync_playwright
+
+    url, root = site
+    flags = ["--enable-unsafe-webgpu", "--use-webgpu-adapter=swiftshader", "--enable-features=Vulkan"]
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=_chromium(), headless=True, args=flags)
+        try:
+            page = chromium.new_page()
+            page.goto(f"{url}/two/index.html?backend=webgpu")
+            page.wait_for_function("['ready', 'failed'].includes(document.body.dataset.state)", timeout=TIMEOUT_MS)
+            if page.get_attribute("body", "data-backend") != "webgpu":
+                pytest.skip(f"no WebGPU adapter in this Chromium: {page.text_content('#backend')}")
+            set_control(page, "#style-0", 50)
+            set_control(page, "#style-1", 50)
+            page.set_input_files("#file", str(photo))
+            wait_render(page, 0)
+            got = canvas_pixels(page)
+            timing = page.text_content("#timing")
+        finally:
+            chromium.close()
+    db = psnr_db(got, reference(root / "two.pth", photo, tmp_path / "gpu.png", style="'s0:0.5,s1:0.5'"))
+    print(f"WebGPU (SwiftShader), mix 0.5/0.5: {db:.1f} dB PSNR, {timing}")
+    assert db >= MIN_PSNR_DB
+
+
 def test_too_large_for_the_device_is_one_line(site, browser, photo):
     url, _ = site
     page = open_page(browser, f"{url}/one", "&max_memory_mb=0.5")  # a device with half a megabyte to spare
