@@ -339,6 +339,9 @@ async function main() {
   try {
     state.ort = await import(`./${info.runtime.module}`);
     state.ort.env.wasm.wasmPaths = new URL("ort/", document.baseURI).href;
+    // ?threads=N: WebAssembly threads (they need a cross-origin isolated page); the runtime's default otherwise.
+    const threads = Number(new URLSearchParams(location.search).get("threads"));
+    if (threads > 0) state.ort.env.wasm.numThreads = threads;
     const response = await fetch(info.model);
     if (!response.ok) throw new Error(`${info.model}: HTTP ${response.status}`);
     const bytes = new Uint8Array(await response.arrayBuffer());

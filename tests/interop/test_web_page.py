@@ -84,19 +84,25 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
+def playwright() -> Iterator[object]:
+    """One playwright driver per module (its sync API allows one at a time)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        chromium = pw.chromium.launch(
-            executable_path=_chromium(),
-            headless=True,
-            args=["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"],
-        )
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+        yield pw
+
+
+@pytest.fixture(scope="module")
+def browser(playwright: object) -> Iterator[object]:
+    chromium = playwright.chromium.launch(
+        executable_path=_chromium(),
+        headless=True,
+        args=["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"],
+    )
+    try:
+        yield chromium
+    finally:
+        chromium.close()
 
 
 @pytest.fixture(scope="module")
@@ -228,29 +234,26 @@ def test_two_style_mix_matches_stylize_and_sliders_change_it(site, browser, phot
     page.close()
 
 
-def test_webgpu_backend_matches_stylize(site, photo, tmp_path):
+def test_webgpu_backend_matches_stylize(site, playwright, photo, tmp_path):
     """The WebGPU path on Chromium's software adapter (SwiftShader): slow, but the same arithmetic on the GPU
     backend's shaders."""
-    from playwright.sync_api import sync_playwright
-
     url, root = site
     flags = ["--enable-unsafe-webgpu", "--use-webgpu-adapter=swiftshader", "--enable-features=Vulkan"]
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=_chromium(), headless=True, args=flags)
-        try:
-            page = chromium.new_page()
-            page.goto(f"{url}/two/index.html?backend=webgpu")
-            page.wait_for_function("['ready', 'failed'].includes(document.body.dataset.state)", timeout=TIMEOUT_MS)
-            if page.get_attribute("body", "data-backend") != "webgpu":
-                pytest.skip(f"no WebGPU adapter in this Chromium: {page.text_content('#backend')}")
-            set_control(page, "#style-0", 50)
-            set_control(page, "#style-1", 50)
-            page.set_input_files("#file", str(photo))
-            wait_render(page, 0)
-            got = canvas_pixels(page)
-            timing = page.text_content("#timing")
-        finally:
-            chromium.close()
+    chromium = playwright.chromium.launch(executable_path=_chromium(), headless=True, args=flags)
+    try:
+        page = chromium.new_page()
+        page.goto(f"{url}/two/index.html?backend=webgpu")
+        page.wait_for_function("['ready', 'failed'].includes(document.body.dataset.state)", timeout=TIMEOUT_MS)
+        if page.get_attribute("body", "data-backend") != "webgpu":
+            pytest.skip(f"no WebGPU adapter in this Chromium: {page.text_content('#backend')}")
+        set_control(page, "#style-0", 50)
+        set_control(page, "#style-1", 50)
+        page.set_input_files("#file", str(photo))
+        wait_render(page, 0)
+        got = canvas_pixels(page)
+        timing = page.text_content("#timing")
+    finally:
+        chromium.close()
     db = psnr_db(got, reference(root / "two.pth", photo, tmp_path / "gpu.png", style="'s0:0.5,s1:0.5'"))
     print(f"WebGPU (SwiftShader), mix 0.5/0.5: {db:.1f} dB PSNR, {timing}")
     assert db >= MIN_PSNR_DB
