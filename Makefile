@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 DEMO_DIR ?= outputs/demo
 
-.PHONY: test lint demo readme-check clean-venv
+.PHONY: test lint demo readme-check web-deps clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,18 @@ demo: $(STAMP)
 # a few minutes). `make test` checks their options only.
 readme-check: $(STAMP)
 	FASTSTYLE_README_RUN=1 $(PY) -m pytest tests/test_readme.py -q -s -k test_readme_commands_run
+
+# What the web export and its browser tests need, kept out of `make test`: onnxruntime-web from the npm registry
+# (exactly the versions in web/package-lock.json; its install scripts are not needed and not run), Debian's chromium
+# (installed only when running as root) and playwright's Python package (requirements-web.txt), which drives that
+# system browser. Without them the browser tests skip with one line naming this target.
+web-deps: $(STAMP)
+	@command -v npm >/dev/null || { echo "web-deps: npm is missing (Debian: apt-get install -y npm)"; exit 1; }
+	cd web && npm ci --ignore-scripts --no-audit --no-fund
+	@if command -v chromium >/dev/null; then echo "== chromium: $$(command -v chromium)"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }; \
+	else echo "== chromium is missing (the browser tests skip): as root, apt-get install -y chromium"; fi
+	$(PY) -m pip install -r requirements-web.txt
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,10 +1,12 @@
-"""Export a faststyle model to ONNX or TorchScript.
+"""Export a faststyle model to ONNX, TorchScript or a web page.
 
     python -m scripts.export run/model.pth --format onnx -o mosaic.onnx                  # dynamic N, H, W
     python -m scripts.export run/model.pth --format onnx --height 720 --width 1280 -o mosaic_720p.onnx
     python -m scripts.export run/model.pth --format torchscript -o mosaic.ts
     python -m scripts.export styles/model.pth --format onnx --verify -o styles.onnx     # multi-style: 2 inputs
     python stylize.py model=mosaic.onnx input=photo.jpg                                   # runs via onnxruntime
+    python -m scripts.export styles/model.pth --format web --out styles_web             # a static page folder
+    python -m http.server -d styles_web --bind 127.0.0.1                                 # open http://127.0.0.1:8000
 
 Input: anything ``interop.read.read_torch_model_file`` reads (our model.pth, or a pytorch/examples state dict).
 Both formats take ``image`` (N, 3, H, W) float32 RGB in [0, 1], H, W >= 8, and return the stylized (N, 3, H, W)
@@ -16,6 +18,10 @@ style names, key "styles") are stored in the ONNX metadata (key "faststyle"). ``
 (onnxruntime / torch.jit.load) against PyTorch on a few sizes, for a multi-style model with each style alone and
 one mix, and fails if any output differs by more than 1e-4. An existing output file is replaced only with
 ``--overwrite`` (the model file itself never). Details: interop/export.py.
+
+``--format web`` writes a folder (interop/web_export.py): the page, the model as ONNX (fp32), model.json and the
+onnxruntime-web files it loads, copied from web/node_modules (``make web-deps``); it runs offline from any static
+host. An existing non-empty folder is written into only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ from core.errors import FaststyleError
 from interop.onnx_export import DEFAULT_OPSET, ONNX_STYLE_INPUT_NAME, export_onnx
 from interop.read import read_torch_model_file
 from interop.torchscript_export import export_torchscript
+from interop.web_export import MODEL_FILE as WEB_MODEL_FILE
+from interop.web_export import check_output_dir, export_web, runtime_files
 from models.styles import style_names
 
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts"}
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts", "web": "_web"}
 VERIFY_TOLERANCE = 1e-4
 VERIFY_SIZES = ((64, 64), (37, 53), (90, 31))
 
@@ -42,7 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("model", type=Path, help="model.pth (or a pytorch/examples state dict)")
     parser.add_argument("--format", choices=sorted(SUFFIXES), required=True)
     parser.add_argument(
-        "-o", "--output", type=Path, default=None, help="output file (default: the model path with .onnx / .ts)"
+        "-o",
+        "--output",
+        "--out",
+        type=Path,
+        default=None,
+        help="output file, or folder for --format web (default: the model path with .onnx / .ts / _web)",
     )
     add_overwrite_option(parser)
     size = parser.add_mutually_exclusive_group()
@@ -93,14 +106,27 @@ def verify(net: torch.nn.Module, path: Path, fmt: str, sizes: list[tuple[int, in
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    output = args.output or args.model.with_suffix(SUFFIXES[args.format])
+    output = args.output
+    if output is None:  # model.pth -> model.onnx, model.ts, or the folder model_web
+        suffix = SUFFIXES[args.format]
+        output = (
+            args.model.with_name(args.model.stem + suffix) if args.format == "web" else args.model.with_suffix(suffix)
+        )
 
     def work() -> None:
         if (args.height is None) != (args.width is None):
             raise FaststyleError("give both --height and --width for a fixed-size export, or --dynamic")
-        check_output_file(output, {"model": args.model}, args.overwrite)
+        if args.format == "web":
+            if args.height is not None:
+                raise FaststyleError("--format web exports a network for any size: leave out --height and --width")
+            runtime_files()  # the missing runtime is one line before anything slow
+            check_output_dir(output, args.overwrite)
+        else:
+            check_output_file(output, {"model": args.model}, args.overwrite)
         net, meta = read_torch_model_file(args.model, device="cpu")
-        if args.format == "onnx":
+        if args.format == "web":
+            export_web(net, output, meta=meta, overwrite=args.overwrite, opset=args.opset)
+        elif args.format == "onnx":
             export_onnx(net, output, height=args.height, width=args.width, opset=args.opset, meta=meta)
         else:
             export_torchscript(net, output, height=args.height, width=args.width, meta=meta)
@@ -111,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.verify:
             fixed = args.height is not None
             sizes = [(args.height, args.width)] if fixed else list(VERIFY_SIZES)
-            summary += f", max |diff| vs PyTorch {verify(net, output, args.format, sizes):.2e}"
+            checked = output / WEB_MODEL_FILE if args.format == "web" else output
+            kind = "onnx" if args.format == "web" else args.format
+            summary += f", max |diff| vs PyTorch {verify(net, checked, kind, sizes):.2e}"
+        if args.format == "web":
+            summary += f"; serve it with: python -m http.server -d {output} --bind 127.0.0.1"
         print(summary)
 
     return run_tool(work)

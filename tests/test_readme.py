@@ -56,6 +56,9 @@ OPTIONS_ONLY = {
     r"\bdevice=cuda\b|--device cuda": "needs a CUDA GPU",
     r"^python -m benchmarks\b": "a benchmark: minutes of CPU time at its full sizes",
     r"^bash scripts/download_coco\.sh": "downloads 13.5 GB (checked with --dry-run, which downloads nothing)",
+    r"^make web-deps\b": "installs system and npm packages (apt-get, npm ci)",
+    r"--format web\b": "needs make web-deps (tests/interop/test_web_export.py and test_web_page.py run it)",
+    r"^python -m http\.server\b": "a server: runs until stopped",
 }
 """Commands ``make readme-check`` does not run (a regex searched in the command as written -> the reason)."""
 
