@@ -84,6 +84,11 @@ def new_file_mode() -> int:
     return 0o666 & ~_read_umask()
 
 
+def new_dir_mode() -> int:
+    """Permission bits a newly created folder of this process gets (``0777 & ~umask``)."""
+    return 0o777 & ~_read_umask()
+
+
 def _mib(nbytes: float) -> str:
     return f"{nbytes / 2**20:.1f} MiB"
 

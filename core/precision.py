@@ -33,9 +33,9 @@ Why training and inference differ where they do:
   several times faster.
 - channels_last on CPU: oneDNN's NHWC kernels are faster for the forward pass alone, and for the whole bf16
   training step, but slower for the whole fp32 training step (README, "Speed and memory"); compile did not speed up
-  CPU training, in fp32 or bf16; stylize compiles only when asked (``compile=true``): it meets a new input shape per
-  image size, and on the CPU the compiled network was slower than the fused CPU path (models/fused.py) even after
-  its compile time (README, "The fused CPU path").
+  CPU training, in fp32 or bf16; stylize compiles only when asked (``compile=true``, CUDA only): it meets a new
+  input shape per image size, and on the CPU the fused path (models/fused.py) beat the compiled network (README,
+  "Precision and kernels").
 
 The defaults are ``auto`` except ``train.compile``, which defaults to false (configs/train.yaml): turning
 compilation on is the user's choice, since its first step compiles for a while. Stylize's ``compile`` auto is off

@@ -45,9 +45,17 @@ def inference_policy(
     compile: bool | str = "auto",
 ) -> PrecisionPolicy:
     """The precision policy a network runs under on ``device`` (core.precision's inference column; ``compile`` auto
-    is off: each image size compiles again). ONNX graphs run in fp32: onnxruntime computes in float32 whatever it is
-    given, so a 16-bit input would only round the photo; a 16-bit request for one is refused, as is compiling one."""
+    is off: each image size compiles again, and ``true`` is for CUDA only). ONNX graphs run in fp32: onnxruntime
+    computes in float32 whatever it is given, so a 16-bit input would only round the photo; a 16-bit request for one
+    is refused, as is compiling one."""
     name = str(precision)
+    if device.type != "cuda" and precisions.resolve_switch(compile, "compile", device, False, "fp32"):
+        # On the CPU the fused path (models/fused.py) beat the compiled network, and inductor's CPU code gave wrong
+        # images (NaN) for some widths and layouts under an AVX2 cap (README, "Precision and kernels").
+        raise FaststyleError(
+            f"compile=true is for CUDA devices (device is {device.type}): on the CPU the fused path is faster and "
+            "torch.compile's code gave wrong images in some settings; use compile=auto"
+        )
     if not isinstance(net, nn.Module):
         if name not in ("auto", "fp32"):
             raise FaststyleError(

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import FaststyleError
-from core.fileio import atomic_output
+from core.fileio import atomic_output, new_dir_mode
 from interop.exportable import MIN_SIDE
 from interop.onnx_export import DEFAULT_OPSET, ONNX_INPUT_NAME, ONNX_OUTPUT_NAME, export_onnx
 from models.modelfile import ONNX_STYLE_INPUT_NAME
@@ -126,9 +126,7 @@ def export_web(
     build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         # mkdtemp makes the folder private (0700); the page's folder is for serving, so it gets the user's umask.
-        umask = os.umask(0)
-        os.umask(umask)
-        build.chmod(0o777 & ~umask)
+        build.chmod(new_dir_mode())
         export_onnx(net, build / MODEL_FILE, opset=opset, meta=meta)
         info = page_info(net, meta, (build / MODEL_FILE).stat().st_size, version)
         (build / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -285,19 +285,32 @@ def test_a_model_that_outputs_nan_gets_one_message_whole_tiled_or_as_frames() ->
     assert str(frames.value) == str(tiles.value) == expected
 
 
-def test_compile_true_runs_the_compiled_network_with_the_same_result(
-    model_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """compile=true (the opt-in for many equally sized images on a GPU) runs the network through torch.compile, here
-    on the CPU: the policy line says so, and the photos come out as without it. An .onnx model refuses it."""
-    for i in range(2):
-        photo(48, 32, seed=i).save(tmp_path / f"c{i}.png")
-    plain = run(model_file, tmp_path / "c*.png", output=tmp_path / "plain", precision="fp32")
-    with caplog.at_level("INFO"):
-        compiled = run(model_file, tmp_path / "c*.png", output=tmp_path / "compiled", precision="fp32", compile=True)
-    assert len(plain.written) == len(compiled.written) == 2
-    assert "compile: on (cpu, stylize)" in caplog.text
-    for a, b in zip(sorted(plain.written), sorted(compiled.written), strict=True):
-        assert psnr_files(a, b) >= 50.0
+def test_compile_true_is_the_cuda_opt_in(model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """compile=true hands the untiled network to torch.compile on CUDA (the Runner calls what it returns for every
+    batch); anywhere else, and for an .onnx model, it is refused in one line before anything is read or written."""
+    photo().save(tmp_path / "c.png")
+    with pytest.raises(FaststyleError, match="compile=true is for CUDA devices \\(device is cpu\\)"):
+        run(model_file, tmp_path / "c.png", output=tmp_path / "out", compile=True)
+    assert not (tmp_path / "out").exists()
     with pytest.raises(FaststyleError, match="compile=true: .onnx models"):
-        inference_policy(object(), torch.device("cpu"), compile=True)  # not an nn.Module: an ONNX session
+        inference_policy(object(), torch.device("cuda"), compile=True)  # not an nn.Module: an ONNX session
+    # What a CUDA policy with compile on does to the Runner, checked on the CPU with the policy switched on by hand.
+    from dataclasses import replace
+
+    from inference.network import StyleModel
+    from inference.runner import Runner
+
+    compiled: list[nn.Module] = []
+
+    def fake_compile(module: nn.Module) -> nn.Module:
+        compiled.append(module)
+        return lambda x: module(x) * 0  # recognisable output: the Runner must call this, not the module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = StyleModel.from_network(TransformerNet(base_width=4, residual_blocks=1), "cpu", precision="fp32")
+    model.policy = replace(model.policy, compile=True)
+    cfg = compose_config([f"model={model_file}", f"input={tmp_path / 'c.png'}"])
+    runner = Runner(model.network(), cfg)
+    assert compiled == [runner.net]
+    out = runner.stylize_pixels(torch.full((1, 16, 16, 3), 128, dtype=torch.uint8))
+    assert int(out.max()) == 0  # the compiled callable's output
