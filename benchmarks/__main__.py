@@ -23,6 +23,7 @@ BENCHMARKS = {
     "video": "video frames/s and real-time factor per frame size and precision",
     "huge": "stylize.py's peak RSS on a 12000x12000 photo and flat PNG vs its memory bound",
     "export": "onnxruntime vs PyTorch eager for one 1920x1080 image",
+    "web": "the exported web page's time per frame in headless Chromium vs PyTorch as stylize runs it",
 }
 """Every benchmark (its module is benchmarks/NAME.py) and what it measures, in one line."""
 

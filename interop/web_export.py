@@ -14,11 +14,16 @@ rounding: pixels.mjs, tested against the Python functions).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
 import shutil
 import tempfile
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +145,38 @@ def export_web(
         shutil.rmtree(build, ignore_errors=True)
     log.info("wrote %s (%s %s, %d style(s))", out_dir, RUNTIME_PACKAGE, version, net.num_styles)
     return out_dir
+
+
+class _PageHandler(SimpleHTTPRequestHandler):
+    """Serves files quietly; with ``isolated`` the two headers that make the page cross-origin isolated, which
+    browsers require before WebAssembly may use threads (SharedArrayBuffer)."""
+
+    isolated = False
+
+    def end_headers(self) -> None:
+        if self.isolated:
+            self.send_header("Cross-Origin-Opener-Policy", "same-origin")
+            self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
+        super().end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002  (the base class's name)
+        pass
+
+
+@contextlib.contextmanager
+def serve_folder(root: str | os.PathLike, isolated: bool = False) -> Iterator[str]:
+    """Serve ``root`` on 127.0.0.1 (a free port) from a thread for the block; yields its base URL. For the browser
+    tests and the web benchmark; ``isolated``: with the headers WebAssembly threads need (``python -m
+    http.server`` sends none, so a page served by it runs one thread)."""
+    handler = type("Handler", (_PageHandler,), {"isolated": isolated})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def _move_into_place(build: Path, out_dir: Path) -> None:

@@ -92,7 +92,7 @@ function buildSliders(styles) {
     row.className = "slider";
     const label = document.createElement("label");
     label.htmlFor = `style-${i}`;
-    label.textContent = name;
+    label.textContent = readable(name);
     const input = document.createElement("input");
     Object.assign(input, { type: "range", id: `style-${i}`, min: "0", max: "100", step: "1" });
     input.value = i === 0 ? "100" : "0";
@@ -120,6 +120,11 @@ function showMix() {
     $(`style-${i}`).nextElementSibling.textContent = weights ? `${(100 * weights[i]).toFixed(0)}%` : "-";
   });
   return weights;
+}
+
+// A style's name as people read it (file stems use underscores: van_gogh_village_street_auvers).
+function readable(name) {
+  return name.replaceAll("_", " ");
 }
 
 function currentWeights() {
@@ -301,7 +306,11 @@ function download() {
 }
 
 function wireControls() {
-  $("file").addEventListener("change", (e) => openPhoto(e.target.files[0]));
+  $("file").addEventListener("change", (e) => {
+    const [file] = e.target.files;
+    e.target.value = ""; // choosing the same file again is a change too (it runs the network again)
+    if (file) openPhoto(file);
+  });
   const drop = $("drop");
   drop.addEventListener("dragover", (e) => {
     e.preventDefault();
@@ -333,7 +342,9 @@ async function main() {
     return;
   }
   state.info = info;
-  $("title").textContent = `faststyle: ${info.styles.join(" + ")}`;
+  const styles = info.styles.length === 1 ? readable(info.styles[0]) : `${info.styles.length} styles`;
+  $("title").textContent = `faststyle: ${styles}`;
+  document.title = $("title").textContent;
   $("size").value = String(info.default_max_side_px);
   if (info.style_input) buildSliders(info.styles);
   try {

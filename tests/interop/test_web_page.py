@@ -11,14 +11,11 @@ module skips with one line naming what is missing.
 from __future__ import annotations
 
 import base64
-import functools
 import importlib.util
 import io
 import os
 import shutil
-import threading
 from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +25,7 @@ from PIL import Image
 from configs.schema import compose_stylize_config
 from core.metrics import psnr
 from inference.pipeline import stylize
-from interop.web_export import default_runtime_dir, runtime_files
+from interop.web_export import default_runtime_dir, runtime_files, serve_folder
 from scripts.export import main as export_main
 from tests.support import CONTENT, tiny_model_file
 
@@ -58,11 +55,6 @@ TWO_STYLES = ["s0", "s1"]
 TIMEOUT_MS = 60_000
 
 
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002  (the base class's name)
-        pass
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """Both exports under one folder served on 127.0.0.1: (base URL, folder)."""
@@ -73,14 +65,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]
     }
     for name, model in models.items():
         assert export_main([str(model), "--format", "web", "--out", str(root / name)]) == 0
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", root
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_folder(root) as url:
+        yield url, root
 
 
 @pytest.fixture(scope="module")
