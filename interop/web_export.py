@@ -1,7 +1,8 @@
 """Web page out: a TransformerNet as a self-contained static folder that stylizes photos in a browser.
 
 The folder holds the page (index.html, app.mjs, pixels.mjs, style.css: the sources in interop/webpage/), the
-network as ONNX (``model.onnx``, fp32, dynamic size, exported by interop/onnx_export.py), ``model.json`` (style
+network as ONNX (``model.onnx``, dynamic size, exported by interop/onnx_export.py; its weights stored in float16 by
+default, half the download, computed in float32: :func:`store_weights_fp16`), ``model.json`` (style
 names, input names, smallest side, runtime version: what the page needs before it loads the model) and the browser
 runtime under ``ort/``: onnxruntime-web's WebGPU bundle, whose WebAssembly build runs the WebGPU execution provider
 and the CPU one, so one set of files serves both backends. The runtime is copied from ``web/node_modules`` (``make
@@ -79,7 +80,61 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
         raise FaststyleError(f"{out_dir} exists and is not empty: pass --overwrite (its page files are replaced)")
 
 
-def page_info(net: TransformerNet, meta: dict[str, Any], model_bytes: int, runtime_version: str) -> dict[str, Any]:
+WEIGHTS = ("fp16", "fp32")
+"""How model.onnx stores its weights: fp16 (the default: half the file; every runtime takes it, since the graph
+casts them back to float32 and computes in float32) or fp32 (bit for bit the trained weights)."""
+
+
+def store_weights_fp16(path: Path) -> int:
+    """Rewrite the ONNX file ``path`` so that its float32 weights are stored as float16, each followed by a Cast back
+    to float32 under its old name: the graph computes exactly as before, on weights rounded to float16 (what
+    :func:`fp16_weight_twin` gives in PyTorch). A tensor that float16 cannot hold (beyond its range, or a nonzero
+    value that would round to 0) stays float32. Returns how many tensors were converted."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    casts, converted = [], 0
+    for init in graph.initializer:
+        if init.data_type != TensorProto.FLOAT:
+            continue
+        values = numpy_helper.to_array(init)
+        half = values.astype(np.float16)
+        if not np.isfinite(half).all() or ((half == 0) & (values != 0)).any():
+            continue
+        name = init.name
+        init.CopyFrom(numpy_helper.from_array(half, f"{name}__fp16"))
+        casts.append(helper.make_node("Cast", [f"{name}__fp16"], [name], to=TensorProto.FLOAT))
+        converted += 1
+    nodes = [*casts, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(path))
+    return converted
+
+
+def fp16_weight_twin(net: TransformerNet) -> TransformerNet:
+    """A copy of ``net`` whose float32 parameters and buffers are rounded to float16 and back: what a model.onnx with
+    float16 weights computes (``--verify`` compares against it)."""
+    import copy
+
+    import torch
+
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        for tensor in [*twin.parameters(), *twin.buffers()]:
+            if tensor.dtype == torch.float32:
+                rounded = tensor.half().float()
+                if torch.isfinite(rounded).all() and not ((rounded == 0) & (tensor != 0)).any():
+                    tensor.copy_(rounded)
+    return twin
+
+
+def page_info(
+    net: TransformerNet, meta: dict[str, Any], model_bytes: int, runtime_version: str, weights: str = "fp16"
+) -> dict[str, Any]:
     """model.json: what the page reads before it loads the network."""
     num_styles = net.num_styles
     if num_styles > 1:
@@ -93,6 +148,7 @@ def page_info(net: TransformerNet, meta: dict[str, Any], model_bytes: int, runti
         "format_version": 1,
         "model": MODEL_FILE,
         "model_bytes": model_bytes,
+        "weights": weights,
         "precision": "fp32",
         "input": ONNX_INPUT_NAME,
         "style_input": ONNX_STYLE_INPUT_NAME if num_styles > 1 else None,
@@ -116,6 +172,7 @@ def export_web(
     overwrite: bool = False,
     runtime_dir: str | os.PathLike | None = None,
     opset: int = DEFAULT_OPSET,
+    weights: str = "fp16",
 ) -> Path:
     """Write the static page folder ``out_dir`` for ``net`` (see the module docstring) and return it.
 
@@ -133,7 +190,9 @@ def export_web(
         # mkdtemp makes the folder private (0700); the page's folder is for serving, so it gets the user's umask.
         build.chmod(new_dir_mode())
         export_onnx(net, build / MODEL_FILE, opset=opset, meta=meta)
-        info = page_info(net, meta, (build / MODEL_FILE).stat().st_size, version)
+        if weights == "fp16":
+            store_weights_fp16(build / MODEL_FILE)
+        info = page_info(net, meta, (build / MODEL_FILE).stat().st_size, version, weights)
         (build / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for name in PAGE_FILES:
             shutil.copyfile(PAGE_DIR / name, build / name)

@@ -19,7 +19,8 @@ style names, key "styles") are stored in the ONNX metadata (key "faststyle"). ``
 one mix, and fails if any output differs by more than 1e-4. An existing output file is replaced only with
 ``--overwrite`` (the model file itself never). Details: interop/export.py.
 
-``--format web`` writes a folder (interop/web_export.py): the page, the model as ONNX (fp32), model.json and the
+``--format web`` writes a folder (interop/web_export.py): the page, the model as ONNX (weights stored in float16
+unless ``--web-weights fp32``, computed in float32), model.json and the
 onnxruntime-web files it loads, copied from web/node_modules (``make web-deps``); it runs offline from any static
 host. An existing non-empty folder is written into only with ``--overwrite``.
 """
@@ -37,7 +38,8 @@ from interop.onnx_export import DEFAULT_OPSET, ONNX_STYLE_INPUT_NAME, export_onn
 from interop.read import read_torch_model_file
 from interop.torchscript_export import export_torchscript
 from interop.web_export import MODEL_FILE as WEB_MODEL_FILE
-from interop.web_export import check_output_dir, export_web, runtime_files
+from interop.web_export import WEIGHTS as WEB_WEIGHTS
+from interop.web_export import check_output_dir, export_web, fp16_weight_twin, runtime_files
 from models.styles import style_names
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts", "web": "_web"}
@@ -64,6 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=None, help="fixed input width (with --height)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--verify", action="store_true", help="compare the export with PyTorch (tolerance 1e-4)")
+    parser.add_argument(
+        "--web-weights",
+        choices=WEB_WEIGHTS,
+        default="fp16",
+        help="--format web: how model.onnx stores the weights (fp16: half the download, computed in float32)",
+    )
     return parser.parse_args(argv)
 
 
@@ -125,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             check_output_file(output, {"model": args.model}, args.overwrite)
         net, meta = read_torch_model_file(args.model, device="cpu")
         if args.format == "web":
-            export_web(net, output, meta=meta, overwrite=args.overwrite, opset=args.opset)
+            export_web(net, output, meta=meta, overwrite=args.overwrite, opset=args.opset, weights=args.web_weights)
         elif args.format == "onnx":
             export_onnx(net, output, height=args.height, width=args.width, opset=args.opset, meta=meta)
         else:
@@ -139,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             sizes = [(args.height, args.width)] if fixed else list(VERIFY_SIZES)
             checked = output / WEB_MODEL_FILE if args.format == "web" else output
             kind = "onnx" if args.format == "web" else args.format
-            summary += f", max |diff| vs PyTorch {verify(net, checked, kind, sizes):.2e}"
+            # fp16 weights: the same graph on rounded weights, so PyTorch computes with the same rounded weights
+            reference = fp16_weight_twin(net) if args.format == "web" and args.web_weights == "fp16" else net
+            summary += f", max |diff| vs PyTorch {verify(reference, checked, kind, sizes):.2e}"
         if args.format == "web":
             summary += f"; serve it with: python -m http.server -d {output} --bind 127.0.0.1"
         print(summary)

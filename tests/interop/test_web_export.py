@@ -97,3 +97,27 @@ def test_one_line_refusals(tmp_path, runtime, capsys, monkeypatch):
     monkeypatch.setattr(web_export, "default_runtime_dir", lambda: tmp_path / "nowhere")
     assert "run `make web-deps`" in _refused([str(model), "--format", "web"], capsys)
     assert not (tmp_path / "one_web").exists()
+
+
+@needs_onnx
+def test_weights_are_stored_in_fp16_by_default_and_verify_against_their_rounding(
+    tmp_path: Path, runtime: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """model.onnx keeps its weights in float16 (about half the file) and computes in float32: --verify compares it
+    with the network on float16-rounded weights within 1e-4; --web-weights fp32 keeps the trained weights."""
+    import onnx
+
+    model = tiny_model_file(tmp_path / "m.pth", base_width=16, scale=0.3)
+    sizes, kinds = {}, {}
+    for weights in ("fp16", "fp32"):
+        out = tmp_path / weights
+        assert (
+            export_main([str(model), "--format", "web", "--out", str(out), "--web-weights", weights, "--verify"]) == 0
+        )
+        assert "max |diff| vs PyTorch" in capsys.readouterr().out
+        graph = onnx.load(str(out / "model.onnx")).graph
+        kinds[weights] = {init.data_type for init in graph.initializer if len(init.dims) == 4}  # the conv kernels
+        sizes[weights] = (out / "model.onnx").stat().st_size
+        assert json.loads((out / "model.json").read_text())["weights"] == weights
+    assert kinds == {"fp16": {onnx.TensorProto.FLOAT16}, "fp32": {onnx.TensorProto.FLOAT}}
+    assert sizes["fp16"] < 0.6 * sizes["fp32"]
