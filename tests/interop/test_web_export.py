@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.errors import FaststyleError
 from interop import web_export
 from interop.pytorch_examples import examples_config, to_examples_state_dict
 from models.transformer import TransformerNet
@@ -61,6 +62,7 @@ def test_multi_style_folder_and_its_default_name(tmp_path, runtime, capsys):
     assert info["styles"] == ["wave", "night", "scream"] and info["style_input"] == "style_weights"
     assert info["runtime"] == {"package": "onnxruntime-web", "version": "9.9.9", "module": "ort/ort.webgpu.min.mjs"}
     assert info["model_bytes"] == (out / "model.onnx").stat().st_size and info["precision"] == "fp32"
+    assert info["weights"] == "fp16"  # the default
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the build folder is gone
 
 
@@ -100,24 +102,34 @@ def test_one_line_refusals(tmp_path, runtime, capsys, monkeypatch):
 
 
 @needs_onnx
-def test_weights_are_stored_in_fp16_by_default_and_verify_against_their_rounding(
-    tmp_path: Path, runtime: Path, capsys: pytest.CaptureFixture
-) -> None:
-    """model.onnx keeps its weights in float16 (about half the file) and computes in float32: --verify compares it
-    with the network on float16-rounded weights within 1e-4; --web-weights fp32 keeps the trained weights."""
+def test_fp16_weights_halve_the_file_and_compute_as_the_rounded_network(tmp_path: Path, runtime: Path) -> None:
+    """--web-weights fp32 keeps the trained weights; store_weights_fp16 (the default's step) stores them in float16
+    with a Cast back, half their bytes, and onnxruntime then computes what the network on float16-rounded
+    weights computes (within --verify's 1e-4), which differs from the unrounded one."""
+    import shutil
+
     import onnx
 
-    model = tiny_model_file(tmp_path / "m.pth", base_width=16, scale=0.3)
-    sizes, kinds = {}, {}
-    for weights in ("fp16", "fp32"):
-        out = tmp_path / weights
-        assert (
-            export_main([str(model), "--format", "web", "--out", str(out), "--web-weights", weights, "--verify"]) == 0
-        )
-        assert "max |diff| vs PyTorch" in capsys.readouterr().out
-        graph = onnx.load(str(out / "model.onnx")).graph
-        kinds[weights] = {init.data_type for init in graph.initializer if len(init.dims) == 4}  # the conv kernels
-        sizes[weights] = (out / "model.onnx").stat().st_size
-        assert json.loads((out / "model.json").read_text())["weights"] == weights
-    assert kinds == {"fp16": {onnx.TensorProto.FLOAT16}, "fp32": {onnx.TensorProto.FLOAT}}
-    assert sizes["fp16"] < 0.6 * sizes["fp32"]
+    from interop.read import read_torch_model_file
+    from scripts.export import verify
+
+    model = tiny_model_file(tmp_path / "m.pth", base_width=8, scale=0.3)
+    out = tmp_path / "page"
+    assert export_main([str(model), "--format", "web", "--out", str(out), "--web-weights", "fp32"]) == 0
+    assert json.loads((out / "model.json").read_text())["weights"] == "fp32"
+    half = tmp_path / "half.onnx"
+    shutil.copyfile(out / "model.onnx", half)
+    assert web_export.store_weights_fp16(half) > 0
+
+    def kernels(path: Path) -> tuple[set[int], int]:
+        """The convolution kernels' element types and stored bytes."""
+        inits = [init for init in onnx.load(str(path)).graph.initializer if len(init.dims) == 4]
+        return {init.data_type for init in inits}, sum(len(init.raw_data) for init in inits)
+
+    (full_types, full_bytes), (half_types, half_bytes) = kernels(out / "model.onnx"), kernels(half)
+    assert full_types == {onnx.TensorProto.FLOAT} and half_types == {onnx.TensorProto.FLOAT16}
+    assert half_bytes * 2 == full_bytes > 0
+    net, _ = read_torch_model_file(model)
+    assert verify(web_export.fp16_weight_twin(net), half, "onnx", [(32, 40)]) <= 1e-4
+    with pytest.raises(FaststyleError, match="differs from PyTorch"):
+        verify(net, half, "onnx", [(32, 40)])
