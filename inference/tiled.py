@@ -423,7 +423,7 @@ class TiledExecutor:
         """Output rows [r0, r1) on the fused path: the kernel's window op writes the padded (and upsampled) input
         rows the strip reads, finished and in the convolution's dtype, in one pass; the convolution's channels-last
         output is then the (h, W, C) tile itself. ``cells``: the last convolution, in the space-to-depth form of
-        models/fused.py (the window op writes the 4x4 cells), its output as float32 for the sink."""
+        models/fused.py (the window op writes the 4x4 cells)."""
         k, s, p, u = op.conv.kernel_size[0], op.conv.stride[0], op.pad, op.upsample
         full_h = act.store.shape[1]
         q0, q1 = r0 * s, (r1 - 1) * s + k  # the padded input rows the strip reads
@@ -434,7 +434,7 @@ class TiledExecutor:
         block = fused.LAST_BLOCK if cells else 1
         x = _window(rows, finish, None, up=u, pad=p, block=block, full_h=full_h, src_row0=src_lo, out_rows=(q0, q1))
         if cells:
-            return fused.last_conv(x, op.conv, block)[0].permute(1, 2, 0).float()
+            return fused.last_conv(x, op.conv, block)[0].permute(1, 2, 0)
         return F.conv2d(x, op.weight_cl(self.dtype), op.conv.bias, op.conv.stride)[0].permute(1, 2, 0)
 
     def _transpose_strip(self, act: _Lazy, op: SpatialOp, r0: int, r1: int, inplace: bool) -> Tensor:

@@ -172,7 +172,7 @@ class SinkStore:
         hi = min(lo + tile.shape[0], self._height)
         if hi <= lo:  # bottom padding rows of the canvas
             return
-        strip = tile[: hi - lo, : self._width]
+        strip = tile[: hi - lo, : self._width].float()  # the fused path's strips are in the network's dtype
         for fn in self._pending:
             strip = fn(strip, True)
         self._sink(lo, self._output(strip.permute(2, 0, 1)))
