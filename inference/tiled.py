@@ -277,7 +277,7 @@ class TiledExecutor:
         finished (norm, ReLU), upsampled and padded, in one pass and in the network's dtype, which the stores then
         hold too (bfloat16 halves their memory and traffic). As for the untiled network (models/fused.py), the
         switch ``fused.FUSED_CPU_PATH`` (read when the executor is made) turns it off."""
-        ops = [*self.plan.encoder, *(op for block in self.plan.blocks for op in block), *self.plan.decoder]
+        ops = self.plan.ops()
         return bool(
             fused.FUSED_CPU_PATH
             and self.device.type == "cpu"
@@ -307,7 +307,7 @@ class TiledExecutor:
         if self.strip_rows is not None:
             return
         h, w = canvas_size(height, width)
-        ops = [*self.plan.encoder, *(op for block in self.plan.blocks for op in block), *self.plan.decoder]
+        ops = self.plan.ops()
         worst = 0.0
         for i, op in enumerate(ops):
             out_h, out_w = op.out_size(h, w)

@@ -110,6 +110,10 @@ class Plan:
     decoder: list[SpatialOp]
     output: PointwiseFn
 
+    def ops(self) -> list[SpatialOp]:
+        """Every spatial op, in the order the network runs them."""
+        return [*self.encoder, *(op for block in self.blocks for op in block), *self.decoder]
+
 
 def build_plan(net: TransformerNet) -> Plan:
     """Decompose ``net`` (structure documented in models/transformer.py) into streaming operations."""

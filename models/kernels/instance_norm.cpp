@@ -925,6 +925,22 @@ struct Residual {
   int64_t sn = 0, sc = 0, sh = 0, sw = 0;
 };
 
+// The store ops' residual argument: absent (false), or checked to match x's shape and dtype on the CPU (true).
+bool residual_given(const std::optional<at::Tensor>& residual, const at::Tensor& x, const char* op) {
+  const bool given = residual.has_value() && residual->defined();
+  TORCH_CHECK(!given || (residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type() &&
+                         residual->device().is_cpu()),
+              "faststyle_norm.", op, ": residual must match x's shape and dtype");
+  return given;
+}
+
+// A residual_given tensor as the kernels read it (its data and strides; empty when there is none).
+template <typename S>
+Residual<S> residual_view(const std::optional<at::Tensor>& residual, bool given) {
+  if (!given) return {};
+  return {residual->data_ptr<S>(), residual->stride(0), residual->stride(1), residual->stride(2), residual->stride(3)};
+}
+
 // v[i] = (x[i] - mf) * sc + sh, plus res[i * res_step] when there is a residual, then the ReLU when asked, for i in
 // [0, count), in the compute type T. The coefficients are per value (channels-last: they change with the channel)
 // when kPerValue, else the scalars mf[0], sc[0], sh[0]. One loop per case, so that each vectorises.
@@ -1101,10 +1117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> store_op(const at::Te
   } else {
     out = at::empty({N, block * block * C, g.Hp / block, g.Wp / block}, x.options(), at::MemoryFormat::ChannelsLast);
   }
-  const bool has_residual = residual.has_value() && residual->defined();
-  TORCH_CHECK(!has_residual || (residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type() &&
-                                residual->device().is_cpu()),
-              "faststyle_norm.store: residual must match x's shape and dtype");
+  const bool has_residual = residual_given(residual, x, "store");
   auto [mean, var, rstd] = stat_tensors(x, N, C);
   const at::Tensor wc = checked_param(weight, "weight", x.scalar_type(), C);
   const at::Tensor bc = checked_param(bias, "bias", x.scalar_type(), C);
@@ -1113,11 +1126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> store_op(const at::Te
     using T = acc_t<S>;
     const T* w = param_ptr<T>(wc);
     const T* b = param_ptr<T>(bc);
-    Residual<S> r;
-    if (has_residual) {
-      r = {residual->data_ptr<S>(), residual->stride(0), residual->stride(1), residual->stride(2),
-           residual->stride(3)};
-    }
+    const Residual<S> r = residual_view<S>(residual, has_residual);
     if (channels_last) {
       store_chans<S>(x.data_ptr<S>(), out.data_ptr<S>(), w, b, N, C, g, eps, relu, r, mean.data_ptr<double>(),
                      var.data_ptr<double>(), rstd.data_ptr<double>());
@@ -1155,10 +1164,7 @@ at::Tensor window_op(const at::Tensor& x, const at::Tensor& mf, const at::Tensor
   const StoreGeometry g(h, W, up, pad, block, full_h, src_row0, out_row0, out_row1);
   const at::Tensor out = at::empty({N, block * block * C, g.Hp / block, g.Wp / block}, x.options(),
                                    at::MemoryFormat::ChannelsLast);
-  const bool has_residual = residual.has_value() && residual->defined();
-  TORCH_CHECK(!has_residual || (residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type() &&
-                                residual->device().is_cpu()),
-              "faststyle_norm.window: residual must match x's shape and dtype");
+  const bool has_residual = residual_given(residual, x, "window");
   dispatch(x.scalar_type(), [&](auto tag) {
     using S = decltype(tag);
     using T = acc_t<S>;
@@ -1169,11 +1175,7 @@ at::Tensor window_op(const at::Tensor& x, const at::Tensor& mf, const at::Tensor
       for (int64_t c = 0; c < C; ++c) k[i * C + c] = T(p[c]);
     }
     const Affine<const T*> given{k.data(), k.data() + C, k.data() + 2 * C};
-    Residual<S> r;
-    if (has_residual) {
-      r = {residual->data_ptr<S>(), residual->stride(0), residual->stride(1), residual->stride(2),
-           residual->stride(3)};
-    }
+    const Residual<S> r = residual_view<S>(residual, has_residual);
     store_chans<S>(x.data_ptr<S>(), out.data_ptr<S>(), static_cast<const T*>(nullptr), static_cast<const T*>(nullptr),
                    N, C, g, 0.0, relu, r, nullptr, nullptr, nullptr, &given);
   });
