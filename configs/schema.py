@@ -69,6 +69,9 @@ class LossSchema:
     temporal_rotation_deg: float = field(metadata={"min": 0.0, "max": 45.0})
     temporal_zoom: float = field(metadata={"min": 0.0, "max": 0.5})
     temporal_noise_std: float = field(metadata={"min": 0.0, "max": 1.0})
+    temporal_local_px: float = field(metadata={"min": 0.0, "max": 64.0})
+    temporal_regions: int = field(metadata={"min": 0, "max": 16})
+    temporal_light: float = field(metadata={"min": 0.0, "max": 0.5})
 
 
 @dataclass
@@ -123,6 +126,7 @@ class StylizeSchema:
     format: str | None
     jpeg_quality: int = field(metadata={"min": 1, "max": 100})
     video_crf: int = field(metadata={"min": 0, "max": 51})  # H.264's CRF scale (data/video.py maps it for VP9)
+    video_blend: float = field(metadata={"min": 0.0, "max": 0.95})  # inference/steady.py; 1 would freeze the video
     suffix: str | None
     style: str | None  # a name, an index or a mix (models/styles.py parse_style)
     style_end: str | None  # videos: the style or mix at the last frame

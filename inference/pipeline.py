@@ -177,6 +177,14 @@ def _plan(
                 f"style_end={cfg.style_end} changes the style over a video, but {images[0]} is an image: give "
                 "videos only, or leave style_end out"
             )
+    if float(cfg.video_blend) > 0:
+        if not any(job.is_video for job in jobs):
+            raise FaststyleError(
+                f"video_blend={cfg.video_blend} steadies videos, but the input holds no video: leave video_blend out"
+            )
+        from inference.flow import import_cv2
+
+        import_cv2("video_blend")  # before any file is written
     return choices, end, jobs, passed_over
 
 

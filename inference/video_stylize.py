@@ -7,6 +7,9 @@ between them are short (a few batches), so memory does not depend on the clip's 
 atomically (data.video.open_video_writer): Ctrl-C or an error leaves no file behind, and a clip that ends early
 (truncated, broken data) is still written up to its last decodable frame and reported.
 
+With ``video_blend`` above 0 each finished frame is blended with the previous output moved by the optical flow
+(inference/steady.py), in display order on the calling thread.
+
 A multi-style model can change its mix over the clip (``StyleRamp``): frame k gets the mix ``(1 - t) * start + t *
 end``, t its time between the first and the last frame, folded into a plain network for that frame alone.
 """
@@ -31,6 +34,7 @@ from data.video import Frame, VideoReader, VideoSettings, even_size, frame_span,
 from inference.jobs import Job
 from inference.memory import FRAME_FLOAT_BYTES_PER_PX, memory_problem
 from inference.runner import Loaded, Runner
+from inference.steady import FlowBlend
 from models.styles import StyleChoice
 
 logger = logging.getLogger(__name__)
@@ -205,6 +209,7 @@ def stylize_video(
         bar = tqdm(total=info.frames, unit="frame", desc=job.source.name, disable=disable)
         first_time = last_time = None
         written = 0
+        blend = FlowBlend(float(cfg.video_blend)) if float(cfg.video_blend) > 0 else None
         try:
             with open_video_writer(job.target, settings) as writer:
                 encoder = _Worker("video-write", lambda item: _encode(writer, item), depth=write_depth)
@@ -212,6 +217,8 @@ def stylize_video(
                 try:
                     for batch in _batches(frames, batch_size):
                         for frame, pixels in _stylize_batch(batch, job, runner, ramp, span):
+                            if blend is not None:
+                                pixels = blend(frame.pixels, pixels)
                             encoder.put((pixels[:even_h, :even_w], frame.pts))
                             first_time = frame.time if first_time is None else first_time
                             last_time = frame.time
@@ -231,6 +238,11 @@ def stylize_video(
             "%s: %d frames in %.1f s (%.2f frames/s, %.3gx real time)",
             *(job.target.name, written, result.wall_s, written / result.wall_s, seconds / result.wall_s),
         )
+        if blend is not None:
+            logger.info(
+                "%s: video_blend=%g blended %d frames (%d cuts or frames the flow could not follow)",
+                *(job.target.name, blend.alpha, blend.blended, blend.cuts),
+            )
         return result
 
 

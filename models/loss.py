@@ -127,6 +127,9 @@ class PerceptualLoss(nn.Module):
         temporal_rotation_deg: float = 2.0,
         temporal_zoom: float = 0.03,
         temporal_noise_std: float = 0.0,
+        temporal_local_px: float = 0.0,
+        temporal_regions: int = 0,
+        temporal_light: float = 0.0,
     ) -> None:
         super().__init__()
         if isinstance(content_layers, str):
@@ -151,7 +154,16 @@ class PerceptualLoss(nn.Module):
         # The stability term (models/temporal.py) needs a second network output, so the training step applies it
         # (training/loop.py train_step); None when its weight is 0, and the step is then exactly as without it.
         self.temporal = (
-            TemporalTerm(temporal_weight, temporal_shift_px, temporal_rotation_deg, temporal_zoom, temporal_noise_std)
+            TemporalTerm(
+                temporal_weight,
+                temporal_shift_px,
+                temporal_rotation_deg,
+                temporal_zoom,
+                temporal_noise_std,
+                temporal_local_px,
+                temporal_regions,
+                temporal_light,
+            )
             if temporal_weight != 0
             else None
         )

@@ -36,8 +36,11 @@ warping-error map of the last frame shown (sqrt(D_t), x4; blue where the mask le
 PNG sequences (DIR/<clip>/input/000.png, DIR/<clip>/A/000.png, ...).
 
 ``--clip VIDEO`` (repeatable) adds a real clip: its first ``--frames`` frames, decoded by data/video.py (PyAV) and
-scaled so the long side is at most ``--size``'s; it has no exact-flow row (its motion is unknown). ``--clips``
-with no name leaves the synthetic clips out.
+scaled so the long side is at most ``--size``'s; it has no exact-flow row (its motion is unknown). ``--real`` adds
+the four real clips shipped in data/samples/clips (evaluation/real_clips.py: a static camera over walkers, foliage
+in the wind, an animated character, a moving street camera; 40 frames each). With both kinds, the table ends with
+one mean over the synthetic clips and one over the real ones. ``--clips`` with no name leaves the synthetic clips
+out.
 
 OpenCV is needed for the flow only and is not a dependency of faststyle: ``pip install opencv-python-headless``.
 """
@@ -54,6 +57,7 @@ from typing import TYPE_CHECKING
 
 from core.cli import add_device_option, run_tool, tool_parser
 from evaluation.clips import DEFAULT_FRAMES, DEFAULT_SIZE
+from evaluation.real_clips import REAL_CLIPS
 from evaluation.warping import FLOW_METHODS
 
 if TYPE_CHECKING:
@@ -117,11 +121,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also measure a video file (its first --frames frames, long side scaled to --size's; repeatable)",
     )
     parser.add_argument(
+        "--real",
+        action="store_true",
+        help="also measure the real clips shipped in data/samples/clips (walkers, tree, bunny, bikes: "
+        "evaluation/real_clips.py); use --frames 40 for all of their frames",
+    )
+    parser.add_argument(
         "--flow",
         choices=FLOW_METHODS,
         default=FLOW_METHODS[0],
         help="optical flow: OpenCV DIS (fine: the MEDIUM preset at full resolution; medium: the preset) or "
         "Farneback (default dis-fine)",
+    )
+    parser.add_argument(
+        "--blend",
+        type=float,
+        metavar="ALPHA",
+        help="also measure each model with stylize's video_blend=ALPHA (inference/steady.py): a column 'Ab' per "
+        "model, and the blend's time per frame",
     )
     add_device_option(parser, "where the networks run")
     parser.add_argument(
@@ -153,14 +170,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--frames must be between 2 and {MAX_FRAMES}, got {args.frames}")
     if args.batch < 1:
         parser.error(f"--batch must be at least 1, got {args.batch}")
+    if args.blend is not None and not 0.0 < args.blend < 1.0:
+        parser.error(f"--blend must be between 0 and 1 (exclusive), got {args.blend}")
     if args.names is not None and len(args.names) != len(args.models):
         parser.error(f"--names: {len(args.names)} names for {len(args.models)} models")
     if args.strip is not None and not 1 <= args.strip_frames < args.frames:
         parser.error(f"--strip-frames must be between 1 and --frames - 1 ({args.frames - 1}), got {args.strip_frames}")
     args.clips = [name for name in CLIP_NAMES if name in args.clips]  # report order, no repeats
-    if not args.clips and not args.clip:
-        parser.error("nothing to measure: name some --clips or give a --clip file")
-    names = [*args.clips, *(path.name for path in args.clip)]
+    if not args.clips and not args.clip and not args.real:
+        parser.error("nothing to measure: name some --clips, give a --clip file or --real")
+    real = [clip.path.name for clip in REAL_CLIPS] if args.real else []
+    names = [*args.clips, *real, *(path.name for path in args.clip)]
     if args.strip_clip is None:
         args.strip_clip = "objects" if "objects" in names else names[0]
     elif args.strip_clip not in names:
@@ -224,6 +244,28 @@ def stylize_frames(network: StyleNetwork, frames: torch.Tensor, batch: int) -> t
     )
 
 
+def blend_frames(frames: torch.Tensor, stylized: torch.Tensor, alpha: float) -> tuple[torch.Tensor, float]:
+    """``stylized`` (T, 3, H, W) in [0, 1] as stylize's ``video_blend=alpha`` writes it for the input ``frames``,
+    and the blend's seconds (flow, mask and warp; the network's time excluded)."""
+    import time
+
+    import torch
+
+    from data.io import to_uint8
+    from inference.steady import FlowBlend
+
+    blend = FlowBlend(alpha)
+    out, seconds = [], 0.0
+    for source, image in zip(frames, stylized, strict=True):
+        source8 = to_uint8(source).permute(1, 2, 0).contiguous().numpy()
+        image8 = to_uint8(image).permute(1, 2, 0).contiguous().numpy()
+        start = time.perf_counter()
+        blended = blend(source8, image8)
+        seconds += time.perf_counter() - start
+        out.append(torch.from_numpy(blended).permute(2, 0, 1).float().div_(255.0))
+    return torch.stack(out), seconds
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The report
 
@@ -285,14 +327,18 @@ def table(results: list[ClipResult], models: list[Model], method: str) -> str:
             cells += [_value(errors[letter]) for letter in letters]
             cells += [_ratio(errors[letters[0]].value, errors[letter].value) for letter in letters[1:]]
             lines.append("| " + " | ".join(cells) + " |")
-    means = {
-        column: sum(r.errors["estimated"][column].value for r in results) / len(results)
-        for column in ["input", *letters]
-    }
-    cells = ["**mean over clips**", flow_label["estimated"], "", _number(means["input"])]
-    cells += [f"**{_number(means[letter])}**" for letter in letters]
-    cells += [f"**{_ratio(means[letters[0]], means[letter])}**" for letter in letters[1:]]
-    lines.append("| " + " | ".join(cells) + " |")
+    real = [r for r in results if r.clip.backward is None]
+    synthetic = [r for r in results if r.clip.backward is not None]
+    groups = [("synthetic clips", synthetic), ("real clips", real)] if real and synthetic else [("clips", results)]
+    for label, group in groups:
+        means = {
+            column: sum(r.errors["estimated"][column].value for r in group) / len(group)
+            for column in ["input", *letters]
+        }
+        cells = [f"**mean over {label}**", flow_label["estimated"], "", _number(means["input"])]
+        cells += [f"**{_number(means[letter])}**" for letter in letters]
+        cells += [f"**{_ratio(means[letters[0]], means[letter])}**" for letter in letters[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -337,6 +383,25 @@ def make_clips(names: list[str], size: tuple[int, int], frames: int) -> list[Cli
     return [clip for clip in default_clips(size, frames) if clip.name in names] if names else []
 
 
+def measure(
+    clips: list[Clip], models: list[Model], blended: list[Model], args: argparse.Namespace
+) -> tuple[list[ClipResult], float]:
+    """Every clip's flows, then each model's stylized frames and errors (and each blended model's, whose frames
+    are the plain model's blended); returns the results and the blend's milliseconds per frame (0 without)."""
+    results, blend_seconds, blend_count = [], 0.0, 0
+    for clip in clips:
+        result = measure_clip(clip, args.flow)
+        for model in models:
+            model.frames[clip.name] = stylize_frames(model.network, clip.frames, args.batch)
+            add_model(result, model.letter, model.frames[clip.name])
+        for model, plain in zip(blended, models[: len(blended)], strict=True):
+            model.frames[clip.name], seconds = blend_frames(clip.frames, plain.frames[clip.name], args.blend)
+            add_model(result, model.letter, model.frames[clip.name])
+            blend_seconds, blend_count = blend_seconds + seconds, blend_count + len(clip.frames)
+        results.append(result)
+    return results, 1000 * blend_seconds / max(blend_count, 1)
+
+
 def run(args: argparse.Namespace) -> str:
     """Measure (module docstring) and return the report's text; writes the strip and the frames when asked."""
     from core.cli import absolute_user_path, check_output_file
@@ -345,9 +410,10 @@ def run(args: argparse.Namespace) -> str:
     from data.io import WRITE_FORMATS, save_image
     from evaluation.clips import file_clip
     from evaluation.figures import frame_strip
+    from evaluation.real_clips import shipped_clips
     from evaluation.warping import import_cv2
 
-    import_cv2()  # before any work: without OpenCV there is nothing to measure
+    import_cv2("the video stability report")  # before any work: without OpenCV there is nothing to measure
     paths = [absolute_user_path(path) for path in args.models]
     for path in paths:
         if not path.is_file():
@@ -364,17 +430,20 @@ def run(args: argparse.Namespace) -> str:
     policy = models[0].network.policy
     configure_backends(policy)
 
-    results = []
+    blended = []
+    if args.blend is not None:
+        note = f"{{}} with stylize's video_blend={args.blend:g} (inference/steady.py)"
+        blended = [Model(f"{m.letter}b", f"{m.name}+blend", m.path, note.format(m.letter), m.network) for m in models]
     clips = make_clips(args.clips, args.size, args.frames)
-    clips += [file_clip(absolute_user_path(path), args.size, args.frames) for path in args.clip]
-    for clip in clips:
-        result = measure_clip(clip, args.flow)
-        for model in models:
-            model.frames[clip.name] = stylize_frames(model.network, clip.frames, args.batch)
-            add_model(result, model.letter, model.frames[clip.name])
-        results.append(result)
+    files = [*(shipped_clips() if args.real else []), *(absolute_user_path(path) for path in args.clip)]
+    clips += [file_clip(path, args.size, args.frames) for path in files]
+    results, blend_ms = measure(clips, models, blended, args)
 
+    models = models + blended
     text = header_text(models, policy, args.flow, args) + table(results, models, args.flow)
+    if blended:
+        text += f"\nvideo_blend: {blend_ms:.1f} ms per frame on these clips (flow, mask and warp; the network's time "
+        text += "is not included)\n"
     if strip is not None:
         chosen = next(r for r in results if r.clip.name == args.strip_clip)
         rows = [("input", chosen.clip.frames), *((f"{m.letter}: {m.name}", m.frames[chosen.clip.name]) for m in models)]

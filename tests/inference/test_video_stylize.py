@@ -15,11 +15,14 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from core import metrics
 from core.errors import FaststyleError
 from data.video import even_size, probe_video
+from evaluation.warping import warping_error
+from inference.flow import estimate_flows, non_occlusion_mask
 from inference.pipeline import stylize
 from stylize import compose_config
 from tests.support import CONTENT, REPO, make_clip, start_stylize_until, tiny_model_file
@@ -342,3 +345,39 @@ def test_ctrl_c_leaves_no_partial_video(model_file: Path, tmp_path: Path) -> Non
     last = err.strip().splitlines()[-1]
     assert last.startswith("interrupted (Ctrl-C): 0 written, 1 not done") and "was removed" in last, err
     assert "Traceback" not in err and list(out.iterdir()) == []
+
+
+def test_video_blend_steadies_the_frames_and_keeps_everything_else(
+    model_file: Path, tmp_path: Path, caplog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("cv2", reason="video_blend needs OpenCV (requirements-dev.txt)")
+    clip = make_clip(tmp_path / "clip.mp4", frames=6, size=(96, 64))
+    run(model_file, clip, output=tmp_path / "plain.mp4", video_crf=0)
+    with caplog.at_level("INFO"):
+        run(model_file, clip, output=tmp_path / "steady.mp4", video_crf=0, video_blend=0.6)
+    assert "video_blend=0.6 blended 5 frames" in caplog.text
+    plain, steady = frames_of(tmp_path / "plain.mp4"), frames_of(tmp_path / "steady.mp4")
+    assert len(plain) == len(steady) == 6 and video_times(tmp_path / "plain.mp4") == video_times(
+        tmp_path / "steady.mp4"
+    )
+    assert np.array_equal(plain[0], steady[0])  # nothing before the first frame to blend with
+    # later frames are mixed with the moved previous output, which makes them steadier along the input's motion
+    assert all(psnr(a, b) < 60 for a, b in zip(plain[1:], steady[1:], strict=True))
+    frames = torch.from_numpy(np.stack(frames_of(clip))).permute(0, 3, 1, 2).float() / 255
+    backward, forward = estimate_flows(frames)
+    mask = non_occlusion_mask(backward, forward)
+
+    def flicker(video: list[np.ndarray]) -> float:
+        return warping_error(torch.from_numpy(np.stack(video)).permute(0, 3, 1, 2).float() / 255, backward, mask).value
+
+    assert flicker(steady) < 0.7 * flicker(plain)
+    # images take no blend; an input with no video is refused in one line, and so is a value that would freeze it
+    with pytest.raises(FaststyleError, match="video_blend=0.6 steadies videos, but the input holds no video"):
+        run(model_file, PHOTO, output=tmp_path / "cat.png", video_blend=0.6)
+    with pytest.raises(FaststyleError, match="video_blend"):
+        run(model_file, clip, output=tmp_path / "frozen.mp4", video_blend=1.0)
+    # without OpenCV: one line saying what to install, before anything is written
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    with pytest.raises(FaststyleError, match="video_blend needs OpenCV.*pip install opencv-python-headless"):
+        run(model_file, clip, output=tmp_path / "no_cv.mp4", video_blend=0.6)
+    assert not (tmp_path / "no_cv.mp4").exists() and not (tmp_path / "frozen.mp4").exists()

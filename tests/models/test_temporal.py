@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from core.errors import FaststyleError
 from models.temporal import TemporalTerm, inside_mask, random_affine, warp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -108,3 +109,70 @@ def test_the_same_generator_seed_draws_the_same_second_frame() -> None:
     c = term.second_frame(x, torch.Generator().manual_seed(8))
     assert torch.equal(a.image, b.image) and torch.equal(a.grid, b.grid)
     assert not torch.equal(a.image, c.image)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Real-footage motion: a local displacement field, regions moving on their own, exposure changes
+
+
+def test_local_field_and_regions_keep_every_valid_pixel_a_copy_of_its_source() -> None:
+    # With no light and no noise, the second frame is the photo sampled at the grid: a network that commutes with
+    # any bilinear warp (a 1x1 convolution) scores 0, however the motion bends and breaks.
+    term = TemporalTerm(weight=1.0, shift_px=4, rotation_deg=2, zoom=0.03, noise_std=0.0, local_px=3, regions=3)
+    x = torch.rand(3, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    frame = term.second_frame(x, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(frame.image, warp(x, frame.grid, padding_mode="reflection"))
+    color_map = torch.nn.Conv2d(3, 3, 1)
+    with torch.no_grad():
+        assert term(color_map(x), color_map(frame.image), frame) < 1e-10
+
+
+def test_the_local_field_bends_the_motion_within_its_amplitude() -> None:
+    rigid = TemporalTerm(weight=1.0, shift_px=0, rotation_deg=0, zoom=0, noise_std=0.0)
+    bent = TemporalTerm(weight=1.0, shift_px=0, rotation_deg=0, zoom=0, noise_std=0.0, local_px=3)
+    x = torch.rand(2, 3, 64, 64)
+    identity = _pixels(rigid.second_frame(x, torch.Generator().manual_seed(0)).grid)
+    moved = _pixels(bent.second_frame(x, torch.Generator().manual_seed(0)).grid) - identity
+    assert moved.abs().max() <= 3 + 1e-4
+    assert moved.abs().mean() > 0.3  # and it does move
+    # smooth: neighbouring pixels move almost alike, unlike an independent draw per pixel
+    assert (moved[:, :, 1:] - moved[:, :, :-1]).abs().max() < 0.5
+
+
+def test_a_moving_region_moves_by_its_own_shift_and_its_edge_is_left_out() -> None:
+    options = {"weight": 1.0, "shift_px": 3, "rotation_deg": 0, "zoom": 0, "noise_std": 0.0}
+    x = torch.rand(1, 3, 64, 64)
+    frame = TemporalTerm(**options, regions=1).second_frame(x, torch.Generator().manual_seed(5))
+    # the same seed without regions draws the same warp of the background (the regions are drawn after it)
+    background = TemporalTerm(**options).second_frame(x, torch.Generator().manual_seed(5)).grid
+    region = (frame.grid != background).any(dim=-1)[0]
+    assert 0.02 < region.float().mean() < 0.5
+    # the whole region moves by one shift of at most twice shift_px per axis (its own, not the background's)
+    offsets = (_pixels(frame.grid) - _pixels(_grid(torch.eye(2, 3)[None], 64, 64)))[0][region]  # (pixels, 2)
+    torch.testing.assert_close(offsets, offsets[:1].expand_as(offsets), atol=1e-4, rtol=0)
+    assert offsets[0].abs().max() <= 6 + 1e-4
+    # the band along its edge is left out, inside and outside the region; far from the edge every pixel counts
+    edge = region ^ F.max_pool2d(region[None, None].float(), 3, 1, 1)[0, 0].bool()
+    assert frame.valid[0, 0][edge].max() == 0
+    far = ~F.max_pool2d(edge[None, None].float(), 9, 1, 4)[0, 0].bool()
+    inside = background.abs().amax(dim=-1)[0] < 1 - 8 / 64  # and away from the border the warp invents
+    assert frame.valid[0, 0][far & inside].min() == 1
+
+
+def test_light_changes_each_channel_within_its_range() -> None:
+    term = TemporalTerm(weight=1.0, shift_px=0, rotation_deg=0, zoom=0, noise_std=0.0, light=0.1)
+    x = torch.full((8, 3, 16, 16), 0.5)
+    image = term.second_frame(x, torch.Generator().manual_seed(0)).image
+    change = image[..., 0, 0] - 0.5  # per sample and channel: 0.5 * gain change + offset
+    assert change.abs().max() <= 0.5 * 0.1 + 0.05 + 1e-6
+    assert change.std() > 0.01 and image.min() >= 0 and image.max() <= 1
+    torch.testing.assert_close(image, image[..., :1, :1].expand_as(image))  # a global change, not noise
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"regions": 1.5}, "temporal_regions"), ({"light": 1.0}, "temporal_light"), ({"local_px": -1}, "local_px")],
+)
+def test_bad_real_motion_settings_are_refused(options: dict, message: str) -> None:
+    with pytest.raises(FaststyleError, match=message):
+        TemporalTerm(weight=1.0, shift_px=1, rotation_deg=0, zoom=0, noise_std=0.0, **options)
