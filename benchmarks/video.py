@@ -4,6 +4,7 @@
     python -m benchmarks video --sizes 1920x1080 --frames 30 --precisions fp32,bf16
     python -m benchmarks video --device cuda                        # a GPU (network rows only without PyAV)
     python -m benchmarks video --long 1500                          # also peak RSS: 1500 frames vs --frames
+    python -m benchmarks video --blend 0.7                          # also stylize's video_blend: its cost per frame
     flock /tmp/faststyle-cpu.lock python -m benchmarks video        # serialised with other benchmarks
 
 For each size, a 30 fps test clip is made once: a camera pan over an embedded photo, encoded as H.264 (CRF 18) by
@@ -16,6 +17,10 @@ the device, core.precision):
   once the model is loaded: decode, network, colors, H.264 encode and mux, in a fresh process (its peak RSS is
   its own). frames/s and the real-time factor (clip seconds per wall-clock second; >= 1 keeps up with playback).
 - ``I/O alone`` (once per size): decode and re-encode with no network: the ceiling the end-to-end figure can reach.
+
+``--blend ALPHA`` adds, per size, ``video_blend`` alone (inference/steady.py on the decoded frames: the optical flow
+both ways, the occlusion mask and the warps; the network's time excluded) and, per precision, an end-to-end run with
+``video_blend=ALPHA``: what the steadier video costs next to the plain end-to-end row.
 
 ``--long N`` adds an end-to-end run on an N-frame clip of the first size: its peak RSS next to the short clip's
 shows that memory does not grow with the clip's length (frames are streamed).
@@ -60,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="a model.pth to time instead of a random network")
     parser.add_argument("--batch-size", type=int, default=4, help="frames per network call (stylize batch_size)")
     parser.add_argument("--long", type=int, default=0, help="also run an N-frame clip end to end (peak RSS)")
+    parser.add_argument("--blend", type=float, default=0.0, help="also time stylize's video_blend=ALPHA (0: not)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one end-to-end run (JSON)
 
 
@@ -163,6 +169,7 @@ def _worker(args: argparse.Namespace) -> dict:
                 f"device={spec['device']}",
                 f"precision={spec['precision']}",
                 f"batch_size={spec['batch_size']}",
+                f"video_blend={spec.get('video_blend', 0.0)}",
             ]
         )
         summary = stylize(cfg)
@@ -181,7 +188,23 @@ def _spawn(spec: dict) -> dict | None:
     return result
 
 
-def _end_to_end(args: argparse.Namespace, model: Path, clip: Path, out: Path, precision: str) -> dict | None:
+def bench_blend(alpha: float, size: tuple[int, int], count: int) -> float:
+    """frames/s of inference/steady.py's FlowBlend alone over ``count`` pan frames (the frames stand in for the
+    network's output too: the cost does not depend on it), after one warm-up frame pair."""
+    from inference.steady import FlowBlend
+
+    frames = list(_pan_frames(*size, count))
+    blend = FlowBlend(alpha)
+    blend(frames[0], frames[0])
+    start = time.perf_counter()
+    for frame in frames[1:]:
+        blend(frame, frame)
+    return (len(frames) - 1) / (time.perf_counter() - start)
+
+
+def _end_to_end(
+    args: argparse.Namespace, model: Path, clip: Path, out: Path, precision: str, blend: float = 0.0
+) -> dict | None:
     """stylize ``clip`` into ``out`` in a fresh worker process (figures as _worker returns them, None if it failed)."""
     spec = {
         "model": str(model),
@@ -190,6 +213,7 @@ def _end_to_end(args: argparse.Namespace, model: Path, clip: Path, out: Path, pr
         "device": args.device,
         "precision": precision,
         "batch_size": args.batch_size,
+        "video_blend": blend,
         "io_only": False,
     }
     return _spawn(spec)
@@ -230,6 +254,9 @@ def run(args: argparse.Namespace) -> int:
                 if io:
                     fps = io["frames"] / io["wall_s"]
                     print(f"| {label} | - | I/O alone | {fps:.1f} | {fps / FPS:.2f} | {io['peak_mb']:.0f} | |")
+            if args.blend:
+                fps = bench_blend(args.blend, (width, height), min(args.frames, 20))
+                print(f"| {label} | - | video_blend={args.blend:g} alone | {fps:.2f} | {fps / FPS:.3f} | | |")
             for precision in precisions:
                 try:
                     fps, policy = bench_network(net, device, precision, (width, height), args.batch_size)
@@ -246,6 +273,13 @@ def run(args: argparse.Namespace) -> int:
                     print(
                         f"| {label} | {precision} | end to end | {fps:.2f} | {factor:.3f} | {done['peak_mb']:.0f} | |"
                     )
+                if args.blend:
+                    out = folder / f"blend_{label}_{precision}.mp4"
+                    done = _end_to_end(args, model, clip, out, precision, args.blend)
+                    if done:
+                        fps, factor = done["frames"] / done["wall_s"], done["seconds"] / done["wall_s"]
+                        what, peak = f"end to end, video_blend={args.blend:g}", done["peak_mb"]
+                        print(f"| {label} | {precision} | {what} | {fps:.2f} | {factor:.3f} | {peak:.0f} | |")
         if args.long and pyav:
             width, height = sizes[0]
             label = f"{width}x{height}"

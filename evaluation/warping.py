@@ -10,7 +10,10 @@ ECCV 2018, section 5.1) of frames O_0..O_{T-1}::
 with O in [0, 1], O_{t-1} sampled bilinearly (``backward_warp``), the squared difference averaged over the three
 channels (as in Lai et al.'s evaluation code, whose 3-channel mask divides by 3 per pixel), b_t the backward flow and
 M_t the non-occlusion mask of inference/flow.py (Ruder et al. 2016's check, which Lai et al. use, plus the frame
-edge; an extrapolated value would count as flicker). A frame pair whose mask is empty is left out of the mean.
+edge; an extrapolated value would count as flicker). A frame pair whose mask keeps less than CUT_COVERAGE of the
+pixels (inference/flow.py: 30 %) is a cut between two shots, where the two frames have nothing in common to be
+consistent about, and is left out of the mean (one cut in a 40-frame clip would otherwise weigh as much as all
+its other pairs); so is a pair whose mask is empty.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from inference.flow import (  # noqa: F401  (the report and the tests take the flow from here too)
+    CUT_COVERAGE,
     FLOW_METHODS,
     backward_warp,
     disocclusions,
@@ -37,11 +41,12 @@ from inference.flow import (  # noqa: F401  (the report and the tests take the f
 @dataclass(frozen=True)
 class WarpingError:
     """``value``: E_warp (module docstring); ``per_pair``: (T - 1,) error of each frame pair (NaN where the mask is
-    empty); ``coverage``: the mean fraction of pixels the mask keeps."""
+    empty); ``coverage``: the mean fraction of pixels the mask keeps; ``cuts``: the pairs left out as cuts."""
 
     value: float
     per_pair: torch.Tensor
     coverage: float
+    cuts: int = 0
 
 
 def warping_error(frames: torch.Tensor, backward: torch.Tensor, mask: torch.Tensor, batch: int = 8) -> WarpingError:
@@ -60,6 +65,7 @@ def warping_error(frames: torch.Tensor, backward: torch.Tensor, mask: torch.Tens
         kept = m.sum(dim=(1, 2))
         errors.append(torch.where(kept > 0, (squared * m).sum(dim=(1, 2)) / kept.clamp_min(1), math.nan).cpu())
     per_pair = torch.cat(errors)
-    valid = per_pair[~per_pair.isnan()]
+    cut = mask.float().mean(dim=(1, 2)).cpu() < CUT_COVERAGE
+    valid = per_pair[~per_pair.isnan() & ~cut]
     value = valid.mean().item() if valid.numel() else math.nan
-    return WarpingError(value, per_pair, mask.float().mean().item())
+    return WarpingError(value, per_pair, mask.float().mean().item(), int(cut.sum()))

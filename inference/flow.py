@@ -30,6 +30,7 @@ BOUNDARY_RELATIVE, BOUNDARY_ABSOLUTE = 0.01, 0.002
 
 
 FLOW_METHODS = ("dis-fine", "dis-medium", "farneback")
+CUT_COVERAGE = 0.3  # a frame pair whose non-occlusion mask keeps less of the frame is a cut between two shots
 OPENCV_HINT = "pip install opencv-python-headless"
 
 

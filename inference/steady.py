@@ -4,13 +4,13 @@ the optical flow of the input frames, where the flow can be trusted.
     out_t = s_t + alpha * M_t * (warp(out_{t-1}, b_t) - s_t)
 
 s_t is the network's finished frame t, b_t the backward flow of the *input* frames from t to t - 1 (inference/flow.py:
-OpenCV DIS, computed on 8-bit grayscale at most FLOW_MAX_SIDE pixels long and scaled up), and M_t keeps a pixel only
-where frame t's input is seen in frame t - 1 and the flow explains it:
+OpenCV DIS, computed on 8-bit grayscale at most FLOW_MAX_SIDE pixels long, with its occlusion mask, and scaled up),
+and M_t keeps a pixel only where frame t's input is seen in frame t - 1 and the flow explains it:
 
 - Ruder et al. 2016's non-occlusion mask (forward-backward consistency, motion boundaries, flow inside the frame);
 - the input moved by the flow matches the input (mean RGB difference at most PHOTOMETRIC_LIMIT): a wrong flow, a
   lighting change or a new object takes the new frame alone;
-- a frame whose mask keeps less than CUT_FRACTION of its pixels is a cut: it is not blended at all.
+- a frame whose mask keeps less than CUT_COVERAGE of its pixels (inference/flow.py) is a cut: it is not blended.
 
 Because out_{t-1} already holds the blend, this is an exponential moving average along motion trajectories: at
 ``alpha`` 0.5 a still pixel averages about three frames, which removes most of a network's flicker where the camera
@@ -25,12 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from inference.flow import backward_warp, flow_function, import_cv2, non_occlusion_mask
+from inference.flow import CUT_COVERAGE, backward_warp, flow_function, import_cv2, non_occlusion_mask
 
-FLOW_METHOD = "dis-medium"  # about 5x faster than dis-fine at this size, and another flow than the report measures with
+FLOW_METHOD = "dis-medium"  # 3-5x faster than dis-fine, and not the flow the report measures with
 FLOW_MAX_SIDE = 960
 PHOTOMETRIC_LIMIT = 0.08  # mean absolute RGB difference in [0, 1] (20 of 255)
-CUT_FRACTION = 0.3
 
 
 def _gray(rgb: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
@@ -56,18 +55,21 @@ class FlowBlend:
         self.blended = 0  # frames blended (the first frame and cuts are not)
         self.cuts = 0
 
-    def _flows(self, gray_prev: np.ndarray, gray: np.ndarray, height: int, width: int) -> tuple[torch.Tensor, ...]:
-        """(backward, forward) (1, 2, H, W) at full size, from flows computed at the grays' size."""
+    def _flow_and_mask(self, gray_prev: np.ndarray, gray: np.ndarray, height: int, width: int) -> tuple:
+        """Frame t's backward flow (1, 2, H, W) and non-occlusion mask (1, H, W) at full size, both computed at the
+        grays' size (the flow holds no finer detail) and scaled up."""
 
         def calc(first: np.ndarray, second: np.ndarray) -> torch.Tensor:
-            flow = torch.from_numpy(self._calc(first, second)).permute(2, 0, 1)[None].float()
-            small_h, small_w = flow.shape[-2:]
-            if (small_h, small_w) == (height, width):
-                return flow
-            flow = F.interpolate(flow, size=(height, width), mode="bilinear", align_corners=False)
-            return flow * flow.new_tensor([width / small_w, height / small_h]).view(1, 2, 1, 1)
+            return torch.from_numpy(self._calc(first, second)).permute(2, 0, 1)[None].float()
 
-        return calc(gray, gray_prev), calc(gray_prev, gray)
+        backward = calc(gray, gray_prev)
+        mask = non_occlusion_mask(backward, calc(gray_prev, gray))
+        small_h, small_w = backward.shape[-2:]
+        if (small_h, small_w) != (height, width):
+            backward = F.interpolate(backward, size=(height, width), mode="bilinear", align_corners=False)
+            backward = backward * backward.new_tensor([width / small_w, height / small_h]).view(1, 2, 1, 1)
+            mask = F.interpolate(mask[None], size=(height, width), mode="nearest")[0]
+        return backward, mask
 
     def __call__(self, source: np.ndarray, stylized: np.ndarray) -> np.ndarray:
         """The blended frame: ``source`` (H, W, 3) uint8 the input frame, ``stylized`` (H, W, 3) uint8 its finished
@@ -81,11 +83,10 @@ class FlowBlend:
         previous, self._previous = self._previous, None
         if previous is not None and previous[0].shape == gray.shape:
             gray_prev, frame_prev, out_prev = previous
-            backward, forward = self._flows(gray_prev, gray, height, width)
-            mask = non_occlusion_mask(backward, forward)
+            backward, mask = self._flow_and_mask(gray_prev, gray, height, width)
             moved_input, moved = backward_warp(torch.cat([frame_prev, out_prev], dim=1), backward).split(3, dim=1)
             mask = mask * ((frame - moved_input).abs().mean(dim=1) <= PHOTOMETRIC_LIMIT).float()
-            if mask.mean().item() >= CUT_FRACTION:
+            if mask.mean().item() >= CUT_COVERAGE:
                 out = out + self.alpha * mask.unsqueeze(1) * (moved - out)
                 self.blended += 1
             else:

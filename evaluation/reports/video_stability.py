@@ -14,7 +14,8 @@ warping error of Lai et al. 2018 ("Learning Blind Video Temporal Consistency", E
 
 where b_t is the optical flow of the *input* frames from t to t - 1 (backward warping, bilinear) and M_t the
 non-occlusion mask of Ruder et al. 2016 ("Artistic style transfer for videos", GCPR 2016): forward-backward flow
-consistency and motion boundaries, plus the pixels whose flow leaves the frame. Printed x 1000. Lower is steadier;
+consistency and motion boundaries, plus the pixels whose flow leaves the frame; a pair whose mask keeps under 30 %
+of the frame is a cut between two shots and is left out (evaluation/warping.py). Printed x 1000. Lower is steadier;
 a stylization that moved exactly with the video would score about the input clip's own error ("input" column: the
 floor that the warp's bilinear interpolation and the flow's errors leave; it depends on the image's detail), not 0.
 
@@ -323,7 +324,11 @@ def table(results: list[ClipResult], models: list[Model], method: str) -> str:
     for result in results:
         for i, (kind, errors) in enumerate(result.errors.items()):
             first = result.clip.description if i == 0 else ""
-            cells = [first, flow_label[kind], f"{100 * errors['input'].coverage:.1f} %", _value(errors["input"])]
+            cuts = errors["input"].cuts
+            kept = f"{100 * errors['input'].coverage:.1f} %" + (
+                f", {cuts} cut{'s' * (cuts > 1)} left out" if cuts else ""
+            )
+            cells = [first, flow_label[kind], kept, _value(errors["input"])]
             cells += [_value(errors[letter]) for letter in letters]
             cells += [_ratio(errors[letters[0]].value, errors[letter].value) for letter in letters[1:]]
             lines.append("| " + " | ".join(cells) + " |")
@@ -351,7 +356,8 @@ def header_text(models: list[Model], policy: PrecisionPolicy, method: str, args:
         f"Warping error E_warp (Lai et al. 2018) x {SCALE:g}, lower is steadier: RGB in [0, 1], squared difference "
         "averaged over the 3 channels and over the pixels of the non-occlusion mask (Ruder et al. 2016; 'mask' = "
         f"share of pixels kept), then over a clip's frame pairs ({clips}flow of the input frames: {method}, and "
-        "the generator's exact one where known). 'input': the unstylized clip's own error, about the floor a "
+        "the generator's exact one where known; a pair whose mask keeps under 30 % of the frame is a cut between "
+        "shots and left out). 'input': the unstylized clip's own error, about the floor a "
         f"perfectly steady stylization would reach.\nStylized with {policy.describe()}.\n{listed}\n\n"
     )
 

@@ -116,10 +116,16 @@ def test_bench_video_prints_every_row(capsys: pytest.CaptureFixture[str]) -> Non
 
     parser = argparse.ArgumentParser()
     bench_video.add_arguments(parser)
-    args = parser.parse_args(["--sizes", "64x48", "--frames", "6", "--base-width", "4", "--precisions", "fp32"])
-    assert bench_video.run(args) == 0
+    argv = ["--sizes", "64x48", "--frames", "6", "--base-width", "4", "--precisions", "fp32", "--blend", "0.5"]
+    assert bench_video.run(parser.parse_args(argv)) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 64x48")]
-    assert [line.split("|")[3].strip() for line in table] == ["I/O alone", "network", "end to end"]
+    assert [line.split("|")[3].strip() for line in table] == [
+        "I/O alone",
+        "video_blend=0.5 alone",
+        "network",
+        "end to end",
+        "end to end, video_blend=0.5",
+    ]
     for line in table:
         assert float(line.split("|")[4]) > 0  # frames/s
 

@@ -309,3 +309,19 @@ def test_real_clips_are_cut_from_their_source_frames(tmp_path: Path, monkeypatch
         assert (reader.info.width, reader.info.height) == (64, 48)
     assert len(kept) == 4
     assert np.allclose(kept, [255 * v / 12.0 for v in range(5, 9)], atol=3)
+
+
+def test_a_cut_between_shots_is_left_out_of_the_warping_error() -> None:
+    # Three frames of one still shot, then a different shot: the pair across the cut keeps almost no pixel in the
+    # mask, and it would otherwise dominate the mean with an error that no video could avoid.
+    gen = torch.Generator().manual_seed(0)
+    shot_a, shot_b = torch.rand(3, 32, 48, generator=gen), torch.rand(3, 32, 48, generator=gen)
+    frames = torch.stack([shot_a, shot_a, shot_a, shot_b, shot_b])
+    backward = torch.zeros(4, 2, 32, 48)
+    mask = torch.ones(4, 32, 48)
+    mask[2] = 0
+    mask[2, :4] = 1  # a few pixels that a flow estimate happened to find consistent
+    flicker = frames + 0.01 * torch.randn(frames.shape, generator=gen)
+    error = wp.warping_error(flicker, backward, mask)
+    assert error.cuts == 1 and error.per_pair[2] > 0.1
+    assert error.value == pytest.approx(error.per_pair[[0, 1, 3]].mean().item())
