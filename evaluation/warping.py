@@ -11,9 +11,10 @@ with O in [0, 1], O_{t-1} sampled bilinearly (``backward_warp``), the squared di
 channels (as in Lai et al.'s evaluation code, whose 3-channel mask divides by 3 per pixel), b_t the backward flow and
 M_t the non-occlusion mask of inference/flow.py (Ruder et al. 2016's check, which Lai et al. use, plus the frame
 edge; an extrapolated value would count as flicker). A frame pair whose mask keeps less than CUT_COVERAGE of the
-pixels (inference/flow.py: 30 %) is a cut between two shots, where the two frames have nothing in common to be
-consistent about, and is left out of the mean (one cut in a 40-frame clip would otherwise weigh as much as all
-its other pairs); so is a pair whose mask is empty.
+pixels (inference/flow.py: 30 %), or whose input's own error is far above the clip's other pairs (``shot_cuts``), is
+a cut between two shots, where the two frames have nothing in common to be consistent about, and is left out of the
+mean (one cut in a 40-frame clip would otherwise weigh as much as all its other pairs); so is a pair whose mask is
+empty.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from inference.flow import (  # noqa: F401  (the report and the tests take the f
     non_occlusion_mask,
 )
 
+CUT_ERROR_FACTOR = 20.0  # a pair whose input error is this far above the clip's median crosses a cut (shot_cuts)
+
 
 @dataclass(frozen=True)
 class WarpingError:
@@ -49,10 +52,17 @@ class WarpingError:
     cuts: int = 0
 
 
-def warping_error(frames: torch.Tensor, backward: torch.Tensor, mask: torch.Tensor, batch: int = 8) -> WarpingError:
+def warping_error(
+    frames: torch.Tensor,
+    backward: torch.Tensor,
+    mask: torch.Tensor,
+    batch: int = 8,
+    cuts: torch.Tensor | None = None,
+) -> WarpingError:
     """E_warp of ``frames`` (T, 3, H, W) in [0, 1] given the flows of the *input* clip: ``backward`` (T - 1, 2,
     H, W) and the non-occlusion ``mask`` (T - 1, H, W) (``non_occlusion_mask`` of the input's flows). Computed in
-    float32, ``batch`` frame pairs at a time."""
+    float32, ``batch`` frame pairs at a time. ``cuts``: (T - 1,) bool, the pairs to leave out (``shot_cuts`` of the
+    input clip); None: the pairs whose mask keeps under CUT_COVERAGE of the frame."""
     frames = frames.float()
     if frames.shape[0] < 2 or backward.shape[0] != frames.shape[0] - 1 or mask.shape[0] != frames.shape[0] - 1:
         raise ValueError(f"{frames.shape[0]} frames need {frames.shape[0] - 1} flows and masks")
@@ -65,7 +75,17 @@ def warping_error(frames: torch.Tensor, backward: torch.Tensor, mask: torch.Tens
         kept = m.sum(dim=(1, 2))
         errors.append(torch.where(kept > 0, (squared * m).sum(dim=(1, 2)) / kept.clamp_min(1), math.nan).cpu())
     per_pair = torch.cat(errors)
-    cut = mask.float().mean(dim=(1, 2)).cpu() < CUT_COVERAGE
+    cut = mask.float().mean(dim=(1, 2)).cpu() < CUT_COVERAGE if cuts is None else cuts.cpu()
     valid = per_pair[~per_pair.isnan() & ~cut]
     value = valid.mean().item() if valid.numel() else math.nan
     return WarpingError(value, per_pair, mask.float().mean().item(), int(cut.sum()))
+
+
+def shot_cuts(frames: torch.Tensor, backward: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(T - 1,) bool: the frame pairs of the *input* clip ``frames`` that cross a cut between two shots: its mask
+    keeps under CUT_COVERAGE of the frame, or the input's own error there is over CUT_ERROR_FACTOR times its median
+    over the clip's pairs (a smooth flow such as Farneback's can pass the consistency check across a cut)."""
+    per_pair = warping_error(frames, backward, mask, cuts=torch.zeros(len(backward), dtype=torch.bool)).per_pair
+    coverage = mask.float().mean(dim=(1, 2)).cpu()
+    median = per_pair.nanmedian()
+    return (coverage < CUT_COVERAGE) | (per_pair.nan_to_num(0.0) > CUT_ERROR_FACTOR * median)

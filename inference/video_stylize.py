@@ -34,6 +34,7 @@ from data.video import Frame, VideoReader, VideoSettings, even_size, frame_span,
 from inference.jobs import Job
 from inference.memory import FRAME_FLOAT_BYTES_PER_PX, memory_problem
 from inference.runner import Loaded, Runner
+from inference.steady import BYTES_PER_PX as BLEND_BYTES_PER_PX
 from inference.steady import FlowBlend
 from models.styles import StyleChoice
 
@@ -204,7 +205,7 @@ def stylize_video(
         settings = VideoSettings.like(reader, even_w, even_h, crf=int(cfg.video_crf))
         frame_bytes = width * height * 3
         read_depth, write_depth = queue_depths(batch_size, frame_bytes)
-        _check_memory(job, runner, (width, height), batch_size, read_depth + write_depth, scale)
+        _check_memory(job, runner, (width, height), batch_size, read_depth + write_depth, scale, cfg.video_blend > 0)
         disable = None if progress is None else not progress  # tqdm: None = shown on a terminal only
         bar = tqdm(total=info.frames, unit="frame", desc=job.source.name, disable=disable)
         first_time = last_time = None
@@ -258,14 +259,16 @@ def _even_size(job: Job, width: int, height: int) -> tuple[int, int]:
 
 
 def _check_memory(
-    job: Job, runner: Runner, size: tuple[int, int], batch_size: int, queued: int, scale: float | None
+    job: Job, runner: Runner, size: tuple[int, int], batch_size: int, queued: int, scale: float | None, blend: bool
 ) -> None:
     """FaststyleError (nothing written) when the frames ``queued`` for the network and the encoder, the batch in
-    hand with its float copies and the network's share of max_memory_mb do not fit the memory available. Checked
-    before the first frame is decoded, so that a frame size the machine cannot hold fails with one line."""
+    hand with its float copies, the blend's state and work (``blend``) and the network's share of max_memory_mb do
+    not fit the memory available. Checked before the first frame is decoded, so that a frame size the machine cannot
+    hold fails with one line."""
     width, height = size
     frame_bytes = width * height * 3
     pixels = frame_bytes * (queued + batch_size) + FRAME_FLOAT_BYTES_PER_PX * width * height * batch_size
+    pixels += BLEND_BYTES_PER_PX * width * height if blend else 0
     network = runner.network_bytes(height, width, batch_size)
     problem = memory_problem(f"stylizing {job.source.name}", size, pixels, network, scale)
     if problem is not None:

@@ -15,7 +15,8 @@ warping error of Lai et al. 2018 ("Learning Blind Video Temporal Consistency", E
 where b_t is the optical flow of the *input* frames from t to t - 1 (backward warping, bilinear) and M_t the
 non-occlusion mask of Ruder et al. 2016 ("Artistic style transfer for videos", GCPR 2016): forward-backward flow
 consistency and motion boundaries, plus the pixels whose flow leaves the frame; a pair whose mask keeps under 30 %
-of the frame is a cut between two shots and is left out (evaluation/warping.py). Printed x 1000. Lower is steadier;
+of the frame, or whose input error is over 20 times the clip's median, is a cut between two shots and is left out
+(evaluation/warping.py, ``shot_cuts``). Printed x 1000. Lower is steadier;
 a stylization that moved exactly with the video would score about the input clip's own error ("input" column: the
 floor that the warp's bilinear interpolation and the flow's errors leave; it depends on the image's detail), not 0.
 
@@ -277,12 +278,13 @@ class ClipResult:
 
     clip: Clip
     flows: dict[str, tuple[torch.Tensor, torch.Tensor]]  # "estimated" / "exact" -> (backward, mask)
+    cuts: dict[str, torch.Tensor] = field(default_factory=dict)  # flow kind -> the pairs left out (shot_cuts)
     errors: dict[str, dict[str, WarpingError]] = field(default_factory=dict)  # flow kind -> column -> error
 
 
 def measure_clip(clip: Clip, method: str) -> ClipResult:
     """Estimate ``clip``'s flow and masks once (and take its exact ones where known), and its input's own error."""
-    from evaluation.warping import estimate_flows, non_occlusion_mask, warping_error
+    from evaluation.warping import estimate_flows, non_occlusion_mask, shot_cuts, warping_error
 
     backward, forward = estimate_flows(clip.frames, method)
     flows = {"estimated": (backward, non_occlusion_mask(backward, forward))}
@@ -290,7 +292,8 @@ def measure_clip(clip: Clip, method: str) -> ClipResult:
         flows["exact"] = (clip.backward, non_occlusion_mask(clip.backward, clip.forward))
     result = ClipResult(clip, flows)
     for kind, (flow, mask) in flows.items():
-        result.errors[kind] = {"input": warping_error(clip.frames, flow, mask)}
+        result.cuts[kind] = shot_cuts(clip.frames, flow, mask)
+        result.errors[kind] = {"input": warping_error(clip.frames, flow, mask, cuts=result.cuts[kind])}
     return result
 
 
@@ -299,7 +302,7 @@ def add_model(result: ClipResult, letter: str, frames: torch.Tensor) -> None:
     from evaluation.warping import warping_error
 
     for kind, (flow, mask) in result.flows.items():
-        result.errors[kind][letter] = warping_error(frames, flow, mask)
+        result.errors[kind][letter] = warping_error(frames, flow, mask, cuts=result.cuts[kind])
 
 
 def _number(value: float) -> str:
@@ -356,9 +359,10 @@ def header_text(models: list[Model], policy: PrecisionPolicy, method: str, args:
         f"Warping error E_warp (Lai et al. 2018) x {SCALE:g}, lower is steadier: RGB in [0, 1], squared difference "
         "averaged over the 3 channels and over the pixels of the non-occlusion mask (Ruder et al. 2016; 'mask' = "
         f"share of pixels kept), then over a clip's frame pairs ({clips}flow of the input frames: {method}, and "
-        "the generator's exact one where known; a pair whose mask keeps under 30 % of the frame is a cut between "
-        "shots and left out). 'input': the unstylized clip's own error, about the floor a "
-        f"perfectly steady stylization would reach.\nStylized with {policy.describe()}.\n{listed}\n\n"
+        "the generator's exact one where known; a pair whose mask keeps under 30 % of the frame or whose input error "
+        "is over 20x the clip's median is a cut between shots and left out). 'input': the unstylized clip's own "
+        f"error, about the floor a perfectly steady stylization would reach.\nStylized with {policy.describe()}.\n"
+        f"{listed}\n\n"
     )
 
 
