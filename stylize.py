@@ -8,6 +8,7 @@
     python stylize.py model=multi/model.pth input=photos/ style=hokusai_great_wave:0.3,arcimboldo_spring:0.7  # a mix
     python stylize.py model=run/model.pth input=clip.mp4 output=clip_styled.mp4 video_crf=20   # a video (+ audio)
     python stylize.py model=multi/model.pth input=clip.mp4 style=0 style_end=1   # a video whose style changes
+    python stylize.py model=run/model.pth input=clip.mp4 video_blend=0.5   # steadier video (optical flow: OpenCV)
 
 Options and defaults: configs/stylize.yaml. A multi-style model writes every style (``style=`` picks one by name or
 index, or mixes several: weights >= 0, normalized). Outputs are named ``<input stem>_<style>.<ext>`` and go to
