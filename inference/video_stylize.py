@@ -205,12 +205,12 @@ def stylize_video(
         settings = VideoSettings.like(reader, even_w, even_h, crf=int(cfg.video_crf))
         frame_bytes = width * height * 3
         read_depth, write_depth = queue_depths(batch_size, frame_bytes)
-        _check_memory(job, runner, (width, height), batch_size, read_depth + write_depth, scale, cfg.video_blend > 0)
+        blend = FlowBlend(float(cfg.video_blend)) if float(cfg.video_blend) > 0 else None
+        _check_memory(job, runner, (width, height), batch_size, read_depth + write_depth, scale, blend is not None)
         disable = None if progress is None else not progress  # tqdm: None = shown on a terminal only
         bar = tqdm(total=info.frames, unit="frame", desc=job.source.name, disable=disable)
         first_time = last_time = None
         written = 0
-        blend = FlowBlend(float(cfg.video_blend)) if float(cfg.video_blend) > 0 else None
         try:
             with open_video_writer(job.target, settings) as writer:
                 encoder = _Worker("video-write", lambda item: _encode(writer, item), depth=write_depth)

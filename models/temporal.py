@@ -103,13 +103,12 @@ def local_field(count: int, height: int, width: int, amplitude_px: float, genera
     return field.permute(0, 2, 3, 1) * field.new_tensor([2.0 / width, 2.0 / height])
 
 
-def moving_regions(
-    grid: torch.Tensor, regions: int, shift_px: float, generator, device
-) -> tuple[torch.Tensor, torch.Tensor]:
+def moving_regions(grid: torch.Tensor, regions: int, shift_px: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``grid`` (N, H, W, 2) with ``regions`` ellipses per sample that move by their own shift (up to ``shift_px``
     pixels per axis): inside a region at its new place, a pixel samples the photo at its old place. Returns the new
     grid and (N, 1, H, W) float 1 off the band of EDGE_BAND_PX pixels around every region's edge."""
     n, height, width, _ = grid.shape
+    device = grid.device
     ys = torch.arange(height, device=device, dtype=torch.float32).view(1, height, 1) + 0.5
     xs = torch.arange(width, device=device, dtype=torch.float32).view(1, 1, width) + 0.5
     grid = grid.clone()
@@ -219,7 +218,7 @@ class TemporalTerm:
                 grid = grid + local_field(n, height, width, self.local_px, generator, content.device)
             edges = None
             if self.regions > 0:
-                grid, edges = moving_regions(grid, self.regions, 2 * self.shift_px, generator, content.device)
+                grid, edges = moving_regions(grid, self.regions, 2 * self.shift_px, generator)
             image = warp(content, grid, padding_mode="reflection")
             if self.light > 0:
                 u = torch.rand(n, 2, 3, 1, 1, generator=generator, device=content.device) * 2 - 1

@@ -40,7 +40,7 @@ PNG sequences (DIR/<clip>/input/000.png, DIR/<clip>/A/000.png, ...).
 ``--clip VIDEO`` (repeatable) adds a real clip: its first ``--frames`` frames, decoded by data/video.py (PyAV) and
 scaled so the long side is at most ``--size``'s; it has no exact-flow row (its motion is unknown). ``--real`` adds
 the four real clips shipped in data/samples/clips (evaluation/real_clips.py: a static camera over walkers, foliage
-in the wind, an animated character, a moving street camera; 40 frames each). With both kinds, the table ends with
+in the wind, an animated character, a street scene with a cut; 40 frames each). With both kinds, the table ends with
 one mean over the synthetic clips and one over the real ones. ``--clips`` with no name leaves the synthetic clips
 out.
 
