@@ -41,19 +41,22 @@ def _pixel_grid(height: int, width: int, device: torch.device) -> tuple[torch.Te
     return torch.meshgrid(rows, columns, indexing="ij")
 
 
-def backward_warp(images: torch.Tensor, flow: torch.Tensor, exact: bool = True) -> torch.Tensor:
+def backward_warp(images: torch.Tensor, flow: torch.Tensor, exact: bool = True, mode: str = "bilinear") -> torch.Tensor:
     """``images`` (N, C, H, W) sampled bilinearly at p + flow(p) for every pixel p (``flow`` (N, 2, H, W) pixels):
     frame t - 1 brought to frame t by frame t's backward flow. Points outside the frame read the nearest edge pixel
     (``inside_frame`` tells which). Differentiable in ``images``.
 
     ``exact`` (the measure): explicit pixel weights, so a whole-pixel flow copies pixels exactly. Otherwise (the
     video blend) ``grid_sample``, several times faster on a full-HD frame, whose normalised coordinates put a sample
-    up to about 1e-4 pixel off."""
+    up to about 1e-4 pixel off; there ``mode="bicubic"`` samples bicubically instead, which blurs a moved image
+    less (it can overshoot the input's range by a little)."""
     n, c, height, width = images.shape
+    if mode != "bilinear" and (exact or mode != "bicubic"):
+        raise ValueError(f"mode {mode!r}: the exact warp is bilinear; grid_sample's is bilinear or bicubic")
     ys, xs = _pixel_grid(height, width, images.device)
     if not exact and min(height, width) > 1:  # grid_sample's coordinates need two pixels a side
         grid = torch.stack([(xs + flow[:, 0]) * (2 / (width - 1)) - 1, (ys + flow[:, 1]) * (2 / (height - 1)) - 1], -1)
-        return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        return F.grid_sample(images, grid, mode=mode, padding_mode="border", align_corners=True)
     x = (xs + flow[:, 0]).clamp(0, width - 1)
     y = (ys + flow[:, 1]).clamp(0, height - 1)
     x0, y0 = x.floor(), y.floor()

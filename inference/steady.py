@@ -14,7 +14,11 @@ and M_t keeps a pixel only where frame t's input is seen in frame t - 1 and the 
 
 Because out_{t-1} already holds the blend, this is an exponential moving average along motion trajectories: at
 ``alpha`` 0.5 a still pixel averages about three frames, which removes most of a network's flicker where the camera
-and the scene are still, at the price of a trail where the flow is wrong (README, "Stable video"). Off by default.
+and the scene are still, at the price of a trail where the flow is wrong, and of texture: where the network placed
+its strokes differently in two frames, their average is a weaker, softer texture (the report's ``--style-loss``
+measures it; README, "On real footage, and video_blend"). The previous output is moved by bicubic sampling: a
+bilinear sample at a sub-pixel shift is a small blur, and the moving average applies it again at every frame
+(a texture panning at half a pixel a frame kept about half its fine detail after ten frames). Off by default.
 This is the blending of the warped previous output in the spirit of Ruder et al.'s video style transfer
 initialisation and Lai et al. 2018's short-term consistency, with no network of its own.
 """
@@ -86,7 +90,7 @@ class FlowBlend:
             gray_prev, frame_prev, out_prev = previous
             backward, mask = self._flow_and_mask(gray_prev, gray, height, width)
             both = torch.cat([frame_prev, out_prev], dim=1)
-            moved_input, moved = backward_warp(both, backward, exact=False).split(3, dim=1)
+            moved_input, moved = backward_warp(both, backward, exact=False, mode="bicubic").clamp_(0, 1).split(3, dim=1)
             mask = mask * ((frame - moved_input).abs().mean(dim=1) <= PHOTOMETRIC_LIMIT).float()
             if mask.mean().item() >= CUT_COVERAGE:
                 out = out + self.alpha * mask.unsqueeze(1) * (moved - out)

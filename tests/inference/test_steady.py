@@ -68,6 +68,39 @@ def test_it_follows_the_motion_instead_of_leaving_a_trail() -> None:
     assert np.abs(styled[-1][inner].astype(np.float32) - styled[-2][inner].astype(np.float32)).mean() > 10
 
 
+def _waves(height: int, width: int, shift: float, frequencies: tuple[float, float], seed: int) -> np.ndarray:
+    """Sums of sines (uint8 RGB) moved ``shift`` pixels to the left: any sub-pixel motion, known exactly."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = np.zeros((height, width, 3), np.float32)
+    for c in range(3):
+        for _ in range(6):
+            fx, fy, phase = rng.uniform(*frequencies), rng.uniform(*frequencies), rng.uniform(0, 6.3)
+            image[..., c] += np.sin(fx * (xs + shift) + phase) * np.cos(fy * ys + phase)
+    return np.clip((image + 6) / 12 * 255, 0, 255).round().astype(np.uint8)
+
+
+def _detail(image: np.ndarray) -> float:
+    """Energy of the image minus the mean of its four neighbours: the fine texture a blur takes away."""
+    x = image.astype(np.float32)
+    neighbours = (x[:-2, 1:-1] + x[2:, 1:-1] + x[1:-1, :-2] + x[1:-1, 2:]) / 4
+    return float(np.mean((x[1:-1, 1:-1] - neighbours) ** 2))
+
+
+def test_a_fine_texture_moving_by_half_a_pixel_keeps_its_detail() -> None:
+    # Half a pixel a frame is where bilinear sampling blurs most (each pixel the mean of two), and the moving
+    # average compounds it: bilinear kept 49% of this texture's detail after ten frames, bicubic all of it.
+    blend = FlowBlend(0.7)
+    for t in range(10):
+        source = _waves(96, 128, 0.5 * t, (0.05, 0.25), seed=0)  # smooth: the flow follows it
+        stylized = _waves(96, 128, 0.5 * t, (0.8, 1.6), seed=1)  # a fine style texture moving with the scene
+        out = blend(source, stylized)
+    assert blend.blended == 9
+    inner = np.s_[8:-8, 8:-8]
+    assert 0.85 < _detail(out[inner]) / _detail(stylized[inner]) < 1.2
+    assert np.abs(out[inner].astype(np.float32) - stylized[inner].astype(np.float32)).mean() < 3.0
+
+
 def test_a_cut_is_not_blended() -> None:
     blend = FlowBlend(0.7)
     first = _texture(seed=0)
