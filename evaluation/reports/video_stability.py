@@ -44,6 +44,11 @@ in the wind, an animated character, a street scene with a cut; 40 frames each). 
 one mean over the synthetic clips and one over the real ones. ``--clips`` with no name leaves the synthetic clips
 out.
 
+``--style-loss`` adds a second table: the style loss of each column's frames (the Gram term of the training loss of
+A's run, with its style image, on every STYLE_EVERY-th frame of each clip) as a ratio to A's. Steadier is not free:
+a blend averages textures that the network did not place consistently from frame to frame, and an average of two
+textures is a weaker, blurrier texture; this is the table that shows it.
+
 OpenCV is needed for the flow only and is not a dependency of faststyle: ``pip install opencv-python-headless``.
 """
 
@@ -74,6 +79,7 @@ CLIP_NAMES = ("pan", "zoom", "objects")
 MIN_SIDE = 32  # DIS needs a few pyramid levels of 8-pixel patches
 MAX_FRAMES = 500
 SCALE = 1000.0  # errors are printed x 1000
+STYLE_EVERY = 4  # --style-loss: one frame in 4 (consecutive frames hold nearly the same texture)
 # Under outputs/ (git-ignored) rather than the current folder, which is usually the repository root.
 DEFAULT_STRIP = Path("outputs/reports/video_stability/strip.jpg")
 DEFAULT_CLIPS_DIR = Path("outputs/reports/video_stability/clips")
@@ -141,6 +147,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="ALPHA",
         help="also measure each model with stylize's video_blend=ALPHA (inference/steady.py): a column 'Ab' per "
         "model, and the blend's time per frame",
+    )
+    parser.add_argument(
+        "--style-loss",
+        action="store_true",
+        help="also the style loss of every column's frames, as ratios to A's: the training loss of A's run folder "
+        "(.hydra/config.yaml beside A's model.pth) on every 4th frame of each clip; what a blend costs in texture",
     )
     add_device_option(parser, "where the networks run")
     parser.add_argument(
@@ -350,6 +362,66 @@ def table(results: list[ClipResult], models: list[Model], method: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def style_losses(loss: torch.nn.Module, clips: list[Clip], models: list[Model], batch: int) -> dict[str, dict]:
+    """clip name -> column letter -> the mean style loss of that column's frames t = STYLE_EVERY - 1, 2 *
+    STYLE_EVERY - 1, ... against the input frames (``loss`` is a PerceptualLoss with its style target set)."""
+    import torch
+
+    device = next(loss.parameters(), torch.empty(0)).device
+    losses: dict[str, dict] = {}
+    for clip in clips:
+        picked = list(range(STYLE_EVERY - 1, len(clip.frames), STYLE_EVERY)) or [len(clip.frames) - 1]
+        losses[clip.name] = {}
+        for model in models:
+            frames, total = model.frames[clip.name], 0.0
+            with torch.no_grad():
+                for lo in range(0, len(picked), batch):
+                    chosen = picked[lo : lo + batch]
+                    terms = loss(frames[chosen].to(device), clip.frames[chosen].to(device))
+                    total += float(terms["style"]) * len(chosen)  # the loss averages over its batch
+            losses[clip.name][model.letter] = total / len(picked)
+    return losses
+
+
+def style_table(losses: dict[str, dict], results: list[ClipResult], models: list[Model], source: str) -> str:
+    """The --style-loss table: a row per clip, then the mean over clips, each column's style loss over A's."""
+    letters = [m.letter for m in models]
+    header = ["clip", f"style loss of {letters[0]}", *(f"{letter}/{letters[0]}" for letter in letters[1:])]
+    lines = [
+        f"\nStyle loss of each column's frames ({source}; one frame in {STYLE_EVERY}), as a ratio to "
+        f"{letters[0]}'s: above 1, the frames hold less of the style's texture.\n",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for result in results:
+        row = losses[result.clip.name]
+        cells = [result.clip.description, f"{row[letters[0]]:.4g}"]
+        lines.append("| " + " | ".join(cells + [_ratio(row[letters[0]], row[x]) for x in letters[1:]]) + " |")
+    means = {x: sum(row[x] for row in losses.values()) / len(losses) for x in letters}
+    cells = ["**mean over clips**", f"{means[letters[0]]:.4g}"]
+    lines.append("| " + " | ".join(cells + [f"**{_ratio(means[letters[0]], means[x])}**" for x in letters[1:]]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def training_style_loss(path: Path, device: torch.device) -> tuple[torch.nn.Module, str]:
+    """The training loss of the run whose model file is ``path`` (its folder holds .hydra/config.yaml), with its
+    style target; FaststyleError, saying what to do, for a model outside a run folder or with several styles."""
+    from core.errors import FaststyleError
+    from evaluation.measures import training_loss
+    from evaluation.runs import load_run
+
+    run_dir = path.parent
+    if not (run_dir / ".hydra" / "config.yaml").is_file():
+        raise FaststyleError(
+            f"--style-loss needs A's training run: no .hydra/config.yaml beside {path} (give the model.pth of a "
+            "run folder first, or leave --style-loss out)"
+        )
+    run = load_run(run_dir, run_dir.name, device)
+    if run.styles > 1:
+        raise FaststyleError(f"--style-loss measures one-style runs; {run_dir} holds {run.styles} styles")
+    return training_loss(run, device), f"the training loss of {run_dir.name}, style {Path(str(run.cfg.style)).name}"
+
+
 def header_text(models: list[Model], policy: PrecisionPolicy, method: str, args: argparse.Namespace) -> str:
     """What the table measures, how the models ran, and which model each letter is."""
     width, height = args.size
@@ -439,6 +511,8 @@ def run(args: argparse.Namespace) -> str:
     models = [load_model(path, letters[i], names[i], args) for i, path in enumerate(paths)]
     policy = models[0].network.policy
     configure_backends(policy)
+    if args.style_loss:  # before the long part: a model outside a run folder is refused at once
+        style_loss, style_source = training_style_loss(paths[0], models[0].network.device)
 
     blended = []
     if args.blend is not None:
@@ -451,6 +525,8 @@ def run(args: argparse.Namespace) -> str:
 
     models = models + blended
     text = header_text(models, policy, args.flow, args) + table(results, models, args.flow)
+    if args.style_loss:
+        text += style_table(style_losses(style_loss, clips, models, args.batch), results, models, style_source)
     if blended:
         text += f"\nvideo_blend: {blend_ms:.1f} ms per frame on these clips (flow, mask and warp; the network's time "
         text += "is not included)\n"

@@ -20,7 +20,7 @@ from evaluation import clips as vc
 from evaluation import warping as wp
 from evaluation.held_out import DEFAULT_HELD_OUT
 from evaluation.reports import video_stability as vs
-from tests.support import tiny_model_file
+from tests.support import REPO, compose_train, save_hydra_files, tiny_model_file
 
 pytest.importorskip("cv2", reason="the optical flow of the report needs opencv-python-headless (requirements-dev)")
 
@@ -114,6 +114,15 @@ def test_backward_warp_is_bilinear_sampling() -> None:
 
 # --------------------------------------------------------------------------------------------------------------------
 # Estimated flow and the mask
+
+
+def test_backward_warp_samples_bicubically_only_through_grid_sample() -> None:
+    images = torch.rand(1, 3, 8, 9, generator=torch.Generator().manual_seed(0))
+    still = torch.zeros(1, 2, 8, 9)
+    torch.testing.assert_close(wp.backward_warp(images, still, exact=False, mode="bicubic"), images, atol=1e-4, rtol=0)
+    for exact, mode in ((True, "bicubic"), (False, "nearest")):
+        with pytest.raises(ValueError, match="mode"):
+            wp.backward_warp(images, still, exact=exact, mode=mode)
 
 
 def test_dis_recovers_the_pan_within_a_few_tenths_of_a_pixel(photos) -> None:
@@ -286,6 +295,44 @@ def test_report_on_the_real_clips_with_the_blend(tmp_path: Path, capsys) -> None
     for row in rows[2:6]:
         cells = [float(c) for c in row.strip("| ").split(" | ")[4:8]]
         assert cells[2] <= cells[0] + 1e-6 and cells[3] <= cells[1] + 1e-6, row
+
+
+def _run_folder(run_dir: Path) -> Path:
+    """A run folder as train.py leaves it (an untrained network, its config with the random loss network)."""
+    from models.modelfile import save_model
+    from training.run import build_model
+
+    cfg = compose_train(["loss.network=random", "model.base_width=4", "model.residual_blocks=1", "style_size=64"])
+    save_hydra_files(run_dir, cfg, REPO)
+    save_model(run_dir / "model.pth", build_model(cfg), {})
+    return run_dir / "model.pth"
+
+
+def test_report_style_loss_of_each_column(tmp_path: Path, capsys) -> None:
+    a = _run_folder(tmp_path / "run")
+    twin = tmp_path / "twin.pth"  # the same weights outside a run folder: only A needs one
+    twin.write_bytes(a.read_bytes())
+    argv = [str(a), str(twin), "--clips", "pan", "zoom", "--frames", "8", "--size", "64x48", "--blend", "0.6"]
+    assert vs.main([*argv, "--style-loss"]) == 0
+    out = capsys.readouterr().out
+    assert "the training loss of run, style hokusai_great_wave.jpg; one frame in 4" in out
+    lines = out[out.index("| clip | style loss of A |") :].splitlines()
+    assert lines[0] == "| clip | style loss of A | B/A | Ab/A | Bb/A |"
+    rows = [line.strip("| ").split(" | ") for line in lines[2:5]]
+    assert [row[0] for row in rows] == ["pan 2.25, 0.5 px/frame", "zoom in 1.5 %/frame", "**mean over clips**"]
+    for row in rows:
+        assert float(row[1]) > 0 and row[2].strip("*") == "1.000", row  # the twin's frames are A's
+        assert row[3] == row[4] and float(row[3].strip("*")) > 0, row  # and so are their blended frames
+
+
+def test_report_style_loss_refuses_a_model_outside_a_run_folder_before_measuring(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(vs, "measure", lambda *args: pytest.fail("measured before refusing"))
+    with pytest.raises(SystemExit) as stop:
+        vs.main([str(_save(tmp_path / "a.pth", 0)), "--style-loss"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "no .hydra/config.yaml beside" in err
 
 
 def test_report_blend_and_real_refusals(tmp_path: Path, capsys) -> None:
