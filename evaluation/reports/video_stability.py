@@ -47,7 +47,8 @@ out.
 ``--style-loss`` adds a second table: the style loss of each column's frames (the Gram term of the training loss of
 A's run, with its style image, on every STYLE_EVERY-th frame of each clip) as a ratio to A's. Steadier is not free:
 a blend averages textures that the network did not place consistently from frame to frame, and an average of two
-textures is a weaker, blurrier texture; this is the table that shows it.
+textures is a weaker, blurrier texture (video_blend keeps each band's contrast, which takes back part of that); the
+held-out style loss cannot show it, since a blend changes no weight: this table does.
 
 OpenCV is needed for the flow only and is not a dependency of faststyle: ``pip install opencv-python-headless``.
 """
