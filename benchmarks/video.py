@@ -19,8 +19,8 @@ the device, core.precision):
 - ``I/O alone`` (once per size): decode and re-encode with no network: the ceiling the end-to-end figure can reach.
 
 ``--blend ALPHA`` adds, per size, ``video_blend`` alone (inference/steady.py on the decoded frames: the optical flow
-both ways, the occlusion mask and the warps; the network's time excluded) and, per precision, an end-to-end run with
-``video_blend=ALPHA``: what the steadier video costs next to the plain end-to-end row.
+both ways, the occlusion mask, the warps and the band-wise blend; the network's time excluded) and, per precision, an
+end-to-end run with ``video_blend=ALPHA``: what the steadier video costs next to the plain end-to-end row.
 
 ``--long N`` adds an end-to-end run on an N-frame clip of the first size: its peak RSS next to the short clip's
 shows that memory does not grow with the clip's length (frames are streamed).

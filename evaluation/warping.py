@@ -38,6 +38,7 @@ from inference.flow import (  # noqa: F401  (the report and the tests take the f
     non_occlusion_mask,
 )
 
+PAIRS_PER_BATCH = 8  # frame pairs warped at once
 CUT_ERROR_FACTOR = 20.0  # a pair whose input error is this far above the clip's median crosses a cut (shot_cuts)
 
 
@@ -52,17 +53,8 @@ class WarpingError:
     cuts: int = 0
 
 
-def warping_error(
-    frames: torch.Tensor,
-    backward: torch.Tensor,
-    mask: torch.Tensor,
-    batch: int = 8,
-    cuts: torch.Tensor | None = None,
-) -> WarpingError:
-    """E_warp of ``frames`` (T, 3, H, W) in [0, 1] given the flows of the *input* clip: ``backward`` (T - 1, 2,
-    H, W) and the non-occlusion ``mask`` (T - 1, H, W) (``non_occlusion_mask`` of the input's flows). Computed in
-    float32, ``batch`` frame pairs at a time. ``cuts``: (T - 1,) bool, the pairs to leave out (``shot_cuts`` of the
-    input clip); None: the pairs whose mask keeps under CUT_COVERAGE of the frame."""
+def _per_pair(frames: torch.Tensor, backward: torch.Tensor, mask: torch.Tensor, batch: int) -> torch.Tensor:
+    """(T - 1,) error of each frame pair (NaN where the mask is empty), float32, ``batch`` pairs at a time."""
     frames = frames.float()
     if frames.shape[0] < 2 or backward.shape[0] != frames.shape[0] - 1 or mask.shape[0] != frames.shape[0] - 1:
         raise ValueError(f"{frames.shape[0]} frames need {frames.shape[0] - 1} flows and masks")
@@ -74,18 +66,46 @@ def warping_error(
         m = mask[lo - 1 : hi - 1].to(frames.device)
         kept = m.sum(dim=(1, 2))
         errors.append(torch.where(kept > 0, (squared * m).sum(dim=(1, 2)) / kept.clamp_min(1), math.nan).cpu())
-    per_pair = torch.cat(errors)
-    cut = mask.float().mean(dim=(1, 2)).cpu() < CUT_COVERAGE if cuts is None else cuts.cpu()
+    return torch.cat(errors)
+
+
+def _summary(per_pair: torch.Tensor, mask: torch.Tensor, cut: torch.Tensor) -> WarpingError:
     valid = per_pair[~per_pair.isnan() & ~cut]
     value = valid.mean().item() if valid.numel() else math.nan
     return WarpingError(value, per_pair, mask.float().mean().item(), int(cut.sum()))
+
+
+def _cuts(per_pair: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    coverage = mask.float().mean(dim=(1, 2)).cpu()
+    median = per_pair.nanmedian()
+    return (coverage < CUT_COVERAGE) | (per_pair.nan_to_num(0.0) > CUT_ERROR_FACTOR * median)
+
+
+def warping_error(
+    frames: torch.Tensor,
+    backward: torch.Tensor,
+    mask: torch.Tensor,
+    batch: int = PAIRS_PER_BATCH,
+    cuts: torch.Tensor | None = None,
+) -> WarpingError:
+    """E_warp of ``frames`` (T, 3, H, W) in [0, 1] given the flows of the *input* clip: ``backward`` (T - 1, 2,
+    H, W) and the non-occlusion ``mask`` (T - 1, H, W) (``non_occlusion_mask`` of the input's flows). Computed in
+    float32, ``batch`` frame pairs at a time. ``cuts``: (T - 1,) bool, the pairs to leave out (``shot_cuts`` of the
+    input clip); None: the pairs whose mask keeps under CUT_COVERAGE of the frame."""
+    per_pair = _per_pair(frames, backward, mask, batch)
+    cut = mask.float().mean(dim=(1, 2)).cpu() < CUT_COVERAGE if cuts is None else cuts.cpu()
+    return _summary(per_pair, mask, cut)
 
 
 def shot_cuts(frames: torch.Tensor, backward: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(T - 1,) bool: the frame pairs of the *input* clip ``frames`` that cross a cut between two shots: its mask
     keeps under CUT_COVERAGE of the frame, or the input's own error there is over CUT_ERROR_FACTOR times its median
     over the clip's pairs (a smooth flow such as Farneback's can pass the consistency check across a cut)."""
-    per_pair = warping_error(frames, backward, mask, cuts=torch.zeros(len(backward), dtype=torch.bool)).per_pair
-    coverage = mask.float().mean(dim=(1, 2)).cpu()
-    median = per_pair.nanmedian()
-    return (coverage < CUT_COVERAGE) | (per_pair.nan_to_num(0.0) > CUT_ERROR_FACTOR * median)
+    return _cuts(_per_pair(frames, backward, mask, PAIRS_PER_BATCH), mask)
+
+
+def input_error(frames: torch.Tensor, backward: torch.Tensor, mask: torch.Tensor) -> tuple[WarpingError, torch.Tensor]:
+    """The input clip's own warping error with its ``shot_cuts`` left out, and those cuts: each pair warped once."""
+    per_pair = _per_pair(frames, backward, mask, PAIRS_PER_BATCH)
+    cut = _cuts(per_pair, mask)
+    return _summary(per_pair, mask, cut), cut

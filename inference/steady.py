@@ -78,7 +78,7 @@ def blend_keeping_contrast(stylized: torch.Tensor, moved: torch.Tensor, weight: 
     for _ in stylized_bands:
         weights.append(F.avg_pool2d(weights[-1], 2, ceil_mode=True))
     out = stylized_low + weights[-1] * (moved_low - stylized_low)
-    for s, m, w in reversed(list(zip(stylized_bands, moved_bands, weights, strict=False))):
+    for s, m, w in reversed(list(zip(stylized_bands, moved_bands, weights[:-1], strict=True))):
         cross = _local_mean((s * m).sum(1, keepdim=True))
         energy = (_local_mean(s.square().sum(1, keepdim=True)) * _local_mean(m.square().sum(1, keepdim=True))).sqrt_()
         rho = (cross / energy.clamp_min_(1e-12)).clamp_(0, 1)

@@ -297,7 +297,7 @@ class ClipResult:
 
 def measure_clip(clip: Clip, method: str) -> ClipResult:
     """Estimate ``clip``'s flow and masks once (and take its exact ones where known), and its input's own error."""
-    from evaluation.warping import estimate_flows, non_occlusion_mask, shot_cuts, warping_error
+    from evaluation.warping import estimate_flows, input_error, non_occlusion_mask
 
     backward, forward = estimate_flows(clip.frames, method)
     flows = {"estimated": (backward, non_occlusion_mask(backward, forward))}
@@ -305,8 +305,8 @@ def measure_clip(clip: Clip, method: str) -> ClipResult:
         flows["exact"] = (clip.backward, non_occlusion_mask(clip.backward, clip.forward))
     result = ClipResult(clip, flows)
     for kind, (flow, mask) in flows.items():
-        result.cuts[kind] = shot_cuts(clip.frames, flow, mask)
-        result.errors[kind] = {"input": warping_error(clip.frames, flow, mask, cuts=result.cuts[kind])}
+        error, result.cuts[kind] = input_error(clip.frames, flow, mask)
+        result.errors[kind] = {"input": error}
     return result
 
 
@@ -363,12 +363,13 @@ def table(results: list[ClipResult], models: list[Model], method: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def style_losses(loss: torch.nn.Module, clips: list[Clip], models: list[Model], batch: int) -> dict[str, dict]:
+def style_losses(
+    loss: torch.nn.Module, clips: list[Clip], models: list[Model], batch: int, device: torch.device
+) -> dict[str, dict]:
     """clip name -> column letter -> the mean style loss of that column's frames t = STYLE_EVERY - 1, 2 *
-    STYLE_EVERY - 1, ... against the input frames (``loss`` is a PerceptualLoss with its style target set)."""
+    STYLE_EVERY - 1, ... against the input frames (``loss``: a PerceptualLoss on ``device`` with its style target)."""
     import torch
 
-    device = next(loss.parameters(), torch.empty(0)).device
     losses: dict[str, dict] = {}
     for clip in clips:
         picked = list(range(STYLE_EVERY - 1, len(clip.frames), STYLE_EVERY)) or [len(clip.frames) - 1]
@@ -512,8 +513,9 @@ def run(args: argparse.Namespace) -> str:
     models = [load_model(path, letters[i], names[i], args) for i, path in enumerate(paths)]
     policy = models[0].network.policy
     configure_backends(policy)
+    device = models[0].network.device
     if args.style_loss:  # before the long part: a model outside a run folder is refused at once
-        style_loss, style_source = training_style_loss(paths[0], models[0].network.device)
+        style_loss, style_source = training_style_loss(paths[0], device)
 
     blended = []
     if args.blend is not None:
@@ -527,7 +529,8 @@ def run(args: argparse.Namespace) -> str:
     models = models + blended
     text = header_text(models, policy, args.flow, args) + table(results, models, args.flow)
     if args.style_loss:
-        text += style_table(style_losses(style_loss, clips, models, args.batch), results, models, style_source)
+        losses = style_losses(style_loss, clips, models, args.batch, device)
+        text += style_table(losses, results, models, style_source)
     if blended:
         text += f"\nvideo_blend: {blend_ms:.1f} ms per frame on these clips (flow, mask and warp; the network's time "
         text += "is not included)\n"
